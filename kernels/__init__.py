@@ -1,0 +1,27 @@
+"""Numerical kernels (torch only; Triton imported lazily): LSH and sparse paged decode.
+
+Tensors in, tensors out: nothing here imports vLLM.
+"""
+
+from .lsh import AngularLSH, bucket_masks, masks_intersect, num_words
+from .sparse_decode import (
+    COMPENSATIONS,
+    compensate,
+    expand_kv_heads,
+    merge_attn_states,
+    sparse_decode,
+    sparse_decode_ref,
+)
+
+__all__ = [
+    "AngularLSH",
+    "bucket_masks",
+    "masks_intersect",
+    "num_words",
+    "COMPENSATIONS",
+    "compensate",
+    "expand_kv_heads",
+    "merge_attn_states",
+    "sparse_decode",
+    "sparse_decode_ref",
+]

@@ -1,0 +1,210 @@
+"""Sparse paged decode: torch path and oracle vs dense attention, merging, residual, compensation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prescore_backend.kernels import (
+    compensate,
+    merge_attn_states,
+    sparse_decode,
+    sparse_decode_ref,
+)
+from prescore_backend.kernels.sparse_decode import _tile_view
+from prescore_backend.kernels.testing import all_tiles, dense_attention, make_paged_case
+
+B, T = 32, 16
+SEQ_LENS = [37, 64, 130, 5]  # partial tile, exact blocks, partial block, shorter than a tile
+HKV = 2
+
+# bf16 inputs are exact bf16 values computed in fp32; the output is rounded to bf16 (2^-8 rel).
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def random_tiles(seq_lens: list[int], hkv: int, seed: int, p: float = 0.4,
+                 empty_row: int | None = None) -> torch.Tensor:
+    """Random unique tiles per (row, head) in shuffled order, -1 sprinkled in: ``[R, Hkv, S]``."""
+    g = torch.Generator().manual_seed(seed)
+    M = max(-(-n // T) for n in seq_lens)
+    S = M + 3
+    out = torch.full((len(seq_lens), hkv, S), -1, dtype=torch.int32)
+    for r, n in enumerate(seq_lens):
+        nt = -(-n // T)
+        for h in range(hkv):
+            if r == empty_row:
+                continue
+            keep = torch.nonzero(torch.rand(nt, generator=g) < p).flatten()
+            slots = torch.randperm(S, generator=g)[: len(keep)]
+            out[r, h, slots] = keep.to(torch.int32)
+    return out
+
+
+def dense_rows(case, scale):
+    outs, lses = zip(*(dense_attention(case.query[r], case.keys[r], case.values[r], scale)
+                       for r in range(len(case.keys))))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ref", "auto"])
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_tiles_is_dense_attention(impl, layout, group, head_dim, dtype):
+    case = make_paged_case(SEQ_LENS, HKV, group, head_dim, B, layout=layout, dtype=dtype,
+                           seed=head_dim + group)
+    scale = head_dim ** -0.5
+    tiles = all_tiles(case.seq_lens, HKV, T)
+    out = torch.full_like(case.query, float("nan"))  # poisoned: every element must be written
+    o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                           case.seq_lens, tiles, T, scale, impl=impl, out=out)
+    assert o is out and o.dtype == dtype and lse.dtype == torch.float32
+    ref_o, ref_lse = dense_rows(case, scale)
+    torch.testing.assert_close(o.double(), ref_o, **TOL[dtype])
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_matches_ref_on_random_selections(layout, group, head_dim, dtype):
+    case = make_paged_case(SEQ_LENS, HKV, group, head_dim, B, layout=layout, dtype=dtype, seed=7)
+    scale = head_dim ** -0.5
+    tiles = random_tiles(SEQ_LENS, HKV, seed=head_dim, empty_row=1)
+    o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                           case.seq_lens, tiles, T, scale, impl="torch")
+    ref_o, ref_lse = sparse_decode_ref(case.query, case.key_cache, case.value_cache,
+                                       case.block_tables, case.seq_lens, tiles, T, scale)
+    assert not o.isnan().any()
+    torch.testing.assert_close(o.double(), ref_o, **TOL[dtype])
+    # Empty (row 1) and any empty (row, head) give out 0, lse -inf on both paths.
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert (o[1] == 0).all() and (lse[1] == float("-inf")).all()
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-4, rtol=1e-5)
+
+
+def test_fast_path_strides():
+    cpu = make_paged_case([40], 2, 1, 64, B, layout="cpu")
+    gpu = make_paged_case([40], 2, 1, 64, B, layout="gpu")
+    assert _tile_view(cpu.key_cache, T) is not None
+    assert _tile_view(cpu.value_cache, T) is not None  # storage offset B*D is a tile multiple
+    assert _tile_view(gpu.key_cache, T) is None  # token rows are strided: generic gather
+
+
+def test_empty_selection_shape():
+    case = make_paged_case([20, 50], HKV, 3, 64, B)
+    tiles = torch.empty(2, HKV, 0, dtype=torch.int32)
+    for impl in ("torch", "ref"):
+        o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                               case.seq_lens, tiles, T, 0.125, impl=impl)
+        assert (o == 0).all() and (lse == float("-inf")).all()
+
+
+def test_unknown_impl():
+    case = make_paged_case([20], HKV, 1, 64, B)
+    with pytest.raises(ValueError, match="torch"):
+        sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                      case.seq_lens, all_tiles(case.seq_lens, HKV, T), T, 0.1, impl="cuda")
+
+
+def _split(tiles: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a selection into two disjoint halves (same shape, -1 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    coin = torch.rand(tiles.shape, generator=g) < 0.5
+    return torch.where(coin, tiles, -1), torch.where(coin, -1, tiles)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_merge_of_disjoint_parts_is_union(group):
+    case = make_paged_case(SEQ_LENS, HKV, group, 64, B, seed=3)
+    args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens)
+    tiles = all_tiles(case.seq_lens, HKV, T)
+    a, b = _split(tiles, seed=group)
+    o1, l1 = sparse_decode(*args, a, T, 0.125)
+    o2, l2 = sparse_decode(*args, b, T, 0.125)
+    o, lse = merge_attn_states(o1, l1, o2, l2)
+    ref_o, ref_lse = sparse_decode(*args, tiles, T, 0.125)
+    torch.testing.assert_close(o, ref_o, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    # The residual path with weight 1 is the same merge.
+    w = torch.ones(len(SEQ_LENS), HKV)
+    o3, l3 = sparse_decode(*args, a, T, 0.125, residual_tiles=b, residual_weight=w)
+    torch.testing.assert_close(o3, ref_o, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(l3, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_handles_empty_sides():
+    o = torch.randn(2, 3, 4)
+    lse = torch.randn(2, 3)
+    ninf = torch.full_like(lse, float("-inf"))
+    for mo, ml in (merge_attn_states(o, lse, torch.randn_like(o), ninf),
+                   merge_attn_states(torch.randn_like(o), ninf, o, lse)):
+        torch.testing.assert_close(mo, o)
+        torch.testing.assert_close(ml, lse)
+    mo, ml = merge_attn_states(o, ninf, o, ninf)
+    assert (mo == 0).all() and (ml == float("-inf")).all()
+    # c = 1 / (1 + exp(lse2 - lse1))
+    o2, l2 = torch.randn_like(o), torch.randn_like(lse)
+    mo, ml = merge_attn_states(o, lse, o2, l2)
+    c = (1 / (1 + torch.exp(l2 - lse))).unsqueeze(-1)
+    torch.testing.assert_close(mo, c * o + (1 - c) * o2)
+    torch.testing.assert_close(ml, torch.logaddexp(lse, l2))
+
+
+def test_residual_weight_shifts_lse():
+    case = make_paged_case([96, 70], HKV, 3, 64, B, seed=11)
+    args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens)
+    a, b = _split(all_tiles(case.seq_lens, HKV, T), seed=5)
+    w = torch.tensor([[2.0, 0.0], [0.5, 3.0]])  # weight 0 drops the residual part
+    o, lse = sparse_decode(*args, a, T, 0.125, residual_tiles=b, residual_weight=w)
+    o1, l1 = sparse_decode(*args, a, T, 0.125)
+    o2, l2 = sparse_decode(*args, b, T, 0.125)
+    shift = w.log().repeat_interleave(3, 1)
+    eo, el = merge_attn_states(o1, l1, o2, l2 + shift)
+    torch.testing.assert_close(o, eo)
+    torch.testing.assert_close(lse, el)
+    torch.testing.assert_close(o[0, 3:], o1[0, 3:])  # KV head 1 of row 0 has weight 0
+
+
+def test_compensation_modes():
+    g = torch.Generator().manual_seed(0)
+    R, Hq, Hkv, D = 2, 6, 2, 8
+    out, lse = torch.randn(R, Hq, D, generator=g), torch.randn(R, Hq, generator=g)
+    pruned = torch.randn(R, Hkv, generator=g)
+    v_mean = torch.randn(R, Hkv, D, generator=g)
+    o, l = compensate(out, lse, pruned, v_mean, mode="none")
+    assert o is out and l is lse
+    p = torch.sigmoid(lse - pruned.repeat_interleave(3, 1)).unsqueeze(-1)  # kept mass
+    o, l = compensate(out, lse, pruned, mode="denominator")
+    torch.testing.assert_close(o, p * out)
+    torch.testing.assert_close(l, torch.logaddexp(lse, pruned.repeat_interleave(3, 1)))
+    o, l = compensate(out, lse, pruned, v_mean, mode="vmean")
+    torch.testing.assert_close(o, p * out + (1 - p) * v_mean.repeat_interleave(3, 1))
+    with pytest.raises(ValueError, match="denominator"):
+        compensate(out, lse, pruned, mode="bogus")
+    with pytest.raises(ValueError):
+        compensate(out, lse, pruned, mode="vmean")
+
+
+def test_vmean_compensation_exact_when_pruned_values_are_the_mean():
+    """If the pruned keys' values all equal v_mean and pruned_lse is exact, V-mean compensation
+    recovers full attention; denominator compensation recovers the kept part's share."""
+    g = torch.Generator().manual_seed(1)
+    n, D = 64, 16
+    q, k, v = torch.randn(1, D, generator=g), torch.randn(1, n, D, generator=g), torch.randn(1, n, D, generator=g)
+    kept = torch.arange(n) < 20
+    vbar = torch.randn(D, generator=g)
+    v[0, ~kept] = vbar
+    full_o, _ = dense_attention(q, k, v, 0.3, dtype=torch.float32)
+    o_k, l_k = dense_attention(q, k[:, kept], v[:, kept], 0.3, dtype=torch.float32)
+    _, l_p = dense_attention(q, k[:, ~kept], v[:, ~kept], 0.3, dtype=torch.float32)
+    o, _ = compensate(o_k[None], l_k[None], l_p[None], vbar.view(1, 1, D), mode="vmean")
+    torch.testing.assert_close(o[0], full_o, atol=1e-5, rtol=1e-5)
+    o, _ = compensate(o_k[None], l_k[None], l_p[None], mode="denominator")
+    share = math.exp(l_k.item() - torch.logaddexp(l_k, l_p).item())
+    torch.testing.assert_close(o[0], share * o_k, atol=1e-6, rtol=1e-5)
