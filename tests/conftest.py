@@ -1,0 +1,84 @@
+"""Shared fixtures: a real prescore-serve process on 127.0.0.1 (one per test module)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = float(os.environ.get("PRESCORE_TEST_STARTUP_TIMEOUT", "300"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A prescore-serve subprocess; ``url`` is its base URL."""
+
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def start(self) -> "Server":
+        fd, path = tempfile.mkstemp(prefix="prescore-serve-", suffix=".log")
+        self.log_path = Path(path)
+        env = {**os.environ, **self.env}
+        cmd = [str(BIN / "prescore-serve"), *self.args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        os.close(fd)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{self.log()[-6000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from prescore_backend.server.models import is_prepared, model_dir
+
+    if not is_prepared("smollm2-135m"):
+        pytest.fail("embedded model not prepared: run `make model` (make test does it)")
+    return str(model_dir("smollm2-135m"))

