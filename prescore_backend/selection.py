@@ -1,0 +1,275 @@
+"""Tile aggregation and per-(row, KV head) tile selection for sparse decode.
+
+Keys are grouped in tiles of T tokens (T divides the KV block size). Per-key pre-scores
+(arXiv 2505.11040) become per-tile scores (:func:`aggregate_tiles`); at each decode step
+:func:`select_tiles` picks, per row and KV head, sink tiles + the recent window + up to
+``lsh_cap`` HyperAttention LSH matches (2310.05869) + the best pre-scored tiles up to a budget.
+:func:`residual_sample` draws HyperAttention's uniform residual among the unselected tiles.
+
+GQA: everything is per KV head; the query heads of a group share their KV head's selection.
+Fully vectorized: no Python loop over rows or heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AGGREGATORS",
+    "SOURCES",
+    "Selection",
+    "aggregate_tiles",
+    "register_aggregator",
+    "residual_sample",
+    "select_tiles",
+    "select_tiles_ref",
+]
+
+# ----------------------------------------------------------------------------- aggregation
+
+AGGREGATORS: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_aggregator(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register ``fn(tiled [..., ntiles, T], valid [..., ntiles, T], **kw) -> [..., ntiles]``."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        AGGREGATORS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_aggregator("max")
+def _agg_max(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
+    return tiled.masked_fill(~valid, float("-inf")).amax(-1)
+
+
+@register_aggregator("sum")
+def _agg_sum(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
+    return tiled.masked_fill(~valid, 0.0).sum(-1)
+
+
+@register_aggregator("mean")
+def _agg_mean(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
+    # Empty tiles (beyond valid_len) get -inf: they must never be preferred.
+    cnt = valid.sum(-1)
+    mean = tiled.masked_fill(~valid, 0.0).sum(-1) / cnt.clamp_min(1)
+    return mean.masked_fill(cnt == 0, float("-inf"))
+
+
+@register_aggregator("topk_count")
+def _agg_topk_count(tiled: Tensor, valid: Tensor, *, k: int | None = None, **_: object) -> Tensor:
+    """Number of the tile's keys that are in the global top-k keys of their head."""
+    if k is None:
+        raise ValueError("how='topk_count' needs k")
+    flat = tiled.masked_fill(~valid, float("-inf")).flatten(-2)  # [..., ntiles*T]
+    k = max(0, min(int(k), int(valid.sum(dim=(-2, -1)).min())))
+    hit = torch.zeros_like(flat, dtype=torch.bool)
+    if k:
+        hit.scatter_(-1, flat.topk(k, dim=-1).indices, True)
+    return hit.view_as(tiled).sum(-1).float()
+
+
+def aggregate_tiles(key_scores: Tensor, tile_size: int, how: str = "max",
+                    valid_len: int | None = None, k: int | None = None) -> Tensor:
+    """Per-key scores -> per-tile scores.
+
+    key_scores ``[..., n]`` (e.g. ``[Hkv, n]``) -> ``[..., ceil(n / T)]`` float32. The partial last
+    tile aggregates only its real keys; keys at positions >= ``valid_len`` are ignored (a tile
+    with no valid key scores -inf for max/mean, 0 for sum/topk_count). ``how``: one of
+    :data:`AGGREGATORS` ("max", "sum", "mean", "topk_count" with ``k`` = the global top-k size).
+    """
+    try:
+        fn = AGGREGATORS[how]
+    except KeyError:
+        raise ValueError(f"unknown aggregation {how!r}; valid: {sorted(AGGREGATORS)}") from None
+    n = key_scores.shape[-1]
+    nt = -(-n // tile_size)
+    pad = nt * tile_size - n
+    x = torch.nn.functional.pad(key_scores.float(), (0, pad))  # [..., nt*T]
+    limit = n if valid_len is None else min(n, int(valid_len))
+    valid = torch.arange(nt * tile_size, device=x.device) < limit  # [nt*T]
+    tiled = x.view(*x.shape[:-1], nt, tile_size)  # [..., nt, T]
+    valid = valid.view(nt, tile_size).expand_as(tiled)
+    return fn(tiled, valid, k=k)
+
+
+# ----------------------------------------------------------------------------- selection
+
+#: Order of :attr:`Selection.source_counts`.
+SOURCES = ("sink", "window", "lsh", "prescore")
+
+
+@dataclass
+class Selection:
+    """Tiles chosen for each (row, KV head).
+
+    tiles: ``[R, Hkv, S]`` int32 logical tile indices, ascending, padded with -1 at the end;
+        S = max over rows of min(budget, num_tiles) (0 if every budget is 0).
+    num_selected: ``[R, Hkv]`` int32 valid entries per (row, head).
+    source_counts: ``[4]`` int64 tiles selected per source, in :data:`SOURCES` order
+        (sink, window, lsh, prescore), summed over rows and heads. A tile that is both sink
+        and window counts as sink.
+    """
+
+    tiles: Tensor
+    num_selected: Tensor
+    source_counts: Tensor
+
+
+# Priority classes (higher wins); within a class the secondary key orders tiles.
+_INVALID, _PRESCORE, _LSH, _FORCED = 0, 1, 2, 3
+
+
+def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
+                 window_tiles: int, lsh_match: Tensor | None = None,
+                 lsh_cap: int = 0) -> Selection:
+    """Pick the tiles to attend per (row, KV head), fully vectorized.
+
+    Args:
+        tile_scores: ``[R, Hkv, M]`` float pre-scores of each row's logical tiles; entries at
+            index >= num_tiles[r] are ignored whatever their value (NaN counts as -inf).
+        num_tiles: ``[R]`` valid tiles per row, including the partial last one.
+        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included.
+            Rows with budget >= num_tiles take every tile (exact dense attention).
+        sink_tiles: the first tiles, always kept (StreamingLLM sinks).
+        window_tiles: the last tiles (incl. the partial last one), always kept.
+        lsh_match: optional ``[R, Hkv, M]`` bool, tiles whose bucket set holds the query's bucket.
+        lsh_cap: at most this many LSH matches get LSH priority, the highest-scored ones;
+            the others compete on score with the rest.
+
+    Priority: sinks and window, then LSH matches (up to the cap), then the highest pre-scores,
+    until the budget. The budget is a hard cap: if it is smaller than sinks + window, the most
+    recent window tiles are kept first, then the sinks from the first one on.
+
+    Returns:
+        :class:`Selection`.
+    """
+    R, H, M = tile_scores.shape
+    dev = tile_scores.device
+    num_tiles = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
+    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), num_tiles)  # [R, 1, 1]
+    idx = torch.arange(M, device=dev)  # [M]
+    valid = idx < num_tiles  # [R, 1, M]
+
+    sink = valid & (idx < sink_tiles)  # [R, 1, M]
+    window = valid & (idx >= num_tiles - window_tiles)  # [R, 1, M]
+    forced = sink | window
+
+    # Rank of every tile by score within its (row, head), 0 = best; stable for ties.
+    scores = torch.nan_to_num(tile_scores.float(), nan=float("-inf"))
+    scores = scores.masked_fill(~valid, float("-inf"))  # [R, H, M]
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # [R, H, M]
+    rank = torch.empty_like(order).scatter_(-1, order, idx.expand(R, H, M))  # [R, H, M]
+
+    cls = torch.where(forced, _FORCED, _PRESCORE).expand(R, H, M)  # [R, H, M]
+    cls = cls.masked_fill(~valid, _INVALID)
+    if lsh_match is not None and lsh_cap > 0:
+        elig = lsh_match.to(dev).bool() & valid & ~forced  # [R, H, M]
+        elig_sorted = elig.gather(-1, order)  # in descending score order
+        take_sorted = elig_sorted & (elig_sorted.cumsum(-1) <= lsh_cap)
+        take = torch.zeros_like(elig).scatter_(-1, order, take_sorted)
+        cls = torch.where(take, _LSH, cls)
+
+    # Secondary key in [0, 2M]: window tiles by recency, then sinks by position; others by rank.
+    forced_key = torch.where(window, M + 1 + idx, M - idx).expand(R, H, M)
+    sec = torch.where(cls == _FORCED, forced_key, M - rank)
+    key = cls * (2 * M + 2) + sec  # [R, H, M] int64, exact (no float ties/overflow)
+
+    S = int(keep.max()) if R > 0 and M > 0 else 0
+    top = key.topk(S, dim=-1).indices  # [R, H, S]
+    in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]
+    top_cls = cls.gather(-1, top)
+    in_budget = in_budget & (top_cls != _INVALID)
+    tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
+    tiles = torch.where(tiles == M, -1, tiles).to(torch.int32)
+
+    # Source accounting: sink beats window for tiles that are both.
+    src = torch.where(sink.expand(R, H, M), 0,
+                      torch.where(window.expand(R, H, M), 1,
+                                  torch.where(cls == _LSH, 2, 3)))
+    src_sel = torch.where(in_budget, src.gather(-1, top), 4)
+    counts = torch.bincount(src_sel.reshape(-1), minlength=5)[:4].to(torch.int64)
+    return Selection(tiles=tiles, num_selected=in_budget.sum(-1).to(torch.int32),
+                     source_counts=counts)
+
+
+def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
+                     window_tiles: int, lsh_match: Tensor | None = None,
+                     lsh_cap: int = 0) -> Selection:
+    """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first)."""
+    R, H, M = tile_scores.shape
+    rows: list[list[list[int]]] = []
+    counts = [0, 0, 0, 0]
+    for r in range(R):
+        n = min(int(num_tiles[r]), M)
+        b = max(0, min(int(budget[r]), n))
+        rows.append([])
+        for h in range(H):
+            sc = [float(x) for x in tile_scores[r, h, :n].float().tolist()]
+            sc = [float("-inf") if x != x else x for x in sc]  # NaN -> -inf
+            window = list(range(n - 1, max(n - window_tiles, 0) - 1, -1))  # most recent first
+            sinks = [t for t in range(min(sink_tiles, n)) if t not in window]
+            forced = window + sinks
+            by_score = sorted(range(n), key=lambda t: (-sc[t], t))
+            lsh = []
+            if lsh_match is not None and lsh_cap > 0:
+                lsh = [t for t in by_score if bool(lsh_match[r, h, t]) and t not in forced][:lsh_cap]
+            rest = [t for t in by_score if t not in forced and t not in lsh]
+            chosen = (forced + lsh + rest)[:b]
+            for t in chosen:
+                src = 0 if t < sink_tiles else 1 if t >= n - window_tiles else 2 if t in lsh else 3
+                counts[src] += 1
+            rows[r].append(sorted(chosen))
+    S = max((len(x) for row in rows for x in row), default=0)
+    tiles = torch.full((R, H, S), -1, dtype=torch.int32)
+    num = torch.zeros(R, H, dtype=torch.int32)
+    for r in range(R):
+        for h in range(H):
+            tiles[r, h, : len(rows[r][h])] = torch.tensor(rows[r][h], dtype=torch.int32)
+            num[r, h] = len(rows[r][h])
+    return Selection(tiles=tiles, num_selected=num, source_counts=torch.tensor(counts, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- residual
+
+
+def residual_sample(tiles: Tensor, num_tiles: Tensor, m: int, *,
+                    generator: torch.Generator | None = None,
+                    max_tiles: int | None = None) -> tuple[Tensor, Tensor]:
+    """HyperAttention residual: m tiles uniformly without replacement among the unselected.
+
+    tiles ``[R, Hkv, S]`` selected tiles (-1 pad), num_tiles ``[R]`` valid tiles per row ->
+    (sampled ``[R, Hkv, m]`` int32 ascending, -1 pad; weight ``[R, Hkv]`` float32 =
+    #unselected / #sampled, 0 when nothing is left to sample). Uniform subsets come from the
+    top-m of i.i.d. uniform keys (random-key sampling), drawn from ``generator`` on its device.
+    Every unselected tile is sampled with probability #sampled / #unselected, so
+    weight * (sum over sampled tiles of exp-scores) is an unbiased estimate of the unselected
+    exp-sum (at tile granularity, which keeps it unbiased even for a partial last tile).
+    """
+    R, H, _ = tiles.shape
+    dev = tiles.device
+    M = int(max_tiles) if max_tiles is not None else (int(num_tiles.max()) if R else 0)
+    valid = torch.arange(M, device=dev) < num_tiles.to(dev).long().view(R, 1, 1)  # [R, 1, M]
+    taken = torch.zeros(R, H, M + 1, dtype=torch.bool, device=dev)
+    taken.scatter_(-1, torch.where(tiles >= 0, tiles.long(), M), True)
+    elig = valid & ~taken[..., :M]  # [R, H, M]
+    n_u = elig.sum(-1)  # [R, H]
+    gen_dev = generator.device if generator is not None else dev
+    u = torch.rand(R, H, M, generator=generator, device=gen_dev).to(dev)
+    u = u.masked_fill(~elig, -1.0)  # uniforms are >= 0: ineligible sort last
+    k = min(m, M)
+    top = u.topk(k, dim=-1).indices  # [R, H, k]
+    n_s = n_u.clamp_max(m)  # [R, H]
+    ok = torch.arange(k, device=dev) < n_s.unsqueeze(-1)
+    out = torch.where(ok, top, M).sort(dim=-1).values
+    out = torch.where(out == M, -1, out).to(torch.int32)
+    if k < m:
+        out = torch.nn.functional.pad(out, (0, m - k), value=-1)
+    weight = torch.where(n_s > 0, n_u.float() / n_s.clamp_min(1).float(), 0.0)
+    return out, weight
