@@ -3,6 +3,7 @@
 Tensors in, tensors out: nothing here imports vLLM.
 """
 
+from .layouts import rowmajor_cpu_kv_views, vllm_cpu_kv_views, vllm_gpu_kv_views
 from .lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from .sparse_decode import (
     COMPENSATIONS,
@@ -14,6 +15,9 @@ from .sparse_decode import (
 )
 
 __all__ = [
+    "rowmajor_cpu_kv_views",
+    "vllm_cpu_kv_views",
+    "vllm_gpu_kv_views",
     "AngularLSH",
     "bucket_masks",
     "masks_intersect",

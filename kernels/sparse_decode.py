@@ -4,11 +4,14 @@ One decode query per row attends, per KV head, to the union of the tiles selecte
 (row, KV head); the softmax is exact over that union (unselected keys are *masked*, not zeroed:
 the pre-scoring authors' code zeroed them, so each still added e^0 to the denominator).
 
-Layouts (both are served by passing strided views, nothing is copied up front):
-  * CPU (vLLM CPU_ATTN): per layer ``cache.view(num_blocks, Hkv, 2 * B, D)``; K rows then V rows
-    for each (block, head): ``key_cache = cache[:, :, :B]``, ``value_cache = cache[:, :, B:]``.
+Layouts are served by passing strided ``[num_blocks, Hkv, B, D]`` views (nothing is copied up
+front; see :mod:`.layouts`):
+  * vLLM CPU_ATTN: per (block, head) K stored transposed ``[D, B]`` then V row-major ``[B, D]``
+    (:func:`~.layouts.vllm_cpu_kv_views`); the torch path gathers whole tiles for both.
+  * K and V both row-major (:func:`~.layouts.rowmajor_cpu_kv_views`): same fast path.
   * GPU (vLLM Triton backend): ``cache[num_blocks, 2, B, Hkv, D]``;
-    ``key_cache = cache[:, 0].permute(0, 2, 1, 3)``, same with ``1`` for V.
+    ``key_cache = cache[:, 0].permute(0, 2, 1, 3)``, same with ``1`` for V (generic gather on
+    CPU tensors; the Triton kernel takes any strides).
 
 A logical tile t of a row covers token positions [t*T, t*T + T); it lives in physical block
 ``block_tables[row, t*T // B]`` at in-block rows ``(t*T) % B ...``. T must divide B.
@@ -80,41 +83,59 @@ def _check_inputs(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
 # ----------------------------------------------------------------------------- torch path
 
 
-def _tile_view(cache: Tensor, tile_size: int) -> tuple[Tensor, int, int, int] | None:
-    """A ``[num_tiles_total, T, D]`` view over the cache's storage, or None if strides forbid.
+def _tile_view(cache: Tensor, tile_size: int) -> tuple[Tensor, int, int, int, bool] | None:
+    """A flat view of whole tiles over the cache's storage, or None if the strides forbid.
 
-    Possible when each tile's T*D elements are contiguous (row stride D, unit stride) and the
-    block / head strides are multiples of T*D (true for the CPU layout, including
-    value_cache's storage offset of B*D). Then tile j of (block b, head h) is row
-    ``base + b*s0t + h*s1t + j`` of the view; gathering whole 4 KB tiles with index_select is
-    ~2.5x faster than advanced indexing over (block, head, row) index tensors (measured).
-    Returns (view, base, s0t, s1t).
+    Two layouts gather whole tiles with one ``index_select`` (about 2.5x faster than advanced
+    indexing over (block, head, row) index tensors, measured):
+      * row-major tiles (token stride D, unit dim stride; V in vLLM's CPU cache): view
+        ``[N, T, D]``, each tile one contiguous T*D chunk;
+      * token-contiguous tiles (unit token stride, dim stride B'; K in vLLM's CPU cache, stored
+        ``[D, B]`` per block): view ``[N, D, T]``, each tile D runs of T contiguous elements.
+    Block and head strides must be multiples of the flat row pitch (T*D, resp. T). Tile j of
+    (block b, head h) is row ``base + b*s0t + h*s1t + j`` of the view.
+    Returns (view, base, s0t, s1t, token_contiguous).
     """
     D = cache.shape[-1]
-    td = tile_size * D
+    T = tile_size
     s0, s1, s2, s3 = cache.stride()
-    if (s3 != 1 and D > 1) or s2 != D or s0 % td or s1 % td:
-        return None
-    off = cache.storage_offset()
     n_el = cache.untyped_storage().nbytes() // cache.element_size()
-    rem = off % td
-    ntiles = (n_el - rem) // td
-    view = torch.as_strided(cache, (ntiles, tile_size, D), (td, D, 1), rem)  # [N, T, D]
-    return view, off // td, s0 // td, s1 // td
+    off = cache.storage_offset()
+    if s2 == D and (s3 == 1 or D == 1):
+        pitch, size, stride, tc = T * D, (T, D), (D, 1), False
+        span = T * D
+    elif s2 == 1 and s3 >= T:
+        pitch, size, stride, tc = T, (D, T), (s3, 1), True
+        span = (D - 1) * s3 + T  # elements touched by one tile
+    else:
+        return None
+    if s0 % pitch or s1 % pitch:
+        return None
+    rem = off % pitch
+    ntiles = (n_el - rem - span) // pitch + 1
+    view = torch.as_strided(cache, (ntiles, *size), (pitch, *stride), rem)  # [N, T, D] or [N, D, T]
+    return view, off // pitch, s0 // pitch, s1 // pitch, tc
 
 
-def _gather_tiles(cache: Tensor, blk: Tensor, head: Tensor, tok0: Tensor, tile_size: int) -> Tensor:
-    """Gather tiles: blk/head/tok0 ``[R, Hkv, S]`` int64 -> ``[R, Hkv, S, T, D]`` (cache dtype)."""
+def _gather_tiles(cache: Tensor, blk: Tensor, head: Tensor, tok0: Tensor,
+                  tile_size: int) -> tuple[Tensor, bool]:
+    """Gather tiles; blk/head/tok0 ``[R, Hkv, S]`` int64.
+
+    Returns (``[R, Hkv, S, T, D]``, False) or, for token-contiguous caches,
+    (``[R, Hkv, S, D, T]``, True); cache dtype.
+    """
     R, Hkv, S = blk.shape
     B, D = cache.shape[2], cache.shape[3]
-    tv = _tile_view(cache, tile_size)
+    T = tile_size
+    tv = _tile_view(cache, T)
     if tv is not None:
-        view, base, s0t, s1t = tv
-        flat = base + blk * s0t + head * s1t + (tok0 % B) // tile_size  # [R, Hkv, S]
-        return view.index_select(0, flat.reshape(-1)).view(R, Hkv, S, tile_size, D)
+        view, base, s0t, s1t, tc = tv
+        flat = base + blk * s0t + head * s1t + (tok0 % B) // T  # [R, Hkv, S]
+        g = view.index_select(0, flat.reshape(-1))
+        return g.view(R, Hkv, S, *view.shape[1:]), tc
     # Generic strides (e.g. the GPU layout on CPU tensors): advanced indexing.
-    rows = (tok0 % B).unsqueeze(-1) + torch.arange(tile_size, device=cache.device)  # [R, Hkv, S, T]
-    return cache[blk.unsqueeze(-1), head.unsqueeze(-1), rows]  # [R, Hkv, S, T, D]
+    rows = (tok0 % B).unsqueeze(-1) + torch.arange(T, device=cache.device)  # [R, Hkv, S, T]
+    return cache[blk.unsqueeze(-1), head.unsqueeze(-1), rows], False  # [R, Hkv, S, T, D]
 
 
 def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
@@ -138,19 +159,24 @@ def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tab
     blk = block_tables.long().gather(1, lblk).view(R, Hkv, S)  # [R, Hkv, S] physical block
     head = torch.arange(Hkv, device=dev).view(1, Hkv, 1).expand(R, Hkv, S)
 
-    k = _gather_tiles(key_cache, blk, head, tok0, T).view(R * Hkv, S * T, D)  # [R*Hkv, S*T, D]
-    v = _gather_tiles(value_cache, blk, head, tok0, T).view(R * Hkv, S * T, D)
-    k = k.float()  # no-op for fp32 caches; bf16 is computed in fp32
-    v = v.float()
-
     # Fold the scale into the (small) query instead of the score matrix.
     q = (query.float() * scale).view(R * Hkv, G, D)  # [R*Hkv, G, D]
-    s = torch.bmm(q, k.transpose(1, 2))  # [R*Hkv, G, S*T]
+    k, k_tc = _gather_tiles(key_cache, blk, head, tok0, T)
+    k = k.float()  # no-op for fp32 caches; bf16 is computed in fp32
+    if k_tc:  # k [R, Hkv, S, D, T]: one small GEMM per tile, then [G, S*T] order
+        s = torch.matmul(q.unsqueeze(1), k.view(R * Hkv, S, D, T))  # [R*Hkv, S, G, T]
+        s = s.transpose(1, 2).reshape(R * Hkv, G, S * T)  # [R*Hkv, G, S*T]
+    else:  # k [R, Hkv, S, T, D]
+        s = torch.bmm(q, k.view(R * Hkv, S * T, D).transpose(1, 2))  # [R*Hkv, G, S*T]
+    v, v_tc = _gather_tiles(value_cache, blk, head, tok0, T)
+    v = v.float()
+    if v_tc:  # a token-contiguous V: [R, Hkv, S, D, T] -> [R, Hkv, S, T, D]
+        v = v.transpose(-1, -2)
+    v = v.reshape(R * Hkv, S * T, D)  # [R*Hkv, S*T, D]
 
     pos = tok0.unsqueeze(-1) + torch.arange(T, device=dev)  # [R, Hkv, S, T]
     ok = tile_ok.unsqueeze(-1) & (pos < seq_lens.to(dev).long().view(R, 1, 1, 1))
     s.masked_fill_(~ok.view(R * Hkv, 1, S * T), _NEG_INF)
-
     # Masked V rows must be exactly 0: p = 0 there, but 0 * NaN (a never-written cache slot
     # past seq_len) is NaN. Only the masked rows are touched (few: tails and padding).
     bad = (~ok).view(-1).nonzero().squeeze(1)

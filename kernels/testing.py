@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layouts import LAYOUTS
+
 __all__ = ["PagedCase", "make_paged_case", "cache_views", "dense_attention", "all_tiles"]
 
 
@@ -17,8 +19,9 @@ __all__ = ["PagedCase", "make_paged_case", "cache_views", "dense_attention", "al
 class PagedCase:
     """A batch of decode rows over a paged cache.
 
-    query ``[R, Hq, D]``; cache: the underlying storage (CPU layout
-    ``[num_blocks, Hkv, 2 * B, D]`` or GPU layout ``[num_blocks, 2, B, Hkv, D]``);
+    query ``[R, Hq, D]``; cache: the per-layer cache in one of the layouts of
+    :mod:`~prescore_backend.kernels.layouts` (vLLM CPU ``[num_blocks, Hkv, B, 2D]`` with K
+    transposed per block, the same with K row-major, or GPU ``[num_blocks, 2, B, Hkv, D]``);
     key_cache / value_cache: ``[num_blocks, Hkv, B, D]`` views of it; block_tables
     ``[R, max_blocks]`` int32 (shuffled physical blocks, unused entries 0); seq_lens ``[R]``
     int32; keys / values: per row the contiguous ``[Hkv, n_r, D]`` sequence that was written.
@@ -40,13 +43,9 @@ class PagedCase:
 
 
 def cache_views(cache: Tensor, layout: str) -> tuple[Tensor, Tensor]:
-    """K and V ``[num_blocks, Hkv, B, D]`` views of a per-layer cache in vLLM's ``layout``."""
-    if layout == "cpu":  # [NB, Hkv, 2B, D]: per (block, head) K rows then V rows
-        B = cache.shape[2] // 2
-        return cache[:, :, :B], cache[:, :, B:]
-    if layout == "gpu":  # [NB, 2, B, Hkv, D]
-        return cache[:, 0].permute(0, 2, 1, 3), cache[:, 1].permute(0, 2, 1, 3)
-    raise ValueError(f"unknown layout {layout!r}")
+    """K and V ``[num_blocks, Hkv, B, D]`` views of a per-layer cache in ``layout`` (see
+    :data:`~prescore_backend.kernels.layouts.LAYOUTS`: "cpu", "cpu_rowmajor", "gpu")."""
+    return LAYOUTS[layout][1](cache)
 
 
 def make_paged_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int,
@@ -64,10 +63,7 @@ def make_paged_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim
     R, Hkv, D, B = len(seq_lens), num_kv_heads, head_dim, block_size
     nblk = [-(-n // B) for n in seq_lens]
     total = sum(nblk) + extra_blocks
-    if layout == "cpu":
-        shape = (total, Hkv, 2 * B, D)
-    else:
-        shape = (total, 2, B, Hkv, D)
+    shape = LAYOUTS[layout][0](total, Hkv, B, D)
     fill = 0.0 if poison is None else poison
     cache = torch.full(shape, fill, dtype=dtype)
     kc, vc = cache_views(cache, layout)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prescore_backend.kernels import (
+    vllm_cpu_kv_views,
     compensate,
     merge_attn_states,
     sparse_decode,
@@ -49,7 +50,7 @@ def dense_rows(case, scale):
 
 
 @pytest.mark.parametrize("impl", ["torch", "ref", "auto"])
-@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,7 +68,7 @@ def test_all_tiles_is_dense_attention(impl, layout, group, head_dim, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -90,10 +91,25 @@ def test_torch_matches_ref_on_random_selections(layout, group, head_dim, dtype):
 
 def test_fast_path_strides():
     cpu = make_paged_case([40], 2, 1, 64, B, layout="cpu")
+    rm = make_paged_case([40], 2, 1, 64, B, layout="cpu_rowmajor")
     gpu = make_paged_case([40], 2, 1, 64, B, layout="gpu")
-    assert _tile_view(cpu.key_cache, T) is not None
-    assert _tile_view(cpu.value_cache, T) is not None  # storage offset B*D is a tile multiple
+    assert _tile_view(cpu.key_cache, T)[-1] is True  # vLLM CPU K: [D, B] per block
+    assert _tile_view(cpu.value_cache, T)[-1] is False
+    assert _tile_view(rm.key_cache, T)[-1] is False
+    assert _tile_view(rm.value_cache, T) is not None  # storage offset B*D is a tile multiple
     assert _tile_view(gpu.key_cache, T) is None  # token rows are strided: generic gather
+
+
+def test_vllm_cpu_layout_views():
+    """K is stored [D, B] per (block, head), V [B, D] (as vLLM's cpu_attn_reshape_and_cache)."""
+    NB, H, Bs, D = 3, 2, 8, 4
+    cache = torch.arange(NB * H * Bs * 2 * D, dtype=torch.float32).view(NB, H, Bs, 2 * D)
+    k, v = vllm_cpu_kv_views(cache)
+    flat = cache.view(NB, H, -1)
+    for b, h, j, d in [(0, 0, 0, 0), (1, 1, 5, 3), (2, 0, 7, 2)]:
+        assert k[b, h, j, d] == flat[b, h, d * Bs + j]
+        assert v[b, h, j, d] == flat[b, h, Bs * D + j * D + d]
+    assert k.data_ptr() == cache.data_ptr()  # views, no copies
 
 
 def test_empty_selection_shape():

@@ -53,6 +53,7 @@ def test_kernel_is_interpreted():
 
 @pytest.mark.parametrize("layout,group,head_dim,dtype", [
     ("cpu", 1, 64, torch.float32),
+    ("cpu_rowmajor", 3, 64, torch.float32),
     ("cpu", 3, 128, torch.bfloat16),
     ("gpu", 3, 64, torch.float32),
     ("gpu", 1, 128, torch.bfloat16),
