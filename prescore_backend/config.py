@@ -1,12 +1,181 @@
-"""All prescore settings: one validated config object, and the one place env vars are read."""
+"""All prescore settings: one validated config object, and the one place env vars are read.
+
+Every knob is a field of :class:`PrescoreConfig`, documented where it is declared. The running
+backend reads its settings from environment variables ``PRESCORE_<FIELD>`` (upper case), e.g.
+``PRESCORE_KEEP_RATIO=0.125``; the engine's worker processes inherit them. ``prescore-serve``
+exposes the same fields as ``--prescore-<field>`` flags and exports them to these variables.
+Invalid values stop the start with a :class:`ConfigError` that names the variable (and flag).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "PRESCORE_"
+
+
+class ConfigError(ValueError):
+    """An invalid prescore setting; the message names the setting to fix."""
 
 
 def cache_dir() -> Path:
     """Root of prescore's on-disk cache: ``$PRESCORE_CACHE`` or ``~/.cache/prescore``."""
     env = os.environ.get("PRESCORE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "prescore"
+
+
+def _doc(text: str) -> dict[str, Any]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class PrescoreConfig:
+    """Settings of the PRESCORE attention backend (validated on construction)."""
+
+    method: str = field(default="leverage", metadata=_doc(
+        "Query-independent key scorer run at prefill (see `prescore_backend.scoring`): "
+        "kmeans, kernel_kmeans, kmedian, leverage, key_norm, random. Default leverage: on "
+        "2 CPU cores kmeans costs ~170 ms per layer for 4k keys x 3 KV heads (5 s per 4k "
+        "prompt over 30 layers), leverage ~5 ms."))
+    keep_ratio: float = field(default=0.125, metadata=_doc(
+        "Fraction of a sequence's KV tiles read per decode step (sinks, window and LSH "
+        "matches included), in (0, 1]."))
+    max_tokens: int = field(default=0, metadata=_doc(
+        "If > 0, an absolute decode budget in tokens per (sequence, KV head) instead of "
+        "keep_ratio (rounded up to whole tiles)."))
+    tile_size: int = field(default=16, metadata=_doc(
+        "Tokens per tile, the unit of scoring and selection; must divide the KV block size."))
+    sink_tokens: int = field(default=64, metadata=_doc(
+        "First tokens of every sequence always attended (attention sinks); a multiple of "
+        "tile_size."))
+    window_tokens: int = field(default=256, metadata=_doc(
+        "Most recent tokens always attended; a multiple of tile_size, at least 2 tiles. Tiles "
+        "written during decode are scored every window_tokens - tile_size tokens, so they are "
+        "never outside the window unscored."))
+    lsh_bits: int = field(default=7, metadata=_doc(
+        "Bits of the angular LSH (HyperAttention); 2^bits buckets. 0 disables LSH matching."))
+    lsh_cap_ratio: float = field(default=0.5, metadata=_doc(
+        "At most this fraction of a row's budget goes to LSH-matched tiles; the rest is "
+        "filled by the highest pre-scores."))
+    residual_tiles: int = field(default=0, metadata=_doc(
+        "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
+        "#unselected/#sampled and merged by log-sum-exp. 0 = off (the paper's choice with "
+        "pre-scoring)."))
+    compensation: str = field(default="none", metadata=_doc(
+        "Top-theta style compensation of the left-out mass, estimated from the residual "
+        "sample: none, denominator, vmean. Needs residual_tiles > 0."))
+    min_seq_len: int = field(default=2048, metadata=_doc(
+        "Sequences shorter than this decode with vLLM's exact kernel."))
+    aggregate: str = field(default="max", metadata=_doc(
+        "How key scores become a tile score: max, sum, mean, topk_count."))
+    seed: int = field(default=0, metadata=_doc("Seed of the scorers, LSH projections and sampling."))
+    exact_via_sparse: bool = field(default=False, metadata=_doc(
+        "Route long rows whose budget covers the whole context through the sparse kernel "
+        "instead of vLLM's (for validating the sparse path end to end)."))
+
+    def __post_init__(self) -> None:
+        from prescore_backend.kernels.sparse_decode import COMPENSATIONS
+        from prescore_backend.scoring import available_scorers
+        from prescore_backend.selection import AGGREGATORS
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid prescore setting {name}={getattr(self, name)!r} "
+                               f"({env_name(name)} / {flag_name(name)}): {why}")
+
+        if self.method not in available_scorers():
+            raise bad("method", f"unknown scorer; valid: {', '.join(available_scorers())}")
+        if not (0.0 < self.keep_ratio <= 1.0) or math.isnan(self.keep_ratio):
+            raise bad("keep_ratio", "must be in (0, 1]")
+        if self.max_tokens < 0:
+            raise bad("max_tokens", "must be >= 0")
+        if self.tile_size <= 0 or self.tile_size & (self.tile_size - 1):
+            raise bad("tile_size", "must be a power of two")
+        for name in ("sink_tokens", "window_tokens"):
+            v = getattr(self, name)
+            if v < 0 or v % self.tile_size:
+                raise bad(name, f"must be a non-negative multiple of tile_size={self.tile_size}")
+        if self.window_tokens < 2 * self.tile_size:
+            raise bad("window_tokens", f"must be at least 2 tiles ({2 * self.tile_size})")
+        if not 0 <= self.lsh_bits <= 10:
+            raise bad("lsh_bits", "must be in [0, 10]")
+        if not 0.0 <= self.lsh_cap_ratio <= 1.0:
+            raise bad("lsh_cap_ratio", "must be in [0, 1]")
+        if self.residual_tiles < 0:
+            raise bad("residual_tiles", "must be >= 0")
+        if self.compensation not in COMPENSATIONS:
+            raise bad("compensation", f"valid: {', '.join(sorted(COMPENSATIONS))}")
+        if self.compensation != "none" and self.residual_tiles == 0:
+            raise bad("compensation", "needs residual_tiles > 0 to estimate the left-out mass")
+        if self.min_seq_len < 0:
+            raise bad("min_seq_len", "must be >= 0")
+        if self.aggregate not in AGGREGATORS:
+            raise bad("aggregate", f"valid: {', '.join(sorted(AGGREGATORS))}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def sink_tiles(self) -> int:
+        return self.sink_tokens // self.tile_size
+
+    @property
+    def window_tiles(self) -> int:
+        return self.window_tokens // self.tile_size
+
+    @property
+    def rescore_interval(self) -> int:
+        """Decode tokens between scorings of decode-written tiles (keeps them in the window)."""
+        return self.window_tokens - self.tile_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PrescoreConfig":
+        """Build from ``PRESCORE_*`` variables (the only place the backend reads them)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "PrescoreConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--prescore-" + field_name.replace("_", "-")
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    try:
+        if t == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        return raw.strip()
+    except ValueError:
+        raise ConfigError(f"invalid prescore setting {env_name(name)}={raw!r}: expected {t}") from None
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> documentation (used by ``--help`` and the README)."""
+    return {f.name: f.metadata.get("doc", "") for f in fields(PrescoreConfig)}

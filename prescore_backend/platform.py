@@ -58,11 +58,16 @@ def patch_cpu_platform() -> None:
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
         if selected_backend is not None and getattr(selected_backend, "name", None) == BACKEND_NAME:
-            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            unsupported = [name for name, flag in (
+                ("MLA", attn_selector_config.use_mla),
+                ("sparse (indexer) attention", attn_selector_config.use_sparse),
+                ("sliding-window attention", attn_selector_config.has_sliding_window),
+                ("attention sinks", attn_selector_config.has_sink),
+            ) if flag]
+            if unsupported:
                 raise ValueError(
-                    "--attention-backend prescore does not support MLA or sparse-attention "
-                    "models; use the default backend for this model"
-                )
+                    f"--attention-backend prescore does not support {', '.join(unsupported)}; "
+                    "serve this model with the default attention backend")
             return CPU_BACKEND_PATH
         return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
 

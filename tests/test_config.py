@@ -1,0 +1,43 @@
+"""The validated config object and its one env-var parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from prescore_backend.config import ConfigError, PrescoreConfig, field_docs
+
+
+def test_defaults_are_valid_and_documented():
+    cfg = PrescoreConfig()
+    assert cfg.sink_tiles * cfg.tile_size == cfg.sink_tokens
+    assert cfg.rescore_interval == cfg.window_tokens - cfg.tile_size
+    docs = field_docs()
+    assert set(docs) == set(cfg.to_dict()) and all(docs.values())
+
+
+def test_from_env_parses_types():
+    cfg = PrescoreConfig.from_env({"PRESCORE_KEEP_RATIO": "0.25", "PRESCORE_TILE_SIZE": "32",
+                                   "PRESCORE_SINK_TOKENS": "32", "PRESCORE_WINDOW_TOKENS": "128",
+                                   "PRESCORE_METHOD": "kmeans", "PRESCORE_EXACT_VIA_SPARSE": "yes",
+                                   "UNRELATED": "x"})
+    assert (cfg.keep_ratio, cfg.tile_size, cfg.method, cfg.exact_via_sparse) == (0.25, 32, "kmeans", True)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"PRESCORE_METHOD": "nope"}, "PRESCORE_METHOD / --prescore-method"),
+    ({"PRESCORE_KEEP_RATIO": "0"}, "PRESCORE_KEEP_RATIO"),
+    ({"PRESCORE_KEEP_RATIO": "1.5"}, "PRESCORE_KEEP_RATIO"),
+    ({"PRESCORE_KEEP_RATIO": "abc"}, "PRESCORE_KEEP_RATIO='abc': expected float"),
+    ({"PRESCORE_TILE_SIZE": "24"}, "PRESCORE_TILE_SIZE"),
+    ({"PRESCORE_WINDOW_TOKENS": "40"}, "PRESCORE_WINDOW_TOKENS"),
+    ({"PRESCORE_WINDOW_TOKENS": "16"}, "at least 2 tiles"),
+    ({"PRESCORE_LSH_BITS": "11"}, "PRESCORE_LSH_BITS"),
+    ({"PRESCORE_COMPENSATION": "vmean"}, "needs residual_tiles"),
+    ({"PRESCORE_COMPENSATION": "bogus", "PRESCORE_RESIDUAL_TILES": "2"}, "PRESCORE_COMPENSATION"),
+    ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
+    ({"PRESCORE_EXACT_VIA_SPARSE": "maybe"}, "expected bool"),
+])
+def test_invalid_values_name_the_setting(env, needle):
+    with pytest.raises(ConfigError) as e:
+        PrescoreConfig.from_env(env)
+    assert needle in str(e.value)

@@ -1,0 +1,101 @@
+"""Registration with vLLM: idempotent, spawn-safe, honoured by the CPU platform."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prescore_backend
+from prescore_backend import platform as plat
+
+
+@pytest.fixture(scope="module")
+def member():
+    prescore_backend.register()
+    prescore_backend.register()  # idempotent
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum["PRESCORE"]
+
+
+def _selector(**kw):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto",
+                                   block_size=128, **kw)
+
+
+def test_register_is_idempotent(member):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    names = [m for m in AttentionBackendEnum._member_names_ if m == "PRESCORE"]
+    assert names == ["PRESCORE"]
+    assert member.get_path() == plat.CPU_BACKEND_PATH
+    assert member.get_class().get_name() == "PRESCORE"
+
+
+def test_member_survives_unpickling_in_a_fresh_process(member):
+    """Engine core and workers unpickle the config before loading plugins (spawn)."""
+    payload = pickle.dumps({"backend": member})
+    code = ("import pickle, sys\n"
+            "obj = pickle.loads(sys.stdin.buffer.read())\n"
+            "print(obj['backend'].name, obj['backend'].get_path())")
+    out = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True,
+                         check=True).stdout.decode().split()
+    assert out == ["PRESCORE", plat.CPU_BACKEND_PATH]
+
+
+def test_cpu_platform_honours_prescore_and_delegates_the_rest(member):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert CpuPlatform.get_attn_backend_cls(member, _selector()) == plat.CPU_BACKEND_PATH
+    cpu_attn = AttentionBackendEnum.CPU_ATTN.get_path()
+    assert CpuPlatform.get_attn_backend_cls(None, _selector()) == cpu_attn
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, _selector()) == cpu_attn
+    plat.patch_cpu_platform()  # a second patch must not wrap twice
+    assert CpuPlatform.get_attn_backend_cls(member, _selector()) == plat.CPU_BACKEND_PATH
+
+
+@pytest.mark.parametrize("flag,name", [("use_mla", "MLA"), ("has_sliding_window", "sliding-window"),
+                                       ("has_sink", "sinks")])
+def test_unsupported_features_fail_loudly(member, flag, name):
+    from vllm.platforms.cpu import CpuPlatform
+
+    with pytest.raises(ValueError, match=name):
+        CpuPlatform.get_attn_backend_cls(member, _selector(**{flag: True}))
+
+
+def test_cpu_cache_views_match_vllm_vec_layout():
+    """The K/V views the sparse decode reads are exactly what vLLM's "vec" write stored."""
+    from vllm import _custom_ops as ops
+
+    from prescore_backend.backends.cpu import cache_views
+
+    nb, hkv, bs, d, n = 4, 3, 32, 64, 100
+    kv = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.float32)
+    halves = kv.view(nb, hkv, 2 * bs, d)
+    kc, vc = halves.chunk(2, dim=2)
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    kview, vview = cache_views(kv)
+    assert kview.shape == vview.shape == (nb, hkv, bs, d)
+    blk, off = slots // bs, slots % bs
+    torch.testing.assert_close(kview[blk, :, off], key, rtol=0, atol=0)
+    torch.testing.assert_close(vview[blk, :, off], value, rtol=0, atol=0)
+
+
+def test_side_data_memory_is_small():
+    from prescore_backend.backends.cpu import SideData
+
+    side = SideData.allocate(num_blocks=8, num_kv_heads=3, tiles_per_block=128 // 16, words=2)
+    # 3 heads x (4 B score + 16 B mask) per 16-token tile = 3.75 B per token per layer.
+    assert side.bytes_per_token(128) == pytest.approx(3.75)
+    assert torch.isinf(side.scores).all() and (side.masks == 0).all()
