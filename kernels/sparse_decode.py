@@ -117,9 +117,8 @@ def _tile_view(cache: Tensor, tile_size: int) -> tuple[Tensor, int, int, int, bo
     return view, off // pitch, s0 // pitch, s1 // pitch, tc
 
 
-def _gather_tiles(cache: Tensor, blk: Tensor, head: Tensor, tok0: Tensor,
-                  tile_size: int) -> tuple[Tensor, bool]:
-    """Gather tiles; blk/head/tok0 ``[R, Hkv, S]`` int64.
+def _gather_tiles(cache: Tensor, blk: Tensor, tiles: Tensor, tile_size: int) -> tuple[Tensor, bool]:
+    """Gather tiles; blk (physical block) and tiles (logical tile, clamped >= 0) ``[R, Hkv, S]``.
 
     Returns (``[R, Hkv, S, T, D]``, False) or, for token-contiguous caches,
     (``[R, Hkv, S, D, T]``, True); cache dtype.
@@ -127,68 +126,81 @@ def _gather_tiles(cache: Tensor, blk: Tensor, head: Tensor, tok0: Tensor,
     R, Hkv, S = blk.shape
     B, D = cache.shape[2], cache.shape[3]
     T = tile_size
+    head = torch.arange(Hkv, device=cache.device).view(1, Hkv, 1)
+    j = tiles % (B // T)  # tile index inside its block
     tv = _tile_view(cache, T)
     if tv is not None:
         view, base, s0t, s1t, tc = tv
-        flat = base + blk * s0t + head * s1t + (tok0 % B) // T  # [R, Hkv, S]
-        g = view.index_select(0, flat.reshape(-1))
+        flat = (blk * s0t).add_(head * s1t).add_(j, alpha=1).add_(base)  # [R, Hkv, S]
+        g = view.index_select(0, flat.view(-1))
         return g.view(R, Hkv, S, *view.shape[1:]), tc
     # Generic strides (e.g. the GPU layout on CPU tensors): advanced indexing.
-    rows = (tok0 % B).unsqueeze(-1) + torch.arange(T, device=cache.device)  # [R, Hkv, S, T]
+    rows = (j * T).unsqueeze(-1) + torch.arange(T, device=cache.device)  # [R, Hkv, S, T]
     return cache[blk.unsqueeze(-1), head.unsqueeze(-1), rows], False  # [R, Hkv, S, T, D]
 
 
 def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                 seq_lens: Tensor, tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Vectorized CPU path; returns out ``[R, Hq, D]`` fp32 and lse ``[R, Hq]`` fp32."""
+    """Vectorized CPU path; returns out ``[R, Hq, D]`` fp32 and lse ``[R, Hq]`` fp32.
+
+    About 25 small torch ops per decode step and layer whatever R and Hkv: K and V tiles
+    gathered with one index_select each, scores and output by batched matmuls, masked fp32
+    softmax. The two gathers dominate; in vLLM's CPU cache a K tile is D runs of T elements
+    (K is stored [D, B] per block), which gathers ~2.5x slower per byte than a V tile
+    (one contiguous T*D run). Tried and dropped: ``embedding_bag`` applying the
+    probabilities while gathering V (re-reads V once per query head of the group: 2x slower),
+    ``torch.compile`` of the K gather-reduce (slower than eager here).
+    """
     R, Hq, Hkv, D, B = _check_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)
     G = Hq // Hkv
     S = tiles.shape[-1]
     T = tile_size
+    RH = R * Hkv
     dev = query.device
     if S == 0:
         return (torch.zeros(R, Hq, D, dtype=torch.float32, device=dev),
                 torch.full((R, Hq), _NEG_INF, dtype=torch.float32, device=dev))
 
     tiles = tiles.long()
-    tile_ok = tiles >= 0  # [R, Hkv, S]
-    tok0 = tiles.clamp_min(0) * T  # [R, Hkv, S] first token of each tile
-    max_blocks = block_tables.shape[1]
-    lblk = (tok0 // B).clamp_max(max_blocks - 1).view(R, Hkv * S)  # logical block
-    blk = block_tables.long().gather(1, lblk).view(R, Hkv, S)  # [R, Hkv, S] physical block
-    head = torch.arange(Hkv, device=dev).view(1, Hkv, 1).expand(R, Hkv, S)
+    t0 = tiles.clamp_min(0)  # [R, Hkv, S]; padding reads tile 0, then is masked
+    lblk = (t0 // (B // T)).clamp_max_(block_tables.shape[1] - 1)  # logical block
+    blk = block_tables.long().gather(1, lblk.view(R, Hkv * S)).view(R, Hkv, S)  # physical
+    # Masked token positions: beyond seq_len (partial last tile) or in a padding tile.
+    limit = torch.where(tiles >= 0, seq_lens.to(dev).long().view(R, 1, 1), 0)  # [R, Hkv, S]
+    pos = (t0 * T).unsqueeze(-1) + torch.arange(T, device=dev)  # [R, Hkv, S, T]
+    bad = (pos >= limit.unsqueeze(-1)).view(RH, 1, S * T)
 
-    # Fold the scale into the (small) query instead of the score matrix.
-    q = (query.float() * scale).view(R * Hkv, G, D)  # [R*Hkv, G, D]
-    k, k_tc = _gather_tiles(key_cache, blk, head, tok0, T)
+    # Scores. Fold the scale into the (small) query instead of the score matrix.
+    q = (query.float() * scale).view(RH, G, D)  # [RH, G, D]
+    k, k_tc = _gather_tiles(key_cache, blk, t0, T)
     k = k.float()  # no-op for fp32 caches; bf16 is computed in fp32
     if k_tc:  # k [R, Hkv, S, D, T]: one small GEMM per tile, then [G, S*T] order
-        s = torch.matmul(q.unsqueeze(1), k.view(R * Hkv, S, D, T))  # [R*Hkv, S, G, T]
-        s = s.transpose(1, 2).reshape(R * Hkv, G, S * T)  # [R*Hkv, G, S*T]
+        s = torch.matmul(q.unsqueeze(1), k.view(RH, S, D, T))  # [RH, S, G, T]
+        s = s.transpose(1, 2).reshape(RH, G, S * T)  # [RH, G, S*T]
     else:  # k [R, Hkv, S, T, D]
-        s = torch.bmm(q, k.view(R * Hkv, S * T, D).transpose(1, 2))  # [R*Hkv, G, S*T]
-    v, v_tc = _gather_tiles(value_cache, blk, head, tok0, T)
+        s = torch.bmm(q, k.view(RH, S * T, D).transpose(1, 2))  # [RH, G, S*T]
+    s.masked_fill_(bad, _NEG_INF)
+
+    # Softmax in fp32; the normalisation is applied to the (smaller) output.
+    m = s.amax(-1, keepdim=True)  # [RH, G, 1]
+    m = torch.where(m == _NEG_INF, torch.zeros_like(m), m)  # rows with nothing selected
+    p = s.sub_(m).exp_()  # masked entries -> exp(-inf) = 0
+    l = p.sum(-1, keepdim=True)  # [RH, G, 1]
+    lse = (l.log() + m).view(R, Hq)  # log(0) = -inf for empty rows
+
+    v, v_tc = _gather_tiles(value_cache, blk, t0, T)
     v = v.float()
     if v_tc:  # a token-contiguous V: [R, Hkv, S, D, T] -> [R, Hkv, S, T, D]
         v = v.transpose(-1, -2)
-    v = v.reshape(R * Hkv, S * T, D)  # [R*Hkv, S*T, D]
-
-    pos = tok0.unsqueeze(-1) + torch.arange(T, device=dev)  # [R, Hkv, S, T]
-    ok = tile_ok.unsqueeze(-1) & (pos < seq_lens.to(dev).long().view(R, 1, 1, 1))
-    s.masked_fill_(~ok.view(R * Hkv, 1, S * T), _NEG_INF)
+    v = v.reshape(RH * S * T, D)  # a copy already: writable
     # Masked V rows must be exactly 0: p = 0 there, but 0 * NaN (a never-written cache slot
     # past seq_len) is NaN. Only the masked rows are touched (few: tails and padding).
-    bad = (~ok).view(-1).nonzero().squeeze(1)
-    if bad.numel():
-        v = v.reshape(-1, D).index_fill_(0, bad, 0.0).view(R * Hkv, S * T, D)
-
-    m = s.amax(-1, keepdim=True)  # [R*Hkv, G, 1]
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with nothing selected
-    p = s.sub_(m).exp_()  # masked entries -> exp(-inf) = 0
-    l = p.sum(-1, keepdim=True)  # [R*Hkv, G, 1]
-    o = torch.bmm(p, v).div_(l.clamp_min(torch.finfo(torch.float32).tiny))  # [R*Hkv, G, D]
-    lse = (l.log() + m).view(R, Hq)  # log(0) = -inf for empty rows
+    idx = bad.view(-1).nonzero().squeeze(1)
+    if idx.numel():
+        v.index_fill_(0, idx, 0.0)
+    o = torch.bmm(p, v.view(RH, S * T, D))  # [RH, G, D]
+    o = o.div_(l.clamp_min(torch.finfo(torch.float32).tiny))  # empty rows: 0 / tiny = 0
     return o.view(R, Hq, D), lse
 
 

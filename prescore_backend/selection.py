@@ -105,7 +105,6 @@ def aggregate_tiles(key_scores: Tensor, tile_size: int, how: str = "max",
 SOURCES = ("sink", "window", "lsh", "prescore")
 
 
-@dataclass
 class Selection:
     """Tiles chosen for each (row, KV head).
 
@@ -114,12 +113,28 @@ class Selection:
     num_selected: ``[R, Hkv]`` int32 valid entries per (row, head).
     source_counts: ``[4]`` int64 tiles selected per source, in :data:`SOURCES` order
         (sink, window, lsh, prescore), summed over rows and heads. A tile that is both sink
-        and window counts as sink.
+        and window counts as sink, an LSH match that is also a sink or window tile counts as
+        sink or window. Computed on first access (it costs ~10 small ops per step, which
+        matters on the decode path when nobody reads it).
     """
 
-    tiles: Tensor
-    num_selected: Tensor
-    source_counts: Tensor
+    __slots__ = ("tiles", "num_selected", "_counts", "_counts_fn")
+
+    def __init__(self, tiles: Tensor, num_selected: Tensor, source_counts: Tensor | None = None,
+                 counts_fn: Callable[[], Tensor] | None = None) -> None:
+        self.tiles = tiles
+        self.num_selected = num_selected
+        self._counts = source_counts
+        self._counts_fn = counts_fn
+
+    @property
+    def source_counts(self) -> Tensor:
+        if self._counts is None:
+            self._counts = self._counts_fn()
+        return self._counts
+
+    def __repr__(self) -> str:
+        return f"Selection(tiles={self.tiles!r}, num_selected={self.num_selected!r})"
 
 
 # Priority classes (higher wins); within a class the secondary key orders tiles.
@@ -152,51 +167,99 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     """
     R, H, M = tile_scores.shape
     dev = tile_scores.device
-    num_tiles = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
-    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), num_tiles)  # [R, 1, 1]
+    n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
+    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), n)  # [R, 1, 1]
+    S = int(keep.max()) if R > 0 and M > 0 else 0
     idx = torch.arange(M, device=dev)  # [M]
-    valid = idx < num_tiles  # [R, 1, M]
+    all_valid = R > 0 and int(n.min()) == M  # common: every row has M tiles
+    valid = None if all_valid else idx < n  # [R, 1, M]
+    window = idx >= n - window_tiles  # [R, 1, M]
+    forced = (idx < sink_tiles) | window  # [R, 1, M]
+    if valid is not None:
+        forced &= valid
+    use_lsh = lsh_match is not None and lsh_cap > 0
+    scores = tile_scores.float()
 
-    sink = valid & (idx < sink_tiles)  # [R, 1, M]
-    window = valid & (idx >= num_tiles - window_tiles)  # [R, 1, M]
-    forced = sink | window
+    # Fast path (the common case): every forced tile and every capped LSH match fits in each
+    # row's budget (or the row is dense), so their order among themselves cannot matter and a
+    # single float top-k decides. Exact ties between pre-scores may break differently from
+    # the oracle's "lower index first". Op count matters here (~5 us per torch op).
+    room = sink_tiles + window_tiles + (lsh_cap if use_lsh else 0)
+    if bool(((keep >= room) | (keep >= n)).all()):
+        big = torch.finfo(torch.float32).max / 2
+        key = torch.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)  # [R, H, M], finite
+        taken = None
+        if use_lsh:
+            elig = lsh_match.to(dev).bool() & ~forced  # [R, H, M]
+            if valid is not None:
+                elig &= valid
+            k = min(lsh_cap, M)
+            cand = key.masked_fill(~elig, float("-inf")).topk(k, dim=-1).indices  # [R, H, k]
+            taken = torch.zeros_like(elig).scatter_(-1, cand, elig.gather(-1, cand))
+            key.masked_fill_(taken, torch.finfo(torch.float32).max)
+        key.masked_fill_(forced, float("inf"))
+        if valid is not None:
+            key.masked_fill_(~valid, float("-inf"))
+        if bool((keep == S).all()):  # no padding: any order, then ascending via a mask
+            top = key.topk(S, dim=-1, sorted=False).indices  # [R, H, S]
+            hit = torch.zeros(R, H, M, dtype=torch.bool, device=dev).scatter_(-1, top, True)
+            tiles = hit.nonzero()[:, 2].view(R, H, S)  # row-major nonzero: ascending per row
+            return _finish(tiles, keep, n, sink_tiles, window_tiles, taken, M, ascending=True)
+        top = key.topk(S, dim=-1).indices  # [R, H, S], best first
+        return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
 
+    if valid is None:
+        valid = idx < n
+    # General path: exact integer priority keys (class, then a secondary order), no ties.
     # Rank of every tile by score within its (row, head), 0 = best; stable for ties.
-    scores = torch.nan_to_num(tile_scores.float(), nan=float("-inf"))
-    scores = scores.masked_fill(~valid, float("-inf"))  # [R, H, M]
+    scores = torch.nan_to_num(scores, nan=float("-inf")).masked_fill(~valid, float("-inf"))
     order = scores.argsort(dim=-1, descending=True, stable=True)  # [R, H, M]
     rank = torch.empty_like(order).scatter_(-1, order, idx.expand(R, H, M))  # [R, H, M]
-
     cls = torch.where(forced, _FORCED, _PRESCORE).expand(R, H, M)  # [R, H, M]
     cls = cls.masked_fill(~valid, _INVALID)
-    if lsh_match is not None and lsh_cap > 0:
+    taken = None
+    if use_lsh:
         elig = lsh_match.to(dev).bool() & valid & ~forced  # [R, H, M]
         elig_sorted = elig.gather(-1, order)  # in descending score order
         take_sorted = elig_sorted & (elig_sorted.cumsum(-1) <= lsh_cap)
-        take = torch.zeros_like(elig).scatter_(-1, order, take_sorted)
-        cls = torch.where(take, _LSH, cls)
-
+        taken = torch.zeros_like(elig).scatter_(-1, order, take_sorted)
+        cls = torch.where(taken, _LSH, cls)
     # Secondary key in [0, 2M]: window tiles by recency, then sinks by position; others by rank.
     forced_key = torch.where(window, M + 1 + idx, M - idx).expand(R, H, M)
     sec = torch.where(cls == _FORCED, forced_key, M - rank)
     key = cls * (2 * M + 2) + sec  # [R, H, M] int64, exact (no float ties/overflow)
-
-    S = int(keep.max()) if R > 0 and M > 0 else 0
     top = key.topk(S, dim=-1).indices  # [R, H, S]
-    in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]
-    top_cls = cls.gather(-1, top)
-    in_budget = in_budget & (top_cls != _INVALID)
-    tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
-    tiles = torch.where(tiles == M, -1, tiles).to(torch.int32)
+    return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
 
-    # Source accounting: sink beats window for tiles that are both.
-    src = torch.where(sink.expand(R, H, M), 0,
-                      torch.where(window.expand(R, H, M), 1,
-                                  torch.where(cls == _LSH, 2, 3)))
-    src_sel = torch.where(in_budget, src.gather(-1, top), 4)
-    counts = torch.bincount(src_sel.reshape(-1), minlength=5)[:4].to(torch.int64)
-    return Selection(tiles=tiles, num_selected=in_budget.sum(-1).to(torch.int32),
-                     source_counts=counts)
+
+def _finish(top: Tensor, keep: Tensor, n: Tensor, sink_tiles: int, window_tiles: int,
+            taken: Tensor | None, M: int, ascending: bool = False) -> Selection:
+    """Selected candidates ``[R, H, S]``, best first (the first keep[r] are chosen), or all
+    chosen and already ascending (``ascending=True``) -> :class:`Selection`."""
+    R, H, S = top.shape
+    dev = top.device
+    if ascending or bool((keep == S).all()):  # every (row, head) keeps S tiles: no padding
+        tiles = top if ascending else top.sort(dim=-1).values
+        chosen = None
+        num = torch.full((R, H), S, dtype=torch.int32, device=dev)
+    else:
+        in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]; every top tile is valid
+        tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
+        chosen = tiles < M  # [R, H, S]
+        num = chosen.sum(-1, dtype=torch.int32)
+        tiles = torch.where(chosen, tiles, -1)
+
+    def counts() -> Tensor:
+        # Sink beats window beats LSH; computed on the chosen tiles only.
+        t = tiles.long()
+        src = torch.where(t < sink_tiles, 0, torch.where(t >= n - window_tiles, 1, 3))
+        if taken is not None:
+            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, M - 1)), 2, src)
+        if chosen is not None:
+            src = torch.where(chosen, src, 4)
+        return torch.bincount(src.reshape(-1), minlength=5)[:4].to(torch.int64)
+
+    return Selection(tiles.to(torch.int32), num, counts_fn=counts)
 
 
 def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,

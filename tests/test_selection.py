@@ -182,3 +182,17 @@ def test_residual_estimator_is_unbiased():
     mean, se = est.mean(0), est.std(0) / math.sqrt(N)
     assert ((mean - truth).abs() <= 4 * se).all(), (mean, truth, se)
     assert (se < 0.05 * truth).all()  # the bound is informative, not vacuous
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("use_lsh", [False, True])
+def test_select_fast_path_matches_ref(seed, use_lsh):
+    """Budgets that fit sinks + window + the LSH cap take the single-top-k fast path."""
+    scores, num_tiles, budget, lsh = _random_problem(seed)
+    kw = dict(sink_tiles=2, window_tiles=3, lsh_match=lsh if use_lsh else None, lsh_cap=4)
+    budget = budget.clamp_min(2 + 3 + 4)
+    sel = select_tiles(scores, num_tiles, budget, **kw)
+    ref = select_tiles_ref(scores, num_tiles, budget, **kw)
+    assert torch.equal(sel.tiles, ref.tiles)
+    assert torch.equal(sel.num_selected, ref.num_selected)
+    assert torch.equal(sel.source_counts, ref.source_counts)

@@ -1,0 +1,237 @@
+"""Micro-benchmark: sparse paged decode vs exact paged decode on vLLM's CPU cache layout.
+
+For each context length, batch size and keep ratio, one decode step of one layer
+(R rows x Hq = Hkv * G query heads, D, block size B, tile T, fp32) is timed with:
+  * vllm:     vLLM's own CPU attention op (``ops.cpu_attention_with_kv_cache``) on the cache,
+              scheduler metadata built once per step as vLLM does (not counted per layer);
+  * dense:    plain torch over the paged cache: gather the row's blocks, then SDPA;
+  * sparse:   ``select_tiles`` on random tile scores (selection cost included) + our torch
+              sparse path (``sparse_decode(impl="torch")``) on the same cache;
+  * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
+              GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4.
+Several copies of the cache ("layers") are cycled so the working set exceeds the last-level
+cache, as in a real model (30 layers); a single-layer run would flatter the sparse path.
+
+Usage: python bench/bench_sparse_decode.py [--threads 1] [--quick] [--out bench/out/x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prescore_backend.kernels import (
+    AngularLSH,
+    bucket_masks,
+    masks_intersect,
+    rowmajor_cpu_kv_views,
+    sparse_decode,
+    vllm_cpu_kv_views,
+)
+from prescore_backend.selection import select_tiles
+
+
+def _vllm_ops():
+    try:
+        from vllm import _custom_ops as ops  # bench/ may import vLLM; kernels/ never does
+    except Exception as e:  # noqa: BLE001
+        print(f"[bench] vLLM CPU ops unavailable ({e}); skipping the vllm column", file=sys.stderr)
+        return None
+    return ops
+
+
+def _timeit(fn, iters: int, warmup: int = 2) -> float:
+    """Median time of fn(i) in ms (i cycles the layers).
+
+    Thread CPU time by default: this 2-core machine is shared with running vLLM engines, and
+    CPU time ignores the time our thread spends preempted (memory-bandwidth contention still
+    shows). ``--wall`` switches to wall-clock time. Every op timed here runs on this thread
+    (torch and vLLM's op both use torch's intra-op pool, 1 thread by default).
+    """
+    clock = time.perf_counter if _WALL else time.thread_time
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(iters):
+        t0 = clock()
+        fn(i)
+        times.append(clock() - t0)
+    return 1e3 * statistics.median(times)
+
+
+_WALL = False
+
+
+def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
+    Hkv, G, D, B, T = args.kv_heads, args.group, args.head_dim, args.block_size, args.tile
+    Hq = Hkv * G
+    scale = D ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    nblk = -(-ctx // B)
+    blocks = batch * nblk + 1
+    layer_bytes = blocks * Hkv * B * 2 * D * 4
+    layers = max(1, min(args.max_layers, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes)))
+    caches = [torch.randn(blocks, Hkv, B, 2 * D, generator=gen) for _ in range(layers)]  # vLLM CPU
+    view_fn = vllm_cpu_kv_views if args.k_layout == "vllm" else rowmajor_cpu_kv_views
+    views = [view_fn(c) for c in caches]
+    # Shuffled physical blocks per row.
+    perm = torch.randperm(blocks, generator=gen)[: batch * nblk].view(batch, nblk).to(torch.int32)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
+    query = torch.randn(batch, Hq, D, generator=gen)
+    M = -(-ctx // T)
+    num_tiles = torch.full((batch,), M)
+    tile_scores = [torch.randn(batch, Hkv, M, generator=gen) for _ in range(layers)]
+    lsh = AngularLSH(args.lsh_bits, D, seed=0)
+    tile_masks = [bucket_masks(lsh.hash(v[0][perm.long()].transpose(1, 2).reshape(batch, Hkv, M, T, D)),
+                               args.lsh_bits) for v in views] if args.lsh else None  # [R, Hkv, M, W]
+    iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
+
+    rows: dict[str, float] = {}
+    # vLLM's exact CPU attention.
+    if ops is not None:
+        qsl = torch.arange(batch + 1, dtype=torch.int32)
+        md = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=batch, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, seq_lens=seq_lens,
+            dtype=torch.float32, query_start_loc=qsl, causal=True, sliding_window_size=-1,
+            isa="vec", enable_kv_split=True)
+        out = torch.empty(batch, Hq, D)
+
+        def vllm_fn(i: int) -> None:
+            kv = caches[i % layers].view(blocks, Hkv, 2 * B, D)
+            kc, vc = kv.chunk(2, dim=2)
+            ops.cpu_attention_with_kv_cache(
+                query=query, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=perm, softcap=0.0, scheduler_metadata=md,
+                s_aux=None)
+
+        rows["vllm_ms"] = _timeit(vllm_fn, iters)
+        # Correctness: our dense-over-all-tiles equals vLLM's output.
+        vllm_fn(0)
+        allt = torch.arange(M, dtype=torch.int32).view(1, 1, M).expand(batch, Hkv, M)
+        ours, _ = sparse_decode(query, *views[0], perm, seq_lens, allt, T, scale)
+        if args.k_layout == "vllm":
+            rows["max_abs_diff_vs_vllm"] = float((ours - out).abs().max())
+
+    # Plain torch dense: gather the row's blocks into a contiguous sequence, then SDPA.
+    def dense_fn(i: int) -> None:
+        kc, vc = views[i % layers]
+        idx = perm.long()  # [R, nblk]
+        k = kc[idx].transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]  # [R, Hkv, n, D]
+        v = vc[idx].transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]
+        torch.nn.functional.scaled_dot_product_attention(
+            query.unsqueeze(2), k, v, scale=scale, enable_gqa=True)  # [R, Hq, 1, D]
+
+    rows["dense_ms"] = _timeit(dense_fn, max(3, iters // 3))
+
+    results = []
+    for keep in keeps:
+        budget = torch.full((batch,), max(1, M // keep))
+        cap = max(1, M // keep // 4)
+
+        def sparse_fn(i: int, with_lsh: bool = False) -> None:
+            li = i % layers
+            match = None
+            if with_lsh:
+                qb = bucket_masks(lsh.hash(query).view(batch, Hkv, G), args.lsh_bits)  # [R, Hkv, W]
+                match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
+            sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1, window_tiles=2,
+                               lsh_match=match, lsh_cap=cap if with_lsh else 0)
+            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl="torch")
+
+        def select_fn(i: int) -> None:
+            select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)
+
+        r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **rows)
+        r["select_ms"] = _timeit(select_fn, iters)
+        r["sparse_ms"] = _timeit(sparse_fn, iters)
+        if args.lsh:
+            r["sparse_lsh_ms"] = _timeit(lambda i: sparse_fn(i, True), iters)
+        if "vllm_ms" in r:
+            r["speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_ms"]
+        r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
+        results.append(r)
+        print(_fmt_row(r), flush=True)
+    del caches, views
+    return results
+
+
+_COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{:>8.3f}"),
+         ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_ms", "{:>9.3f}"),
+         ("sparse_lsh_ms", "{:>13.3f}"), ("speedup_vs_vllm", "{:>15.2f}"),
+         ("speedup_vs_dense", "{:>16.2f}")]
+
+
+def _fmt_row(r: dict) -> str:
+    out = []
+    for k, f in _COLS:
+        w = int(f.split(">")[1].split(".")[0].rstrip("}"))
+        out.append(f.format(r[k]) if k in r else " " * (w - 1) + "-")
+    return " ".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="4096,16384,65536")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--keeps", default="4,8,16", help="keep ratios 1/k")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (vLLM serves with 1 per worker here)")
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--group", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--tile", type=int, default=16)
+    p.add_argument("--k-layout", choices=["vllm", "rowmajor"], default="vllm",
+                   help="vllm: K stored [D, B] per block (vLLM CPU_ATTN); rowmajor: K [B, D] "
+                        "(what a row-major shadow copy of K would give; vLLM's op then reads "
+                        "garbage K but costs the same)")
+    p.add_argument("--lsh-bits", type=int, default=7)
+    p.add_argument("--no-lsh", dest="lsh", action="store_false")
+    p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")
+    p.add_argument("--iter-budget", type=float, default=40.0, help="iterations at 16k (scaled 1/ctx)")
+    p.add_argument("--working-set-mb", type=float, default=256.0, help="cycle layers to exceed the LLC")
+    p.add_argument("--max-layers", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="4k and 16k, batch 1 only")
+    p.add_argument("--wall", action="store_true", help="wall-clock instead of thread CPU time")
+    p.add_argument("--out", default=None, help="JSON path (default bench/out/sparse_decode_<time>.json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    global _WALL
+    _WALL = args.wall or args.threads > 1  # thread CPU time is meaningless with a pool
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    if args.quick:
+        contexts, batches = [c for c in contexts if c <= 16384], [1]
+    keeps = [int(x) for x in args.keeps.split(",")]
+    ops = _vllm_ops()
+
+    header = " ".join(f"{k:>{int(f.split('>')[1].split('.')[0].rstrip('}'))}}" for k, f in _COLS)
+    print(f"# threads={args.threads} Hkv={args.kv_heads} G={args.group} D={args.head_dim} "
+          f"B={args.block_size} T={args.tile} K-layout={args.k_layout} fp32; median {'wall' if _WALL else 'thread CPU'} ms "
+          "per layer-step")
+    print(header)
+    results = []
+    for ctx in contexts:
+        for batch in batches:
+            results.extend(run_config(ctx, batch, keeps, args, ops))
+    out = Path(args.out) if args.out else Path(__file__).parent / "out" / f"sparse_decode_{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(k_layout=args.k_layout, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
+                block_size=args.block_size, tile=args.tile, torch=torch.__version__,
+                machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
+    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    print(f"# wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
