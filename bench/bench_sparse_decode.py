@@ -27,9 +27,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from prescore_backend.kernels import (
+def _pin_omp_threads() -> None:
+    """Pin OpenMP threads before torch/vLLM load (vLLM's CPU op uses OpenMP)."""
+    for i, a in enumerate(sys.argv):
+        if a == "--threads" and i + 1 < len(sys.argv):
+            os.environ.setdefault("OMP_NUM_THREADS", sys.argv[i + 1])
+        elif a.startswith("--threads="):
+            os.environ.setdefault("OMP_NUM_THREADS", a.split("=", 1)[1])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_pin_omp_threads()
+
+import torch  # noqa: E402
+
+from prescore_backend.kernels import (  # noqa: E402
     AngularLSH,
     bucket_masks,
     masks_intersect,
@@ -37,7 +50,7 @@ from prescore_backend.kernels import (
     sparse_decode,
     vllm_cpu_kv_views,
 )
-from prescore_backend.selection import select_tiles
+from prescore_backend.selection import select_tiles  # noqa: E402
 
 
 def _vllm_ops():
@@ -49,23 +62,26 @@ def _vllm_ops():
     return ops
 
 
-def _timeit(fn, iters: int, warmup: int = 2) -> float:
-    """Median time of fn(i) in ms (i cycles the layers).
+def _timeit_interleaved(fns: dict[str, object], iters: int, warmup: int = 2) -> dict[str, float]:
+    """Median time in ms of each fn(i), the functions timed round-robin (i cycles the layers).
 
-    Thread CPU time by default: this 2-core machine is shared with running vLLM engines, and
-    CPU time ignores the time our thread spends preempted (memory-bandwidth contention still
-    shows). ``--wall`` switches to wall-clock time. Every op timed here runs on this thread
-    (torch and vLLM's op both use torch's intra-op pool, 1 thread by default).
+    Interleaving makes every method see the same background load: this 2-core machine is
+    shared with running vLLM engines and single runs drift by 2-3x. Thread CPU time by
+    default (ignores time spent preempted; memory contention still shows); ``--wall``
+    switches to wall-clock. Every op timed here runs on this thread (torch and vLLM's op both
+    use the intra-op pool, 1 thread by default, OMP_NUM_THREADS pinned before import).
     """
     clock = time.perf_counter if _WALL else time.thread_time
     for i in range(warmup):
-        fn(i)
-    times = []
+        for fn in fns.values():
+            fn(i)
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(iters):
-        t0 = clock()
-        fn(i)
-        times.append(clock() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in fns.items():
+            t0 = clock()
+            fn(i)
+            times[k].append(clock() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 _WALL = False
@@ -95,7 +111,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                                args.lsh_bits) for v in views] if args.lsh else None  # [R, Hkv, M, W]
     iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
 
-    rows: dict[str, float] = {}
+    fns: dict[str, object] = {}
+    extra: dict[str, float] = {}
     # vLLM's exact CPU attention.
     if ops is not None:
         qsl = torch.arange(batch + 1, dtype=torch.int32)
@@ -114,13 +131,12 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 sliding_window=-1, block_table=perm, softcap=0.0, scheduler_metadata=md,
                 s_aux=None)
 
-        rows["vllm_ms"] = _timeit(vllm_fn, iters)
-        # Correctness: our dense-over-all-tiles equals vLLM's output.
-        vllm_fn(0)
-        allt = torch.arange(M, dtype=torch.int32).view(1, 1, M).expand(batch, Hkv, M)
-        ours, _ = sparse_decode(query, *views[0], perm, seq_lens, allt, T, scale)
-        if args.k_layout == "vllm":
-            rows["max_abs_diff_vs_vllm"] = float((ours - out).abs().max())
+        fns["vllm_ms"] = vllm_fn
+        if args.k_layout == "vllm":  # correctness: our dense-over-all-tiles equals vLLM's output
+            vllm_fn(0)
+            allt = torch.arange(M, dtype=torch.int32).view(1, 1, M).expand(batch, Hkv, M)
+            ours, _ = sparse_decode(query, *views[0], perm, seq_lens, allt, T, scale)
+            extra["max_abs_diff_vs_vllm"] = float((ours - out).abs().max())
 
     # Plain torch dense: gather the row's blocks into a contiguous sequence, then SDPA.
     def dense_fn(i: int) -> None:
@@ -131,14 +147,14 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         torch.nn.functional.scaled_dot_product_attention(
             query.unsqueeze(2), k, v, scale=scale, enable_gqa=True)  # [R, Hq, 1, D]
 
-    rows["dense_ms"] = _timeit(dense_fn, max(3, iters // 3))
+    # Dense torch is slow: time it on its own, a few iterations.
+    extra["dense_ms"] = _timeit_interleaved({"d": dense_fn}, max(3, iters // 4), warmup=1)["d"]
 
-    results = []
-    for keep in keeps:
+    def make_sparse(keep: int, with_lsh: bool):
         budget = torch.full((batch,), max(1, M // keep))
         cap = max(1, M // keep // 4)
 
-        def sparse_fn(i: int, with_lsh: bool = False) -> None:
+        def sparse_fn(i: int) -> None:
             li = i % layers
             match = None
             if with_lsh:
@@ -151,11 +167,24 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)
 
-        r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **rows)
-        r["select_ms"] = _timeit(select_fn, iters)
-        r["sparse_ms"] = _timeit(sparse_fn, iters)
+        return sparse_fn, select_fn
+
+    for keep in keeps:
+        sp, se = make_sparse(keep, False)
+        fns[f"sparse_ms/{keep}"] = sp
+        fns[f"select_ms/{keep}"] = se
         if args.lsh:
-            r["sparse_lsh_ms"] = _timeit(lambda i: sparse_fn(i, True), iters)
+            fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
+    med = _timeit_interleaved(fns, iters)
+
+    results = []
+    for keep in keeps:
+        r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
+        if "vllm_ms" in med:
+            r["vllm_ms"] = med["vllm_ms"]
+        for k in ("select_ms", "sparse_ms", "sparse_lsh_ms"):
+            if f"{k}/{keep}" in med:
+                r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
             r["speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]

@@ -27,6 +27,7 @@ HyperAttention residual (uniformly sampled unselected tiles, weight n_u/m) and
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -139,17 +140,25 @@ def _gather_tiles(cache: Tensor, blk: Tensor, tiles: Tensor, tile_size: int) -> 
     return cache[blk.unsqueeze(-1), head.unsqueeze(-1), rows], False  # [R, Hkv, S, T, D]
 
 
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: str) -> Tensor:
+    """Cached ``arange(n)`` (int64): saves an op per call on the latency-bound decode path."""
+    return torch.arange(n, device=device)
+
+
 def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                 seq_lens: Tensor, tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
     """Vectorized CPU path; returns out ``[R, Hq, D]`` fp32 and lse ``[R, Hq]`` fp32.
 
-    About 25 small torch ops per decode step and layer whatever R and Hkv: K and V tiles
+    About 40 small torch ops per decode step and layer whatever R and Hkv: K and V tiles
     gathered with one index_select each, scores and output by batched matmuls, masked fp32
-    softmax. The two gathers dominate; in vLLM's CPU cache a K tile is D runs of T elements
-    (K is stored [D, B] per block), which gathers ~2.5x slower per byte than a V tile
-    (one contiguous T*D run). Tried and dropped: ``embedding_bag`` applying the
-    probabilities while gathering V (re-reads V once per query head of the group: 2x slower),
-    ``torch.compile`` of the K gather-reduce (slower than eager here).
+    softmax. On a 2-core CPU the cost is (1) the two gathers (in vLLM's CPU cache a K tile is
+    D runs of T elements because K is stored [D, B] per block, ~2.5x slower per byte than a
+    V tile, one contiguous T*D run) and (2) per-op dispatch, ~5-15 us each when the caches
+    are cold after the previous layer: op count is kept low on purpose.
+    Tried and dropped: ``embedding_bag`` applying the probabilities while gathering V
+    (re-reads V once per query head of the group: 2x slower), ``torch.compile`` of the K
+    gather-reduce (slower than eager here).
     """
     R, Hq, Hkv, D, B = _check_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)
@@ -162,46 +171,51 @@ def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tab
         return (torch.zeros(R, Hq, D, dtype=torch.float32, device=dev),
                 torch.full((R, Hq), _NEG_INF, dtype=torch.float32, device=dev))
 
+    kv_ = _tile_view(key_cache, T)
+    vv_ = _tile_view(value_cache, T)
     tiles = tiles.long()
     t0 = tiles.clamp_min(0)  # [R, Hkv, S]; padding reads tile 0, then is masked
     lblk = (t0 // (B // T)).clamp_max_(block_tables.shape[1] - 1)  # logical block
     blk = block_tables.long().gather(1, lblk.view(R, Hkv * S)).view(R, Hkv, S)  # physical
     # Masked token positions: beyond seq_len (partial last tile) or in a padding tile.
-    limit = torch.where(tiles >= 0, seq_lens.to(dev).long().view(R, 1, 1), 0)  # [R, Hkv, S]
-    pos = (t0 * T).unsqueeze(-1) + torch.arange(T, device=dev)  # [R, Hkv, S, T]
-    bad = (pos >= limit.unsqueeze(-1)).view(RH, 1, S * T)
+    room = torch.where(tiles >= 0, seq_lens.to(dev).long().view(R, 1, 1) - t0 * T, 0)  # [R, Hkv, S]
+    bad = (_arange(T, str(dev)) >= room.unsqueeze(-1)).view(RH, 1, S * T)
+    q = (query.float() * scale).view(RH, G, D)  # [RH, G, D]; scale folded into the query
 
-    # Scores. Fold the scale into the (small) query instead of the score matrix.
-    q = (query.float() * scale).view(RH, G, D)  # [RH, G, D]
-    k, k_tc = _gather_tiles(key_cache, blk, t0, T)
+    fast = (kv_ is not None and vv_ is not None and kv_[2:4] == (vv_[2] * D, vv_[3] * D)
+            and kv_[4] and not vv_[4])
+    if fast:  # vLLM CPU layout: K token-contiguous, V row-major, same block/head strides
+        j = t0 % (B // T)
+        c = blk * vv_[2] + _arange(Hkv, str(dev)).view(1, Hkv, 1) * vv_[3]  # [R, Hkv, S] V tiles
+        k = kv_[0].index_select(0, (c * D).add_(j).add_(kv_[1]).view(-1))  # [RH*S, D, T]
+        v = vv_[0].index_select(0, c.add_(j).add_(vv_[1]).view(-1))  # [RH*S, T, D]
+        k_tc = True
+    else:
+        k, k_tc = _gather_tiles(key_cache, blk, t0, T)
+        v, v_tc = _gather_tiles(value_cache, blk, t0, T)
+        if v_tc:  # a token-contiguous V: [R, Hkv, S, D, T] -> [R, Hkv, S, T, D]
+            v = v.transpose(-1, -2)
     k = k.float()  # no-op for fp32 caches; bf16 is computed in fp32
-    if k_tc:  # k [R, Hkv, S, D, T]: one small GEMM per tile, then [G, S*T] order
+    if k_tc:  # k [.., D, T]: one small GEMM per tile, then [G, S*T] order
         s = torch.matmul(q.unsqueeze(1), k.view(RH, S, D, T))  # [RH, S, G, T]
         s = s.transpose(1, 2).reshape(RH, G, S * T)  # [RH, G, S*T]
-    else:  # k [R, Hkv, S, T, D]
-        s = torch.bmm(q, k.view(RH, S * T, D).transpose(1, 2))  # [RH, G, S*T]
+    else:  # k [.., T, D]
+        s = torch.bmm(q, k.reshape(RH, S * T, D).transpose(1, 2))  # [RH, G, S*T]
     s.masked_fill_(bad, _NEG_INF)
 
-    # Softmax in fp32; the normalisation is applied to the (smaller) output.
-    m = s.amax(-1, keepdim=True)  # [RH, G, 1]
-    m = torch.where(m == _NEG_INF, torch.zeros_like(m), m)  # rows with nothing selected
-    p = s.sub_(m).exp_()  # masked entries -> exp(-inf) = 0
-    l = p.sum(-1, keepdim=True)  # [RH, G, 1]
-    lse = (l.log() + m).view(R, Hq)  # log(0) = -inf for empty rows
+    # Softmax in fp32 from the log-sum-exp. An empty row has lse = -inf; clamping it to the
+    # most negative float keeps exp(-inf - lse) = 0 instead of NaN, so its output is 0.
+    lse = torch.logsumexp(s, -1, keepdim=True)  # [RH, G, 1]
+    p = s.sub_(lse.clamp_min(torch.finfo(torch.float32).min)).exp_()  # [RH, G, S*T]
 
-    v, v_tc = _gather_tiles(value_cache, blk, t0, T)
-    v = v.float()
-    if v_tc:  # a token-contiguous V: [R, Hkv, S, D, T] -> [R, Hkv, S, T, D]
-        v = v.transpose(-1, -2)
-    v = v.reshape(RH * S * T, D)  # a copy already: writable
+    v = v.float().reshape(RH * S * T, D)  # a fresh gather: writable
     # Masked V rows must be exactly 0: p = 0 there, but 0 * NaN (a never-written cache slot
     # past seq_len) is NaN. Only the masked rows are touched (few: tails and padding).
     idx = bad.view(-1).nonzero().squeeze(1)
     if idx.numel():
         v.index_fill_(0, idx, 0.0)
     o = torch.bmm(p, v.view(RH, S * T, D))  # [RH, G, D]
-    o = o.div_(l.clamp_min(torch.finfo(torch.float32).tiny))  # empty rows: 0 / tiny = 0
-    return o.view(R, Hq, D), lse
+    return o.view(R, Hq, D), lse.view(R, Hq)
 
 
 # ----------------------------------------------------------------------------- reference
