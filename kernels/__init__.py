@@ -7,6 +7,7 @@ from .layouts import rowmajor_cpu_kv_views, vllm_cpu_kv_views, vllm_gpu_kv_views
 from .lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from .sparse_decode import (
     COMPENSATIONS,
+    clear_workspace,
     compensate,
     expand_kv_heads,
     merge_attn_states,
@@ -23,6 +24,7 @@ __all__ = [
     "masks_intersect",
     "num_words",
     "COMPENSATIONS",
+    "clear_workspace",
     "compensate",
     "expand_kv_heads",
     "merge_attn_states",
