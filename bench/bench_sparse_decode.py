@@ -150,7 +150,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # Dense torch is slow: time it on its own, a few iterations.
     extra["dense_ms"] = _timeit_interleaved({"d": dense_fn}, max(3, iters // 4), warmup=1)["d"]
 
-    def make_sparse(keep: int, with_lsh: bool):
+    def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl):
         budget = torch.full((batch,), max(1, M // keep))
         cap = max(1, M // keep // 4)
 
@@ -162,7 +162,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
             sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1, window_tiles=2,
                                lsh_match=match, lsh_cap=cap if with_lsh else 0)
-            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl="torch")
+            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl)
 
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)
@@ -173,6 +173,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         sp, se = make_sparse(keep, False)
         fns[f"sparse_ms/{keep}"] = sp
         fns[f"select_ms/{keep}"] = se
+        if args.impl != "torch":
+            fns[f"sparse_torch_ms/{keep}"] = make_sparse(keep, False, "torch")[0]
         if args.lsh:
             fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
     med = _timeit_interleaved(fns, iters)
@@ -182,7 +184,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
         if "vllm_ms" in med:
             r["vllm_ms"] = med["vllm_ms"]
-        for k in ("select_ms", "sparse_ms", "sparse_lsh_ms"):
+        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -195,7 +197,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
 
 _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{:>8.3f}"),
-         ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_ms", "{:>9.3f}"),
+         ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
+         ("sparse_ms", "{:>9.3f}"),
          ("sparse_lsh_ms", "{:>13.3f}"), ("speedup_vs_vllm", "{:>15.2f}"),
          ("speedup_vs_dense", "{:>16.2f}")]
 
@@ -224,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(what a row-major shadow copy of K would give; vLLM's op then reads "
                         "garbage K but costs the same)")
     p.add_argument("--lsh-bits", type=int, default=7)
+    p.add_argument("--impl", default="auto", choices=["auto", "cpp", "torch"],
+                   help="sparse kernel (auto = fused C++ when it compiles); the torch path is "
+                   "always timed too, as sparse_torch_ms")
     p.add_argument("--no-lsh", dest="lsh", action="store_false")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")
     p.add_argument("--iter-budget", type=float, default=40.0, help="iterations at 16k (scaled 1/ctx)")

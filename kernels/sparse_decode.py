@@ -295,11 +295,28 @@ def _triton_core(*args) -> tuple[Tensor, Tensor]:
     return core(*args)
 
 
+def _cpp_core(*args) -> tuple[Tensor, Tensor]:
+    from .cpu_sparse_decode import cpu_sparse_decode
+
+    _check_inputs(*args[:7])
+    return cpu_sparse_decode(*args)
+
+
 _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "torch": _torch_core,
+    "cpp": _cpp_core,
     "ref": _ref_core,
     "triton": _triton_core,
 }
+
+
+def _auto_impl(query: Tensor) -> str:
+    """triton on CUDA; on CPU the fused C++ kernel when it compiles, else the torch path."""
+    if query.is_cuda:
+        return "triton"
+    from .cpu_sparse_decode import available
+
+    return "cpp" if available() else "torch"
 
 
 # ----------------------------------------------------------------------------- merging
@@ -395,7 +412,8 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
         tiles: ``[R, Hkv, S]`` int32 logical tile indices, unique per (row, head), -1 = padding.
         tile_size: T, divides B.
         scale: softmax scale (usually D ** -0.5).
-        impl: "torch", "triton", "ref" or "auto" (triton for CUDA tensors, torch otherwise).
+        impl: "torch", "cpp" (fused C++ CPU kernel, :mod:`.cpu_sparse_decode`), "triton",
+            "ref" or "auto" (triton for CUDA tensors, cpp on CPU when it compiles, else torch).
         residual_tiles: optional ``[R, Hkv, m]`` HyperAttention residual sample (disjoint from
             ``tiles``, -1 pad), with residual_weight ``[R, Hkv]`` = #unselected / #sampled: its
             part is computed by the same kernel, its lse shifted by log(weight) and merged.
@@ -407,7 +425,7 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
         gets out 0 and lse -inf.
     """
     if impl == "auto":
-        impl = "triton" if query.is_cuda else "torch"
+        impl = _auto_impl(query)
     try:
         core = _IMPLS[impl]
     except KeyError:

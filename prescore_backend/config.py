@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "PRESCORE_"
+QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest")
 
 
 class ConfigError(ValueError):
@@ -50,18 +51,23 @@ class PrescoreConfig:
         "keep_ratio (rounded up to whole tiles)."))
     tile_size: int = field(default=16, metadata=_doc(
         "Tokens per tile, the unit of scoring and selection; must divide the KV block size."))
-    sink_tokens: int = field(default=64, metadata=_doc(
+    sink_tokens: int = field(default=32, metadata=_doc(
         "First tokens of every sequence always attended (attention sinks); a multiple of "
         "tile_size."))
-    window_tokens: int = field(default=256, metadata=_doc(
-        "Most recent tokens always attended; a multiple of tile_size, at least 2 tiles. Tiles "
-        "written during decode are scored every window_tokens - tile_size tokens, so they are "
-        "never outside the window unscored."))
-    lsh_bits: int = field(default=7, metadata=_doc(
-        "Bits of the angular LSH (HyperAttention); 2^bits buckets. 0 disables LSH matching."))
-    lsh_cap_ratio: float = field(default=0.5, metadata=_doc(
-        "At most this fraction of a row's budget goes to LSH-matched tiles; the rest is "
+    window_tokens: int = field(default=160, metadata=_doc(
+        "Most recent tokens always attended; a multiple of tile_size and at least one KV "
+        "block plus one tile (a block's tiles are scored when the block is full, so the "
+        "unscored tail must stay inside the window)."))
+    query_aware: str = field(default="quest", metadata=_doc(
+        "The query-aware part of the selection, recomputed for every decode step: "
+        "'lsh' = tiles whose LSH bucket set holds the query's bucket (HyperAttention), ranked "
+        "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "
+        "min/max (Quest); 'lsh_quest' = LSH matches ranked by that bound; 'none'."))
+    query_cap_ratio: float = field(default=0.5, metadata=_doc(
+        "At most this fraction of a row's budget goes to query-aware tiles; the rest is "
         "filled by the highest pre-scores."))
+    lsh_bits: int = field(default=7, metadata=_doc(
+        "Bits of the angular LSH (HyperAttention); 2^bits buckets."))
     residual_tiles: int = field(default=0, metadata=_doc(
         "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
         "#unselected/#sampled and merged by log-sum-exp. 0 = off (the paper's choice with "
@@ -101,10 +107,12 @@ class PrescoreConfig:
                 raise bad(name, f"must be a non-negative multiple of tile_size={self.tile_size}")
         if self.window_tokens < 2 * self.tile_size:
             raise bad("window_tokens", f"must be at least 2 tiles ({2 * self.tile_size})")
-        if not 0 <= self.lsh_bits <= 10:
-            raise bad("lsh_bits", "must be in [0, 10]")
-        if not 0.0 <= self.lsh_cap_ratio <= 1.0:
-            raise bad("lsh_cap_ratio", "must be in [0, 1]")
+        if self.query_aware not in QUERY_AWARE_MODES:
+            raise bad("query_aware", f"valid: {', '.join(QUERY_AWARE_MODES)}")
+        if not 0.0 <= self.query_cap_ratio <= 1.0:
+            raise bad("query_cap_ratio", "must be in [0, 1]")
+        if not 1 <= self.lsh_bits <= 10:
+            raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
             raise bad("residual_tiles", "must be >= 0")
         if self.compensation not in COMPENSATIONS:
@@ -118,17 +126,20 @@ class PrescoreConfig:
 
     # ------------------------------------------------------------------ derived values
     @property
+    def uses_lsh(self) -> bool:
+        return self.query_aware in ("lsh", "lsh_quest")
+
+    @property
+    def uses_bounds(self) -> bool:
+        return self.query_aware in ("quest", "lsh_quest")
+
+    @property
     def sink_tiles(self) -> int:
         return self.sink_tokens // self.tile_size
 
     @property
     def window_tiles(self) -> int:
         return self.window_tokens // self.tile_size
-
-    @property
-    def rescore_interval(self) -> int:
-        """Decode tokens between scorings of decode-written tiles (keeps them in the window)."""
-        return self.window_tokens - self.tile_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

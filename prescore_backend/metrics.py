@@ -19,6 +19,8 @@ from prescore_backend.selection import SOURCES
 CONTEXT, READ, SPARSE_ROWS, DENSE_ROWS = 0, 1, 2, 3
 SRC0 = 4  # then one slot per selection source, in SOURCES order
 NUM_SLOTS = SRC0 + len(SOURCES)
+# selection.SOURCES calls the query-aware slot "lsh"; in the backend it also holds Quest picks.
+_SOURCE_LABELS = tuple("query" if s == "lsh" else s for s in SOURCES)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ def get_metrics() -> Metrics:
             "prescore_dense_fallback_rows", "Decode rows (per layer) served by exact attention "
             "because the context is shorter than min_seq_len or the budget covers it."),
         selected_tiles=Counter(
-            "prescore_selected_tiles", "Tiles selected, by source (sink, window, lsh, prescore).",
+            "prescore_selected_tiles", "Tiles selected, by source: sink, window, query (the "
+            "query-aware part: LSH and/or Quest bounds), prescore.",
             ["source"]),
         scoring_seconds=Histogram(
             "prescore_scoring_seconds", "Time spent pre-scoring keys in one engine step "
@@ -61,7 +64,7 @@ def get_metrics() -> Metrics:
             "(all layers).", buckets=buckets),
         config_info=Gauge(
             "prescore_config_info", "Active prescore settings (value 1).",
-            ["method", "keep_ratio", "tile_size", "lsh_bits"], multiprocess_mode="mostrecent"),
+            ["method", "keep_ratio", "tile_size", "query_aware"], multiprocess_mode="mostrecent"),
     )
 
 
@@ -90,7 +93,7 @@ class PrescoreStats:
                 m.sparse_rows.inc(vals[SPARSE_ROWS])
             if vals[DENSE_ROWS]:
                 m.dense_rows.inc(vals[DENSE_ROWS])
-            for i, src in enumerate(SOURCES):
+            for i, src in enumerate(_SOURCE_LABELS):
                 if vals[SRC0 + i]:
                     m.selected_tiles.labels(source=src).inc(vals[SRC0 + i])
             if self.scoring_s:

@@ -16,7 +16,9 @@ and dispatches to it, so behaviour stays vLLM's.
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import dataclasses
 import os
 import shutil
 import sys
@@ -70,6 +72,20 @@ def _is_cpu() -> bool:
         return True
 
 
+def _allow_endpoint_plugin() -> None:
+    """vLLM loads endpoint plugins only when named in VLLM_PLUGINS (an allowlist that also
+    gates general plugins): name ours, and keep every installed general plugin allowed."""
+    from importlib.metadata import entry_points
+
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
+    else:
+        names = {n.strip() for n in current.split(",") if n.strip()}
+    names.add("prescore")
+    os.environ["VLLM_PLUGINS"] = ",".join(sorted(names))
+
+
 def _setup_prometheus_dir() -> None:
     """Worker-side metrics reach /metrics only through a multiprocess directory."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -77,6 +93,37 @@ def _setup_prometheus_dir() -> None:
     path = tempfile.mkdtemp(prefix="prescore-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def _add_prescore_flags(parser) -> None:
+    """``--prescore-<field>`` for every PrescoreConfig field, documented in ``--help``."""
+    from prescore_backend.config import PrescoreConfig, field_docs, flag_name
+
+    group = parser.add_argument_group(
+        "prescore", "PRESCORE backend settings (exported as PRESCORE_* environment variables "
+        "for the engine's workers; defaults in brackets).")
+    docs = field_docs()
+    for f in dataclasses.fields(PrescoreConfig):
+        group.add_argument(flag_name(f.name), dest=f"prescore_{f.name}", default=argparse.SUPPRESS,
+                           metavar=str(f.type).upper(),
+                           help=f"{docs[f.name]} Default: {f.default}.")
+
+
+def _export_prescore_flags(args) -> None:
+    """Validate the prescore flags (with the environment) and export them to the workers."""
+    from prescore_backend.config import ConfigError, PrescoreConfig, env_name
+
+    for f in dataclasses.fields(PrescoreConfig):
+        value = getattr(args, f"prescore_{f.name}", None)
+        if hasattr(args, f"prescore_{f.name}"):
+            delattr(args, f"prescore_{f.name}")
+        if value is not None:
+            os.environ[env_name(f.name)] = str(value)
+    try:
+        PrescoreConfig.from_env()
+    except ConfigError as e:
+        print(f"prescore-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"prescore-serve: error: {e}", file=sys.stderr)
             sys.exit(2)
     _setup_prometheus_dir()
+    _allow_endpoint_plugin()
 
     from vllm.entrypoints.cli import serve as serve_cmd
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -103,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = cmd.subparser_init(subparsers)
     sub.usage = "prescore-serve [MODEL] [vllm serve options]"
     sub.set_defaults(dispatch_function=cmd.cmd)
+    _add_prescore_flags(sub)
     args = parser.parse_args(["serve", *serve_argv])
+    _export_prescore_flags(args)
     configure_logging_from_args(args)
     cmd.validate(args)
     args.dispatch_function(args)

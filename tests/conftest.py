@@ -20,6 +20,13 @@ BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = float(os.environ.get("PRESCORE_TEST_STARTUP_TIMEOUT", "300"))
 
 
+def doc_text(n_chars: int, topic: str = "specialnames", offset: int = 0) -> str:
+    """Real English text shipped with CPython (the Python reference's topic pages)."""
+    from pydoc_data.topics import topics
+
+    return topics[topic][offset:offset + n_chars]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

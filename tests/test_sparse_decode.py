@@ -49,7 +49,7 @@ def dense_rows(case, scale):
     return torch.stack(outs), torch.stack(lses)
 
 
-@pytest.mark.parametrize("impl", ["torch", "ref", "auto"])
+@pytest.mark.parametrize("impl", ["torch", "cpp", "ref", "auto"])
 @pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -68,16 +68,17 @@ def test_all_tiles_is_dense_attention(impl, layout, group, head_dim, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
 @pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_matches_ref_on_random_selections(layout, group, head_dim, dtype):
+def test_cpu_paths_match_ref_on_random_selections(impl, layout, group, head_dim, dtype):
     case = make_paged_case(SEQ_LENS, HKV, group, head_dim, B, layout=layout, dtype=dtype, seed=7)
     scale = head_dim ** -0.5
     tiles = random_tiles(SEQ_LENS, HKV, seed=head_dim, empty_row=1)
     o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
-                           case.seq_lens, tiles, T, scale, impl="torch")
+                           case.seq_lens, tiles, T, scale, impl=impl)
     ref_o, ref_lse = sparse_decode_ref(case.query, case.key_cache, case.value_cache,
                                        case.block_tables, case.seq_lens, tiles, T, scale)
     assert not o.isnan().any()
@@ -115,10 +116,17 @@ def test_vllm_cpu_layout_views():
 def test_empty_selection_shape():
     case = make_paged_case([20, 50], HKV, 3, 64, B)
     tiles = torch.empty(2, HKV, 0, dtype=torch.int32)
-    for impl in ("torch", "ref"):
+    for impl in ("torch", "cpp", "ref"):
         o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
                                case.seq_lens, tiles, T, 0.125, impl=impl)
         assert (o == 0).all() and (lse == float("-inf")).all()
+
+
+def test_fused_cpu_kernel_compiles_here():
+    """The fused kernel is what "auto" serves with on CPU; it must build on our machines."""
+    from prescore_backend.kernels.cpu_sparse_decode import available
+
+    assert available()
 
 
 def test_unknown_impl():

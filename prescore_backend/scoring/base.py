@@ -62,6 +62,26 @@ class Scorer:
     def __call__(self, keys: Tensor) -> Tensor:
         return self.score(keys)
 
+    def score_prefixes(self, keys: Tensor, start: int, ends: list[int],
+                       grain: int | None = None) -> Tensor:
+        """Score consecutive segments, each with a fit on the whole prefix up to its end.
+
+        keys ``[Hkv, n, D]``, ``start < ends[0] < ... <= n`` -> ``[Hkv, ends[-1] - start]``:
+        segment ``[e_{i-1}, e_i)`` (``e_{-1} = start``) is scored by ``score(keys[:, :e_i])``
+        and divided by that fit's mean score, so segments fitted at different lengths compare
+        (scores are positive for every registered scorer). The backend calls this once per
+        full KV block, making a block's scores a function of its prefix alone (what prefix
+        caching and preemption need). Subclasses may override it with a faster equivalent
+        (``grain`` is a hint for them: the granularity of ``ends``).
+        """
+        out, prev = [], start
+        for e in ends:
+            full = self.score(keys[:, :e])  # [Hkv, e]
+            mean = full.mean(-1, keepdim=True).abs().clamp_min(1e-30)
+            out.append(full[:, prev:e] / mean)
+            prev = e
+        return torch.cat(out, dim=-1)
+
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A fresh generator seeded with ``seed`` (never the global RNG)."""
         return torch.Generator(device=device).manual_seed(self.seed)

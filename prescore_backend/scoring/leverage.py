@@ -95,6 +95,39 @@ class LeverageScorer(Scorer):
                                      self.generator(keys.device))
         raise ValueError(f"unknown leverage method {self.method!r}; valid: auto, exact, sketch")
 
+    def score_prefixes(self, keys: Tensor, start: int, ends: list[int],
+                       grain: int | None = None) -> Tensor:
+        """Streaming exact ridge leverage (the two-pass form LevAttention notes for streams).
+
+        Gram matrices are accumulated segment by segment from position 0 in a fixed order, so
+        the score of a segment does not depend on how the sequence was chunked; each segment
+        is whitened by its own prefix Gram (one D x D Cholesky per segment) and divided by the
+        prefix's mean leverage trace((G + lambda I)^-1 G) / e. Cost O(n D^2 + segments D^3).
+        Sketching is not used here: prefixes in serving stay far below sketch_threshold.
+        ``grain``: the Gram of ``[0, start)`` is summed in pieces of this many keys (the KV block
+        size in the backend), so the summation order is the same whatever ``start`` is.
+        """
+        k = keys.float()
+        H, _, D = k.shape
+        head = list(range(0, start, grain or start)) if start > 0 else []
+        bounds = [*head, start, *ends] if start > 0 else [0, *ends]
+        # Per-segment Grams from 0, accumulated in order: [nseg_all, H, D, D].
+        grams = torch.stack([torch.bmm(k[:, a:b].transpose(1, 2), k[:, a:b])
+                             for a, b in zip(bounds[:-1], bounds[1:])])
+        cum = grams.cumsum(0)[-len(ends):]  # [S, H, D, D] prefix Grams at each end
+        L = _ridge_cholesky(cum.reshape(-1, D, D), self.ridge).view(len(ends), H, D, D)
+        out, prev = [], start
+        for i, e in enumerate(ends):
+            z = torch.linalg.solve_triangular(L[i], k[:, prev:e].transpose(1, 2), upper=False)
+            tau = (z * z).sum(1)  # [H, e - prev]
+            # trace((G + lam I)^-1 G) = ||L^-1 K^T||_F^2 = sum of the prefix's leverages.
+            eye = torch.eye(D, dtype=k.dtype).expand(H, D, D)
+            linv = torch.linalg.solve_triangular(L[i], eye, upper=False)  # [H, D, D]
+            total = (linv @ cum[i] * linv).sum((-2, -1))  # [H]
+            out.append(tau * (e / total.clamp_min(1e-30)).unsqueeze(-1))
+            prev = e
+        return torch.cat(out, dim=-1)
+
 
 @register_scorer("key_norm")
 @dataclass
