@@ -62,6 +62,7 @@ from prescore_backend.kernels.layouts import vllm_cpu_kv_views
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import CONTEXT, DENSE_ROWS, READ, SPARSE_ROWS, SRC0, PrescoreStats, get_metrics
+from prescore_backend.requests import ROWS
 from prescore_backend.scoring import Scorer, get_scorer
 from prescore_backend.selection import aggregate_tiles, residual_sample, select_tiles
 
@@ -84,6 +85,8 @@ class _Runtime:
     stats: PrescoreStats
     generator: torch.Generator
     logged_side: bool = False
+    num_layers: int = 0  # attention layers run per step (set by the builder)
+    layers_done: int = 0  # layers run so far in this step
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,6 +102,12 @@ def runtime() -> _Runtime:
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Runtime(config=cfg, scorer=get_scorer(cfg.method, seed=cfg.seed), lsh=None,
                     stats=PrescoreStats(), generator=gen)
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(method: str) -> Scorer:
+    """A request's own scorer (prescore_method control), built once per process."""
+    return get_scorer(method, seed=runtime().config.seed)
 
 
 def _lsh(head_dim: int) -> AngularLSH:
@@ -120,6 +129,7 @@ class ScoreJob:
     first_pos: int  # first position written this step
     per_token: bool  # record per-token side data of [first_pos, seq_len) (prefill chunks)
     blocks_done: tuple[int, int]  # logical blocks [b0, b1) that became full: score them
+    method: str | None = None  # the request's prescore_method control, if any
 
 
 @dataclass
@@ -161,6 +171,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = runtime().config
+        runtime().num_layers = len(layer_names)
         if self.isa == "vec16":
             raise ValueError(
                 f"--attention-backend prescore: head size {self.head_dim} uses vLLM's 'vec16' "
@@ -186,7 +197,9 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        runtime().stats.flush()  # last step's counters -> Prometheus, once per step
+        rt = runtime()
+        rt.stats.flush()  # anything a partial step left (normally flushed by the last layer)
+        rt.layers_done = 0
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.is_cross_attention or self.is_encoder_only_attention:
             return PrescoreCPUMetadata(**vars(md))
@@ -205,13 +218,15 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         block_table = cm.block_table_tensor[:num_reqs]  # [R, max_blocks]
 
         num_tiles = (seq_lens + T - 1) // T  # [R]
-        if cfg.max_tokens > 0:
-            budget = torch.full_like(num_tiles, -(-cfg.max_tokens // T))
+        if ROWS.rows:  # per-request controls (vllm_xargs) of some rows
+            budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs)
         else:
-            budget = torch.ceil(num_tiles.double() * cfg.keep_ratio).long()
+            budget, forced_dense = self._budgets(num_tiles), None
         budget = torch.maximum(budget, torch.full_like(budget, cfg.sink_tiles + cfg.window_tiles))
         covers = budget >= num_tiles
         sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | cfg.exact_via_sparse)
+        if forced_dense is not None:
+            sparse &= ~forced_dense
         sparse_rows = sparse.nonzero().flatten()  # [Rs]
         dense_rows = (~sparse).nonzero().flatten()  # [Rd]
 
@@ -232,9 +247,11 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             sl_list, ql_list = seq_lens.tolist(), query_lens.tolist()
             for r in job_rows:  # a few rows per step, never on the per-layer path
                 s, first = sl_list[r], sl_list[r] - ql_list[r]
+                ctl = ROWS.get(r)
                 jobs.append(ScoreJob(block_ids=block_table[r, :(s + B - 1) // B].to(torch.int64),
                                      seq_len=s, first_pos=first, per_token=ql_list[r] > 1,
-                                     blocks_done=(first // B, s // B)))
+                                     blocks_done=(first // B, s // B),
+                                     method=ctl.method if ctl is not None else None))
 
         sp_budget = budget[sparse_rows]
         max_budget = int(sp_budget.max()) if sparse_rows.numel() else 0
@@ -254,6 +271,29 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             dec_reset=dec_off % T == 0,
             score_jobs=jobs,
         )
+
+    def _budgets(self, num_tiles: Tensor) -> Tensor:
+        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64."""
+        cfg, T = self.config, self.config.tile_size
+        if cfg.max_tokens > 0:
+            return torch.full_like(num_tiles, -(-cfg.max_tokens // T))
+        return torch.ceil(num_tiles.double() * cfg.keep_ratio).long()
+
+    def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
+        """Budgets honouring per-request controls; also the rows that asked for exact decode."""
+        T = self.config.tile_size
+        budget = self._budgets(num_tiles)  # [R]
+        dense = torch.zeros(num_reqs, dtype=torch.bool)
+        nt = num_tiles.tolist()
+        for r, c in ROWS.rows.items():  # only the rows that sent controls
+            if r >= num_reqs:
+                continue
+            if c.max_tokens is not None:
+                budget[r] = -(-c.max_tokens // T)
+            elif c.keep_ratio is not None:
+                budget[r] = math.ceil(nt[r] * c.keep_ratio)
+            dense[r] = c.dense
+        return budget, dense
 
     def _dense_subset(self, cm, rows: Tensor, query_lens: Tensor, first_tok: Tensor):
         """Token indices and CPU_ATTN metadata of the rows served exactly."""
@@ -406,7 +446,8 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             b0, b1 = job.blocks_done
             if b1 > b0:  # full blocks: final scores, fitted on the prefix up to each block end
                 ends = [(b + 1) * bs for b in range(b0, b1)]
-                ks = self.rt.scorer.score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
+                scorer = self.rt.scorer if job.method is None else _scorer(job.method)
+                ks = scorer.score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
                 tiles = aggregate_tiles(ks, T, cfg.aggregate)  # [Hkv, (b1 - b0) * tpb]
                 side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
             if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
@@ -446,6 +487,16 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         if plan is None or self.attn_type != AttentionType.DECODER:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        try:
+            return self._forward(layer, query, key, value, kv_cache, attn_metadata, plan, output)
+        finally:
+            rt = self.rt
+            rt.layers_done += 1
+            if rt.layers_done == rt.num_layers:  # the step's last layer: counters out now
+                rt.stats.flush()
+
+    def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
+                 output):
         side = self._side(kv_cache)
         key_cache, value_cache = vllm_cpu_kv_views(kv_cache)  # [nb, Hkv, B, D] each
         stats = self.rt.stats
@@ -458,8 +509,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         stats.counts[DENSE_ROWS] += plan.num_dense_decode_rows
 
         if plan.num_sparse == 0:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         if plan.dense_tok is not None:
             q_dense = query[plan.dense_tok]  # [Nd, Hq, D]
             out_dense = torch.empty_like(q_dense)

@@ -1,0 +1,164 @@
+"""`prescore-serve` on the embedded model over real HTTP: completions, chat, streaming,
+prescore routes and metrics, per-request controls, bad input. One server for the module."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from conftest import Server, doc_text
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    srv = Server(args=["smollm2-135m"]).start()
+    yield srv
+    srv.stop()
+
+
+def test_completion_capital_of_france(server):
+    r = requests.post(server.url + "/v1/completions", json={
+        "model": "smollm2-135m", "prompt": "The capital of France is",
+        "max_tokens": 8, "temperature": 0,
+    }, timeout=120)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith(" Paris"), text
+
+
+def test_served_with_prescore_backend(server):
+    models = requests.get(server.url + "/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m"]
+    assert "Using PRESCORE attention backend" in server.log()
+
+
+def _prescore_samples(server) -> dict[str, float]:
+    out = {}
+    for line in requests.get(server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("prescore_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_prescore_routes_and_metrics_move_after_a_long_request(server):
+    cfg = requests.get(server.url + "/v1/prescore/config", timeout=10)
+    assert cfg.status_code == 200, cfg.text
+    settings = cfg.json()["settings"]
+    assert settings["method"] == "leverage" and settings["keep_ratio"] == 0.125
+    before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    metrics_before = _prescore_samples(server)
+
+    long_prompt = doc_text(11000)  # ~2.5k tokens: above the default min_seq_len of 2048
+    r = requests.post(server.url + "/v1/completions", json={
+        "model": "smollm2-135m", "prompt": long_prompt, "max_tokens": 16, "temperature": 0,
+    }, timeout=300)
+    assert r.status_code == 200, r.text
+
+    after = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    assert after["sparse_decode_rows"] > before["sparse_decode_rows"]
+    assert after["decode_context_tokens"] > before["decode_context_tokens"]
+    assert 0.05 < after["keep_ratio"] < 0.25
+    assert after["scoring_steps"] > before["scoring_steps"]
+    metrics_after = _prescore_samples(server)
+    for name in ("prescore_decode_context_tokens_total", "prescore_decode_read_tokens_total",
+                 "prescore_sparse_decode_rows_total", "prescore_scoring_seconds_count"):
+        assert metrics_after[name] > metrics_before.get(name, 0.0), name
+    assert any(k.startswith("prescore_config_info{") for k in metrics_after)
+    # The routes never carry request content.
+    assert long_prompt[:40] not in str(after) and "prompt" not in str(after).lower()
+
+
+def test_prescore_routes_are_in_the_openapi_schema(server):
+    paths = requests.get(server.url + "/openapi.json", timeout=10).json()["paths"]
+    assert "get" in paths["/v1/prescore/config"] and "get" in paths["/v1/prescore/stats"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=300)
+
+
+def test_openai_client_completions_chat_and_streaming(server, client):
+    assert [m.id for m in client.models.list()] == ["smollm2-135m"]
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    c = client.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                                  max_tokens=8, temperature=0)
+    assert c.choices[0].text.startswith(" Paris")
+    chunks = list(client.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                                            max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+    chat = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == chat.choices[0].message.content
+
+
+def _ratio_of_one_request(server, client, extra: dict | None) -> float:
+    before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    client.completions.create(model="smollm2-135m", prompt=doc_text(11000, offset=500),
+                              max_tokens=8, temperature=0,
+                              extra_body={"vllm_xargs": extra} if extra else None)
+    after = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    ctx = after["decode_context_tokens"] - before["decode_context_tokens"]
+    return (after["decode_read_tokens"] - before["decode_read_tokens"]) / ctx if ctx else 1.0
+
+
+def test_per_request_keep_ratio_changes_tokens_read(server, client):
+    default = _ratio_of_one_request(server, client, None)
+    half = _ratio_of_one_request(server, client, {"prescore_keep_ratio": 0.5})
+    dense_rows_before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    exact = _ratio_of_one_request(server, client, {"prescore_dense": True})
+    dense_rows_after = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    assert 0.08 < default < 0.2, default
+    assert 0.45 < half < 0.6, half
+    assert exact == 1.0  # no sparse decode step at all for that request
+    assert dense_rows_after["dense_fallback_rows"] > dense_rows_before["dense_fallback_rows"]
+
+
+def _assert_openai_error(r: requests.Response, status: int = 400, needle: str = "") -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert {"message", "type", "code"} <= set(err), err
+    assert needle in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("xargs,needle", [
+    ({"prescore_method": "magic"}, "prescore_method must be one of"),
+    ({"prescore_keep_ratio": 1.5}, "prescore_keep_ratio must be a number in (0, 1]"),
+    ({"prescore_keep_ratio": 0}, "prescore_keep_ratio"),
+    ({"prescore_budget": 3}, "unknown prescore control"),
+])
+def test_invalid_controls_get_400_and_server_keeps_serving(server, xargs, needle):
+    r = requests.post(server.url + "/v1/completions", json={
+        "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4, "vllm_xargs": xargs,
+    }, timeout=60)
+    _assert_openai_error(r, 400, needle)
+    ok = requests.post(server.url + "/v1/completions", json={
+        "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_bad_input_gets_4xx_and_server_keeps_serving(server):
+    url = server.url + "/v1/completions"
+    r = requests.post(url, data="{not json", headers={"content-type": "application/json"},
+                      timeout=30)
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    too_long = doc_text(62000) * 2  # far beyond the 8192-token context
+    _assert_openai_error(requests.post(url, json={"model": "smollm2-135m", "prompt": too_long,
+                                                  "max_tokens": 4}, timeout=120), 400)
+    r = requests.post(url, json={"model": "no-such-model", "prompt": "Hi", "max_tokens": 2},
+                      timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    ok = requests.post(url, json={"model": "smollm2-135m", "prompt": "The capital of France is",
+                                  "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(" Paris")
