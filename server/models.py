@@ -159,8 +159,7 @@ def _verify(out_dir: Path) -> dict:
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
-                n_params += sf.get_slice(key).get_shape().numel() if hasattr(
-                    sf.get_slice(key).get_shape(), "numel") else _numel(sf.get_slice(key).get_shape())
+                n_params += _numel(sf.get_slice(key).get_shape())
     if not tok("The capital of France is")["input_ids"]:
         raise ModelPrepError("tokenizer produced no tokens")
     return {"architectures": cfg.architectures, "num_parameters": n_params,

@@ -12,7 +12,8 @@ Data path of one engine step (see docs/architecture.md):
   :func:`prescore_backend.kernels.sparse_decode.sparse_decode`.
 
 Side data (:class:`SideData`), per layer, preallocated beside the KV cache for every physical
-block: a score per (block, KV head, tile) and a bitmask of the LSH buckets of the tile's keys.
+block: a score per (block, KV head, tile), plus what the query-aware part needs (the tile's
+key min/max for Quest, a bitmask of its keys' LSH buckets for HyperAttention).
 Rules that keep it valid through vLLM's request lifecycle:
 
 * A KV block's tiles are scored once, when the block becomes full, with all keys of the
@@ -25,8 +26,8 @@ Rules that keep it valid through vLLM's request lifecycle:
 * Tiles of the sequence's last, incomplete block are unscored (score -inf) - a prefill chunk
   or a decode token starting a tile resets them - and always attended, because the window
   is at least one block plus one tile (checked at start). So no tile is silently never
-  selectable. LSH bits are recorded for every token as it is written, so decode tiles are
-  LSH-matchable at once.
+  selectable. The query-aware data (per-tile key min/max for Quest, LSH bucket bits) is
+  recorded for every token as it is written, so decode tiles are matchable at once.
 * A reused physical block is rewritten by whatever writes it next; nothing is kept per
   request, so nothing grows with finished requests.
 
