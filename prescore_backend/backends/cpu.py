@@ -11,6 +11,9 @@ Data path of one engine step (see docs/architecture.md):
   dense subset with vLLM's kernel and the sparse rows with
   :func:`prescore_backend.kernels.sparse_decode.sparse_decode`.
 
+The vLLM-independent pieces (side data, scoring jobs, the query-aware pick, the selection
+call) live in :mod:`prescore_backend.decode`, which the quality evaluation calls as well.
+
 Side data (:class:`SideData`), per layer, preallocated beside the KV cache for every physical
 block: a score per (block, KV head, tile), plus what the query-aware part needs (the tile's
 key min/max for Quest, a bitmask of its keys' LSH buckets for HyperAttention).
@@ -38,7 +41,6 @@ layers fall back to exact CPU attention. MLA models are refused at backend selec
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -60,12 +62,25 @@ from vllm.v1.attention.backends.cpu_attn import (
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
-from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
+from prescore_backend.decode import (
+    ScoreJob,
+    SideData,
+    config_budget,
+    floor_budget,
+    query_caps,
+    record_decode_tokens,
+    run_score_jobs,
+    select_decode_tiles,
+    tokens_read,
+)
+from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import CONTEXT, DENSE_ROWS, READ, SPARSE_ROWS, SRC0, PrescoreStats, get_metrics
 from prescore_backend.requests import ROWS
 from prescore_backend.scoring import Scorer, get_scorer
-from prescore_backend.selection import aggregate_tiles, residual_sample, select_tiles
+
+__all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
+           "PrescoreCPUMetadata", "PrescorePlan", "ScoreJob", "SideData"]
 
 # A child of vLLM's logger, so lines show with vLLM's format and level.
 logger = logging.getLogger("vllm.prescore")
@@ -111,6 +126,11 @@ def _scorer(method: str) -> Scorer:
     return get_scorer(method, seed=runtime().config.seed)
 
 
+def _job_scorer(method: str | None) -> Scorer:
+    """The scorer of a side-data job: the request's own, or the configured one."""
+    return runtime().scorer if method is None else _scorer(method)
+
+
 def _lsh(head_dim: int) -> AngularLSH:
     rt = runtime()
     if rt.lsh is None:
@@ -119,18 +139,6 @@ def _lsh(head_dim: int) -> AngularLSH:
 
 
 # ----------------------------------------------------------------------------- metadata
-
-
-@dataclass
-class ScoreJob:
-    """Side-data work for one row's tokens written this step (prefill chunk or decode)."""
-
-    block_ids: Tensor  # [ceil(seq_len / B)] int64 physical blocks of the row, in order
-    seq_len: int
-    first_pos: int  # first position written this step
-    per_token: bool  # record per-token side data of [first_pos, seq_len) (prefill chunks)
-    blocks_done: tuple[int, int]  # logical blocks [b0, b1) that became full: score them
-    method: str | None = None  # the request's prescore_method control, if any
 
 
 @dataclass
@@ -143,7 +151,7 @@ class PrescorePlan:
     sparse_block_table: Tensor  # [Rs, max_blocks] int32
     num_tiles: Tensor  # [Rs] int64
     budget: Tensor  # [Rs] int64 tiles per (row, KV head)
-    query_cap: int  # query-aware tiles per (row, KV head) at most
+    query_caps: Tensor  # [Rs] int64 query-aware tiles per (row, KV head) at most
     # Exact rows served by vLLM's kernel when sparse rows exist (None: all rows are sparse).
     dense_tok: Tensor | None  # [Nd] int64
     dense_md: CPUAttentionMetadata | None
@@ -223,7 +231,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs)
         else:
             budget, forced_dense = self._budgets(num_tiles), None
-        budget = torch.maximum(budget, torch.full_like(budget, cfg.sink_tiles + cfg.window_tiles))
+        budget = floor_budget(cfg, budget)
         covers = budget >= num_tiles
         sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | cfg.exact_via_sparse)
         if forced_dense is not None:
@@ -255,14 +263,13 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                                      method=ctl.method if ctl is not None else None))
 
         sp_budget = budget[sparse_rows]
-        max_budget = int(sp_budget.max()) if sparse_rows.numel() else 0
         return PrescorePlan(
             sparse_tok=first_tok[sparse_rows],
             sparse_seq_lens=seq_lens[sparse_rows].to(torch.int32),
             sparse_block_table=block_table[sparse_rows],
             num_tiles=num_tiles[sparse_rows],
             budget=sp_budget,
-            query_cap=int(cfg.query_cap_ratio * max_budget),
+            query_caps=query_caps(cfg, sp_budget),
             dense_tok=dense_tok,
             dense_md=dense_md,
             num_dense_decode_rows=int((is_decode & ~sparse).sum()),
@@ -275,10 +282,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def _budgets(self, num_tiles: Tensor) -> Tensor:
         """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64."""
-        cfg, T = self.config, self.config.tile_size
-        if cfg.max_tokens > 0:
-            return torch.full_like(num_tiles, -(-cfg.max_tokens // T))
-        return torch.ceil(num_tiles.double() * cfg.keep_ratio).long()
+        return config_budget(self.config, num_tiles)
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
         """Budgets honouring per-request controls; also the rows that asked for exact decode."""
@@ -346,35 +350,6 @@ class PrescoreCPUBackend(CPUAttentionBackend):
 # ----------------------------------------------------------------------------- impl
 
 
-@dataclass
-class SideData:
-    """Per-layer tile data beside the KV cache, one entry per physical block.
-
-    Only the parts the configured selection needs are allocated.
-    """
-
-    scores: Tensor  # [num_blocks, Hkv, tiles_per_block] fp32, -inf = not scored yet
-    masks: Tensor | None  # [num_blocks, Hkv, tiles_per_block, W] int64 LSH bucket bitmask
-    kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
-    kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
-
-    @classmethod
-    def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
-                 lsh_words: int = 0, head_dim: int = 0,
-                 dtype: torch.dtype = torch.float32) -> "SideData":
-        shape = (num_blocks, num_kv_heads, tiles_per_block)
-        bounds = head_dim > 0
-        return cls(
-            scores=torch.full(shape, float("-inf")),
-            masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
-            kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
-            kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None)
-
-    def bytes_per_token(self, block_size: int) -> float:
-        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax) if t is not None]
-        return sum(t[0].numel() * t.element_size() for t in parts) / block_size
-
-
 class PrescoreCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -420,66 +395,16 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         """Per-token side data of decode keys just written (one token per row and tile)."""
         if plan.dec_tok.numel() == 0:
             return
-        blk, tile, reset = plan.dec_block, plan.dec_tile, plan.dec_reset
-        k = key[plan.dec_tok]  # [Nk, Hkv, D]
-        # A tile begun by a decode token is unscored until its block is full.
-        side.scores[blk[reset], :, tile[reset]] = float("-inf")
-        r3 = reset.view(-1, 1, 1)
-        if side.masks is not None:
-            new = bucket_masks(_lsh(self.head_size).hash(k).unsqueeze(-1),
-                               self.rt.config.lsh_bits)  # [Nk, Hkv, W]
-            old = side.masks[blk, :, tile]  # [Nk, Hkv, W]
-            side.masks[blk, :, tile] = torch.where(r3, new, old | new)
-        if side.kmin is not None:
-            kk = k.to(side.kmin.dtype)
-            side.kmin[blk, :, tile] = torch.where(r3, kk, torch.minimum(side.kmin[blk, :, tile], kk))
-            side.kmax[blk, :, tile] = torch.where(r3, kk, torch.maximum(side.kmax[blk, :, tile], kk))
+        cfg = self.rt.config
+        record_decode_tokens(side, key[plan.dec_tok], plan.dec_block, plan.dec_tile,
+                             plan.dec_reset, lsh=_lsh(self.head_size) if cfg.uses_lsh else None,
+                             lsh_bits=cfg.lsh_bits)
 
     def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData) -> None:
-        cfg, T = self.rt.config, self.rt.config.tile_size
-        bs = key_cache.shape[2]
-        tpb = bs // T
-        hkv, d = self.num_kv_heads, self.head_size
-        for job in plan.score_jobs:
-            s = job.seq_len
-            keys = key_cache[job.block_ids]  # [nblk, Hkv, B, D]
-            keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s]  # [Hkv, s, D]
-            b0, b1 = job.blocks_done
-            if b1 > b0:  # full blocks: final scores, fitted on the prefix up to each block end
-                ends = [(b + 1) * bs for b in range(b0, b1)]
-                scorer = self.rt.scorer if job.method is None else _scorer(job.method)
-                ks = scorer.score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
-                tiles = aggregate_tiles(ks, T, cfg.aggregate)  # [Hkv, (b1 - b0) * tpb]
-                side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
-            if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
-                t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T)
-                side.scores[job.block_ids[(t * T) // bs], :, t % tpb] = float("-inf")
-            if job.per_token:
-                self._record_chunk_tokens(job, keys, side)
-
-    def _record_chunk_tokens(self, job: ScoreJob, keys: Tensor, side: SideData) -> None:
-        """Per-token side data (LSH bits, key bounds) of the tiles a prefill chunk touched."""
-        cfg, T, s = self.rt.config, self.rt.config.tile_size, job.seq_len
-        hkv, d = self.num_kv_heads, self.head_size
-        t_lo, t_hi = job.first_pos // T, (s + T - 1) // T
-        seg = keys[:, t_lo * T:]  # [Hkv, L, D]: the first tile's earlier keys included
-        pad = (t_hi - t_lo) * T - seg.shape[1]
-        t = torch.arange(t_lo, t_hi)
-        bs = side.scores.shape[2] * T
-        blk, j = job.block_ids[(t * T) // bs], t % (bs // T)
-        valid = torch.ones(hkv, seg.shape[1], dtype=torch.bool)
-        valid = torch.nn.functional.pad(valid, (0, pad)).view(hkv, -1, T)  # [Hkv, nt, T]
-        if side.masks is not None:
-            buckets = torch.nn.functional.pad(_lsh(d).hash(seg), (0, pad))  # [Hkv, nt*T]
-            m = bucket_masks(buckets.view(hkv, -1, T), cfg.lsh_bits, valid=valid)  # [Hkv, nt, W]
-            side.masks[blk, :, j] = m.transpose(0, 1)
-        if side.kmin is not None:
-            x = torch.nn.functional.pad(seg.float(), (0, 0, 0, pad)).view(hkv, -1, T, d)
-            v4 = valid.unsqueeze(-1)  # [Hkv, nt, T, 1]
-            kmin = x.masked_fill(~v4, float("inf")).amin(2)  # [Hkv, nt, D]
-            kmax = x.masked_fill(~v4, float("-inf")).amax(2)
-            side.kmin[blk, :, j] = kmin.transpose(0, 1).to(side.kmin.dtype)
-            side.kmax[blk, :, j] = kmax.transpose(0, 1).to(side.kmax.dtype)
+        cfg = self.rt.config
+        run_score_jobs(side, plan.score_jobs, key_cache, scorer_for=_job_scorer,
+                       tile_size=cfg.tile_size, aggregate=cfg.aggregate,
+                       lsh=_lsh(self.head_size) if cfg.uses_lsh else None, lsh_bits=cfg.lsh_bits)
 
     # --------------------------------------------------------------------- forward
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -519,42 +444,6 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         self._sparse_decode(plan, query, key_cache, value_cache, side, output)
         return output
 
-    def _query_aware(self, plan: PrescorePlan, q: Tensor, side: SideData, bt: Tensor,
-                     tile_scores: Tensor) -> Tensor | None:
-        """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``query_cap`` each.
-
-        q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64; tile_scores ``[Rs, Hkv, M]`` pre-scores.
-        """
-        cfg = self.rt.config
-        rs, hkv, cap = q.shape[0], self.num_kv_heads, plan.query_cap
-        if cfg.query_aware == "none" or cap == 0:
-            return None
-        M = tile_scores.shape[-1]
-        cand = None
-        if side.masks is not None:  # HyperAttention: the query's buckets (union over the group)
-            qmask = bucket_masks(_lsh(self.head_size).hash(q).view(rs, hkv, -1), cfg.lsh_bits)
-            tmask = side.masks[bt].permute(0, 2, 1, 3, 4).reshape(rs, hkv, M, -1)
-            cand = masks_intersect(tmask, qmask.unsqueeze(2))  # [Rs, Hkv, M]
-        if side.kmin is not None:  # Quest: upper bound of q.k over the tile, max over the group
-            d = self.head_size
-            qg = q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]
-            kmin = side.kmin[bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, M, d).float()
-            kmax = side.kmax[bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, M, d).float()
-            bound = (torch.bmm(qg.clamp_min(0), kmax.transpose(1, 2))
-                     + torch.bmm(qg.clamp_max(0), kmin.transpose(1, 2)))  # [Rs*Hkv, G, M]
-            rank = bound.amax(1).view(rs, hkv, M)
-        else:
-            rank = tile_scores.clone()  # LSH matches ranked by pre-score
-        idx = torch.arange(M)
-        n = plan.num_tiles.view(rs, 1, 1)
-        elig = (idx < n) & (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
-        if cand is not None:
-            elig = elig & cand
-        rank = rank.masked_fill(~elig, float("-inf"))
-        top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, cap]
-        pick = torch.zeros(rs, hkv, M, dtype=torch.bool)
-        return pick.scatter_(-1, top.indices, torch.isfinite(top.values))
-
     def _sparse_decode(self, plan: PrescorePlan, query: Tensor, key_cache: Tensor,
                        value_cache: Tensor, side: SideData, output: Tensor) -> None:
         cfg, stats = self.rt.config, self.rt.stats
@@ -562,15 +451,9 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         rs, hkv = plan.num_sparse, self.num_kv_heads
         bt = plan.sparse_block_table.long()  # [Rs, MB]
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
-        scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
-        pick = self._query_aware(plan, q, side, bt, scores)
-        sel = select_tiles(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
-                           window_tiles=cfg.window_tiles, lsh_match=pick,
-                           lsh_cap=plan.query_cap if pick is not None else 0)
-        res_tiles = res_w = None
-        if cfg.residual_tiles > 0:
-            res_tiles, res_w = residual_sample(sel.tiles, plan.num_tiles, cfg.residual_tiles,
-                                               generator=self.rt.generator)
+        sel, res_tiles, res_w = select_decode_tiles(
+            cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps,
+            lsh=_lsh(self.head_size) if cfg.uses_lsh else None, generator=self.rt.generator)
         stats.selection_s += time.perf_counter() - t0
 
         out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
@@ -579,11 +462,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
 
         # Tokens read: selected tiles, the last one possibly partial.
-        T = cfg.tile_size
-        tiles = sel.tiles.long()  # [Rs, Hkv, S]
-        lens = plan.sparse_seq_lens.long().view(rs, 1, 1)
-        read = ((lens - tiles * T).clamp(0, T) * (tiles >= 0)).sum()
-        stats.counts[READ] += read
+        stats.counts[READ] += tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum()
         stats.counts[CONTEXT] += plan.sparse_seq_lens.long().sum() * hkv
         stats.counts[SPARSE_ROWS] += rs
         stats.counts[SRC0:] += sel.source_counts

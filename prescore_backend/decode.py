@@ -1,0 +1,294 @@
+"""The vLLM-independent core of PRESCORE's decode path: side data, scoring jobs, selection.
+
+:mod:`prescore_backend.backends.cpu` calls these functions on vLLM's paged cache; the quality
+evaluation (``bench/eval_quality.py``) calls the same functions on a paged cache of its own, so
+what it measures is what the backend does. Nothing here imports vLLM.
+
+Per layer, beside the KV cache, :class:`SideData` holds for every physical KV block a pre-score
+per (block, KV head, tile) and what the query-aware part needs (per-tile key min/max for Quest,
+LSH bucket bitmasks for HyperAttention). Its life cycle (the rules are in the backend's module
+docstring):
+
+* :func:`record_decode_tokens` - per-token data of decode keys just written;
+* :func:`run_score_jobs` - per :class:`ScoreJob` (a prefill chunk, or a decode row that just
+  filled a block): every KV block that became full is scored with ``Scorer.score_prefixes`` on
+  the keys up to its end, aggregated per tile; prefill chunks also record per-token data
+  (:func:`record_chunk_tokens`);
+* :func:`select_decode_tiles` - per decode step: budgets from :func:`config_budget` and
+  :func:`query_caps`, the query-aware pick (:func:`query_aware_pick`), then
+  :func:`prescore_backend.selection.select_tiles` and the optional HyperAttention residual.
+
+Shapes: ``Rs`` sparse decode rows, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim, ``B`` KV block
+size, ``T`` tile size, ``M`` logical tiles per row (max blocks x B / T), ``W`` LSH mask words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.functional import pad
+
+from prescore_backend.config import PrescoreConfig
+from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
+from prescore_backend.scoring import Scorer
+from prescore_backend.selection import Selection, aggregate_tiles, residual_sample, select_tiles
+
+__all__ = [
+    "ScoreJob",
+    "SideData",
+    "config_budget",
+    "floor_budget",
+    "query_caps",
+    "record_decode_tokens",
+    "run_score_jobs",
+    "record_chunk_tokens",
+    "query_aware_pick",
+    "select_decode_tiles",
+    "tokens_read",
+]
+
+
+# ----------------------------------------------------------------------------- side data
+
+
+@dataclass
+class SideData:
+    """Per-layer tile data beside the KV cache, one entry per physical block.
+
+    Only the parts the configured selection needs are allocated.
+    """
+
+    scores: Tensor  # [num_blocks, Hkv, tiles_per_block] fp32, -inf = not scored yet
+    masks: Tensor | None  # [num_blocks, Hkv, tiles_per_block, W] int64 LSH bucket bitmask
+    kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
+    kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
+
+    @classmethod
+    def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
+                 lsh_words: int = 0, head_dim: int = 0,
+                 dtype: torch.dtype = torch.float32) -> "SideData":
+        shape = (num_blocks, num_kv_heads, tiles_per_block)
+        bounds = head_dim > 0
+        return cls(
+            scores=torch.full(shape, float("-inf")),
+            masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
+            kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
+            kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None)
+
+    def bytes_per_token(self, block_size: int) -> float:
+        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax) if t is not None]
+        return sum(t[0].numel() * t.element_size() for t in parts) / block_size
+
+    @property
+    def tiles_per_block(self) -> int:
+        return self.scores.shape[2]
+
+
+@dataclass
+class ScoreJob:
+    """Side-data work for one row's tokens written this step (prefill chunk or decode)."""
+
+    block_ids: Tensor  # [ceil(seq_len / B)] int64 physical blocks of the row, in order
+    seq_len: int
+    first_pos: int  # first position written this step
+    per_token: bool  # record per-token side data of [first_pos, seq_len) (prefill chunks)
+    blocks_done: tuple[int, int]  # logical blocks [b0, b1) that became full: score them
+    method: str | None = None  # the request's prescore_method control, if any
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def config_budget(cfg: PrescoreConfig, num_tiles: Tensor) -> Tensor:
+    """Tiles per (row, KV head) from the global budget settings: ``[R]`` -> ``[R]`` int64.
+
+    ``max_tokens`` (rounded up to tiles) if set, else ceil(num_tiles * keep_ratio).
+    """
+    if cfg.max_tokens > 0:
+        return torch.full_like(num_tiles, -(-cfg.max_tokens // cfg.tile_size))
+    return torch.ceil(num_tiles.double() * cfg.keep_ratio).long()
+
+
+def floor_budget(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
+    """A budget never below sinks + window (those are always read): ``[R]`` -> ``[R]``."""
+    return torch.maximum(budget, torch.full_like(budget, cfg.sink_tiles + cfg.window_tiles))
+
+
+def query_caps(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
+    """Query-aware tiles per (row, KV head) at most: floor(query_cap_ratio * budget), ``[R]``.
+
+    Per row, so a request's split between query-aware and pre-scored tiles does not depend on
+    the budgets of the other rows of its batch.
+    """
+    return (budget.double() * cfg.query_cap_ratio).floor().long()
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tensor,
+                         reset: Tensor, *, lsh: AngularLSH | None, lsh_bits: int) -> None:
+    """Per-token side data of decode keys just written (one token per row and tile).
+
+    keys ``[Nk, Hkv, D]``; block ``[Nk]`` int64 physical block; tile ``[Nk]`` int64 tile inside
+    the block; reset ``[Nk]`` bool: the token starts its tile (its data replaces the tile's).
+    A tile begun by a decode token is unscored until its block is full.
+    """
+    if keys.shape[0] == 0:
+        return
+    side.scores[block[reset], :, tile[reset]] = float("-inf")
+    r3 = reset.view(-1, 1, 1)
+    if side.masks is not None:
+        new = bucket_masks(lsh.hash(keys).unsqueeze(-1), lsh_bits)  # [Nk, Hkv, W]
+        old = side.masks[block, :, tile]  # [Nk, Hkv, W]
+        side.masks[block, :, tile] = torch.where(r3, new, old | new)
+    if side.kmin is not None:
+        kk = keys.to(side.kmin.dtype)
+        side.kmin[block, :, tile] = torch.where(r3, kk, torch.minimum(side.kmin[block, :, tile], kk))
+        side.kmax[block, :, tile] = torch.where(r3, kk, torch.maximum(side.kmax[block, :, tile], kk))
+
+
+def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
+                   scorer_for: Callable[[str | None], Scorer], tile_size: int, aggregate: str,
+                   lsh: AngularLSH | None, lsh_bits: int) -> None:
+    """Score the blocks each job filled and record its per-token data.
+
+    key_cache ``[num_blocks, Hkv, B, D]`` (any strides). ``scorer_for(job.method)`` gives the
+    scorer of a job (``None``: the configured one). A full block's scores come from a fit on
+    every key of the sequence up to the block's end (``Scorer.score_prefixes``), aggregated
+    per tile; tiles the job wrote in the incomplete last block are set unscored (-inf).
+    """
+    T = tile_size
+    _, hkv, bs, d = key_cache.shape
+    tpb = bs // T
+    for job in jobs:
+        s = job.seq_len
+        keys = key_cache[job.block_ids]  # [nblk, Hkv, B, D]
+        keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s]  # [Hkv, s, D]
+        b0, b1 = job.blocks_done
+        if b1 > b0:  # full blocks: final scores, fitted on the prefix up to each block end
+            ends = [(b + 1) * bs for b in range(b0, b1)]
+            ks = scorer_for(job.method).score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
+            tiles = aggregate_tiles(ks, T, aggregate)  # [Hkv, (b1 - b0) * tpb]
+            side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
+        if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
+            t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T)
+            side.scores[job.block_ids[(t * T) // bs], :, t % tpb] = float("-inf")
+        if job.per_token:
+            record_chunk_tokens(side, job, keys, tile_size=T, lsh=lsh, lsh_bits=lsh_bits)
+
+
+def record_chunk_tokens(side: SideData, job: ScoreJob, keys: Tensor, *, tile_size: int,
+                        lsh: AngularLSH | None, lsh_bits: int) -> None:
+    """Per-token side data (LSH bits, key bounds) of the tiles a prefill chunk touched.
+
+    keys ``[Hkv, seq_len, D]``: the row's keys from position 0 (the first touched tile's
+    earlier keys are included in its data).
+    """
+    T, s = tile_size, job.seq_len
+    hkv, _, d = keys.shape
+    t_lo, t_hi = job.first_pos // T, (s + T - 1) // T
+    seg = keys[:, t_lo * T:]  # [Hkv, L, D]
+    npad = (t_hi - t_lo) * T - seg.shape[1]
+    t = torch.arange(t_lo, t_hi)
+    bs = side.tiles_per_block * T
+    blk, j = job.block_ids[(t * T) // bs], t % (bs // T)
+    valid = torch.ones(hkv, seg.shape[1], dtype=torch.bool)
+    valid = pad(valid, (0, npad)).view(hkv, -1, T)  # [Hkv, nt, T]
+    if side.masks is not None:
+        buckets = pad(lsh.hash(seg), (0, npad))  # [Hkv, nt*T]
+        m = bucket_masks(buckets.view(hkv, -1, T), lsh_bits, valid=valid)  # [Hkv, nt, W]
+        side.masks[blk, :, j] = m.transpose(0, 1)
+    if side.kmin is not None:
+        x = pad(seg.float(), (0, 0, 0, npad)).view(hkv, -1, T, d)
+        v4 = valid.unsqueeze(-1)  # [Hkv, nt, T, 1]
+        kmin = x.masked_fill(~v4, float("inf")).amin(2)  # [Hkv, nt, D]
+        kmax = x.masked_fill(~v4, float("-inf")).amax(2)
+        side.kmin[blk, :, j] = kmin.transpose(0, 1).to(side.kmin.dtype)
+        side.kmax[blk, :, j] = kmax.transpose(0, 1).to(side.kmax.dtype)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                     tile_scores: Tensor, num_tiles: Tensor, caps: Tensor, *,
+                     lsh: AngularLSH | None) -> Tensor | None:
+    """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``caps[r]`` per row.
+
+    q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; tile_scores ``[Rs, Hkv, M]``
+    pre-scores; num_tiles ``[Rs]``; caps ``[Rs]`` int64. Eligible: tiles that are neither
+    sinks nor window. ``lsh``/``lsh_quest``: tiles whose LSH bucket set meets the query
+    group's buckets; ``quest``/``lsh_quest``: ranked by the Quest upper bound of q.k (max over
+    the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
+    """
+    rs, hkv, M = tile_scores.shape
+    cap = int(caps.max()) if rs else 0
+    if cfg.query_aware == "none" or cap == 0:
+        return None
+    cand = None
+    if cfg.uses_lsh:  # HyperAttention: the query's buckets (union over the group)
+        qmask = bucket_masks(lsh.hash(q).view(rs, hkv, -1), cfg.lsh_bits)  # [Rs, Hkv, W]
+        tmask = side.masks[bt].permute(0, 2, 1, 3, 4).reshape(rs, hkv, M, -1)
+        cand = masks_intersect(tmask, qmask.unsqueeze(2))  # [Rs, Hkv, M]
+    if cfg.uses_bounds:  # Quest: upper bound of q.k over the tile, max over the group
+        d = q.shape[-1]
+        qg = q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]
+        kmin = side.kmin[bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, M, d).float()
+        kmax = side.kmax[bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, M, d).float()
+        bound = (torch.bmm(qg.clamp_min(0), kmax.transpose(1, 2))
+                 + torch.bmm(qg.clamp_max(0), kmin.transpose(1, 2)))  # [Rs*Hkv, G, M]
+        rank = bound.amax(1).view(rs, hkv, M)
+    else:
+        rank = tile_scores.clone()  # LSH matches ranked by pre-score
+    idx = torch.arange(M)
+    n = num_tiles.view(rs, 1, 1)
+    elig = (idx < n) & (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
+    if cand is not None:
+        elig = elig & cand
+    rank = rank.masked_fill(~elig, float("-inf"))
+    top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, k], best first
+    ok = torch.isfinite(top.values)
+    if bool((caps != cap).any()):  # rows with a smaller cap keep only their best caps[r]
+        ok &= torch.arange(top.values.shape[-1]) < caps.view(rs, 1, 1)
+    pick = torch.zeros(rs, hkv, M, dtype=torch.bool)
+    return pick.scatter_(-1, top.indices, ok)
+
+
+def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                        num_tiles: Tensor, budget: Tensor, caps: Tensor, *,
+                        lsh: AngularLSH | None = None,
+                        generator: torch.Generator | None = None,
+                        ) -> tuple[Selection, Tensor | None, Tensor | None]:
+    """The tiles each sparse decode row attends: sinks + window + query-aware pick + pre-scores.
+
+    q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; num_tiles ``[Rs]`` int64 logical
+    tiles (the partial last one included); budget ``[Rs]`` int64 tiles per (row, KV head),
+    at least sinks + window; caps ``[Rs]`` int64 query-aware tiles at most (:func:`query_caps`).
+    Returns the :class:`~prescore_backend.selection.Selection` and, with ``residual_tiles > 0``,
+    HyperAttention's residual sample (tiles ``[Rs, Hkv, m]``, weight ``[Rs, Hkv]``) for
+    :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`, else (None, None).
+    """
+    rs = q.shape[0]
+    hkv = side.scores.shape[1]
+    scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
+    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh)
+    sel = select_tiles(scores, num_tiles, budget, sink_tiles=cfg.sink_tiles,
+                       window_tiles=cfg.window_tiles, lsh_match=pick,
+                       lsh_cap=int(caps.max()) if pick is not None else 0)
+    if cfg.residual_tiles > 0:
+        res_tiles, res_w = residual_sample(sel.tiles, num_tiles, cfg.residual_tiles,
+                                           generator=generator)
+        return sel, res_tiles, res_w
+    return sel, None, None
+
+
+def tokens_read(tiles: Tensor, seq_lens: Tensor, tile_size: int) -> Tensor:
+    """Tokens a selection reads: tiles ``[Rs, Hkv, S]`` (-1 pad), seq_lens ``[Rs]`` ->
+    ``[Rs, Hkv]`` int64 (the last tile may be partial)."""
+    t = tiles.long()
+    lens = seq_lens.long().view(-1, 1, 1)
+    return ((lens - t * tile_size).clamp(0, tile_size) * (t >= 0)).sum(-1)

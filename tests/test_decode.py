@@ -1,0 +1,77 @@
+"""prescore_backend.decode: the vLLM-free decode core shared by the backend and the evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from prescore_backend.config import PrescoreConfig
+from prescore_backend.decode import (
+    ScoreJob,
+    SideData,
+    config_budget,
+    floor_budget,
+    query_caps,
+    record_decode_tokens,
+    run_score_jobs,
+    select_decode_tiles,
+    tokens_read,
+)
+from prescore_backend.kernels.lsh import AngularLSH, num_words
+from prescore_backend.kernels.testing import make_paged_case
+from prescore_backend.scoring import get_scorer
+
+
+def _filled(cfg: PrescoreConfig, seq_lens: list[int], seed: int = 0):
+    B, hkv, d = 128, 3, 64
+    case = make_paged_case(seq_lens, hkv, 3, d, B, seed=seed, poison=None)
+    side = SideData.allocate(case.key_cache.shape[0], hkv, B // cfg.tile_size,
+                             lsh_words=num_words(cfg.lsh_bits), head_dim=d)
+    lsh = AngularLSH(cfg.lsh_bits, d, seed=cfg.seed)
+    scorer = get_scorer(cfg.method)
+    jobs = [ScoreJob(block_ids=case.block_tables[r, :-(-n // B)].long(), seq_len=n, first_pos=0,
+                     per_token=True, blocks_done=(0, n // B)) for r, n in enumerate(seq_lens)]
+    run_score_jobs(side, jobs, case.key_cache, scorer_for=lambda m: scorer,
+                   tile_size=cfg.tile_size, aggregate=cfg.aggregate, lsh=lsh, lsh_bits=cfg.lsh_bits)
+    return case, side, lsh
+
+
+def test_rows_with_different_budgets_select_as_alone() -> None:
+    """A row's selection does not depend on its batch neighbours' budgets (per-row caps)."""
+    for mode in ("quest", "lsh", "lsh_quest"):
+        cfg = PrescoreConfig(query_aware=mode)
+        n = 3000
+        case, side, lsh = _filled(cfg, [n] * 3)
+        nt = torch.full((3,), -(-n // 16), dtype=torch.int64)
+        budgets = torch.stack([floor_budget(cfg, config_budget(cfg.replace(keep_ratio=r), nt[:1]))
+                               for r in (0.5, 0.125, 1 / 32)]).view(3)
+        bt = case.block_tables.long()
+        sel, _, _ = select_decode_tiles(cfg, case.query, side, bt, nt, budgets,
+                                        query_caps(cfg, budgets), lsh=lsh)
+        for r in range(3):
+            alone, _, _ = select_decode_tiles(cfg, case.query[r:r + 1], side, bt[r:r + 1], nt[r:r + 1],
+                                              budgets[r:r + 1], query_caps(cfg, budgets[r:r + 1]),
+                                              lsh=lsh)
+            k = int(alone.num_selected[0, 0])
+            assert torch.equal(sel.tiles[r, :, :k], alone.tiles[0, :, :k]), (mode, r)
+            assert bool((sel.tiles[r, :, k:] == -1).all())
+            read = tokens_read(alone.tiles, case.seq_lens[r:r + 1], 16)
+            assert bool((read <= budgets[r] * 16).all())
+
+
+def test_decode_tokens_extend_tile_bounds() -> None:
+    """Quest bounds recorded token by token equal the chunk-recorded ones."""
+    cfg = PrescoreConfig()
+    n = 300
+    case, side, lsh = _filled(cfg, [n])
+    chunk = SideData(side.scores.clone(), side.masks.clone(), side.kmin.clone(), side.kmax.clone())
+    side.kmin.zero_(), side.kmax.zero_(), side.masks.zero_()
+    keys = case.keys[0]  # [Hkv, n, D]
+    bt = case.block_tables[0].long()
+    for p in range(n):
+        record_decode_tokens(side, keys[:, p].unsqueeze(0), bt[p // 128].view(1),
+                             torch.tensor([(p % 128) // 16]), torch.tensor([p % 16 == 0]),
+                             lsh=lsh, lsh_bits=cfg.lsh_bits)
+    used = bt[: -(-n // 128)]
+    assert torch.equal(side.kmin[used], chunk.kmin[used])
+    assert torch.equal(side.kmax[used], chunk.kmax[used])
+    assert torch.equal(side.masks[used], chunk.masks[used])
