@@ -7,7 +7,12 @@ prepare``); a short embedded name or any path / model id vLLM accepts works. Eve
 ``vllm serve`` flag is passed through unchanged. Defaults added only when the flag is absent:
 ``--attention-backend prescore``, ``--host 127.0.0.1``, ``--enforce-eager`` and ``--kv-cache-memory-bytes 2GiB`` on
 CPU (torch.compile warm-up costs minutes on a small CPU machine; vLLM's CPU default reserves 92%
-of the memory node), ``--served-model-name`` = the short name.
+of the memory node), ``--served-model-name`` = the short name. Always added: ``--middleware
+prescore_backend.server.middleware.RequestGuard`` (API key on every route but the probes,
+bounded request bodies: ``--max-request-body-bytes``). With more than one rank on CPU
+(``--tensor-parallel-size``/``--pipeline-parallel-size``) and fewer NUMA nodes than ranks,
+``VLLM_CPU_OMP_THREADS_BIND`` is set to share the allowed cores among the ranks (vLLM's
+automatic binding wants one NUMA node per rank and refuses to start otherwise).
 
 Why a wrapper: the ``vllm`` console script of the ``vllm-cpu`` distribution crashes on
 ``importlib.metadata.version("vllm")``; this builds vLLM's own ``serve`` sub-command parser
@@ -28,6 +33,7 @@ from prescore_backend.server.models import DEFAULT_MODEL, EMBEDDED_MODELS, Model
 
 
 _CPU_KV_CACHE_BYTES = 2 * 1024**3  # ~90k tokens of SmolLM2-135M in bf16
+GUARD = "prescore_backend.server.middleware.RequestGuard"
 
 
 def _has_flag(argv: list[str], flag: str) -> bool:
@@ -60,7 +66,52 @@ def build_argv(argv: list[str]) -> list[str]:
     if _is_cpu() and not any(_has_flag(rest, f) for f in ("--enforce-eager", "--no-enforce-eager",
                                                            "--compilation-config", "-cc", "-O")):
         defaults += ["--enforce-eager"]
+    defaults += ["--middleware", GUARD]
     return [*resolved, *defaults, *rest]
+
+
+def _flag_value(argv: list[str], flag: str, default: str) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def cpu_thread_binding(argv: list[str], cpus: list[int], numa_nodes: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a multi-rank CPU server, or None to leave vLLM's.
+
+    Ranks get contiguous, disjoint slices of the allowed cores when there are enough; with
+    fewer cores than ranks, cores are shared round-robin (slow, but it serves).
+    """
+    world = 1
+    for flag, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        world *= int(_flag_value(argv, flag, _flag_value(argv, short, "1")))
+    if world <= 1 or numa_nodes >= world or not cpus:
+        return None
+    if len(cpus) >= world:
+        per = len(cpus) // world
+        parts = [cpus[r * per:(r + 1) * per] for r in range(world)]
+    else:
+        parts = [[cpus[r % len(cpus)]] for r in range(world)]
+    return "|".join(",".join(str(c) for c in p) for p in parts)
+
+
+def _numa_nodes() -> int:
+    import glob
+
+    return max(1, len(glob.glob("/sys/devices/system/node/node[0-9]*")))
+
+
+def _set_cpu_thread_binding(argv: list[str]) -> None:
+    if not _is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    bind = cpu_thread_binding(argv, sorted(os.sched_getaffinity(0)), _numa_nodes())
+    if bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        print(f"prescore-serve: VLLM_CPU_OMP_THREADS_BIND={bind} (one slice of cores per rank)",
+              file=sys.stderr)
 
 
 def _is_cpu() -> bool:
@@ -138,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     _setup_prometheus_dir()
     _allow_endpoint_plugin()
+    _set_cpu_thread_binding(serve_argv)
 
     from vllm.entrypoints.cli import serve as serve_cmd
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -152,11 +204,38 @@ def main(argv: list[str] | None = None) -> None:
     sub.usage = "prescore-serve [MODEL] [vllm serve options]"
     sub.set_defaults(dispatch_function=cmd.cmd)
     _add_prescore_flags(sub)
+    sub.add_argument("--http-shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="After SIGTERM and the engine's stop (vLLM's --shutdown-timeout: 0 "
+                     "aborts running requests, N drains them for up to N s), close HTTP "
+                     "connections still open after this many seconds, so the process exits "
+                     "in bounded time. Default: 5.")
+    sub.add_argument("--max-request-body-bytes", type=int, default=None, metavar="BYTES",
+                     help="Refuse request bodies larger than this with HTTP 413 (prescore's "
+                     "RequestGuard). Default: 8 MiB.")
     args = parser.parse_args(["serve", *serve_argv])
     _export_prescore_flags(args)
+    if args.max_request_body_bytes is not None and args.max_request_body_bytes < 1024:
+        print("prescore-serve: error: --max-request-body-bytes must be at least 1024",
+              file=sys.stderr)
+        sys.exit(2)
+    if args.http_shutdown_timeout < 0:
+        print("prescore-serve: error: --http-shutdown-timeout must be >= 0", file=sys.stderr)
+        sys.exit(2)
     configure_logging_from_args(args)
     cmd.validate(args)
+    _bound_http_shutdown(serve_cmd, args.http_shutdown_timeout)
     args.dispatch_function(args)
+
+
+def _bound_http_shutdown(serve_module, seconds: float) -> None:
+    """Give uvicorn a graceful-shutdown timeout. vLLM's single-server path starts uvicorn
+    without one: after SIGTERM with the default abort mode the engine is gone, but uvicorn
+    waits for every open (streaming) connection to close, i.e. for the clients' own
+    timeouts; the process then outlives Kubernetes' grace period and is killed."""
+    import functools
+
+    run_server = serve_module.run_server
+    serve_module.run_server = functools.partial(run_server, timeout_graceful_shutdown=seconds)
 
 
 if __name__ == "__main__":

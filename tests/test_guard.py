@@ -1,0 +1,76 @@
+"""Unit tests of prescore-serve's request guard and CPU rank binding (no engine)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from prescore_backend.server import cli
+from prescore_backend.server.middleware import RequestGuard
+
+
+async def _echo(request):
+    body = await request.body()
+    return JSONResponse({"len": len(body)})
+
+
+def _client(api_key=None, limit=None) -> TestClient:
+    app = Starlette(routes=[Route(p, _echo, methods=["GET", "POST"])
+                            for p in ("/health", "/metrics", "/v1/x")])
+    app.state.args = SimpleNamespace(api_key=api_key, max_request_body_bytes=limit)
+    app.add_middleware(RequestGuard)
+    return TestClient(app)
+
+
+def test_api_key_required_everywhere_but_probes(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    c = _client(api_key=["k1", "k2"])
+    assert c.get("/health").status_code == 200
+    for path in ("/metrics", "/v1/x"):
+        r = c.get(path)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert c.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.get(path, headers={"Authorization": "Basic k1"}).status_code == 401
+        assert c.get(path, headers={"Authorization": "Bearer k2"}).status_code == 200
+
+
+def test_no_key_configured_means_open(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert _client().get("/metrics").status_code == 200
+    monkeypatch.setenv("VLLM_API_KEY", "envkey")  # vLLM's other source of the key
+    c = _client()
+    assert c.get("/metrics").status_code == 401
+    assert c.get("/metrics", headers={"Authorization": "Bearer envkey"}).status_code == 200
+
+
+def test_body_limit_announced_and_streamed():
+    c = _client(limit=1000)
+    assert c.post("/v1/x", content=b"x" * 1000).json() == {"len": 1000}
+    r = c.post("/v1/x", content=b"x" * 1001)
+    assert r.status_code == 413 and "--max-request-body-bytes" in r.json()["error"]["message"]
+    r = c.post("/v1/x", content=(b"x" * 300 for _ in range(4)))  # chunked, no Content-Length
+    assert r.status_code == 413
+    assert c.post("/v1/x", content=(b"x" * 300 for _ in range(3))).json() == {"len": 900}
+
+
+@pytest.mark.parametrize("argv,cpus,nodes,want", [
+    ([], [0, 1], 1, None),                                          # one rank: vLLM's default
+    (["--tensor-parallel-size", "2"], [0, 1, 2, 3], 1, "0,1|2,3"),
+    (["-tp", "3"], [0, 1], 1, "0|1|0"),                             # fewer cores than ranks
+    (["--tensor-parallel-size=2", "--pipeline-parallel-size", "2"], list(range(8)), 1,
+     "0,1|2,3|4,5|6,7"),
+    (["--tensor-parallel-size", "2"], [0, 1, 2, 3], 2, None),       # a NUMA node per rank
+])
+def test_cpu_thread_binding(argv, cpus, nodes, want):
+    assert cli.cpu_thread_binding(argv, cpus, nodes) == want
+
+
+def test_build_argv_adds_the_guard(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
+    argv = cli.build_argv(["/some/model"])
+    assert argv[argv.index("--middleware") + 1] == cli.GUARD
