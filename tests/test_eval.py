@@ -1,0 +1,130 @@
+"""The quality evaluation (bench/eval_*.py): model parity, decode-faithful harness, smoke runs.
+
+The full runs (`make results`) are not run here; a tiny configuration of each is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import eval_core  # noqa: E402
+import eval_quality  # noqa: E402
+import eval_report  # noqa: E402
+from llama_ref import Llama  # noqa: E402
+
+CTX = 512  # a multiple of the KV block (128)
+
+
+@pytest.fixture(scope="module")
+def model(model_path: str) -> Llama:
+    torch.set_num_threads(1)
+    return Llama(model_path)
+
+
+@pytest.fixture(scope="module")
+def tokens(model_path: str) -> torch.Tensor:
+    return eval_core.text_tokens(model_path, "hamlet_gut")
+
+
+def test_llama_matches_transformers(model: Llama, model_path: str, tokens: torch.Tensor) -> None:
+    """The evaluation's forward equals transformers' LlamaForCausalLM on real text.
+
+    Both run fp32; they differ only in operation order (fused q/k/v and gate/up matmuls, SDPA
+    vs eager attention), i.e. by rounding: ~1e-4 on logits of magnitude ~30 after 30 layers.
+    2e-3 absolute on log-probabilities is ~20x that and far below any effect measured.
+    """
+    from transformers import LlamaForCausalLM
+
+    ids = tokens[1000:1064]
+    hf = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                          attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids[None]).logits[0], -1)
+    ours = torch.log_softmax(model.prefill(ids, logits="all"), -1)
+    assert (ours - ref).abs().max().item() < 2e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_decode_steps_keep_all_and_equal_budgets(model: Llama, tokens: torch.Tensor) -> None:
+    """Teacher-forced decode steps reproduce the exact prefill; every method at keep 1 (all
+    tiles selected, through the sparse kernel) equals dense; at keep 1/2 every method reads
+    the same number of tiles (the backend's budget).
+
+    Tokens read are equal too, except that the oracle, which has no forced window, may swap the
+    partial last tile for a full one (at most T - 1 more tokens per row, head and step).
+    """
+    n = 4
+    seq = tokens[2000:2000 + CTX + n + 1]
+    methods = ["dense", "prescore_leverage", "quest", "hyper_lsh", "streaming", "oracle",
+               "random_tiles"]
+    res = eval_core.run_context(model, seq, CTX, n, methods, [1.0, 0.5], log=lambda s: None)
+    logits = model.prefill(seq[: CTX + n], logits="all")[CTX:]  # predicts tokens CTX+1 ..
+    ref = -torch.log_softmax(logits.double(), -1).gather(1, seq[CTX + 1: CTX + n + 1, None])[:, 0]
+    dense = torch.tensor(res.token_nll[("dense", 1.0)], dtype=torch.float64)
+    assert (dense - ref).abs().max().item() < 1e-3
+    for m in methods[1:]:
+        got = torch.tensor(res.token_nll[(m, 1.0)], dtype=torch.float64)
+        assert (got - dense).abs().max().item() < 1e-4, m
+        assert res.read[(m, 1.0)] == res.total[(m, 1.0)], m  # keep 1 reads everything
+    reads = {m: res.read[(m, 0.5)] for m in methods[1:]}
+    assert len({v for m, v in reads.items() if m != "oracle"}) == 1, reads
+    assert 0 <= reads["oracle"] - reads["streaming"] <= 15 * n * 30 * 3, reads
+    assert reads["streaming"] < 0.6 * res.total[("streaming", 0.5)]
+
+
+def test_smoke_quality_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    assert eval_quality.main(["--smoke", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert run["context"] == CTX and data["meta"]["new_tokens"] == 16
+    rows = {(r["method"], r["ratio"]): r for r in run["rows"]}
+    assert set(rows) == {("dense", 1.0), ("prescore_leverage", 0.25)}
+    assert 0 < rows[("prescore_leverage", 0.25)]["read_fraction"] < 1
+    assert all(len(r["token_nll"]) == 16 for r in rows.values())
+    fid = run["fidelity"][0]
+    assert len(fid["recall"]) == 30 and all(0 < x <= 1 for x in fid["recall"])
+    assert eval_report.main(["--quality", str(out), "--kvpress", str(tmp_path / "none.json"),
+                             "--tuning", str(tmp_path / "none.json"),
+                             "--out-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "prescore leverage + quest" in report and "1 thread" in report
+    for png in ("ppl_vs_read.png", "fidelity_recall.png", "fidelity_layers.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+
+
+def _kvpress_python() -> Path:
+    env = os.environ.get("KVPRESS_VENV")
+    venv = Path(env) if env else eval_core.cache_dir() / "kvpress-venv"
+    return venv / "bin" / "python"
+
+
+@pytest.mark.skipif(not _kvpress_python().exists(),
+                    reason="kvpress venv not made (bench/kvpress_venv.sh; make results makes it)")
+def test_smoke_kvpress(tmp_path: Path) -> None:
+    spec = tmp_path / "quality.json"
+    spec.write_text(json.dumps({"meta": {
+        "model": "smollm2-135m", "text": "hamlet_gut", "contexts": [CTX], "ratios": [0.25],
+        "new_tokens": 4, "eval_start": CTX}}))
+    out = tmp_path / "kvpress.json"
+    env = {**os.environ, "PRESCORE_CACHE": str(eval_core.cache_dir())}
+    proc = subprocess.run([str(_kvpress_python()), str(REPO / "bench" / "eval_kvpress.py"),
+                           "--spec", str(spec), "--out", str(out),
+                           "--presses", "kvpress_snapkv"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["check_max_abs_nll_diff"] < 1e-3
+    rows = {r["method"]: r for r in run["rows"]}
+    assert rows["kvpress_snapkv"]["kept_tokens"] == CTX // 4
+    assert 0.25 < rows["kvpress_snapkv"]["read_fraction"] < 0.3
