@@ -6,9 +6,12 @@ step, from vLLM's per-request timestamps (``ignore_eos``), plus the greedy agree
 PRESCORE's tokens with CPU_ATTN's. Prompts are real English text (CPython's reference
 topics, shipped with every Python). Prints a table and writes JSON.
 
-    .venv/bin/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8
+    .venv/bin/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
+        --keep-ratios 0.125,0.0625 --report docs/results
 
-Environment: PRESCORE_* settings apply to the PRESCORE engine (e.g. PRESCORE_KEEP_RATIO).
+Environment: PRESCORE_* settings apply to the PRESCORE engines; ``--keep-ratios`` runs one
+PRESCORE engine per keep ratio (labelled ``PRESCORE@r``). ``--report DIR`` also writes
+``DIR/speed.json``, ``DIR/speed.md`` and ``DIR/speed_vs_context.png``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def _prompts(tok, n_tokens: int, batch: int) -> list[list[int]]:
     return [ids[i * step: i * step + n_tokens] for i in range(batch)]
 
 
-def _worker(backend: str, args: dict, q) -> None:
+def _worker(label: str, args: dict, q) -> None:
+    backend, _, ratio = label.partition("@")
+    if ratio:
+        os.environ["PRESCORE_KEEP_RATIO"] = ratio
     import torch
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -54,6 +60,8 @@ def _worker(backend: str, args: dict, q) -> None:
     rows = []
     for ctx in args["contexts"]:
         for batch in args["batches"]:
+            if ctx * batch > args["max_batch_tokens"]:
+                continue
             prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts(tok, ctx, batch)]
             params = SamplingParams(temperature=0, max_tokens=args["decode_tokens"],
                                     ignore_eos=True)
@@ -64,10 +72,10 @@ def _worker(backend: str, args: dict, q) -> None:
             step = [(o.metrics.last_token_ts - o.metrics.first_token_ts)
                     / max(1, len(o.outputs[0].token_ids) - 1) for o in outs]
             per_tok = sum(step) / len(step)
-            rows.append(dict(backend=backend, ctx=ctx, batch=batch, ttft_s=max(ttft),
+            rows.append(dict(backend=label, ctx=ctx, batch=batch, ttft_s=max(ttft),
                              decode_ms_per_step=per_tok * 1e3, decode_tok_s=batch / per_tok,
                              tokens=[list(o.outputs[0].token_ids) for o in outs]))
-            print(f"  {backend:9s} ctx={ctx:5d} batch={batch}: ttft {max(ttft):7.2f} s, "
+            print(f"  {label:9s} ctx={ctx:5d} batch={batch}: ttft {max(ttft):7.2f} s, "
                   f"decode {per_tok * 1e3:7.1f} ms/step ({batch / per_tok:6.1f} tok/s)",
                   flush=True)
     llm.llm_engine.engine_core.shutdown()  # stop the engine processes before leaving
@@ -97,16 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backends", default="CPU_ATTN,PRESCORE")
     p.add_argument("--kv-gib", type=float, default=4.0)
+    p.add_argument("--keep-ratios", default="",
+                   help="comma-separated keep ratios: one PRESCORE engine each")
+    p.add_argument("--max-batch-tokens", type=int, default=40000,
+                   help="skip (context, batch) pairs whose prefill exceeds this many tokens")
     p.add_argument("--out", default=None)
+    p.add_argument("--report", default=None, help="directory for speed.{json,md,png}")
     a = p.parse_args(argv)
     contexts = [int(x) for x in a.contexts.split(",")]
     args = dict(model=resolve_model(a.model), contexts=contexts,
                 batches=[int(x) for x in a.batches.split(",")], decode_tokens=a.decode_tokens,
                 dtype=a.dtype, threads=a.threads, kv_bytes=int(a.kv_gib * 1024**3),
-                max_model_len=max(contexts) + a.decode_tokens + 8)
+                max_model_len=max(contexts) + a.decode_tokens + 8,
+                max_batch_tokens=a.max_batch_tokens)
     results: dict[str, list[dict]] = {}
     ctx_mp = mp.get_context("spawn")
-    for backend in a.backends.split(","):
+    labels = a.backends.split(",")
+    if a.keep_ratios:
+        labels = [b for b in labels if b != "PRESCORE"] + [
+            f"PRESCORE@{r}" for r in a.keep_ratios.split(",")]
+    for backend in labels:
         print(f"# {backend}", flush=True)
         q = ctx_mp.Queue()
         proc = ctx_mp.Process(target=_worker, args=(backend, args, q))
@@ -135,11 +153,81 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"bench/out/vllm_decode_{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k.startswith("PRESCORE_")}
-    out.write_text(json.dumps(dict(machine=platform.processor() or platform.machine(),
-                                   cpus=os.cpu_count(), args=args, prescore_env=env,
-                                   rows=table), indent=1))
+    data = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                args=args, prescore_env=env, command="python bench/bench_vllm_decode.py "
+                + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+                date=time.strftime("%Y-%m-%d"), rows=table)
+    out.write_text(json.dumps(data, indent=1))
     print(f"# wrote {out}")
+    if a.report:
+        print(f"# wrote {write_report(data, Path(a.report))}")
     return 0
+
+
+def side_data_bytes_per_token(num_kv_heads: int, head_dim: int, tile: int, elt: int,
+                              bounds: bool = True, lsh_words: int = 0) -> float:
+    """Side data per token and layer (as ``SideData.bytes_per_token``): an fp32 score per tile
+    and KV head, plus Quest key min/max per tile in the cache dtype, plus LSH bitmask words."""
+    per_tile = 4 + (2 * head_dim * elt if bounds else 0) + 8 * lsh_words
+    return num_kv_heads * per_tile / tile
+
+
+def write_report(data: dict, out_dir: Path) -> Path:
+    """speed.json + speed.md (table, TTFT overhead, side-data memory) + speed_vs_context.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = data["rows"]
+    slim = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
+    (out_dir / "speed.json").write_text(json.dumps({**data, "rows": slim}, indent=1))
+    base = {(r["ctx"], r["batch"]): r for r in rows if r["backend"] == "CPU_ATTN"}
+    elt = 2 if data["args"]["dtype"] in ("bfloat16", "float16") else 4
+    side = side_data_bytes_per_token(3, 64, 16, elt)
+    kv = 2 * 3 * 64 * elt
+    machine = f"{data['machine']} CPU, {data['cpus']} cores, {data['args']['threads']} thread(s)"
+    lines = ["# Decode speed through vLLM: PRESCORE vs CPU_ATTN", "",
+             f"Machine: {machine}, no GPU. Model: SmolLM2-135M-Instruct (embedded), "
+             f"{data['args']['dtype']}, eager. Prompts: CPython's reference text. "
+             f"{data['args']['decode_tokens']} decode tokens per request, ignore_eos, one step "
+             f"prefills the whole batch. Date {data['date']}. Command: `{data['command']}`.", "",
+             "| context | batch | backend | TTFT s | TTFT vs CPU_ATTN | decode ms/step | tokens/s "
+             "| speedup vs CPU_ATTN | greedy agreement (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["batch"], r["ctx"], r["backend"])):
+        b = base.get((r["ctx"], r["batch"]))
+        ttft_x = f"{r['ttft_s'] / b['ttft_s']:.2f}x" if b else "-"
+        sp = f"{r['speedup_vs_cpu_attn']:.2f}x" if r.get("speedup_vs_cpu_attn") else "-"
+        ag = f"{r['greedy_agreement_mean']:.1f}" if "greedy_agreement_mean" in r else "-"
+        lines.append(f"| {r['ctx']} | {r['batch']} | {r['backend']} | {r['ttft_s']:.2f} | {ttft_x} "
+                     f"| {r['decode_ms_per_step']:.1f} | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
+    lines += ["", f"Side data per token and layer (scores + Quest key bounds, {data['args']['dtype']}"
+              f" cache): {side:.2f} bytes, vs {kv} bytes of K and V ({100 * side / kv:.1f}%).",
+              "TTFT vs CPU_ATTN includes pre-scoring and the loss of vLLM's AMX prefill kernels "
+              "(prescore pins the 'vec' cache layout).", "",
+              "![speedup vs context](speed_vs_context.png)", "",
+              f"*Figure: decode speedup of PRESCORE over CPU_ATTN (ms/step ratio) vs context; "
+              f"{machine}; SmolLM2-135M; `{data['command']}`.*", ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in sorted({r["backend"] for r in rows} - {"CPU_ATTN"}):
+        for batch in sorted({r["batch"] for r in rows}):
+            pts = sorted((r["ctx"], r["speedup_vs_cpu_attn"]) for r in rows
+                         if r["backend"] == label and r["batch"] == batch
+                         and r.get("speedup_vs_cpu_attn"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{label}, batch {batch}")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode speedup vs CPU_ATTN (x)")
+    ax.set_title("PRESCORE decode speedup through vLLM")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speed_vs_context.png", dpi=120)
+    plt.close(fig)
+    path = out_dir / "speed.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 if __name__ == "__main__":

@@ -162,3 +162,26 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server):
     ok = requests.post(url, json={"model": "smollm2-135m", "prompt": "The capital of France is",
                                   "max_tokens": 4, "temperature": 0}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(" Paris")
+
+
+def test_passkey_retrieval_smoke_prescore_vs_exact(server, client, tmp_path):
+    """Smoke configuration of bench/eval_retrieval.py: one ~2.4k-token passkey prompt (above
+    min_seq_len, so the prescore answer is sparse-decoded) sent in both modes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import eval_retrieval
+
+    before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    rows = eval_retrieval.run(client, "smollm2-135m", [2400], [0.5], trials=1, seed=1)
+    after = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
+    assert [r["mode"] for r in rows] == ["exact", "prescore"]
+    assert all(r["tokens"] > 2048 for r in rows)
+    assert after["sparse_decode_rows"] > before["sparse_decode_rows"]
+    assert rows[0]["correct"], rows[0]  # the exact model finds the key at this length
+    path = eval_retrieval.write(rows, {"machine": "test", "model": "smollm2-135m",
+                                       "settings": {}, "command": "pytest"}, tmp_path)
+    assert "| ~2400 |" in path.read_text()
+    saved = __import__("json").loads((tmp_path / "retrieval.json").read_text())
+    assert set(saved["accuracy"]) == {"exact", "prescore"} and len(saved["rows"]) == 2

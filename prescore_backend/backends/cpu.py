@@ -373,8 +373,8 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         self.side: SideData | None = None
         # Build/load the fused CPU kernel now (once per process), not on the first request.
         fused = cpu_kernel_available()
-        logger.info("Using PRESCORE attention backend (CPU, %s sparse decode)",
-                    "fused C++" if fused else "torch")
+        logger.info_once("Using PRESCORE attention backend (CPU, %s sparse decode)",
+                         "fused C++" if fused else "torch")
 
     # --------------------------------------------------------------------- side data
     def _side(self, kv_cache: Tensor) -> SideData:
