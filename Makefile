@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model serve test results results-tuning clean help
+.PHONY: setup model serve test results results-tuning results-serving clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -19,6 +19,7 @@ help:
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model (idempotent)"
 	@echo "make results quality evaluation -> docs/results/ (~45 min of one CPU core)"
+	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 
 setup: $(STAMP)
 
@@ -54,6 +55,13 @@ results-tuning: model
 	$(BIN)/python bench/eval_quality.py --contexts 4096,max --ratios 0.25,0.125,0.0625,0.03125 \
 		--fid-queries 0 --out docs/results/tuning.json --methods "$(TUNING_METHODS)"
 	$(BIN)/python bench/eval_report.py
+
+# Through real vLLM engines (one at a time): passkey retrieval prescore vs exact, and decode
+# speed PRESCORE vs CPU_ATTN -> docs/results/{retrieval,speed}.{json,md}, speed_vs_context.png.
+results-serving: model
+	$(BIN)/python bench/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
+	$(BIN)/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
+		--keep-ratios 0.125,0.0625 --report docs/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
