@@ -175,17 +175,20 @@ def _bench_backend(backend: str, args) -> dict:
         warm = make_prompts(args.warmup, args.long_fraction, args.long_chars, seed=1)
         run_load(srv.url, "smollm2-135m", warm, concurrency=args.concurrency,
                  max_tokens=args.max_tokens)
-        rss_before = engine_rss_mb(srv.proc.pid)
+        rss = [engine_rss_mb(srv.proc.pid)]
         prompts = make_prompts(args.requests, args.long_fraction, args.long_chars, seed=2)
-        results, wall = run_load(srv.url, "smollm2-135m", prompts,
-                                 concurrency=args.concurrency, max_tokens=args.max_tokens)
-        time.sleep(2)
-        rss_after = engine_rss_mb(srv.proc.pid)
+        results, wall = [], 0.0
+        for i in range(0, len(prompts), args.round):  # RSS sampled after every round
+            res, w = run_load(srv.url, "smollm2-135m", prompts[i:i + args.round],
+                              concurrency=args.concurrency, max_tokens=args.max_tokens)
+            results += res
+            wall += w
+            rss.append(engine_rss_mb(srv.proc.pid))
     finally:
         srv.stop()
     out = summarize(results, wall)
-    out.update(backend=backend, rss_after_warmup_mb=rss_before, rss_after_run_mb=rss_after,
-               rss_growth_mb=rss_after - rss_before)
+    out.update(backend=backend, rss_after_warmup_mb=rss[0], rss_after_run_mb=rss[-1],
+               rss_growth_mb=rss[-1] - rss[0], rss_per_round_mb=rss)
     return out
 
 
@@ -194,6 +197,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["PRESCORE", "CPU_ATTN"])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--round", type=int, default=40, help="requests between RSS samples")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--long-fraction", type=float, default=0.1)
@@ -211,6 +215,9 @@ def main() -> None:
                                 for c in cols) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2))
+    for r in rows:
+        print(f"{r['backend']}: engine RSS MiB after warm-up and each round of {args.round}: "
+              + ", ".join(f"{x:.0f}" for x in r["rss_per_round_mb"]))
     print(f"wrote {args.out}")
 
 
