@@ -18,7 +18,7 @@ help:
 	@echo "make test    set up, prepare the embedded model, run the test suite"
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model (idempotent)"
-	@echo "make results quality evaluation -> docs/results/ (~45 min of one CPU core)"
+	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 
 setup: $(STAMP)
