@@ -190,3 +190,22 @@ def test_query_aligned_with_planted_key_recovers_its_mass(name, kwargs):
 
     assert (recovered(name, **kwargs) > 0.9).all()
     assert (recovered("random") < 0.9).any()  # the budget is tight: a blind choice fails
+
+
+def test_leverage_survives_non_finite_or_degenerate_keys():
+    """A Gram that cannot be factored (non-finite keys) must not raise inside the engine:
+    that head falls back to scaled key norms; other heads keep exact leverage."""
+    from prescore_backend.scoring import get_scorer
+    from prescore_backend.scoring.leverage import ridge_leverage
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 256, 64, generator=g)
+    bad = keys.clone()
+    bad[1, 7, 3] = float("inf")
+    scorer = get_scorer("leverage")
+    out = scorer.score_prefixes(bad, 0, [128, 256], grain=128)  # must not raise
+    assert out.shape == (3, 256)
+    good = scorer.score_prefixes(keys, 0, [128, 256], grain=128)
+    torch.testing.assert_close(out[0], good[0])
+    torch.testing.assert_close(out[2], good[2])
+    assert torch.isfinite(ridge_leverage(torch.zeros(2, 16, 8))).all()  # all-zero keys too

@@ -23,11 +23,27 @@ __all__ = ["LeverageScorer", "KeyNormScorer", "ridge_leverage", "sketched_levera
 
 
 def _ridge_cholesky(gram: Tensor, ridge: float) -> Tensor:
-    """Cholesky factor of gram + lambda I, lambda = ridge * trace / D (scale-free): ``[H, D, D]``."""
+    """Cholesky factor of gram + lambda I, lambda = ridge * trace / D (scale-free): ``[H, D, D]``.
+
+    Factored in float64 (D x D, cheap) so that fp32 rounding of large Grams cannot make the
+    ridge-regularized matrix indefinite. A Gram that still does not factor (non-finite keys,
+    seen with positions past a model's trained length) must not take the engine down: its
+    factor becomes sqrt(lambda') I with lambda' = trace / D (or 1), which turns the score into
+    the scaled squared key norm for that head - a documented fallback, not an exact leverage.
+    """
     D = gram.shape[-1]
-    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / D + 1e-30  # [H]
-    eye = torch.eye(D, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + lam.view(-1, 1, 1) * eye)
+    g = gram.double()
+    eye = torch.eye(D, dtype=g.dtype, device=g.device)
+    trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)  # [H]
+    lam = ridge * trace / D + 1e-30
+    L, info = torch.linalg.cholesky_ex(g + lam.view(-1, 1, 1) * eye)
+    bad = info != 0  # [H]
+    if bool(bad.any()):
+        scale = torch.where(torch.isfinite(trace) & (trace > 0), trace / D,
+                            torch.ones_like(trace))
+        L = torch.where(bad.view(-1, 1, 1), scale.sqrt().view(-1, 1, 1) * eye,
+                        torch.nan_to_num(L))
+    return L.to(gram.dtype)
 
 
 def ridge_leverage(keys: Tensor, ridge: float = 1e-3) -> Tensor:
