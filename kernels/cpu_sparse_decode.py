@@ -31,8 +31,51 @@ _SRC = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+// Loads as float; bf16 is widened by a shift so the loops around it vectorize.
+template <typename T> static inline float ld(const T* p) { return static_cast<float>(*p); }
+template <> inline float ld<c10::BFloat16>(const c10::BFloat16* p) {
+  const uint32_t u = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// e^x for x <= 0 (softmax numerators), branch-free so loops over it vectorize: 2^(x log2 e)
+// split as 2^k * 2^f with k = round(.), f in [-1/2, 1/2], 2^f by its degree-6 Taylor
+// polynomial (relative error < 2e-7, at float rounding). x < -87 is clamped (e^-87 ~ 1.6e-38).
+static inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.4426950408889634f;
+  const float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  const float f = (t - k) * 0.6931471805599453f;    // f ln 2, in [-0.347, 0.347]
+  float p = 1.3888889e-3f;
+  p = p * f + 8.3333333e-3f;
+  p = p * f + 4.1666667e-2f;
+  p = p * f + 1.6666667e-1f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float s;
+  std::memcpy(&s, &bits, 4);
+  return p * s;
+}
+
+static inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  __builtin_prefetch(c + bytes - 1, 0, 3);
+}
+
+// Tiles this many positions ahead are prefetched while one is computed: a tile's K^T rows are
+// D separate cache lines (vLLM's CPU layout), which the hardware prefetchers do not follow.
+constexpr int64_t kPrefetchAhead = 2;
 
 template <typename scalar_t>
 static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
@@ -42,8 +85,9 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
                 const int32_t* tiles, int64_t S, float* out, float* lse,
                 int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const int64_t es = sizeof(scalar_t);
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * T), acc(G * D), m(G), l(G);
+    std::vector<float> s(G * T), acc(G * D), m(G), l(G), kf(T), vf(D);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const float* qg = q + rh * G * D;  // query heads h*G .. h*G+G-1 of row r
@@ -52,58 +96,93 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t L = seq_lens[r];
       const int32_t* tl = tiles + rh * S;
+      const int32_t* btr = bt + r * bt_stride;
+      auto prefetch_tile = [&](int64_t si) {
+        if (si >= S) return;
+        const int64_t t = tl[si], tok0 = t * T;
+        if (t < 0 || tok0 >= L) return;
+        const int64_t n = std::min<int64_t>(T, L - tok0);
+        const int64_t blk = btr[tok0 / B], off = tok0 % B;
+        const scalar_t* kp = kb + blk * ks0 + h * ks1 + off * kst;
+        const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
+        if (kst == 1) {
+          for (int64_t d = 0; d < D; ++d) prefetch_span(kp + d * ksd, n * es);
+        } else if (ksd == 1) {
+          for (int64_t i = 0; i < n; ++i) prefetch_span(kp + i * kst, D * es);
+        }
+        if (vsd == 1) {
+          if (vst == D) prefetch_span(vp, n * D * es);
+          else for (int64_t i = 0; i < n; ++i) prefetch_span(vp + i * vst, D * es);
+        }
+      };
+      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch_tile(si);
       for (int64_t si = 0; si < S; ++si) {
+        prefetch_tile(si + kPrefetchAhead);
         const int64_t t = tl[si];
         if (t < 0) continue;
         const int64_t tok0 = t * T;
         const int64_t n = std::min<int64_t>(T, L - tok0);
         if (n <= 0) continue;
-        const int64_t blk = bt[r * bt_stride + tok0 / B], off = tok0 % B;
+        const int64_t blk = btr[tok0 / B], off = tok0 % B;
         const scalar_t* kp = kb + blk * ks0 + h * ks1 + off * kst;
         const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
+        // scores s[g, i] = q_g . k_i (q pre-scaled)
         std::fill(s.begin(), s.end(), 0.f);
         if (kst == 1) {  // K^T: for each dim, n contiguous tokens
           for (int64_t d = 0; d < D; ++d) {
             const scalar_t* kd = kp + d * ksd;
+            for (int64_t i = 0; i < n; ++i) kf[i] = ld(kd + i);
             for (int64_t g = 0; g < G; ++g) {
               const float qv = qg[g * D + d];
               float* sg = s.data() + g * T;
-              for (int64_t i = 0; i < n; ++i) sg[i] += qv * static_cast<float>(kd[i]);
+              for (int64_t i = 0; i < n; ++i) sg[i] += qv * kf[i];
             }
           }
         } else {
           for (int64_t i = 0; i < n; ++i) {
             const scalar_t* ki = kp + i * kst;
+            for (int64_t d = 0; d < D; ++d) vf[d] = ld(ki + d * ksd);
             for (int64_t g = 0; g < G; ++g) {
+              const float* qd = qg + g * D;
               float a = 0.f;
-              for (int64_t d = 0; d < D; ++d) a += qg[g * D + d] * static_cast<float>(ki[d * ksd]);
+              for (int64_t d = 0; d < D; ++d) a += qd[d] * vf[d];
               s[g * T + i] = a;
             }
           }
         }
+        // online softmax: rescale the running state, scores -> probabilities in place
         for (int64_t g = 0; g < G; ++g) {
           float* sg = s.data() + g * T;
           float mx = sg[0];
           for (int64_t i = 1; i < n; ++i) mx = std::max(mx, sg[i]);
           const float mnew = std::max(m[g], mx);
           const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
-          float* ag = acc.data() + g * D;
           if (corr != 1.f) {
+            float* ag = acc.data() + g * D;
             for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
           }
-          float lsum = l[g] * corr;
+          float lsum = 0.f;
           for (int64_t i = 0; i < n; ++i) {
-            const float p = std::exp(sg[i] - mnew);
+            const float p = exp_nonpos(sg[i] - mnew);
+            sg[i] = p;
             lsum += p;
-            const scalar_t* vi = vp + i * vst;
-            if (vsd == 1) {
-              for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<float>(vi[d]);
-            } else {
-              for (int64_t d = 0; d < D; ++d) ag[d] += p * static_cast<float>(vi[d * vsd]);
-            }
           }
-          l[g] = lsum;
+          l[g] = l[g] * corr + lsum;
           m[g] = mnew;
+        }
+        // acc[g] += sum_i p[g, i] v_i (each V row widened once for the G heads)
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* vi = vp + i * vst;
+          if (vsd == 1) {
+            for (int64_t d = 0; d < D; ++d) vf[d] = ld(vi + d);
+          } else {
+            for (int64_t d = 0; d < D; ++d) vf[d] = ld(vi + d * vsd);
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * T + i];
+            float* ag = acc.data() + g * D;
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * vf[d];
+          }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -111,6 +190,157 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
         const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
         for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
         lse[rh * G + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : NEG_INF;
+      }
+    }
+  });
+}
+
+// ---- Fast path: K^T token-contiguous (vLLM's CPU "vec" layout), V dim-contiguous, T and D
+// multiples of 16, G <= 8. Works on 16-token chunks held in vector registers (GCC vector
+// extensions: zmm with AVX-512, pairs of ymm with AVX2): the G score vectors of a chunk and
+// the G accumulators of a 16-dim slice of the output stay in registers.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+template <typename T> static inline v16f load16(const T* p) {
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i]);
+  v16f x;
+  std::memcpy(&x, t, 64);
+  return x;
+}
+template <> inline v16f load16<float>(const float* p) {
+  v16f x;
+  std::memcpy(&x, p, 64);
+  return x;
+}
+template <> inline v16f load16<c10::BFloat16>(const c10::BFloat16* p) {
+  v16h h;
+  std::memcpy(&h, p, 32);
+  const v16u u = __builtin_convertvector(h, v16u) << 16;
+  v16f x;
+  std::memcpy(&x, &u, 64);
+  return x;
+}
+
+static inline v16f vexp_nonpos(v16f x) {  // exp_nonpos on 16 lanes
+  const v16f lo = v16f{} - 87.0f;
+  x = x < lo ? lo : x;
+  const v16f t = x * 1.4426950408889634f;
+  const v16f k = (t + 12582912.0f) - 12582912.0f;
+  const v16f f = (t - k) * 0.6931471805599453f;
+  v16f p = v16f{} + 1.3888889e-3f;
+  p = p * f + 8.3333333e-3f;
+  p = p * f + 4.1666667e-2f;
+  p = p * f + 1.6666667e-1f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const v16i bits = (__builtin_convertvector(k, v16i) + 127) << 23;
+  v16f s;
+  std::memcpy(&s, &bits, 64);
+  return p * s;
+}
+
+static inline float hmax(v16f x) {
+  float m = x[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, x[i]);
+  return m;
+}
+static inline float hsum(v16f x) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
+
+template <typename scalar_t, int GG>
+static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
+                     int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
+                     const int32_t* bt, int64_t bt_stride, const int32_t* seq_lens,
+                     const int32_t* tiles, int64_t S, float* out, float* lse,
+                     int64_t R, int64_t Hkv, int64_t D, int64_t B, int64_t T) {
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  const int64_t es = sizeof(scalar_t);
+  v16f iota;
+  for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(GG * D);
+    alignas(64) float p[GG][16];
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const float* qg = q + rh * GG * D;  // query heads h*G .. h*G+G-1 of row r
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float m[GG], l[GG];
+      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
+      const int64_t L = seq_lens[r];
+      const int32_t* tl = tiles + rh * S;
+      const int32_t* btr = bt + r * bt_stride;
+      auto prefetch_tile = [&](int64_t si) {
+        if (si >= S) return;
+        const int64_t t = tl[si], tok0 = t * T;
+        if (t < 0 || tok0 >= L) return;
+        const int64_t n = std::min<int64_t>(T, L - tok0);
+        const int64_t blk = btr[tok0 / B], off = tok0 % B;
+        const scalar_t* kp = kb + blk * ks0 + h * ks1 + off;
+        const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
+        for (int64_t d = 0; d < D; ++d) prefetch_span(kp + d * ksd, n * es);
+        if (vst == D) prefetch_span(vp, n * D * es);
+        else for (int64_t i = 0; i < n; ++i) prefetch_span(vp + i * vst, D * es);
+      };
+      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch_tile(si);
+      for (int64_t si = 0; si < S; ++si) {
+        prefetch_tile(si + kPrefetchAhead);
+        const int64_t t = tl[si];
+        if (t < 0) continue;
+        const int64_t tok0 = t * T;
+        const int64_t blk = btr[tok0 / B] , off = tok0 % B;
+        for (int64_t c0 = 0; c0 < T && tok0 + c0 < L; c0 += 16) {
+          const int64_t n = std::min<int64_t>(16, L - tok0 - c0);
+          // 16 slots from a multiple of 16 inside the block: in bounds even when n < 16
+          const scalar_t* kp = kb + blk * ks0 + h * ks1 + off + c0;
+          const scalar_t* vp = vb + blk * vs0 + h * vs1 + (off + c0) * vst;
+          v16f s0[GG], s1[GG];  // two partial sums per head: shorter FMA dependency chains
+          for (int g = 0; g < GG; ++g) { s0[g] = v16f{}; s1[g] = v16f{}; }
+          for (int64_t d = 0; d < D; d += 2) {
+            const v16f k0 = load16(kp + d * ksd), k1 = load16(kp + (d + 1) * ksd);
+            for (int g = 0; g < GG; ++g) {
+              s0[g] += qg[g * D + d] * k0;
+              s1[g] += qg[g * D + d + 1] * k1;
+            }
+          }
+          for (int g = 0; g < GG; ++g) {
+            v16f sc = s0[g] + s1[g];
+            if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;  // unwritten slots
+            const float mnew = std::max(m[g], hmax(sc));
+            const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
+            if (corr != 1.f) {
+              float* ag = acc.data() + g * D;
+              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+            }
+            v16f pv = vexp_nonpos(sc - mnew);
+            if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
+            std::memcpy(p[g], &pv, 64);
+            l[g] = l[g] * corr + hsum(pv);
+            m[g] = mnew;
+          }
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            v16f a[GG];
+            for (int g = 0; g < GG; ++g) std::memcpy(&a[g], acc.data() + g * D + d0, 64);
+            for (int64_t i = 0; i < n; ++i) {
+              const v16f vv = load16(vp + i * vst + d0);
+              for (int g = 0; g < GG; ++g) a[g] += p[g][i] * vv;
+            }
+            for (int g = 0; g < GG; ++g) std::memcpy(acc.data() + g * D + d0, &a[g], 64);
+          }
+        }
+      }
+      for (int g = 0; g < GG; ++g) {
+        float* o = out + (rh * GG + g) * D;
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+        lse[rh * GG + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : NEG_INF;
       }
     }
   });
@@ -125,7 +355,30 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
   const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv, S = tiles.size(2);
   auto out = torch::empty({R, Hq, D}, q.options());
   auto lse = torch::empty({R, Hq}, q.options());
+  const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
+                    G >= 1 && G <= 8 && B % 16 == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sparse_decode_cpu", [&] {
+    if (fast) {
+      auto go = [&](auto gg) {
+        run_fast<scalar_t, decltype(gg)::value>(
+            q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0),
+            k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
+            bt.data_ptr<int32_t>(), bt.stride(0), seq_lens.data_ptr<int32_t>(),
+            tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv,
+            D, B, T);
+      };
+      switch (G) {
+        case 1: go(std::integral_constant<int, 1>{}); break;
+        case 2: go(std::integral_constant<int, 2>{}); break;
+        case 3: go(std::integral_constant<int, 3>{}); break;
+        case 4: go(std::integral_constant<int, 4>{}); break;
+        case 5: go(std::integral_constant<int, 5>{}); break;
+        case 6: go(std::integral_constant<int, 6>{}); break;
+        case 7: go(std::integral_constant<int, 7>{}); break;
+        default: go(std::integral_constant<int, 8>{}); break;
+      }
+      return;
+    }
     run<scalar_t>(q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                   k.stride(0), k.stride(1), k.stride(2), k.stride(3),
                   v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -142,8 +395,11 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
 def _module():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="prescore_cpu_sparse_decode_v1", cpp_sources=_SRC,
-                       functions=["sparse_decode_cpu"], extra_cflags=["-O3", "-march=native"],
+    from .cpu_select import SRC as select_src  # one extension: one compile on first use
+
+    return load_inline(name="prescore_cpu_kernels_v3", cpp_sources=_SRC + select_src,
+                       functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu"],
+                       extra_cflags=["-O3", "-march=native"],
                        verbose=False)
 
 

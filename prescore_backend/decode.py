@@ -32,6 +32,8 @@ from torch import Tensor
 from torch.nn.functional import pad
 
 from prescore_backend.config import PrescoreConfig
+from prescore_backend.kernels.cpu_select import cpu_quest_pick
+from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import Selection, aggregate_tiles, residual_sample, select_tiles
@@ -216,7 +218,7 @@ def record_chunk_tokens(side: SideData, job: ScoreJob, keys: Tensor, *, tile_siz
 
 def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                      tile_scores: Tensor, num_tiles: Tensor, caps: Tensor, *,
-                     lsh: AngularLSH | None) -> Tensor | None:
+                     lsh: AngularLSH | None, impl: str = "auto") -> Tensor | None:
     """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; tile_scores ``[Rs, Hkv, M]``
@@ -224,7 +226,11 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     sinks nor window. ``lsh``/``lsh_quest``: tiles whose LSH bucket set meets the query
     group's buckets; ``quest``/``lsh_quest``: ranked by the Quest upper bound of q.k (max over
     the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
+    ``impl``: "cpp" ranks Quest bounds in C++ (CPU), "torch" with batched matmuls, "auto" picks
+    cpp on CPU when it compiles.
     """
+    if impl == "auto":
+        impl = "cpp" if not q.is_cuda and cpu_kernels_available() else "torch"
     rs, hkv, M = tile_scores.shape
     cap = int(caps.max()) if rs else 0
     if cfg.query_aware == "none" or cap == 0:
@@ -234,6 +240,11 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
         qmask = bucket_masks(lsh.hash(q).view(rs, hkv, -1), cfg.lsh_bits)  # [Rs, Hkv, W]
         tmask = side.masks[bt].permute(0, 2, 1, 3, 4).reshape(rs, hkv, M, -1)
         cand = masks_intersect(tmask, qmask.unsqueeze(2))  # [Rs, Hkv, M]
+    if cfg.uses_bounds and impl == "cpp":
+        # Quest in C++: the bounds are read through the block table in place (no gather)
+        return cpu_quest_pick(q, side.kmin, side.kmax, bt, num_tiles, caps, num_tile_slots=M,
+                              sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles,
+                              candidates=cand)
     if cfg.uses_bounds:  # Quest: upper bound of q.k over the tile, max over the group
         d = q.shape[-1]
         qg = q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]
@@ -261,7 +272,7 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
 def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                         num_tiles: Tensor, budget: Tensor, caps: Tensor, *,
                         lsh: AngularLSH | None = None,
-                        generator: torch.Generator | None = None,
+                        generator: torch.Generator | None = None, impl: str = "auto",
                         ) -> tuple[Selection, Tensor | None, Tensor | None]:
     """The tiles each sparse decode row attends: sinks + window + query-aware pick + pre-scores.
 
@@ -271,14 +282,15 @@ def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tens
     Returns the :class:`~prescore_backend.selection.Selection` and, with ``residual_tiles > 0``,
     HyperAttention's residual sample (tiles ``[Rs, Hkv, m]``, weight ``[Rs, Hkv]``) for
     :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`, else (None, None).
+    ``impl`` ("auto", "cpp", "torch") chooses the selection code (:func:`select_tiles`).
     """
     rs = q.shape[0]
     hkv = side.scores.shape[1]
     scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
-    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh)
+    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl)
     sel = select_tiles(scores, num_tiles, budget, sink_tiles=cfg.sink_tiles,
                        window_tiles=cfg.window_tiles, lsh_match=pick,
-                       lsh_cap=int(caps.max()) if pick is not None else 0)
+                       lsh_cap=int(caps.max()) if pick is not None else 0, impl=impl)
     if cfg.residual_tiles > 0:
         res_tiles, res_w = residual_sample(sel.tiles, num_tiles, cfg.residual_tiles,
                                            generator=generator)

@@ -7,7 +7,8 @@ Keys are grouped in tiles of T tokens (T divides the KV block size). Per-key pre
 :func:`residual_sample` draws HyperAttention's uniform residual among the unselected tiles.
 
 GQA: everything is per KV head; the query heads of a group share their KV head's selection.
-Fully vectorized: no Python loop over rows or heads.
+No Python loop over rows or heads: a fused C++ selection on CPU, vectorized torch ops
+elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from prescore_backend.kernels.cpu_select import cpu_select_tiles
+from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 
 __all__ = [
     "AGGREGATORS",
@@ -143,8 +147,8 @@ _INVALID, _PRESCORE, _LSH, _FORCED = 0, 1, 2, 3
 
 def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
                  window_tiles: int, lsh_match: Tensor | None = None,
-                 lsh_cap: int = 0) -> Selection:
-    """Pick the tiles to attend per (row, KV head), fully vectorized.
+                 lsh_cap: int = 0, impl: str = "auto") -> Selection:
+    """Pick the tiles to attend per (row, KV head), without Python loops over rows or heads.
 
     Args:
         tile_scores: ``[R, Hkv, M]`` float pre-scores of each row's logical tiles; entries at
@@ -158,13 +162,27 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
         lsh_cap: at most this many LSH matches get LSH priority, the highest-scored ones;
             the others compete on score with the rest.
 
+        impl: "cpp" (fused C++, :mod:`prescore_backend.kernels.cpu_select`; CPU tensors),
+            "torch" (vectorized torch ops, any device) or "auto" (cpp on CPU when it compiles).
+
     Priority: sinks and window, then LSH matches (up to the cap), then the highest pre-scores,
     until the budget. The budget is a hard cap: if it is smaller than sinks + window, the most
-    recent window tiles are kept first, then the sinks from the first one on.
+    recent window tiles are kept first, then the sinks from the first one on. The cpp path
+    follows :func:`select_tiles_ref` exactly (ties to the lower index); the torch fast path may
+    break exact pre-score ties differently.
 
     Returns:
         :class:`Selection`.
     """
+    if impl == "auto":
+        impl = "cpp" if not tile_scores.is_cuda and cpu_kernels_available() else "torch"
+    if impl == "cpp":
+        tiles, num, counts = cpu_select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
+                                              window_tiles=window_tiles, lsh_match=lsh_match,
+                                              lsh_cap=lsh_cap)
+        return Selection(tiles, num, source_counts=counts)
+    if impl != "torch":
+        raise ValueError(f"unknown impl {impl!r}; valid: auto, cpp, torch")
     R, H, M = tile_scores.shape
     dev = tile_scores.device
     n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]

@@ -114,6 +114,17 @@ def _set_cpu_thread_binding(argv: list[str]) -> None:
               file=sys.stderr)
 
 
+def _enable_huge_pages() -> None:
+    """Back torch's large CPU allocations (vLLM's KV cache among them) with transparent huge
+    pages (``THP_MEM_ALLOC_ENABLE=1``, read by torch's CPU allocator; inherited by the engine
+    processes). Sparse decode reads scattered 16-token tiles, each K tile spread over 8 pages of
+    vLLM's K^T layout: with 4 KiB pages nearly every tile read misses the TLB (measured on the
+    micro-benchmark: ~20% faster sparse decode; exact decode unchanged within noise). An
+    explicit ``THP_MEM_ALLOC_ENABLE`` in the environment wins; GPUs are left alone."""
+    if _is_cpu():
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def _is_cpu() -> bool:
     try:
         import torch
@@ -190,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_prometheus_dir()
     _allow_endpoint_plugin()
     _set_cpu_thread_binding(serve_argv)
+    _enable_huge_pages()
 
     from vllm.entrypoints.cli import serve as serve_cmd
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

@@ -74,13 +74,17 @@ def _random_problem(seed: int, R: int = 5, H: int = 3, M: int = 40):
     return scores, num_tiles, budget, lsh
 
 
+IMPLS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("sink,window,cap", [(0, 0, 0), (1, 2, 3), (2, 4, 0), (4, 16, 2)])
 @pytest.mark.parametrize("use_lsh", [False, True])
-def test_select_matches_ref_and_invariants(seed, sink, window, cap, use_lsh):
+def test_select_matches_ref_and_invariants(seed, sink, window, cap, use_lsh, impl):
     scores, num_tiles, budget, lsh = _random_problem(seed)
     kw = dict(sink_tiles=sink, window_tiles=window, lsh_match=lsh if use_lsh else None, lsh_cap=cap)
-    sel = select_tiles(scores, num_tiles, budget, **kw)
+    sel = select_tiles(scores, num_tiles, budget, impl=impl, **kw)
     ref = select_tiles_ref(scores, num_tiles, budget, **kw)
     assert torch.equal(sel.tiles, ref.tiles)
     assert torch.equal(sel.num_selected, ref.num_selected)
@@ -106,30 +110,57 @@ def test_select_matches_ref_and_invariants(seed, sink, window, cap, use_lsh):
                 assert chosen == list(range(n))  # dense
 
 
-def test_lsh_cap_and_priority():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lsh_cap_and_priority(impl):
     M = 20
     scores = torch.arange(M, dtype=torch.float32).view(1, 1, M)  # later tiles score higher
     match = torch.zeros(1, 1, M, dtype=torch.bool)
     match[0, 0, [2, 3, 4, 5]] = True  # low-scored matches
     sel = select_tiles(scores, torch.tensor([M]), torch.tensor([6]), sink_tiles=1, window_tiles=1,
-                       lsh_match=match, lsh_cap=2)
+                       lsh_match=match, lsh_cap=2, impl=impl)
     # sink 0, window 19, LSH: the two best-scored matches 5 and 4, then top scores 18, 17.
     assert sel.tiles[0, 0].tolist() == [0, 4, 5, 17, 18, 19]
     assert sel.source_counts.tolist() == [1, 1, 2, 2]
 
 
-def test_budget_below_forced_prefers_recent_window():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_budget_below_forced_prefers_recent_window(impl):
     scores = torch.randn(1, 2, 10)
-    sel = select_tiles(scores, torch.tensor([10]), torch.tensor([3]), sink_tiles=2, window_tiles=4)
+    sel = select_tiles(scores, torch.tensor([10]), torch.tensor([3]), sink_tiles=2, window_tiles=4,
+                       impl=impl)
     assert sel.tiles[0, 0].tolist() == [7, 8, 9]
-    sel = select_tiles(scores, torch.tensor([10]), torch.tensor([5]), sink_tiles=2, window_tiles=4)
+    sel = select_tiles(scores, torch.tensor([10]), torch.tensor([5]), sink_tiles=2, window_tiles=4,
+                       impl=impl)
     assert sel.tiles[0, 1].tolist() == [0, 6, 7, 8, 9]
 
 
-def test_zero_budget_and_empty():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_budget_and_empty(impl):
     sel = select_tiles(torch.randn(2, 3, 8), torch.tensor([8, 3]), torch.tensor([0, 0]),
-                       sink_tiles=1, window_tiles=1)
+                       sink_tiles=1, window_tiles=1, impl=impl)
     assert sel.tiles.shape == (2, 3, 0) and (sel.num_selected == 0).all()
+    sel = select_tiles(torch.randn(0, 3, 8), torch.zeros(0, dtype=torch.long),
+                       torch.zeros(0, dtype=torch.long), sink_tiles=1, window_tiles=1, impl=impl)
+    assert sel.tiles.shape == (0, 3, 0) and int(sel.source_counts.sum()) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("use_lsh", [False, True])
+def test_cpp_select_breaks_ties_like_ref(seed, use_lsh):
+    """Integer pre-scores (many exact ties): the C++ selection equals the oracle tile for tile."""
+    scores, num_tiles, budget, lsh = _random_problem(seed, M=64)
+    scores = torch.where(scores.isfinite(), scores.mul(1.5).round(), scores)  # ~7 distinct values
+    kw = dict(sink_tiles=2, window_tiles=3, lsh_match=lsh if use_lsh else None, lsh_cap=5)
+    sel = select_tiles(scores, num_tiles, budget, impl="cpp", **kw)
+    ref = select_tiles_ref(scores, num_tiles, budget, **kw)
+    assert torch.equal(sel.tiles, ref.tiles)
+    assert torch.equal(sel.source_counts, ref.source_counts)
+
+
+def test_select_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl"):
+        select_tiles(torch.randn(1, 1, 4), torch.tensor([4]), torch.tensor([2]), sink_tiles=0,
+                     window_tiles=0, impl="fortran")
 
 
 # ----------------------------------------------------------------------------- residual
@@ -184,14 +215,15 @@ def test_residual_estimator_is_unbiased():
     assert (se < 0.05 * truth).all()  # the bound is informative, not vacuous
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("use_lsh", [False, True])
-def test_select_fast_path_matches_ref(seed, use_lsh):
+def test_select_fast_path_matches_ref(seed, use_lsh, impl):
     """Budgets that fit sinks + window + the LSH cap take the single-top-k fast path."""
     scores, num_tiles, budget, lsh = _random_problem(seed)
     kw = dict(sink_tiles=2, window_tiles=3, lsh_match=lsh if use_lsh else None, lsh_cap=4)
     budget = budget.clamp_min(2 + 3 + 4)
-    sel = select_tiles(scores, num_tiles, budget, **kw)
+    sel = select_tiles(scores, num_tiles, budget, impl=impl, **kw)
     ref = select_tiles_ref(scores, num_tiles, budget, **kw)
     assert torch.equal(sel.tiles, ref.tiles)
     assert torch.equal(sel.num_selected, ref.num_selected)

@@ -32,6 +32,28 @@ def test_served_with_prescore_backend(server):
     assert "Using PRESCORE attention backend" in server.log()
 
 
+def test_engine_kv_cache_uses_huge_pages(server):
+    """prescore-serve sets THP_MEM_ALLOC_ENABLE: the engine process (a child of the API server)
+    holds its KV cache in transparent huge pages, unless the host disabled THP."""
+    import pathlib
+
+    import psutil
+
+    mode = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("transparent huge pages disabled on this host")
+    huge = {}
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            text = pathlib.Path(f"/proc/{child.pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        kib = [int(x.split()[1]) for x in text.splitlines() if x.startswith("AnonHugePages:")]
+        huge[child.pid] = kib[0] if kib else 0
+    # the KV cache alone is hundreds of MiB; 64 MiB of huge pages rules out incidental ones
+    assert max(huge.values(), default=0) >= 64 * 1024, huge
+
+
 def _prescore_samples(server) -> dict[str, float]:
     out = {}
     for line in requests.get(server.url + "/metrics", timeout=30).text.splitlines():
