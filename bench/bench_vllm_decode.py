@@ -41,6 +41,8 @@ def _worker(label: str, args: dict, q) -> None:
     backend, _, ratio = label.partition("@")
     if ratio:
         os.environ["PRESCORE_KEEP_RATIO"] = ratio
+    # as prescore-serve does on CPU, for both backends: the KV cache in transparent huge pages
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     import torch
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['decode_ms_per_step']:.1f} | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
     out = Path(a.out or f"bench/out/vllm_decode_{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k.startswith("PRESCORE_")}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("PRESCORE_") or k == "THP_MEM_ALLOC_ENABLE"}
     data = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 args=args, prescore_env=env, command="python bench/bench_vllm_decode.py "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),

@@ -4,14 +4,23 @@ The torch path (:func:`.sparse_decode._torch_core`) gathers the selected tiles i
 workspace and runs two batched matmuls: ~60 torch ops per call, each with a fixed overhead,
 and a gather of K tiles that vLLM's CPU cache stores transposed (``[D, B]`` per block and head,
 so a 16-token K tile is D separate 64-byte pieces). This kernel reads the tiles in place: one
-task per (row, KV head), scores of the G query heads of the group over each tile (contiguous
-token runs of K^T vectorize), an online softmax (exact over the selected union, as in
+task per (row, KV head), an online softmax (exact over the selected union, as in
 FlashAttention's streaming form) and the V accumulation, with no intermediate tensors.
 
-Same contract as :func:`.sparse_decode.sparse_decode` (any strides; the fast inner loops are
-taken when K is token-contiguous and V is dim-contiguous, which is vLLM's CPU layout).
-Compilation needs a C++ compiler and Python headers (g++ on Linux); when unavailable,
-:func:`available` is False and callers use the torch path.
+Two loops share the contract:
+  * the vector path (K token-contiguous as in vLLM's "vec" layout, V dim-contiguous, T and D
+    multiples of 16, GQA group G <= 8): 16-token chunks in vector registers (GCC vector
+    extensions: AVX-512 where the machine has it), the G score vectors and G 16-dim slices of
+    the accumulator kept in registers, a branch-free polynomial exp, and software prefetch of
+    the tiles two positions ahead (the K^T rows of a tile are D cache lines 4*B bytes apart,
+    which the hardware prefetchers do not follow). Unwritten slots after seq_len inside a
+    chunk are read (they are inside the block) but masked to -inf before the softmax and
+    never touch V.
+  * a generic scalar loop for any other strides, tile sizes and groups.
+
+Same contract as :func:`.sparse_decode.sparse_decode`. Compilation needs a C++ compiler and
+Python headers (g++ on Linux); when unavailable, :func:`available` is False and callers use the
+torch path. The extension also holds the fused tile selection (:mod:`.cpu_select`).
 """
 
 from __future__ import annotations

@@ -90,6 +90,34 @@ def test_cpu_paths_match_ref_on_random_selections(impl, layout, group, head_dim,
     torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tile,group,dtype", [
+    (32, 2, torch.float32), (32, 4, torch.bfloat16), (16, 8, torch.float32),
+    (16, 5, torch.float16), (16, 9, torch.float32),  # G > 8: the generic C++ loop
+    (8, 3, torch.bfloat16),  # T not a multiple of 16: the generic C++ loop
+])
+def test_cpp_kernel_tiles_groups_dtypes(tile, group, dtype):
+    """The fused kernel's 16-token vector path (T = 16k, G <= 8) and its generic fallback against
+    the oracle: ragged lengths ending inside a 16-token chunk, poisoned cache slots."""
+    lens = [37, 64, 130, 5, 200]
+    bs = 64
+    case = make_paged_case(lens, HKV, group, 64, bs, layout="cpu", dtype=dtype, seed=tile + group)
+    g = torch.Generator().manual_seed(group)
+    M = max(-(-n // tile) for n in lens)
+    tiles = torch.full((len(lens), HKV, M), -1, dtype=torch.int32)
+    for r, n in enumerate(lens):
+        for h in range(HKV):
+            keep = torch.nonzero(torch.rand(-(-n // tile), generator=g) < 0.6).flatten()
+            keep = torch.cat([keep, torch.tensor([-(-n // tile) - 1])]).unique()  # last, partial
+            tiles[r, h, : len(keep)] = keep.to(torch.int32)
+    o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                           case.seq_lens, tiles, tile, 0.125, impl="cpp")
+    ref_o, ref_lse = sparse_decode_ref(case.query, case.key_cache, case.value_cache,
+                                       case.block_tables, case.seq_lens, tiles, tile, 0.125)
+    tol = TOL.get(dtype, dict(atol=2e-3, rtol=2e-3))
+    torch.testing.assert_close(o.double(), ref_o, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
 def test_fast_path_strides():
     cpu = make_paged_case([40], 2, 1, 64, B, layout="cpu")
     rm = make_paged_case([40], 2, 1, 64, B, layout="cpu_rowmajor")
