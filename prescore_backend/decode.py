@@ -33,6 +33,7 @@ from torch.nn.functional import pad
 
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.kernels.cpu_select import cpu_quest_pick
+from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
 from prescore_backend.scoring import Scorer
@@ -132,22 +133,30 @@ def query_caps(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
 
 
 def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tensor,
-                         reset: Tensor, *, lsh: AngularLSH | None, lsh_bits: int) -> None:
+                         reset: Tensor, *, lsh: AngularLSH | None, lsh_bits: int,
+                         impl: str = "auto") -> None:
     """Per-token side data of decode keys just written (one token per row and tile).
 
     keys ``[Nk, Hkv, D]``; block ``[Nk]`` int64 physical block; tile ``[Nk]`` int64 tile inside
     the block; reset ``[Nk]`` bool: the token starts its tile (its data replaces the tile's).
-    A tile begun by a decode token is unscored until its block is full.
+    A tile begun by a decode token is unscored until its block is full. ``impl``: "cpp"
+    updates scores and key bounds in one C++ pass (CPU), "torch" with indexing ops, "auto"
+    picks cpp on CPU when it compiles.
     """
     if keys.shape[0] == 0:
         return
-    side.scores[block[reset], :, tile[reset]] = float("-inf")
+    if impl == "auto":
+        impl = "cpp" if not keys.is_cuda and cpu_kernels_available() else "torch"
+    if impl == "cpp":  # scores and Quest bounds in one C++ pass; LSH masks below in torch
+        cpu_record_bounds(keys, block, tile, reset, side.scores, side.kmin, side.kmax)
+    else:
+        side.scores[block[reset], :, tile[reset]] = float("-inf")
     r3 = reset.view(-1, 1, 1)
     if side.masks is not None:
         new = bucket_masks(lsh.hash(keys).unsqueeze(-1), lsh_bits)  # [Nk, Hkv, W]
         old = side.masks[block, :, tile]  # [Nk, Hkv, W]
         side.masks[block, :, tile] = torch.where(r3, new, old | new)
-    if side.kmin is not None:
+    if side.kmin is not None and impl != "cpp":
         kk = keys.to(side.kmin.dtype)
         side.kmin[block, :, tile] = torch.where(r3, kk, torch.minimum(side.kmin[block, :, tile], kk))
         side.kmax[block, :, tile] = torch.where(r3, kk, torch.maximum(side.kmax[block, :, tile], kk))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prescore_backend.config import PrescoreConfig
@@ -21,11 +22,12 @@ from prescore_backend.kernels.testing import make_paged_case
 from prescore_backend.scoring import get_scorer
 
 
-def _filled(cfg: PrescoreConfig, seq_lens: list[int], seed: int = 0):
+def _filled(cfg: PrescoreConfig, seq_lens: list[int], seed: int = 0,
+            dtype: torch.dtype = torch.float32):
     B, hkv, d = 128, 3, 64
-    case = make_paged_case(seq_lens, hkv, 3, d, B, seed=seed, poison=None)
+    case = make_paged_case(seq_lens, hkv, 3, d, B, seed=seed, poison=None, dtype=dtype)
     side = SideData.allocate(case.key_cache.shape[0], hkv, B // cfg.tile_size,
-                             lsh_words=num_words(cfg.lsh_bits), head_dim=d)
+                             lsh_words=num_words(cfg.lsh_bits), head_dim=d, dtype=dtype)
     lsh = AngularLSH(cfg.lsh_bits, d, seed=cfg.seed)
     scorer = get_scorer(cfg.method)
     jobs = [ScoreJob(block_ids=case.block_tables[r, :-(-n // B)].long(), seq_len=n, first_pos=0,
@@ -58,20 +60,31 @@ def test_rows_with_different_budgets_select_as_alone() -> None:
             assert bool((read <= budgets[r] * 16).all())
 
 
-def test_decode_tokens_extend_tile_bounds() -> None:
-    """Quest bounds recorded token by token equal the chunk-recorded ones."""
-    cfg = PrescoreConfig()
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_tokens_extend_tile_bounds(impl, dtype) -> None:
+    """Quest bounds recorded token by token equal the chunk-recorded ones, and a token that
+    starts a tile marks it unscored (-inf) while a token that extends one keeps its score."""
+    cfg = PrescoreConfig(query_aware="lsh_quest")
     n = 300
-    case, side, lsh = _filled(cfg, [n])
+    case, side, lsh = _filled(cfg, [n], dtype=dtype)
     chunk = SideData(side.scores.clone(), side.masks.clone(), side.kmin.clone(), side.kmax.clone())
     side.kmin.zero_(), side.kmax.zero_(), side.masks.zero_()
     keys = case.keys[0]  # [Hkv, n, D]
     bt = case.block_tables[0].long()
+    side.scores.fill_(1.0)
     for p in range(n):
         record_decode_tokens(side, keys[:, p].unsqueeze(0), bt[p // 128].view(1),
                              torch.tensor([(p % 128) // 16]), torch.tensor([p % 16 == 0]),
-                             lsh=lsh, lsh_bits=cfg.lsh_bits)
+                             lsh=lsh, lsh_bits=cfg.lsh_bits, impl=impl)
+        blk, t = bt[p // 128], (p % 128) // 16
+        assert bool((side.scores[blk, :, t] == float("-inf")).all())
     used = bt[: -(-n // 128)]
+    touched = torch.zeros_like(side.scores, dtype=torch.bool)
+    for t in range(-(-n // 16)):
+        touched[bt[t * 16 // 128], :, (t * 16 % 128) // 16] = True
+    assert bool((side.scores[touched] == float("-inf")).all())
+    assert bool((side.scores[~touched] == 1.0).all())
     assert torch.equal(side.kmin[used], chunk.kmin[used])
     assert torch.equal(side.kmax[used], chunk.kmax[used])
     assert torch.equal(side.masks[used], chunk.masks[used])
