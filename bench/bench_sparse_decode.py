@@ -5,10 +5,13 @@ For each context length, batch size and keep ratio, one decode step of one layer
   * vllm:     vLLM's own CPU attention op (``ops.cpu_attention_with_kv_cache``) on the cache,
               scheduler metadata built once per step as vLLM does (not counted per layer);
   * dense:    plain torch over the paged cache: gather the row's blocks, then SDPA;
-  * sparse:   ``select_tiles`` on random tile scores (selection cost included) + our torch
-              sparse path (``sparse_decode(impl="torch")``) on the same cache;
+  * sparse:   ``select_tiles`` on random tile scores (selection cost included) + the sparse
+              kernel (``--impl``, default the fused C++ one) on the same cache; ``select`` is
+              the selection alone, ``sparse_torch`` the same with the torch sparse path;
   * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
-              GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4.
+              GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4;
+  * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
+              min/max (read through the block table), up to half the budget, then pre-scores.
 Several copies of the cache ("layers") are cycled so the working set exceeds the last-level
 cache, as in a real model (30 layers); a single-layer run would flatter the sparse path.
 
@@ -54,6 +57,7 @@ from prescore_backend.kernels import (  # noqa: E402
     sparse_decode,
     vllm_cpu_kv_views,
 )
+from prescore_backend.kernels.cpu_select import cpu_quest_pick  # noqa: E402
 from prescore_backend.selection import select_tiles  # noqa: E402
 
 
@@ -111,6 +115,12 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     num_tiles = torch.full((batch,), M)
     tile_scores = [torch.randn(batch, Hkv, M, generator=gen) for _ in range(layers)]
     lsh = AngularLSH(args.lsh_bits, D, seed=0)
+    # Quest per-tile key bounds per layer (as the backend's side data): [blocks, Hkv, B/T, D]
+    kbounds = []
+    if args.quest:
+        for v in views:
+            kt = v[0].reshape(blocks, Hkv, B // T, T, D)  # K tiles (strided view of K^T)
+            kbounds.append((kt.amin(3).contiguous(), kt.amax(3).contiguous()))
     tile_masks = [bucket_masks(lsh.hash(v[0][perm.long()].transpose(1, 2).reshape(batch, Hkv, M, T, D)),
                                args.lsh_bits) for v in views] if args.lsh else None  # [R, Hkv, M, W]
     iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
@@ -154,13 +164,22 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # Dense torch is slow: time it on its own, a few iterations.
     extra["dense_ms"] = _timeit_interleaved({"d": dense_fn}, max(3, iters // 4), warmup=1)["d"]
 
-    def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl):
+    def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False):
         budget = torch.full((batch,), max(1, M // keep))
         cap = max(1, M // keep // 4)
+        caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
+        bt64 = perm.long()
 
         def sparse_fn(i: int) -> None:
             li = i % layers
             match = None
+            if quest:  # the backend's default: Quest-ranked tiles up to half the budget
+                match = cpu_quest_pick(query, *kbounds[li], bt64, num_tiles, caps,
+                                       num_tile_slots=M, sink_tiles=1, window_tiles=2)
+                sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
+                                   window_tiles=2, lsh_match=match, lsh_cap=int(caps.max()))
+                sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl)
+                return
             if with_lsh:
                 qb = bucket_masks(lsh.hash(query).view(batch, Hkv, G), args.lsh_bits)  # [R, Hkv, W]
                 match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
@@ -181,6 +200,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_torch_ms/{keep}"] = make_sparse(keep, False, "torch")[0]
         if args.lsh:
             fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
+        if args.quest:
+            fns[f"sparse_quest_ms/{keep}"] = make_sparse(keep, False, quest=True)[0]
     med = _timeit_interleaved(fns, iters)
 
     results = []
@@ -188,11 +209,13 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
         if "vllm_ms" in med:
             r["vllm_ms"] = med["vllm_ms"]
-        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms"):
+        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms", "sparse_quest_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
             r["speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_ms"]
+            if "sparse_quest_ms" in r:
+                r["quest_speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_quest_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -203,7 +226,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{:>8.3f}"),
          ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
          ("sparse_ms", "{:>9.3f}"),
-         ("sparse_lsh_ms", "{:>13.3f}"), ("speedup_vs_vllm", "{:>15.2f}"),
+         ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
+         ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("speedup_vs_dense", "{:>16.2f}")]
 
 
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse kernel (auto = fused C++ when it compiles); the torch path is "
                    "always timed too, as sparse_torch_ms")
     p.add_argument("--no-lsh", dest="lsh", action="store_false")
+    p.add_argument("--no-quest", dest="quest", action="store_false",
+                   help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")
     p.add_argument("--iter-budget", type=float, default=40.0, help="iterations at 16k (scaled 1/ctx)")
     p.add_argument("--working-set-mb", type=float, default=256.0, help="cycle layers to exceed the LLC")
