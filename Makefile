@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model serve test results results-tuning results-serving clean help
+.PHONY: setup model serve test results results-tuning results-serving results-kernels clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -20,6 +20,7 @@ help:
 	@echo "make model   only prepare the embedded model (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
+	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels.* (~1 min)"
 
 setup: $(STAMP)
 
@@ -62,6 +63,10 @@ results-serving: model
 	$(BIN)/python bench/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
 	$(BIN)/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
 		--keep-ratios 0.125,0.0625 --report docs/results
+
+results-kernels: setup
+	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+		--keeps 4,8,16 --report docs/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -239,6 +239,37 @@ def _fmt_row(r: dict) -> str:
     return " ".join(out)
 
 
+def write_report(data: dict, out_dir: Path, command: str) -> Path:
+    """``out_dir/kernels.json`` and ``kernels.md`` (machine, command, table) from a run's data."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels.json").write_text(json.dumps(data, indent=1))
+    m = data["meta"]
+    lines = [
+        "# Sparse decode kernel vs vLLM's CPU attention op (one layer, one decode step)", "",
+        f"Machine: {m['machine']}, {m['cpus']} CPUs, {m['threads']} thread(s); fp32, Hkv "
+        f"{m['kv_heads']}, G {m['group']}, D {m['head_dim']}, block {m['block_size']}, tile "
+        f"{m['tile']}, K layout {m['k_layout']}, transparent huge pages {'on' if m.get('thp') else 'off'}; "
+        f"median {m['clock']} time per layer-step, all methods timed round-robin in one run, "
+        "caches cycled over enough copies to exceed the last-level cache; random tile scores.",
+        "", f"Command: `{command}`", "",
+        "Columns: *sparse*: pre-score selection (`select_tiles`) + the sparse kernel; *sparse + "
+        "Quest*: the backend's default selection (Quest bound over per-tile key min/max up to "
+        "half the budget, then pre-scores) + the kernel; *select*: the pre-score selection "
+        "alone; *torch path*: sparse with the vectorized torch kernel.", "",
+        "| ctx | batch | keep | vLLM op ms | sparse ms | sparse + Quest ms | select ms | torch path ms "
+        "| speedup vs vLLM | speedup vs vLLM (+ Quest) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+    for r in data["results"]:
+        lines.append(f"| {r['ctx']} | {r['batch']} | {r['keep']} | {f(r, 'vllm_ms', '.3f')} | "
+                     f"{f(r, 'sparse_ms', '.3f')} | {f(r, 'sparse_quest_ms', '.3f')} | "
+                     f"{f(r, 'select_ms', '.3f')} | {f(r, 'sparse_torch_ms', '.3f')} | "
+                     f"{f(r, 'speedup_vs_vllm', '.2f')}x | {f(r, 'quest_speedup_vs_vllm', '.2f')}x |")
+    md = out_dir / "kernels.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="4096,16384,65536")
@@ -270,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-thp", action="store_true",
                    help="4 KiB pages for the caches (default: THP_MEM_ALLOC_ENABLE=1, as prescore-serve)")
     p.add_argument("--out", default=None, help="JSON path (default bench/out/sparse_decode_<time>.json)")
+    p.add_argument("--report", default=None, help="directory for kernels.{json,md} (docs/results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     global _WALL
@@ -295,8 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", k_layout=args.k_layout, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
                 block_size=args.block_size, tile=args.tile, torch=torch.__version__,
                 machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
-    out.write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    data = dict(meta=meta, results=results)
+    out.write_text(json.dumps(data, indent=1))
     print(f"# wrote {out}")
+    if args.report:
+        cmd = "python bench/bench_sparse_decode.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        print(f"# wrote {write_report(data, Path(args.report), cmd)}")
     return 0
 
 

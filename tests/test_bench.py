@@ -16,7 +16,8 @@ def test_bench_sparse_decode_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--contexts", "1024",
          "--batches", "1,2", "--keeps", "4", "--iters", "3", "--working-set-mb", "8",
-         "--out", str(out)], capture_output=True, text=True, timeout=600)
+         "--out", str(out), "--report", str(tmp_path / "rep")], capture_output=True, text=True,
+        timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["meta"]["thp"] is True and data["meta"]["k_layout"] == "vllm"
@@ -28,3 +29,6 @@ def test_bench_sparse_decode_smoke(tmp_path: Path) -> None:
             assert r[k] > 0, k
         assert r["max_abs_diff_vs_vllm"] < 1e-4  # fp32: our all-tiles decode == vLLM's op
     assert "speedup_vs_vllm" in proc.stdout
+    md = (tmp_path / "rep" / "kernels.md").read_text()
+    assert "| 1024 | 2 | 1/4 |" in md and "--report" in md
+    assert json.loads((tmp_path / "rep" / "kernels.json").read_text()) == data
