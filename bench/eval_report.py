@@ -1,6 +1,6 @@
 """Markdown report and PNG plots from the quality evaluation's JSON.
 
-    .venv/bin/python bench/eval_report.py                 # docs/results/{quality,kvpress,tuning}.json
+    .venv/bin/python bench/eval_report.py                 # docs/results/{quality,kvpress,tuning,expensive}.json
     .venv/bin/python bench/eval_report.py --quality /tmp/q.json --out-dir /tmp/report
 
 Reads ``quality.json`` (bench/eval_quality.py), and when present ``kvpress.json``
@@ -319,9 +319,11 @@ def fidelity_table(c: int, fm: dict, ratios: list[float], labels: dict) -> list[
     return lines
 
 
-def tuning_section(tuning: dict) -> list[str]:
+def tuning_section(tuning: dict, title: str = "Tuning run (config variants)") -> list[str]:
+    """A table per context of a separate eval_quality run (config variants, or the expensive
+    scorers at a longer context): change of perplexity vs its own dense row."""
     meta = tuning["meta"]
-    out = ["## Tuning run (config variants)", "",
+    out = [f"## {title}", "",
            f"`{meta['command']}` ({meta['new_tokens']} teacher-forced tokens, same text and "
            "tokens as above; variants named `method@field=value+...`). Cells: change of "
            "perplexity vs dense with its 95% bootstrap interval.", ""]
@@ -343,7 +345,8 @@ def tuning_section(tuning: dict) -> list[str]:
     return out
 
 
-def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_dir: Path) -> Path:
+def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_dir: Path,
+                 expensive: dict | None = None) -> Path:
     meta = quality["meta"]
     labels = dict(meta["labels"])
     if kvpress:
@@ -436,6 +439,8 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
             lines += fidelity_table(c, fm[c], ratios, labels) + [""]
     if tuning:
         lines += tuning_section(tuning)
+    if expensive:
+        lines += tuning_section(expensive, "Clustering scorers at the longest context")
     lines += ["## Cost (CPU seconds, one thread)", "",
               "| context | prefill: model | prefill: scoring (all scorers) | fidelity "
               "| decode, all rows | of which scoring of filled blocks | total |",
@@ -464,12 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", default=str(res / "quality.json"))
     p.add_argument("--kvpress", default=str(res / "kvpress.json"))
     p.add_argument("--tuning", default=str(res / "tuning.json"))
+    p.add_argument("--expensive", default=str(res / "expensive.json"),
+                   help="an eval_quality run of the clustering scorers at 8k (make results-expensive)")
     p.add_argument("--out-dir", default=str(res))
     args = p.parse_args(argv)
     quality = load(Path(args.quality))
     if quality is None:
         p.error(f"{args.quality} not found: run bench/eval_quality.py first")
-    path = write_report(quality, load(Path(args.kvpress)), load(Path(args.tuning)), Path(args.out_dir))
+    path = write_report(quality, load(Path(args.kvpress)), load(Path(args.tuning)), Path(args.out_dir),
+                        load(Path(args.expensive)))
     print(f"wrote {path}")
     return 0
 
