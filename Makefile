@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model serve test results results-tuning results-expensive results-serving results-kernels clean help
+.PHONY: setup model kvpress-venv serve test results results-tuning results-expensive results-serving results-kernels clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -41,8 +41,13 @@ model: setup
 serve: model
 	$(BIN)/prescore-serve smollm2-135m --host $(HOST) --port $(PORT)
 
-test: model
+test: model kvpress-venv
 	$(BIN)/python -m pytest tests
+
+# kvpress's own venv (it pins an older transformers): the kvpress baselines of `make results`
+# and their smoke test. Idempotent (~2 min the first time).
+kvpress-venv:
+	PIP_OPTS="$(PIP_OPTS)" bench/kvpress_venv.sh > /dev/null
 
 # Quality evaluation (perplexity vs budget, attention fidelity, kvpress baselines in their own
 # venv): docs/results/{quality,kvpress}.json, quality.md and quality_*.png. One CPU thread.
