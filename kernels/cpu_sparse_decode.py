@@ -58,18 +58,22 @@ template <> inline float ld<c10::BFloat16>(const c10::BFloat16* p) {
 // e^x for x <= 0 (softmax numerators), branch-free so loops over it vectorize: 2^(x log2 e)
 // split as 2^k * 2^f with k = round(.), f in [-1/2, 1/2], 2^f by its degree-6 Taylor
 // polynomial (relative error < 2e-7, at float rounding). x < -87 is clamped (e^-87 ~ 1.6e-38).
+// e^g for |g| <= ln2/2: degree-6 Taylor polynomial (Horner), scalar or GCC vector.
+template <typename F> static inline F exp_taylor6(F g) {
+  F p = g * 1.3888889e-3f + 8.3333333e-3f;
+  p = p * g + 4.1666667e-2f;
+  p = p * g + 1.6666667e-1f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  return p * g + 1.0f;
+}
+
 static inline float exp_nonpos(float x) {
   x = std::max(x, -87.0f);
   const float t = x * 1.4426950408889634f;
   const float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
   const float f = (t - k) * 0.6931471805599453f;    // f ln 2, in [-0.347, 0.347]
-  float p = 1.3888889e-3f;
-  p = p * f + 8.3333333e-3f;
-  p = p * f + 4.1666667e-2f;
-  p = p * f + 1.6666667e-1f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  const float p = exp_taylor6(f);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float s;
   std::memcpy(&s, &bits, 4);
@@ -86,6 +90,30 @@ static inline void prefetch_span(const void* p, int64_t bytes) {
 // D separate cache lines (vLLM's CPU layout), which the hardware prefetchers do not follow.
 constexpr int64_t kPrefetchAhead = 2;
 
+// Prefetches the K and V rows of tile t (logical) of KV head h in a row whose block table is
+// btr and length L; nothing past seq_len. Strides as in sparse_decode_cpu.
+template <typename scalar_t>
+static inline void prefetch_tile(int64_t t, int64_t h, int64_t L, const int32_t* btr, int64_t T,
+                                 int64_t B, int64_t D, const scalar_t* kb, const scalar_t* vb,
+                                 int64_t ks0, int64_t ks1, int64_t kst, int64_t ksd, int64_t vs0,
+                                 int64_t vs1, int64_t vst, int64_t vsd) {
+  const int64_t tok0 = t * T, es = sizeof(scalar_t);
+  if (t < 0 || tok0 >= L) return;
+  const int64_t n = std::min<int64_t>(T, L - tok0);
+  const int64_t blk = btr[tok0 / B], off = tok0 % B;
+  const scalar_t* kp = kb + blk * ks0 + h * ks1 + off * kst;
+  const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
+  if (kst == 1) {
+    for (int64_t d = 0; d < D; ++d) prefetch_span(kp + d * ksd, n * es);
+  } else if (ksd == 1) {
+    for (int64_t i = 0; i < n; ++i) prefetch_span(kp + i * kst, D * es);
+  }
+  if (vsd == 1) {
+    if (vst == D) prefetch_span(vp, n * D * es);
+    else for (int64_t i = 0; i < n; ++i) prefetch_span(vp + i * vst, D * es);
+  }
+}
+
 template <typename scalar_t>
 static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
                 int64_t ks0, int64_t ks1, int64_t kst, int64_t ksd,
@@ -94,7 +122,6 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
                 const int32_t* tiles, int64_t S, float* out, float* lse,
                 int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  const int64_t es = sizeof(scalar_t);
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(G * T), acc(G * D), m(G), l(G), kf(T), vf(D);
     for (int64_t rh = begin; rh < end; ++rh) {
@@ -106,27 +133,13 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
       const int64_t L = seq_lens[r];
       const int32_t* tl = tiles + rh * S;
       const int32_t* btr = bt + r * bt_stride;
-      auto prefetch_tile = [&](int64_t si) {
-        if (si >= S) return;
-        const int64_t t = tl[si], tok0 = t * T;
-        if (t < 0 || tok0 >= L) return;
-        const int64_t n = std::min<int64_t>(T, L - tok0);
-        const int64_t blk = btr[tok0 / B], off = tok0 % B;
-        const scalar_t* kp = kb + blk * ks0 + h * ks1 + off * kst;
-        const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
-        if (kst == 1) {
-          for (int64_t d = 0; d < D; ++d) prefetch_span(kp + d * ksd, n * es);
-        } else if (ksd == 1) {
-          for (int64_t i = 0; i < n; ++i) prefetch_span(kp + i * kst, D * es);
-        }
-        if (vsd == 1) {
-          if (vst == D) prefetch_span(vp, n * D * es);
-          else for (int64_t i = 0; i < n; ++i) prefetch_span(vp + i * vst, D * es);
-        }
+      auto prefetch = [&](int64_t si) {
+        if (si < S) prefetch_tile(tl[si], h, L, btr, T, B, D, kb, vb, ks0, ks1, kst, ksd, vs0,
+                                  vs1, vst, vsd);
       };
-      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch_tile(si);
+      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch(si);
       for (int64_t si = 0; si < S; ++si) {
-        prefetch_tile(si + kPrefetchAhead);
+        prefetch(si + kPrefetchAhead);
         const int64_t t = tl[si];
         if (t < 0) continue;
         const int64_t tok0 = t * T;
@@ -240,13 +253,7 @@ static inline v16f vexp_nonpos(v16f x) {  // exp_nonpos on 16 lanes
   const v16f t = x * 1.4426950408889634f;
   const v16f k = (t + 12582912.0f) - 12582912.0f;
   const v16f f = (t - k) * 0.6931471805599453f;
-  v16f p = v16f{} + 1.3888889e-3f;
-  p = p * f + 8.3333333e-3f;
-  p = p * f + 4.1666667e-2f;
-  p = p * f + 1.6666667e-1f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  const v16f p = exp_taylor6(f);
   const v16i bits = (__builtin_convertvector(k, v16i) + 127) << 23;
   v16f s;
   std::memcpy(&s, &bits, 64);
@@ -271,7 +278,6 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      const int32_t* tiles, int64_t S, float* out, float* lse,
                      int64_t R, int64_t Hkv, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
-  const int64_t es = sizeof(scalar_t);
   v16f iota;
   for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -286,21 +292,13 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
       const int64_t L = seq_lens[r];
       const int32_t* tl = tiles + rh * S;
       const int32_t* btr = bt + r * bt_stride;
-      auto prefetch_tile = [&](int64_t si) {
-        if (si >= S) return;
-        const int64_t t = tl[si], tok0 = t * T;
-        if (t < 0 || tok0 >= L) return;
-        const int64_t n = std::min<int64_t>(T, L - tok0);
-        const int64_t blk = btr[tok0 / B], off = tok0 % B;
-        const scalar_t* kp = kb + blk * ks0 + h * ks1 + off;
-        const scalar_t* vp = vb + blk * vs0 + h * vs1 + off * vst;
-        for (int64_t d = 0; d < D; ++d) prefetch_span(kp + d * ksd, n * es);
-        if (vst == D) prefetch_span(vp, n * D * es);
-        else for (int64_t i = 0; i < n; ++i) prefetch_span(vp + i * vst, D * es);
+      auto prefetch = [&](int64_t si) {
+        if (si < S) prefetch_tile(tl[si], h, L, btr, T, B, D, kb, vb, ks0, ks1, int64_t{1}, ksd,
+                                  vs0, vs1, vst, int64_t{1});
       };
-      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch_tile(si);
+      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch(si);
       for (int64_t si = 0; si < S; ++si) {
-        prefetch_tile(si + kPrefetchAhead);
+        prefetch(si + kPrefetchAhead);
         const int64_t t = tl[si];
         if (t < 0) continue;
         const int64_t tok0 = t * T;
@@ -407,7 +405,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v3c", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v3e", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu"],
                        extra_cflags=["-O3", "-march=native"],
