@@ -32,3 +32,23 @@ def test_bench_sparse_decode_smoke(tmp_path: Path) -> None:
     md = (tmp_path / "rep" / "kernels.md").read_text()
     assert "| 1024 | 2 | 1/4 |" in md and "--report" in md
     assert json.loads((tmp_path / "rep" / "kernels.json").read_text()) == data
+
+
+def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
+    """The engine-internal breakdown runs on a real PRESCORE engine and sees every phase: the
+    prefill's scoring jobs inside its attention, and one side-data update, one selection and
+    one sparse attention per layer and decode step."""
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_breakdown.py"), "--backend", "PRESCORE",
+         "--context", "2304", "--decode-tokens", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    layers = d["calls"]["attention_prefill"]
+    assert layers == 30  # SmolLM2-135M, one prefill chunk
+    assert 0 < d["prefill_s"]["scoring_jobs"] < d["prefill_s"]["attention_prefill"]
+    # decode steps: 2 (+1 token from the prefill step's sampling, not counted as decode)
+    assert d["calls"]["selection"] == d["calls"]["selection_and_sparse_attention"]
+    assert d["calls"]["selection"] % layers == 0 and d["calls"]["selection"] >= 2 * layers
+    assert d["decode_ms_per_step"]["selection"] < d["decode_ms_per_step"]["attention_decode"]
