@@ -16,7 +16,14 @@ Two loops share the contract:
     which the hardware prefetchers do not follow). Unwritten slots after seq_len inside a
     chunk are read (they are inside the block) but masked to -inf before the softmax and
     never touch V.
-  * a generic scalar loop for any other strides, tile sizes and groups.
+  * the packed path for vLLM's "amx" layout (bf16; ``kv_layout="amx"``, see :mod:`.layouts`):
+    the same register scheme, reading a 16-token K chunk as D/2 consecutive 64-byte lines
+    (dims 2p, 2p+1 of 16 tokens each: the two bf16 halves of each 32-bit lane widened by a
+    shift and a mask) and V as token pairs of 16-dim lines. A K tile is one contiguous run and a
+    V tile D/16 runs, so the hardware prefetchers stream them (half the cache lines of a bf16
+    tile in the "vec" layout, whose 16-token K^T rows are 32-byte halves of separate lines).
+  * a generic scalar loop for any other strides, tile sizes and groups (a packed cache that
+    the packed path does not take is unpacked first).
 
 Same contract as :func:`.sparse_decode.sparse_decode`. Compilation needs a C++ compiler and
 Python headers (g++ on Linux); when unavailable, :func:`available` is False and callers use the
@@ -30,6 +37,8 @@ import logging
 
 import torch
 from torch import Tensor
+
+from .layouts import amx_unpack_blocks
 
 __all__ = ["available", "cpu_sparse_decode"]
 
@@ -353,15 +362,146 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
   });
 }
 
+// ---- Packed path: vLLM's "amx" layout (bf16). Per (block, head), K: 16-token chunks of D/2
+// 64-byte lines, line p = {token i: (dim 2p, dim 2p+1)} for i < 16; V: 16-dim chunks of B/2
+// lines, line j = {dim c: (token 2j, token 2j+1)} for c < 16. In each 32-bit lane the first
+// element is the low half: widened to fp32 by `<< 16`, the second by masking the low half.
+static inline void split_pairs(const c10::BFloat16* p, v16f& lo, v16f& hi) {
+  v16u u;
+  std::memcpy(&u, p, 64);
+  const v16u a = u << 16, b = u & 0xFFFF0000u;
+  std::memcpy(&lo, &a, 64);
+  std::memcpy(&hi, &b, 64);
+}
+
+static inline void prefetch_tile_amx(int64_t t, int64_t h, int64_t L, const int32_t* btr,
+                                     int64_t T, int64_t B, int64_t D, const c10::BFloat16* kb,
+                                     const c10::BFloat16* vb, int64_t ks0, int64_t ks1,
+                                     int64_t vs0, int64_t vs1) {
+  const int64_t tok0 = t * T;
+  if (t < 0 || tok0 >= L) return;
+  const int64_t blk = btr[tok0 / B], off = tok0 % B;
+  prefetch_span(kb + blk * ks0 + h * ks1 + off * D, T * D * 2);  // one run
+  const c10::BFloat16* vp = vb + blk * vs0 + h * vs1 + off * 16;
+  for (int64_t c = 0; c < D; c += 16) prefetch_span(vp + c * B, T * 32);  // D/16 runs
+}
+
+template <int GG>
+static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16* vb,
+                    int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
+                    const int32_t* bt, int64_t bt_stride, const int32_t* seq_lens,
+                    const int32_t* tiles, int64_t S, float* out, float* lse,
+                    int64_t R, int64_t Hkv, int64_t D, int64_t B, int64_t T) {
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  v16f iota;
+  for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(GG * D);
+    alignas(64) float p[GG][16];
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const float* qg = q + rh * GG * D;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float m[GG], l[GG];
+      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
+      const int64_t L = seq_lens[r];
+      const int32_t* tl = tiles + rh * S;
+      const int32_t* btr = bt + r * bt_stride;
+      auto prefetch = [&](int64_t si) {
+        if (si < S) prefetch_tile_amx(tl[si], h, L, btr, T, B, D, kb, vb, ks0, ks1, vs0, vs1);
+      };
+      for (int64_t si = 0; si < kPrefetchAhead; ++si) prefetch(si);
+      for (int64_t si = 0; si < S; ++si) {
+        prefetch(si + kPrefetchAhead);
+        const int64_t t = tl[si];
+        if (t < 0) continue;
+        const int64_t tok0 = t * T;
+        const int64_t blk = btr[tok0 / B], off = tok0 % B;
+        for (int64_t c0 = 0; c0 < T && tok0 + c0 < L; c0 += 16) {
+          const int64_t n = std::min<int64_t>(16, L - tok0 - c0);
+          const c10::BFloat16* kp = kb + blk * ks0 + h * ks1 + (off + c0) * D;  // the chunk
+          v16f s0[GG], s1[GG];
+          for (int g = 0; g < GG; ++g) { s0[g] = v16f{}; s1[g] = v16f{}; }
+          for (int64_t d = 0; d < D; d += 2) {
+            v16f k0, k1;
+            split_pairs(kp + d * 16, k0, k1);  // dims d, d+1 of the 16 tokens
+            for (int g = 0; g < GG; ++g) {
+              s0[g] += qg[g * D + d] * k0;
+              s1[g] += qg[g * D + d + 1] * k1;
+            }
+          }
+          for (int g = 0; g < GG; ++g) {
+            v16f sc = s0[g] + s1[g];
+            if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;
+            const float mnew = std::max(m[g], hmax(sc));
+            const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
+            if (corr != 1.f) {
+              float* ag = acc.data() + g * D;
+              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+            }
+            v16f pv = vexp_nonpos(sc - mnew);
+            if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
+            std::memcpy(p[g], &pv, 64);
+            l[g] = l[g] * corr + hsum(pv);
+            m[g] = mnew;
+          }
+          const c10::BFloat16* vp = vb + blk * vs0 + h * vs1 + (off + c0) * 16;  // pair (off+c0)/2
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const c10::BFloat16* vc = vp + d0 * B;  // the 16-dim chunk d0/16
+            v16f a[GG];
+            for (int g = 0; g < GG; ++g) std::memcpy(&a[g], acc.data() + g * D + d0, 64);
+            for (int64_t i = 0; i < n; i += 2) {
+              v16f v0, v1;
+              split_pairs(vc + i * 16, v0, v1);  // tokens i, i+1 of the 16 dims
+              if (i + 1 >= n) v1 = v16f{};  // an unwritten slot: p is 0 there, V may be NaN
+              for (int g = 0; g < GG; ++g) a[g] += p[g][i] * v0 + p[g][i + 1] * v1;
+            }
+            for (int g = 0; g < GG; ++g) std::memcpy(acc.data() + g * D + d0, &a[g], 64);
+          }
+        }
+      }
+      for (int g = 0; g < GG; ++g) {
+        float* o = out + (rh * GG + g) * D;
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
+        lse[rh * GG + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : NEG_INF;
+      }
+    }
+  });
+}
+
 std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                              torch::Tensor bt, torch::Tensor seq_lens,
-                                             torch::Tensor tiles, int64_t T) {
+                                             torch::Tensor tiles, int64_t T, bool amx) {
   // q [R, Hq, D] fp32 contiguous (pre-scaled); k, v [NB, Hkv, B, D] strided views;
   // bt [R, MB] int32; seq_lens [R] int32; tiles [R, Hkv, S] int32 contiguous.
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv, S = tiles.size(2);
   auto out = torch::empty({R, Hq, D}, q.options());
   auto lse = torch::empty({R, Hq}, q.options());
+  if (amx) {  // the caller checked: bf16, T and D multiples of 16, G <= 8, (B, D) contiguous
+    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && T % 16 == 0 && D % 16 == 0 && G >= 1 &&
+                G <= 8 && k.stride(3) == 1 && k.stride(2) == D && v.stride(3) == 1 &&
+                v.stride(2) == D, "sparse_decode_cpu: unsupported amx-layout case");
+    auto go = [&](auto gg) {
+      run_amx<decltype(gg)::value>(
+          q.data_ptr<float>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+          k.stride(0), k.stride(1), v.stride(0), v.stride(1), bt.data_ptr<int32_t>(),
+          bt.stride(0), seq_lens.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), S,
+          out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv, D, B, T);
+    };
+    switch (G) {
+      case 1: go(std::integral_constant<int, 1>{}); break;
+      case 2: go(std::integral_constant<int, 2>{}); break;
+      case 3: go(std::integral_constant<int, 3>{}); break;
+      case 4: go(std::integral_constant<int, 4>{}); break;
+      case 5: go(std::integral_constant<int, 5>{}); break;
+      case 6: go(std::integral_constant<int, 6>{}); break;
+      case 7: go(std::integral_constant<int, 7>{}); break;
+      default: go(std::integral_constant<int, 8>{}); break;
+    }
+    return {out, lse};
+  }
   const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
                     G >= 1 && G <= 8 && B % 16 == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sparse_decode_cpu", [&] {
@@ -405,7 +545,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v3e", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v4", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu"],
                        extra_cflags=["-O3", "-march=native"],
@@ -424,13 +564,27 @@ def available() -> bool:
         return False
 
 
+def _packed_path_takes(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                       tile_size: int) -> bool:
+    D, G = query.shape[2], query.shape[1] // key_cache.shape[1]
+    return (key_cache.dtype == torch.bfloat16 and tile_size % 16 == 0 and D % 16 == 0
+            and 1 <= G <= 8 and all(c.stride(3) == 1 and c.stride(2) == D
+                                     for c in (key_cache, value_cache)))
+
+
 def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                       block_tables: Tensor, seq_lens: Tensor, tiles: Tensor, tile_size: int,
-                      scale: float) -> tuple[Tensor, Tensor]:
+                      scale: float, *, kv_layout: str = "strided") -> tuple[Tensor, Tensor]:
     """Fused CPU path; same arguments as ``sparse_decode``; returns out ``[R, Hq, D]`` fp32 and
-    lse ``[R, Hq]`` fp32."""
+    lse ``[R, Hq]`` fp32. ``kv_layout="amx"``: the caches are vLLM's packed "amx" regions."""
+    amx = kv_layout == "amx"
+    if amx and not _packed_path_takes(query, key_cache, value_cache, tile_size):
+        key_cache, value_cache, block_tables = amx_unpack_blocks(key_cache, value_cache,
+                                                                 block_tables)
+        amx = False
     q = (query.float() * scale).contiguous()  # [R, Hq, D]
     out, lse = _module().sparse_decode_cpu(
         q, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
-        seq_lens.to(torch.int32).contiguous(), tiles.to(torch.int32).contiguous(), tile_size)
+        seq_lens.to(torch.int32).contiguous(), tiles.to(torch.int32).contiguous(), tile_size,
+        amx)
     return out, lse

@@ -9,6 +9,10 @@ front; see :mod:`.layouts`):
   * vLLM CPU_ATTN: per (block, head) K stored transposed ``[D, B]`` then V row-major ``[B, D]``
     (:func:`~.layouts.vllm_cpu_kv_views`); the torch path gathers whole tiles for both.
   * K and V both row-major (:func:`~.layouts.rowmajor_cpu_kv_views`): same fast path.
+  * vLLM CPU_ATTN "amx" ISA (bf16 on AMX CPUs): K and V packed in VNNI pairs, which no strided
+    view expresses (:func:`~.layouts.vllm_cpu_amx_kv_views`): pass ``kv_layout="amx"``. The
+    C++ kernel reads it in place (a 16-token K tile is one contiguous run there); the other
+    paths unpack the batch's blocks first (:func:`~.layouts.amx_unpack_blocks`).
   * GPU (vLLM Triton backend): ``cache[num_blocks, 2, B, Hkv, D]``;
     ``key_cache = cache[:, 0].permute(0, 2, 1, 3)``, same with ``1`` for V (generic gather on
     CPU tensors; the Triton kernel takes any strides).
@@ -33,6 +37,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .layouts import KV_LAYOUTS, amx_unpack_blocks
 
 __all__ = [
     "sparse_decode",
@@ -295,11 +301,11 @@ def _triton_core(*args) -> tuple[Tensor, Tensor]:
     return core(*args)
 
 
-def _cpp_core(*args) -> tuple[Tensor, Tensor]:
+def _cpp_core(*args, kv_layout: str = "strided") -> tuple[Tensor, Tensor]:
     from .cpu_sparse_decode import cpu_sparse_decode
 
     _check_inputs(*args[:7])
-    return cpu_sparse_decode(*args)
+    return cpu_sparse_decode(*args, kv_layout=kv_layout)
 
 
 _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
@@ -308,6 +314,20 @@ _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "ref": _ref_core,
     "triton": _triton_core,
 }
+
+
+def _core_for(impl: str, kv_layout: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The core of ``impl`` for caches in ``kv_layout``."""
+    core = _IMPLS[impl]
+    if kv_layout == "strided":
+        return core
+    if impl == "cpp":  # reads the packed layout in place
+        return functools.partial(_cpp_core, kv_layout=kv_layout)
+
+    def unpacked(query, key_cache, value_cache, block_tables, *rest):
+        return core(query, *amx_unpack_blocks(key_cache, value_cache, block_tables), *rest)
+
+    return unpacked
 
 
 def _auto_impl(query: Tensor) -> str:
@@ -400,8 +420,8 @@ def compensate(out: Tensor, lse: Tensor, pruned_lse: Tensor, v_mean: Tensor | No
 def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
                   seq_lens: Tensor, tiles: Tensor, tile_size: int, scale: float, *,
                   impl: str = "auto", residual_tiles: Tensor | None = None,
-                  residual_weight: Tensor | None = None,
-                  out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  residual_weight: Tensor | None = None, out: Tensor | None = None,
+                  kv_layout: str = "strided") -> tuple[Tensor, Tensor]:
     """Exact softmax attention of each decode query over its selected KV tiles.
 
     Args:
@@ -418,6 +438,8 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
             ``tiles``, -1 pad), with residual_weight ``[R, Hkv]`` = #unselected / #sampled: its
             part is computed by the same kernel, its lse shifted by log(weight) and merged.
         out: optional ``[R, Hq, D]`` tensor written in place (and returned).
+        kv_layout: "strided" (the caches are views with the semantic indexing) or "amx"
+            (the packed regions of :func:`~.layouts.vllm_cpu_amx_kv_views`).
 
     Returns:
         out ``[R, Hq, D]`` in query dtype, lse ``[R, Hq]`` fp32 (natural log of the softmax
@@ -426,10 +448,11 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
     """
     if impl == "auto":
         impl = _auto_impl(query)
-    try:
-        core = _IMPLS[impl]
-    except KeyError:
-        raise ValueError(f"unknown impl {impl!r}; valid: auto, {', '.join(sorted(_IMPLS))}") from None
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; valid: auto, {', '.join(sorted(_IMPLS))}")
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"unknown kv_layout {kv_layout!r}; valid: {', '.join(KV_LAYOUTS)}")
+    core = _core_for(impl, kv_layout)
     o, lse = core(query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size, scale)
     if residual_tiles is not None:
         if residual_weight is None:

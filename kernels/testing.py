@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layouts import LAYOUTS
+from .layouts import LAYOUTS, amx_pack, amx_unpack_blocks
 
 __all__ = ["PagedCase", "make_paged_case", "cache_views", "dense_attention", "all_tiles"]
 
@@ -22,7 +22,8 @@ class PagedCase:
     query ``[R, Hq, D]``; cache: the per-layer cache in one of the layouts of
     :mod:`~prescore_backend.kernels.layouts` (vLLM CPU ``[num_blocks, Hkv, B, 2D]`` with K
     transposed per block, the same with K row-major, or GPU ``[num_blocks, 2, B, Hkv, D]``);
-    key_cache / value_cache: ``[num_blocks, Hkv, B, D]`` views of it; block_tables
+    key_cache / value_cache: ``[num_blocks, Hkv, B, D]`` views of it (for "cpu_amx", the packed
+    regions: pass ``kv_layout=case.kv_layout`` to the kernels); block_tables
     ``[R, max_blocks]`` int32 (shuffled physical blocks, unused entries 0); seq_lens ``[R]``
     int32; keys / values: per row the contiguous ``[Hkv, n_r, D]`` sequence that was written.
     """
@@ -36,15 +37,23 @@ class PagedCase:
     keys: list[Tensor]
     values: list[Tensor]
     block_size: int
+    kv_layout: str = "strided"
 
     @property
     def num_kv_heads(self) -> int:
         return self.key_cache.shape[1]
 
+    def strided(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(key_cache, value_cache, block_tables) as strided views, for code that reads only
+        those (the oracle): unpacked copies of the referenced blocks for "amx"."""
+        if self.kv_layout == "strided":
+            return self.key_cache, self.value_cache, self.block_tables
+        return amx_unpack_blocks(self.key_cache, self.value_cache, self.block_tables)
+
 
 def cache_views(cache: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     """K and V ``[num_blocks, Hkv, B, D]`` views of a per-layer cache in ``layout`` (see
-    :data:`~prescore_backend.kernels.layouts.LAYOUTS`: "cpu", "cpu_rowmajor", "gpu")."""
+    :data:`~prescore_backend.kernels.layouts.LAYOUTS`: "cpu", "cpu_amx", "cpu_rowmajor", "gpu")."""
     return LAYOUTS[layout][1](cache)
 
 
@@ -66,7 +75,11 @@ def make_paged_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim
     shape = LAYOUTS[layout][0](total, Hkv, B, D)
     fill = 0.0 if poison is None else poison
     cache = torch.full(shape, fill, dtype=dtype)
-    kc, vc = cache_views(cache, layout)
+    amx = LAYOUTS[layout][2] == "amx"
+    if amx:  # written plain into scratch K/V, packed at the end
+        kc, vc = (torch.full((total, Hkv, B, D), fill, dtype=dtype) for _ in range(2))
+    else:
+        kc, vc = cache_views(cache, layout)
     perm = torch.randperm(total, generator=gen)
     max_blocks = max(nblk) + 1
     bt = torch.zeros(R, max_blocks, dtype=torch.int32)
@@ -84,6 +97,10 @@ def make_paged_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim
         for src, dst in ((k, kc), (v, vc)):
             full = torch.cat([src, torch.full((Hkv, pad, D), fill, dtype=dtype)], 1)  # [Hkv, nb*B, D]
             dst[blocks] = full.view(Hkv, nblk[r], B, D).transpose(0, 1)  # writes through the view
+    if amx:
+        kraw, vraw = cache_views(cache, layout)
+        kraw.copy_(amx_pack(kc, vc)[0])
+        vraw.copy_(amx_pack(kc, vc)[1])
     q = torch.randn(R, Hkv * group, D, generator=gen).to(dtype)
     cache = cache.to(device)
     kc, vc = cache_views(cache, layout)
@@ -91,7 +108,7 @@ def make_paged_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim
     return PagedCase(query=q.to(dev), cache=cache, key_cache=kc,
                      value_cache=vc, block_tables=bt.to(dev),
                      seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                     keys=ks, values=vs, block_size=B)
+                     keys=ks, values=vs, block_size=B, kv_layout=LAYOUTS[layout][2])
 
 
 def dense_attention(query: Tensor, keys: Tensor, values: Tensor, scale: float,

@@ -35,6 +35,7 @@ from prescore_backend.config import PrescoreConfig
 from prescore_backend.kernels.cpu_select import cpu_quest_pick
 from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
+from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import Selection, aggregate_tiles, residual_sample, select_tiles
@@ -164,10 +165,11 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                    scorer_for: Callable[[str | None], Scorer], tile_size: int, aggregate: str,
-                   lsh: AngularLSH | None, lsh_bits: int) -> None:
+                   lsh: AngularLSH | None, lsh_bits: int, kv_layout: str = "strided") -> None:
     """Score the blocks each job filled and record its per-token data.
 
-    key_cache ``[num_blocks, Hkv, B, D]`` (any strides). ``scorer_for(job.method)`` gives the
+    key_cache ``[num_blocks, Hkv, B, D]`` (any strides; with ``kv_layout="amx"`` vLLM's packed K
+    region, unpacked per job). ``scorer_for(job.method)`` gives the
     scorer of a job (``None``: the configured one). A full block's scores come from a fit on
     every key of the sequence up to the block's end (``Scorer.score_prefixes``), aggregated
     per tile; tiles the job wrote in the incomplete last block are set unscored (-inf).
@@ -178,6 +180,8 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
     for job in jobs:
         s = job.seq_len
         keys = key_cache[job.block_ids]  # [nblk, Hkv, B, D]
+        if kv_layout == "amx":
+            keys = amx_unpack_k(keys)
         keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s]  # [Hkv, s, D]
         b0, b1 = job.blocks_done
         if b1 > b0:  # full blocks: final scores, fitted on the prefix up to each block end

@@ -92,6 +92,61 @@ def test_cpu_cache_views_match_vllm_vec_layout():
     torch.testing.assert_close(vview[blk, :, off], value, rtol=0, atol=0)
 
 
+def test_cpu_amx_layout_matches_vllm_amx_write_and_attention():
+    """vLLM's "amx" write (bf16, used on AMX CPUs) packs K and V in VNNI pairs: our unpack of
+    the packed regions gives back exactly what was written, and the fused kernel reading the
+    packed cache in place (all tiles selected) equals vLLM's own exact attention over the same
+    tokens (its "vec" kernel, which runs on any x86 CPU, over a "vec" copy of the cache)."""
+    from vllm import _custom_ops as ops
+
+    from prescore_backend.kernels import sparse_decode
+    from prescore_backend.kernels.layouts import (amx_unpack, vllm_cpu_amx_kv_views,
+                                                  vllm_cpu_kv_views)
+    from prescore_backend.kernels.testing import all_tiles
+
+    nb, hkv, g, bs, d = 6, 2, 3, 64, 64
+    lens = [150, 77]  # ragged, both ending inside a 16-token chunk
+    gen = torch.Generator().manual_seed(1)
+    perm = torch.randperm(nb, generator=gen)
+    bt = torch.stack([perm[:3], perm[3:]]).to(torch.int32)  # [2, 3] shuffled blocks
+    slots = torch.cat([bt[r, torch.arange(n) // bs].long() * bs + torch.arange(n) % bs
+                       for r, n in enumerate(lens)])
+    n = sum(lens)
+    key = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)
+    value = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)
+    caches = {}
+    for isa in ("amx", "vec"):
+        kv = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.bfloat16)
+        kc, vc = kv.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+        caches[isa] = kv
+    kraw, vraw = vllm_cpu_amx_kv_views(caches["amx"])
+    kp, vp = amx_unpack(kraw, vraw)  # [nb, Hkv, B, D] plain
+    blk, off = slots // bs, slots % bs
+    assert torch.equal(kp[blk, :, off], key) and torch.equal(vp[blk, :, off], value)
+
+    q = torch.randn(2, hkv * g, d, generator=gen).to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ours, _ = sparse_decode(q, kraw, vraw, bt, seq_lens, all_tiles(seq_lens, hkv, 16), 16,
+                            d ** -0.5, impl="cpp", kv_layout="amx")
+    qsl = torch.arange(3, dtype=torch.int32)
+    md = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=2, num_heads=hkv * g, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens,
+        dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1,
+        isa="vec", enable_kv_split=False)
+    ref = torch.empty_like(q)
+    kc, vc = caches["vec"].view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=kc, value_cache=vc, output=ref, query_start_loc=qsl,
+        seq_lens=seq_lens, scale=d ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=bt, softcap=0.0, scheduler_metadata=md, s_aux=None)
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-3, rtol=1.6e-2)
+    # the strided views of the vec copy agree with the unpacked amx cache
+    kv_, vv_ = vllm_cpu_kv_views(caches["vec"])
+    assert torch.equal(kv_[blk, :, off], kp[blk, :, off])
+
+
 def test_side_data_memory_is_small():
     from prescore_backend.backends.cpu import SideData
 

@@ -32,6 +32,16 @@ def test_served_with_prescore_backend(server):
     assert "Using PRESCORE attention backend" in server.log()
 
 
+def test_bf16_keeps_vllms_amx_cache_layout_where_the_cpu_has_amx(server):
+    """Served in bf16 (the model's dtype): on AMX CPUs vLLM's CPU_ATTN packs the cache for AMX,
+    and prescore reads that layout (so prefill keeps vLLM's AMX kernel); elsewhere "vec". The
+    long-request tests below then decode sparsely from whichever layout this is."""
+    import torch
+
+    want = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    assert f"prescore reads vLLM's '{want}' CPU KV cache layout" in server.log()
+
+
 def test_engine_kv_cache_uses_huge_pages(server):
     """prescore-serve sets THP_MEM_ALLOC_ENABLE: the engine process (a child of the API server)
     holds its KV cache in transparent huge pages, unless the host disabled THP."""

@@ -50,7 +50,7 @@ def dense_rows(case, scale):
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp", "ref", "auto"])
-@pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_amx", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,7 +61,8 @@ def test_all_tiles_is_dense_attention(impl, layout, group, head_dim, dtype):
     tiles = all_tiles(case.seq_lens, HKV, T)
     out = torch.full_like(case.query, float("nan"))  # poisoned: every element must be written
     o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
-                           case.seq_lens, tiles, T, scale, impl=impl, out=out)
+                           case.seq_lens, tiles, T, scale, impl=impl, out=out,
+                           kv_layout=case.kv_layout)
     assert o is out and o.dtype == dtype and lse.dtype == torch.float32
     ref_o, ref_lse = dense_rows(case, scale)
     torch.testing.assert_close(o.double(), ref_o, **TOL[dtype])
@@ -69,7 +70,7 @@ def test_all_tiles_is_dense_attention(impl, layout, group, head_dim, dtype):
 
 
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
-@pytest.mark.parametrize("layout", ["cpu", "cpu_rowmajor", "gpu"])
+@pytest.mark.parametrize("layout", ["cpu", "cpu_amx", "cpu_rowmajor", "gpu"])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -78,9 +79,9 @@ def test_cpu_paths_match_ref_on_random_selections(impl, layout, group, head_dim,
     scale = head_dim ** -0.5
     tiles = random_tiles(SEQ_LENS, HKV, seed=head_dim, empty_row=1)
     o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
-                           case.seq_lens, tiles, T, scale, impl=impl)
-    ref_o, ref_lse = sparse_decode_ref(case.query, case.key_cache, case.value_cache,
-                                       case.block_tables, case.seq_lens, tiles, T, scale)
+                           case.seq_lens, tiles, T, scale, impl=impl, kv_layout=case.kv_layout)
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, tiles, T,
+                                       scale)
     assert not o.isnan().any()
     torch.testing.assert_close(o.double(), ref_o, **TOL[dtype])
     # Empty (row 1) and any empty (row, head) give out 0, lse -inf on both paths.
@@ -95,12 +96,14 @@ def test_cpu_paths_match_ref_on_random_selections(impl, layout, group, head_dim,
     (16, 5, torch.float16), (16, 9, torch.float32),  # G > 8: the generic C++ loop
     (8, 3, torch.bfloat16),  # T not a multiple of 16: the generic C++ loop
 ])
-def test_cpp_kernel_tiles_groups_dtypes(tile, group, dtype):
-    """The fused kernel's 16-token vector path (T = 16k, G <= 8) and its generic fallback against
+@pytest.mark.parametrize("layout", ["cpu", "cpu_amx"])
+def test_cpp_kernel_tiles_groups_dtypes(tile, group, dtype, layout):
+    """The fused kernel's 16-token vector paths (T = 16k, G <= 8; "vec" layout any dtype,
+    packed "amx" layout bf16) and its generic fallback (a packed cache unpacked first) against
     the oracle: ragged lengths ending inside a 16-token chunk, poisoned cache slots."""
     lens = [37, 64, 130, 5, 200]
     bs = 64
-    case = make_paged_case(lens, HKV, group, 64, bs, layout="cpu", dtype=dtype, seed=tile + group)
+    case = make_paged_case(lens, HKV, group, 64, bs, layout=layout, dtype=dtype, seed=tile + group)
     g = torch.Generator().manual_seed(group)
     M = max(-(-n // tile) for n in lens)
     tiles = torch.full((len(lens), HKV, M), -1, dtype=torch.int32)
@@ -110,12 +113,34 @@ def test_cpp_kernel_tiles_groups_dtypes(tile, group, dtype):
             keep = torch.cat([keep, torch.tensor([-(-n // tile) - 1])]).unique()  # last, partial
             tiles[r, h, : len(keep)] = keep.to(torch.int32)
     o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
-                           case.seq_lens, tiles, tile, 0.125, impl="cpp")
-    ref_o, ref_lse = sparse_decode_ref(case.query, case.key_cache, case.value_cache,
-                                       case.block_tables, case.seq_lens, tiles, tile, 0.125)
+                           case.seq_lens, tiles, tile, 0.125, impl="cpp", kv_layout=case.kv_layout)
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, tiles, tile,
+                                       0.125)
     tol = TOL.get(dtype, dict(atol=2e-3, rtol=2e-3))
     torch.testing.assert_close(o.double(), ref_o, **tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_amx_pack_roundtrip_and_layout_formula():
+    """amx_pack/unpack invert each other and place token t, dim d where vLLM's "amx" write does
+    (K: (t//16)*16*D + (d//2)*32 + (t%16)*2 + d%2; V: (d//16)*16*B + (t//2)*32 + (d%16)*2 + t%2)."""
+    from prescore_backend.kernels.layouts import amx_pack, amx_unpack
+
+    n, h, b, d = 2, 3, 32, 48
+    k = torch.randn(n, h, b, d)
+    v = torch.randn(n, h, b, d)
+    kp, vp = amx_pack(k, v)
+    assert all(torch.equal(x, y) for x, y in zip(amx_unpack(kp, vp), (k, v)))
+    t, dd = 21, 37
+    assert kp.reshape(n, h, -1)[1, 2, (t // 16) * 16 * d + (dd // 2) * 32 + (t % 16) * 2 + dd % 2] == k[1, 2, t, dd]
+    assert vp.reshape(n, h, -1)[1, 2, (dd // 16) * 16 * b + (t // 2) * 32 + (dd % 16) * 2 + t % 2] == v[1, 2, t, dd]
+
+
+def test_unknown_kv_layout_is_refused():
+    case = make_paged_case([40], 2, 1, 64, B)
+    with pytest.raises(ValueError, match="kv_layout"):
+        sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                      case.seq_lens, all_tiles(case.seq_lens, 2, T), T, 0.125, kv_layout="vnni")
 
 
 def test_fast_path_strides():

@@ -35,7 +35,7 @@ Rules that keep it valid through vLLM's request lifecycle:
   request, so nothing grows with finished requests.
 
 Unsupported (fail loudly at start): sliding window, ALiBi, logits soft-cap, attention sinks,
-quantized (fp8) KV cache, head sizes whose CPU layout is not "vec". Encoder and cross attention
+quantized (fp8) KV cache, head sizes whose CPU layout is "vec16". Encoder and cross attention
 layers fall back to exact CPU attention. MLA models are refused at backend selection.
 """
 
@@ -61,7 +61,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
-from prescore_backend.kernels.layouts import vllm_cpu_kv_views
+from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.decode import (
     ScoreJob,
     SideData,
@@ -84,10 +84,11 @@ __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder"
 # A child of vLLM's logger, so lines show with vLLM's format and level.
 logger = logging.getLogger("vllm.prescore")
 
-# vLLM's CPU kernels store K per (block, KV head) in an ISA-specific order ("amx" packs bf16
-# pairs VNNI-style). We pin the "vec" ISA, whose K tile is K^T ([D, block_size]) and V tile
-# [block_size, D], and read it through strided views. Cost: no AMX for bf16 prefill.
-_PINNED_ISA = "vec"
+# vLLM's CPU kernels store K per (block, KV head) in an ISA-specific order. Prescore reads two:
+# "vec" (K^T [D, block_size], V [block_size, D]: strided views) and "amx" (bf16 on AMX CPUs:
+# VNNI-packed, read in place by the C++ kernel, so bf16 prefill keeps vLLM's AMX kernel). Any
+# other ISA vLLM would pick is pinned to "vec".
+_FALLBACK_ISA = "vec"
 
 
 @dataclass
@@ -187,9 +188,10 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             raise ValueError(
                 f"--attention-backend prescore: head size {self.head_dim} uses vLLM's 'vec16' "
                 "CPU cache layout, which prescore does not read; use the default backend")
-        if self.isa != _PINNED_ISA:
-            self.isa = _PINNED_ISA
+        if self.isa not in VLLM_CPU_ISA_VIEWS:
+            self.isa = _FALLBACK_ISA
             self._set_isa_to_layers(layer_names)
+        logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
         if self.block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
@@ -407,11 +409,13 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                              plan.dec_reset, lsh=_lsh(self.head_size) if cfg.uses_lsh else None,
                              lsh_bits=cfg.lsh_bits)
 
-    def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData) -> None:
+    def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData,
+                        kv_layout: str) -> None:
         cfg = self.rt.config
         run_score_jobs(side, plan.score_jobs, key_cache, scorer_for=_job_scorer,
                        tile_size=cfg.tile_size, aggregate=cfg.aggregate,
-                       lsh=_lsh(self.head_size) if cfg.uses_lsh else None, lsh_bits=cfg.lsh_bits)
+                       lsh=_lsh(self.head_size) if cfg.uses_lsh else None, lsh_bits=cfg.lsh_bits,
+                       kv_layout=kv_layout)
 
     # --------------------------------------------------------------------- forward
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -431,13 +435,14 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
     def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
                  output):
         side = self._side(kv_cache)
-        key_cache, value_cache = vllm_cpu_kv_views(kv_cache)  # [nb, Hkv, B, D] each
+        views, kv_layout = VLLM_CPU_ISA_VIEWS[layer.isa]  # the ISA the builder settled on
+        key_cache, value_cache = views(kv_cache)  # [nb, Hkv, B, D] each (packed order for amx)
         stats = self.rt.stats
 
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
         if plan.score_jobs:
-            self._run_score_jobs(plan, key_cache, side)
+            self._run_score_jobs(plan, key_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0
         stats.counts[DENSE_ROWS] += plan.num_dense_decode_rows
 
@@ -448,11 +453,12 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             out_dense = torch.empty_like(q_dense)
             super().forward(layer, q_dense, key, value, kv_cache, plan.dense_md, out_dense)
             output.index_copy_(0, plan.dense_tok, out_dense)
-        self._sparse_decode(plan, query, key_cache, value_cache, side, output)
+        self._sparse_decode(plan, query, key_cache, value_cache, kv_layout, side, output)
         return output
 
     def _sparse_decode(self, plan: PrescorePlan, query: Tensor, key_cache: Tensor,
-                       value_cache: Tensor, side: SideData, output: Tensor) -> None:
+                       value_cache: Tensor, kv_layout: str, side: SideData,
+                       output: Tensor) -> None:
         cfg, stats = self.rt.config, self.rt.stats
         t0 = time.perf_counter()
         rs, hkv = plan.num_sparse, self.num_kv_heads
@@ -465,7 +471,8 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
 
         out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
                                plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
-                               impl="auto", residual_tiles=res_tiles, residual_weight=res_w)
+                               impl="auto", residual_tiles=res_tiles, residual_weight=res_w,
+                               kv_layout=kv_layout)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
 
         # Tokens read: whole selected tiles, less the gap of each row's partial last tile, which
