@@ -1,7 +1,8 @@
 """Micro-benchmark: sparse paged decode vs exact paged decode on vLLM's CPU cache layout.
 
 For each context length, batch size and keep ratio, one decode step of one layer
-(R rows x Hq = Hkv * G query heads, D, block size B, tile T, fp32) is timed with:
+(R rows x Hq = Hkv * G query heads, D, block size B, tile T; fp32, or bf16 with ``--dtype
+bfloat16``) is timed with:
   * vllm:     vLLM's own CPU attention op (``ops.cpu_attention_with_kv_cache``) on the cache,
               scheduler metadata built once per step as vLLM does (not counted per layer);
   * dense:    plain torch over the paged cache: gather the row's blocks, then SDPA;
@@ -12,6 +13,9 @@ For each context length, batch size and keep ratio, one decode step of one layer
               GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4;
   * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
               min/max (read through the block table), up to half the budget, then pre-scores.
+Cache layouts (``--k-layout``): ``vllm`` is CPU_ATTN's "vec" ISA (K^T per block), ``amx`` its
+"amx" ISA (bf16 on AMX CPUs: VNNI-packed K and V, what vLLM picks for bf16 there; vLLM's op
+then runs its AMX kernel), ``rowmajor`` a what-if with K row-major.
 Several copies of the cache ("layers") are cycled so the working set exceeds the last-level
 cache, as in a real model (30 layers); a single-layer run would flatter the sparse path.
 
@@ -58,6 +62,11 @@ from prescore_backend.kernels import (  # noqa: E402
     vllm_cpu_kv_views,
 )
 from prescore_backend.kernels.cpu_select import cpu_quest_pick  # noqa: E402
+from prescore_backend.kernels.layouts import (  # noqa: E402
+    amx_unpack_k,
+    amx_unpack_v,
+    vllm_cpu_amx_kv_views,
+)
 from prescore_backend.selection import select_tiles  # noqa: E402
 
 
@@ -100,17 +109,23 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     Hq = Hkv * G
     scale = D ** -0.5
     gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    amx = args.k_layout == "amx"
+    kvl = "amx" if amx else "strided"  # how the kernels must read the views
     nblk = -(-ctx // B)
     blocks = batch * nblk + 1
-    layer_bytes = blocks * Hkv * B * 2 * D * 4
+    layer_bytes = blocks * Hkv * B * 2 * D * dtype.itemsize
     layers = max(1, min(args.max_layers, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes)))
-    caches = [torch.randn(blocks, Hkv, B, 2 * D, generator=gen) for _ in range(layers)]  # vLLM CPU
-    view_fn = vllm_cpu_kv_views if args.k_layout == "vllm" else rowmajor_cpu_kv_views
+    caches = [torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)
+              for _ in range(layers)]  # vLLM CPU
+    view_fn = {"vllm": vllm_cpu_kv_views, "rowmajor": rowmajor_cpu_kv_views,
+               "amx": vllm_cpu_amx_kv_views}[args.k_layout]
     views = [view_fn(c) for c in caches]
+    plain_k = amx_unpack_k if amx else (lambda k: k)  # K with semantic [.., token, dim] indexing
     # Shuffled physical blocks per row.
     perm = torch.randperm(blocks, generator=gen)[: batch * nblk].view(batch, nblk).to(torch.int32)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
-    query = torch.randn(batch, Hq, D, generator=gen)
+    query = torch.randn(batch, Hq, D, generator=gen).to(dtype)
     M = -(-ctx // T)
     num_tiles = torch.full((batch,), M)
     tile_scores = [torch.randn(batch, Hkv, M, generator=gen) for _ in range(layers)]
@@ -119,9 +134,10 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     kbounds = []
     if args.quest:
         for v in views:
-            kt = v[0].reshape(blocks, Hkv, B // T, T, D)  # K tiles (strided view of K^T)
+            kt = plain_k(v[0]).reshape(blocks, Hkv, B // T, T, D)  # K tiles
             kbounds.append((kt.amin(3).contiguous(), kt.amax(3).contiguous()))
-    tile_masks = [bucket_masks(lsh.hash(v[0][perm.long()].transpose(1, 2).reshape(batch, Hkv, M, T, D)),
+    tile_masks = [bucket_masks(lsh.hash(plain_k(v[0][perm.long()].flatten(0, 1)).reshape(
+        batch, nblk, Hkv, B, D).transpose(1, 2).reshape(batch, Hkv, M, T, D).float()),
                                args.lsh_bits) for v in views] if args.lsh else None  # [R, Hkv, M, W]
     iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
 
@@ -132,9 +148,9 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         qsl = torch.arange(batch + 1, dtype=torch.int32)
         md = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=batch, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, seq_lens=seq_lens,
-            dtype=torch.float32, query_start_loc=qsl, causal=True, sliding_window_size=-1,
-            isa="vec", enable_kv_split=True)
-        out = torch.empty(batch, Hq, D)
+            dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1,
+            isa="amx" if amx else "vec", enable_kv_split=True)
+        out = torch.empty(batch, Hq, D, dtype=dtype)
 
         def vllm_fn(i: int) -> None:
             kv = caches[i % layers].view(blocks, Hkv, 2 * B, D)
@@ -146,18 +162,24 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 s_aux=None)
 
         fns["vllm_ms"] = vllm_fn
-        if args.k_layout == "vllm":  # correctness: our dense-over-all-tiles equals vLLM's output
+        if args.k_layout != "rowmajor":  # correctness: our dense-over-all-tiles equals vLLM's
             vllm_fn(0)
             allt = torch.arange(M, dtype=torch.int32).view(1, 1, M).expand(batch, Hkv, M)
-            ours, _ = sparse_decode(query, *views[0], perm, seq_lens, allt, T, scale)
-            extra["max_abs_diff_vs_vllm"] = float((ours - out).abs().max())
+            ours, _ = sparse_decode(query, *views[0], perm, seq_lens, allt, T, scale,
+                                    kv_layout=kvl)
+            extra["max_abs_diff_vs_vllm"] = float((ours.float() - out.float()).abs().max())
 
     # Plain torch dense: gather the row's blocks into a contiguous sequence, then SDPA.
     def dense_fn(i: int) -> None:
         kc, vc = views[i % layers]
         idx = perm.long()  # [R, nblk]
-        k = kc[idx].transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]  # [R, Hkv, n, D]
-        v = vc[idx].transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]
+        if amx:  # unpack the row's blocks (part of what plain torch pays on this layout)
+            kc, vc = (u(c[idx.flatten()]).unflatten(0, idx.shape) for u, c in
+                      ((amx_unpack_k, kc), (amx_unpack_v, vc)))
+        else:
+            kc, vc = kc[idx], vc[idx]  # [R, nblk, Hkv, B, D]
+        k = kc.transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]  # [R, Hkv, n, D]
+        v = vc.transpose(1, 2).reshape(batch, Hkv, nblk * B, D)[:, :, :ctx]
         torch.nn.functional.scaled_dot_product_attention(
             query.unsqueeze(2), k, v, scale=scale, enable_gqa=True)  # [R, Hq, 1, D]
 
@@ -178,14 +200,16 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                                        num_tile_slots=M, sink_tiles=1, window_tiles=2)
                 sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
                                    window_tiles=2, lsh_match=match, lsh_cap=int(caps.max()))
-                sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl)
+                sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl,
+                              kv_layout=kvl)
                 return
             if with_lsh:
                 qb = bucket_masks(lsh.hash(query).view(batch, Hkv, G), args.lsh_bits)  # [R, Hkv, W]
                 match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
             sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1, window_tiles=2,
                                lsh_match=match, lsh_cap=cap if with_lsh else 0)
-            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl)
+            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl,
+                          kv_layout=kvl)
 
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)
@@ -239,14 +263,15 @@ def _fmt_row(r: dict) -> str:
     return " ".join(out)
 
 
-def write_report(data: dict, out_dir: Path, command: str) -> Path:
-    """``out_dir/kernels.json`` and ``kernels.md`` (machine, command, table) from a run's data."""
+def write_report(data: dict, out_dir: Path, command: str, name: str = "kernels") -> Path:
+    """``out_dir/<name>.json`` and ``<name>.md`` (machine, command, table) from a run's data."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.json").write_text(json.dumps(data, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=1))
     m = data["meta"]
     lines = [
         "# Sparse decode kernel vs vLLM's CPU attention op (one layer, one decode step)", "",
-        f"Machine: {m['machine']}, {m['cpus']} CPUs, {m['threads']} thread(s); fp32, Hkv "
+        f"Machine: {m['machine']}, {m['cpus']} CPUs, {m['threads']} thread(s); "
+        f"{m.get('dtype', 'float32')}, Hkv "
         f"{m['kv_heads']}, G {m['group']}, D {m['head_dim']}, block {m['block_size']}, tile "
         f"{m['tile']}, K layout {m['k_layout']}, transparent huge pages {'on' if m.get('thp') else 'off'}; "
         f"median {m['clock']} time per layer-step, all methods timed round-robin in one run, "
@@ -265,7 +290,7 @@ def write_report(data: dict, out_dir: Path, command: str) -> Path:
                      f"{f(r, 'sparse_ms', '.3f')} | {f(r, 'sparse_quest_ms', '.3f')} | "
                      f"{f(r, 'select_ms', '.3f')} | {f(r, 'sparse_torch_ms', '.3f')} | "
                      f"{f(r, 'speedup_vs_vllm', '.2f')}x | {f(r, 'quest_speedup_vs_vllm', '.2f')}x |")
-    md = out_dir / "kernels.md"
+    md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
 
@@ -281,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--tile", type=int, default=16)
-    p.add_argument("--k-layout", choices=["vllm", "rowmajor"], default="vllm",
-                   help="vllm: K stored [D, B] per block (vLLM CPU_ATTN); rowmajor: K [B, D] "
+    p.add_argument("--k-layout", choices=["vllm", "amx", "rowmajor"], default="vllm",
+                   help="vllm: K stored [D, B] per block (vLLM CPU_ATTN 'vec'); amx: vLLM's "
+                        "VNNI-packed 'amx' layout (bf16, AMX CPUs); rowmajor: K [B, D] "
                         "(what a row-major shadow copy of K would give; vLLM's op then reads "
                         "garbage K but costs the same)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--report-name", default="kernels",
+                   help="file stem of the --report files (kernels.json, kernels.md)")
     p.add_argument("--lsh-bits", type=int, default=7)
     p.add_argument("--impl", default="auto", choices=["auto", "cpp", "torch"],
                    help="sparse kernel (auto = fused C++ when it compiles); the torch path is "
@@ -303,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default bench/out/sparse_decode_<time>.json)")
     p.add_argument("--report", default=None, help="directory for kernels.{json,md} (docs/results)")
     args = p.parse_args(argv)
+    if args.k_layout == "amx" and args.dtype != "bfloat16":
+        p.error("--k-layout amx is vLLM's bf16 layout: add --dtype bfloat16")
     torch.set_num_threads(args.threads)
     global _WALL
     _WALL = args.wall or args.threads > 1  # thread CPU time is meaningless with a pool
@@ -312,10 +343,16 @@ def main(argv: list[str] | None = None) -> int:
         contexts, batches = [c for c in contexts if c <= 16384], [1]
     keeps = [int(x) for x in args.keeps.split(",")]
     ops = _vllm_ops()
-
+    if ops is not None and args.k_layout == "amx":
+        if not torch.cpu._is_amx_tile_supported():
+            print("[bench] no AMX on this CPU: vLLM's amx op cannot run; skipping the vllm "
+                  "column", file=sys.stderr)
+            ops = None
+        else:
+            torch.cpu._init_amx()  # the process must ask the kernel for AMX state first
     header = " ".join(f"{k:>{int(f.split('>')[1].split('.')[0].rstrip('}'))}}" for k, f in _COLS)
     print(f"# threads={args.threads} Hkv={args.kv_heads} G={args.group} D={args.head_dim} "
-          f"B={args.block_size} T={args.tile} K-layout={args.k_layout} fp32; median {'wall' if _WALL else 'thread CPU'} ms "
+          f"B={args.block_size} T={args.tile} K-layout={args.k_layout} {args.dtype}; median {'wall' if _WALL else 'thread CPU'} ms "
           "per layer-step")
     print(header)
     results = []
@@ -324,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(run_config(ctx, batch, keeps, args, ops))
     out = Path(args.out) if args.out else Path(__file__).parent / "out" / f"sparse_decode_{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", k_layout=args.k_layout, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
+    meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", k_layout=args.k_layout,
+                dtype=args.dtype, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
                 block_size=args.block_size, tile=args.tile, torch=torch.__version__,
                 machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
     data = dict(meta=meta, results=results)
@@ -333,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         cmd = "python bench/bench_sparse_decode.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
-        print(f"# wrote {write_report(data, Path(args.report), cmd)}")
+        print(f"# wrote {write_report(data, Path(args.report), cmd, args.report_name)}")
     return 0
 
 

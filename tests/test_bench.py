@@ -34,6 +34,34 @@ def test_bench_sparse_decode_smoke(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "rep" / "kernels.json").read_text()) == data
 
 
+def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
+    """bf16 on vLLM's packed "amx" layout: every column runs, and where the CPU has AMX (vLLM's
+    op needs it) the fused kernel over every tile equals vLLM's AMX kernel to bf16 rounding."""
+    import torch
+
+    out = tmp_path / "b.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--contexts", "1024",
+         "--batches", "2", "--keeps", "4", "--iters", "3", "--working-set-mb", "8",
+         "--k-layout", "amx", "--dtype", "bfloat16", "--out", str(out), "--report",
+         str(tmp_path / "rep"), "--report-name", "kernels_amx"], capture_output=True,
+        text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["k_layout"] == "amx" and data["meta"]["dtype"] == "bfloat16"
+    (r,) = data["results"]
+    for k in ("dense_ms", "select_ms", "sparse_ms", "sparse_torch_ms", "sparse_lsh_ms",
+              "sparse_quest_ms"):
+        assert r[k] > 0, k
+    if torch.cpu._is_amx_tile_supported():
+        assert r["vllm_ms"] > 0 and r["max_abs_diff_vs_vllm"] < 4e-3  # outputs are bf16
+    assert "bfloat16" in (tmp_path / "rep" / "kernels_amx.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--k-layout", "amx"],
+        capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--dtype bfloat16" in bad.stderr
+
+
 def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     """The engine-internal breakdown runs on a real PRESCORE engine and sees every phase: the
     prefill's scoring jobs inside its attention, and one side-data update, one selection and
