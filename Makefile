@@ -20,7 +20,7 @@ help:
 	@echo "make model   only prepare the embedded model (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
-	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels.* (~1 min)"
+	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~3 min)"
 	@echo "make results-expensive  clustering scorers at 8k -> docs/results/expensive.json (~25 min)"
 
 setup: $(STAMP)
@@ -72,15 +72,18 @@ results-expensive: model
 	$(BIN)/python bench/eval_report.py
 
 # Through real vLLM engines (one at a time): passkey retrieval prescore vs exact, and decode
-# speed PRESCORE vs CPU_ATTN -> docs/results/{retrieval,speed}.{json,md}, speed_vs_context.png.
+# speed PRESCORE vs CPU_ATTN -> docs/results/retrieval.{json,md}, docs/results/speed_amx/.
 results-serving: model
 	$(BIN)/python bench/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
 	$(BIN)/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
-		--keep-ratios 0.125,0.0625 --report docs/results
+		--keep-ratios 0.125 --max-batch-tokens 70000 --report docs/results/speed_amx
 
 results-kernels: setup
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --report docs/results
+	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+		--keeps 4,8,16 --k-layout amx --dtype bfloat16 --report docs/results \
+		--report-name kernels_amx
 
 clean:
 	rm -rf $(VENV) build *.egg-info

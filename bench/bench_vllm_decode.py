@@ -207,8 +207,8 @@ def write_report(data: dict, out_dir: Path) -> Path:
                      f"| {r['decode_ms_per_step']:.1f} | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
     lines += ["", f"Side data per token and layer (scores + Quest key bounds, {data['args']['dtype']}"
               f" cache): {side:.2f} bytes, vs {kv} bytes of K and V ({100 * side / kv:.1f}%).",
-              "TTFT vs CPU_ATTN includes pre-scoring and the loss of vLLM's AMX prefill kernels "
-              "(prescore pins the 'vec' cache layout).", "",
+              "TTFT vs CPU_ATTN is the cost of pre-scoring: prescore reads the cache layout vLLM "
+              "picks (AMX-packed for bf16 on AMX CPUs), so both prefill with vLLM's kernels.", "",
               "![speedup vs context](speed_vs_context.png)", "",
               f"*Figure: decode speedup of PRESCORE over CPU_ATTN (ms/step ratio) vs context; "
               f"{machine}; SmolLM2-135M; `{data['command']}`.*", ""]

@@ -23,9 +23,10 @@ from prescore_backend.scoring import get_scorer
 
 
 def _filled(cfg: PrescoreConfig, seq_lens: list[int], seed: int = 0,
-            dtype: torch.dtype = torch.float32):
+            dtype: torch.dtype = torch.float32, layout: str = "cpu"):
     B, hkv, d = 128, 3, 64
-    case = make_paged_case(seq_lens, hkv, 3, d, B, seed=seed, poison=None, dtype=dtype)
+    case = make_paged_case(seq_lens, hkv, 3, d, B, seed=seed, poison=None, dtype=dtype,
+                           layout=layout)
     side = SideData.allocate(case.key_cache.shape[0], hkv, B // cfg.tile_size,
                              lsh_words=num_words(cfg.lsh_bits), head_dim=d, dtype=dtype)
     lsh = AngularLSH(cfg.lsh_bits, d, seed=cfg.seed)
@@ -33,8 +34,21 @@ def _filled(cfg: PrescoreConfig, seq_lens: list[int], seed: int = 0,
     jobs = [ScoreJob(block_ids=case.block_tables[r, :-(-n // B)].long(), seq_len=n, first_pos=0,
                      per_token=True, blocks_done=(0, n // B)) for r, n in enumerate(seq_lens)]
     run_score_jobs(side, jobs, case.key_cache, scorer_for=lambda m: scorer,
-                   tile_size=cfg.tile_size, aggregate=cfg.aggregate, lsh=lsh, lsh_bits=cfg.lsh_bits)
+                   tile_size=cfg.tile_size, aggregate=cfg.aggregate, lsh=lsh, lsh_bits=cfg.lsh_bits,
+                   kv_layout=case.kv_layout)
     return case, side, lsh
+
+
+def test_score_jobs_read_the_packed_amx_layout_like_the_vec_one() -> None:
+    """The same keys written in vLLM's "vec" and packed "amx" layouts give identical side data
+    (scores, LSH masks, Quest bounds): the jobs unpack K before scoring."""
+    cfg = PrescoreConfig(query_aware="lsh_quest")
+    lens = [300, 1000]
+    _, vec, _ = _filled(cfg, lens, dtype=torch.bfloat16, layout="cpu")
+    _, amx, _ = _filled(cfg, lens, dtype=torch.bfloat16, layout="cpu_amx")
+    assert torch.isfinite(vec.scores).any()
+    for name in ("scores", "masks", "kmin", "kmax"):
+        assert torch.equal(getattr(vec, name), getattr(amx, name)), name
 
 
 def test_rows_with_different_budgets_select_as_alone() -> None:
