@@ -1,8 +1,9 @@
 """End-to-end checks of the PRESCORE backend on the real embedded model, over real HTTP.
 
 Each fixture starts one server, runs everything it needs, and stops it before the next
-starts (the machine has 2 cores). All runs are greedy and in float32: in bf16 vLLM's CPU_ATTN
-uses AMX kernels while prescore pins the "vec" cache layout, so their rounding differs.
+starts (the machine has 2 cores). All runs are greedy and in float32, so exactness checks do
+not hinge on bf16 rounding; bf16 (vLLM's AMX-packed cache on AMX CPUs) is served in
+test_serving_e2e.py.
 """
 
 from __future__ import annotations
