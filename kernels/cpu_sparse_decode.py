@@ -280,6 +280,56 @@ static inline float hsum(v16f x) {
   return s;
 }
 
+// One 16-token chunk of the online softmax for the GG heads of a group: scores s0 + s1 (n
+// valid slots, the rest masked to -inf) -> probabilities p[g][0..16), running max m, sum l, and
+// the accumulators acc [GG, D] rescaled to the new max.
+template <int GG>
+static inline void softmax_chunk(const v16f (&s0)[GG], const v16f (&s1)[GG], int64_t n,
+                                 const v16f& iota, float* m, float* l, float* acc,
+                                 float (*p)[16], int64_t D) {
+  const float NEG_INF = -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < GG; ++g) {
+    v16f sc = s0[g] + s1[g];
+    if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;  // unwritten slots
+    const float mnew = std::max(m[g], hmax(sc));
+    const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
+    if (corr != 1.f) {
+      float* ag = acc + g * D;
+      for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+    }
+    v16f pv = vexp_nonpos(sc - mnew);
+    if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
+    std::memcpy(p[g], &pv, 64);
+    l[g] = l[g] * corr + hsum(pv);
+    m[g] = mnew;
+  }
+}
+
+// out [GG, D] = acc / l and lse [GG] of one (row, KV head); an empty selection gives 0, -inf.
+template <int GG>
+static inline void finish_row(const float* m, const float* l, const float* acc, float* out,
+                              float* lse, int64_t D) {
+  for (int g = 0; g < GG; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
+    lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+// Calls f(std::integral_constant<int, G>{}) for a group size 1 <= G <= 8.
+template <typename F> static inline void with_group(int64_t G, F&& f) {
+  switch (G) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 template <typename scalar_t, int GG>
 static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
@@ -326,21 +376,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
               s1[g] += qg[g * D + d + 1] * k1;
             }
           }
-          for (int g = 0; g < GG; ++g) {
-            v16f sc = s0[g] + s1[g];
-            if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;  // unwritten slots
-            const float mnew = std::max(m[g], hmax(sc));
-            const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
-            if (corr != 1.f) {
-              float* ag = acc.data() + g * D;
-              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-            }
-            v16f pv = vexp_nonpos(sc - mnew);
-            if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
-            std::memcpy(p[g], &pv, 64);
-            l[g] = l[g] * corr + hsum(pv);
-            m[g] = mnew;
-          }
+          softmax_chunk<GG>(s0, s1, n, iota, m, l, acc.data(), p, D);
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             v16f a[GG];
             for (int g = 0; g < GG; ++g) std::memcpy(&a[g], acc.data() + g * D + d0, 64);
@@ -352,12 +388,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
           }
         }
       }
-      for (int g = 0; g < GG; ++g) {
-        float* o = out + (rh * GG + g) * D;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        lse[rh * GG + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : NEG_INF;
-      }
+      finish_row<GG>(m, l, acc.data(), out + rh * GG * D, lse + rh * GG, D);
     }
   });
 }
@@ -430,21 +461,7 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
               s1[g] += qg[g * D + d + 1] * k1;
             }
           }
-          for (int g = 0; g < GG; ++g) {
-            v16f sc = s0[g] + s1[g];
-            if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;
-            const float mnew = std::max(m[g], hmax(sc));
-            const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
-            if (corr != 1.f) {
-              float* ag = acc.data() + g * D;
-              for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-            }
-            v16f pv = vexp_nonpos(sc - mnew);
-            if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
-            std::memcpy(p[g], &pv, 64);
-            l[g] = l[g] * corr + hsum(pv);
-            m[g] = mnew;
-          }
+          softmax_chunk<GG>(s0, s1, n, iota, m, l, acc.data(), p, D);
           const c10::BFloat16* vp = vb + blk * vs0 + h * vs1 + (off + c0) * 16;  // pair (off+c0)/2
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             const c10::BFloat16* vc = vp + d0 * B;  // the 16-dim chunk d0/16
@@ -460,12 +477,7 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
           }
         }
       }
-      for (int g = 0; g < GG; ++g) {
-        float* o = out + (rh * GG + g) * D;
-        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[g * D + d] * inv;
-        lse[rh * GG + g] = l[g] > 0.f ? m[g] + std::log(l[g]) : NEG_INF;
-      }
+      finish_row<GG>(m, l, acc.data(), out + rh * GG * D, lse + rh * GG, D);
     }
   });
 }
@@ -490,16 +502,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
           bt.stride(0), seq_lens.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), S,
           out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv, D, B, T);
     };
-    switch (G) {
-      case 1: go(std::integral_constant<int, 1>{}); break;
-      case 2: go(std::integral_constant<int, 2>{}); break;
-      case 3: go(std::integral_constant<int, 3>{}); break;
-      case 4: go(std::integral_constant<int, 4>{}); break;
-      case 5: go(std::integral_constant<int, 5>{}); break;
-      case 6: go(std::integral_constant<int, 6>{}); break;
-      case 7: go(std::integral_constant<int, 7>{}); break;
-      default: go(std::integral_constant<int, 8>{}); break;
-    }
+    with_group(G, go);
     return {out, lse};
   }
   const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
@@ -514,16 +517,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
             tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv,
             D, B, T);
       };
-      switch (G) {
-        case 1: go(std::integral_constant<int, 1>{}); break;
-        case 2: go(std::integral_constant<int, 2>{}); break;
-        case 3: go(std::integral_constant<int, 3>{}); break;
-        case 4: go(std::integral_constant<int, 4>{}); break;
-        case 5: go(std::integral_constant<int, 5>{}); break;
-        case 6: go(std::integral_constant<int, 6>{}); break;
-        case 7: go(std::integral_constant<int, 7>{}); break;
-        default: go(std::integral_constant<int, 8>{}); break;
-      }
+      with_group(G, go);
       return;
     }
     run<scalar_t>(q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
@@ -545,7 +539,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v4", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v4c", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu"],
                        extra_cflags=["-O3", "-march=native"],
