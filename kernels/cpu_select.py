@@ -35,9 +35,43 @@ struct Cand {  // order: higher key first, then lower index
 inline bool better(const Cand& a, const Cand& b) {
   return a.key > b.key || (a.key == b.key && a.idx < b.idx);
 }
-// Moves the best k of c[0..n) to the front (in any order).
+// Moves the best k of c[0..n) (by `better`; c in ascending idx order) to the front, in any
+// order. The k-th largest key is built bit by bit on the keys mapped to order-preserving
+// uint32: 32 branch-free counting passes that vectorize (std::nth_element on random scores
+// mispredicts about every other comparison: ~15 us per 1k tiles, 5x slower). One more pass
+// keeps the keys above it and, among those equal to it, the lowest indices: the same set as
+// sorting by `better`.
+inline uint32_t order_bits(float x) {
+  x += 0.0f;  // -0 -> +0: they compare equal, so they must tie
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 inline void top_k(std::vector<Cand>& c, int64_t n, int64_t k) {
-  if (k > 0 && k < n) std::nth_element(c.begin(), c.begin() + k, c.begin() + n, better);
+  if (k <= 0 || k >= n) return;
+  typedef uint32_t v16u_t __attribute__((vector_size(64)));
+  typedef int32_t v16i_t __attribute__((vector_size(64)));
+  const int64_t nv = (n + 15) / 16;
+  thread_local std::vector<v16u_t> uv;
+  uv.assign(nv, v16u_t{});  // padding 0: below every mapped key, never counted
+  uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+  for (int64_t i = 0; i < n; ++i) u[i] = order_bits(c[i].key);
+  uint32_t thr = 0;  // the largest value with at least k keys >= it: the k-th largest key
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = thr | (1u << bit);
+    v16i_t cnt = v16i_t{};
+    for (int64_t i = 0; i < nv; ++i) cnt -= (uv[i] >= cand);  // true is -1
+    int64_t total = 0;
+    for (int l = 0; l < 16; ++l) total += cnt[l];
+    if (total >= k) thr = cand;
+  }
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) above += u[i] > thr;
+  int64_t ties = k - above, j = 0;
+  for (int64_t i = 0; i < n && j < k; ++i) {
+    const bool take = u[i] > thr || (u[i] == thr && ties-- > 0);
+    if (take) std::swap(c[j++], c[i]);
+  }
 }
 inline float nan_to_neginf(float x) {
   return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;

@@ -48,6 +48,7 @@ _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,14 +129,15 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
                 int64_t ks0, int64_t ks1, int64_t kst, int64_t ksd,
                 int64_t vs0, int64_t vs1, int64_t vst, int64_t vsd,
                 const int32_t* bt, int64_t bt_stride, const int32_t* seq_lens,
-                const int32_t* tiles, int64_t S, float* out, float* lse,
+                const int32_t* tiles, int64_t S, float* out, float* lse, float scale,
                 int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * T), acc(G * D), m(G), l(G), kf(T), vf(D);
+    std::vector<float> s(G * T), acc(G * D), m(G), l(G), kf(T), vf(D), qv(G * D);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
-      const float* qg = q + rh * G * D;  // query heads h*G .. h*G+G-1 of row r
+      for (int64_t i = 0; i < G * D; ++i) qv[i] = q[rh * G * D + i] * scale;
+      const float* qg = qv.data();  // query heads h*G .. h*G+G-1 of row r, scaled
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), NEG_INF);
       std::fill(l.begin(), l.end(), 0.f);
@@ -164,9 +166,9 @@ static void run(const float* q, const scalar_t* kb, const scalar_t* vb,
             const scalar_t* kd = kp + d * ksd;
             for (int64_t i = 0; i < n; ++i) kf[i] = ld(kd + i);
             for (int64_t g = 0; g < G; ++g) {
-              const float qv = qg[g * D + d];
+              const float qd = qg[g * D + d];
               float* sg = s.data() + g * T;
-              for (int64_t i = 0; i < n; ++i) sg[i] += qv * kf[i];
+              for (int64_t i = 0; i < n; ++i) sg[i] += qd * kf[i];
             }
           }
         } else {
@@ -368,17 +370,18 @@ template <typename scalar_t, int GG>
 static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
                      const int32_t* bt, int64_t bt_stride, const int32_t* seq_lens,
-                     const int32_t* tiles, int64_t S, float* out, float* lse,
+                     const int32_t* tiles, int64_t S, float* out, float* lse, float scale,
                      int64_t R, int64_t Hkv, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   v16f iota;
   for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(GG * D);
+    std::vector<float> acc(GG * D), qv(GG * D);
     alignas(64) float p[GG][16];
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
-      const float* qg = q + rh * GG * D;  // query heads h*G .. h*G+G-1 of row r
+      for (int64_t i = 0; i < GG * D; ++i) qv[i] = q[rh * GG * D + i] * scale;
+      const float* qg = qv.data();  // query heads h*G .. h*G+G-1 of row r, scaled
       std::fill(acc.begin(), acc.end(), 0.f);
       float m[GG], l[GG];
       for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
@@ -456,17 +459,18 @@ template <int GG>
 static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16* vb,
                     int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
                     const int32_t* bt, int64_t bt_stride, const int32_t* seq_lens,
-                    const int32_t* tiles, int64_t S, float* out, float* lse,
+                    const int32_t* tiles, int64_t S, float* out, float* lse, float scale,
                     int64_t R, int64_t Hkv, int64_t D, int64_t B, int64_t T) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   v16f iota;
   for (int i = 0; i < 16; ++i) iota[i] = static_cast<float>(i);
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(GG * D);
+    std::vector<float> acc(GG * D), qv(GG * D);
     alignas(64) float p[GG][16];
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
-      const float* qg = q + rh * GG * D;
+      for (int64_t i = 0; i < GG * D; ++i) qv[i] = q[rh * GG * D + i] * scale;
+      const float* qg = qv.data();  // query heads h*G .. h*G+G-1 of row r, scaled
       std::fill(acc.begin(), acc.end(), 0.f);
       float m[GG], l[GG];
       for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
@@ -541,11 +545,17 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
   });
 }
 
-std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                             torch::Tensor bt, torch::Tensor seq_lens,
-                                             torch::Tensor tiles, int64_t T, bool amx) {
-  // q [R, Hq, D] fp32 contiguous (pre-scaled); k, v [NB, Hkv, B, D] strided views;
-  // bt [R, MB] int32; seq_lens [R] int32; tiles [R, Hkv, S] int32 contiguous.
+std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor k,
+                                             torch::Tensor v, torch::Tensor bt,
+                                             torch::Tensor seq_lens, torch::Tensor tiles,
+                                             int64_t T, double scale, bool amx) {
+  // query [R, Hq, D] any float dtype; k, v [NB, Hkv, B, D] strided views; bt [R, MB],
+  // seq_lens [R], tiles [R, Hkv, S] integer. The conversions below are no-ops (no copy) for
+  // fp32 / int32 contiguous inputs; done here, not in Python, for the per-layer overhead.
+  const auto q = query.to(at::kFloat).contiguous();  // [R, Hq, D]; scaled per task
+  bt = bt.to(at::kInt).contiguous();
+  seq_lens = seq_lens.to(at::kInt).contiguous();
+  tiles = tiles.to(at::kInt).contiguous();
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv, S = tiles.size(2);
   auto out = torch::empty({R, Hq, D}, q.options());
@@ -559,7 +569,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
           q.data_ptr<float>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
           k.stride(0), k.stride(1), v.stride(0), v.stride(1), bt.data_ptr<int32_t>(),
           bt.stride(0), seq_lens.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), S,
-          out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv, D, B, T);
+          out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(scale), R, Hkv, D, B, T);
     };
     with_group(G, go);
     return {out, lse};
@@ -573,7 +583,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
             q.data_ptr<float>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0),
             k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
             bt.data_ptr<int32_t>(), bt.stride(0), seq_lens.data_ptr<int32_t>(),
-            tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), R, Hkv,
+            tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(scale), R, Hkv,
             D, B, T);
       };
       with_group(G, go);
@@ -583,7 +593,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor q, torch::Tensor k, t
                   k.stride(0), k.stride(1), k.stride(2), k.stride(3),
                   v.stride(0), v.stride(1), v.stride(2), v.stride(3),
                   bt.data_ptr<int32_t>(), bt.stride(0), seq_lens.data_ptr<int32_t>(),
-                  tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(),
+                  tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(scale),
                   R, Hkv, G, D, B, T);
   });
   return {out, lse};
@@ -598,7 +608,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v5", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v5e", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu"],
                        extra_cflags=["-O3", "-march=native"],
@@ -635,9 +645,6 @@ def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
         key_cache, value_cache, block_tables = amx_unpack_blocks(key_cache, value_cache,
                                                                  block_tables)
         amx = False
-    q = (query.float() * scale).contiguous()  # [R, Hq, D]
-    out, lse = _module().sparse_decode_cpu(
-        q, key_cache, value_cache, block_tables.to(torch.int32).contiguous(),
-        seq_lens.to(torch.int32).contiguous(), tiles.to(torch.int32).contiguous(), tile_size,
-        amx)
-    return out, lse
+    out, lse = _module().sparse_decode_cpu(query, key_cache, value_cache, block_tables,
+                                           seq_lens, tiles, tile_size, scale, amx)
+    return out, lse  # [R, Hq, D], [R, Hq]
