@@ -68,9 +68,12 @@ inline void top_k(std::vector<Cand>& c, int64_t n, int64_t k) {
   int64_t above = 0;
   for (int64_t i = 0; i < n; ++i) above += u[i] > thr;
   int64_t ties = k - above, j = 0;
-  for (int64_t i = 0; i < n && j < k; ++i) {
-    const bool take = u[i] > thr || (u[i] == thr && ties-- > 0);
-    if (take) std::swap(c[j++], c[i]);
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: a kept tile is 1 in 8 at random
+    const bool eq = u[i] == thr;
+    const bool take = (u[i] > thr) | (eq & (ties > 0));
+    ties -= eq & take;
+    c[j] = c[i];  // j <= i: overwrites only entries already read
+    j += take;
   }
 }
 inline float nan_to_neginf(float x) {
@@ -105,6 +108,7 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
   at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> src(M);  // 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore
     std::vector<Cand> c(M);
+    std::vector<int32_t> out_buf(M + 1);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M), b = keep[r];
@@ -136,11 +140,18 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
         top_k(c, k, take);
         for (int64_t i = 0; i < take; ++i) src[c[i].idx] = 4;
       }
-      int32_t* o = to + rh * S;
-      int64_t j = 0;
+      // ascending list, branch-free (kept tiles are scattered): every t is written, the
+      // cursor moves only for kept ones; the buffer has room for the write past the last one
+      int64_t j = 0, ct5[5] = {0, 0, 0, 0, 0};
+      for (int64_t t = 0; t < n; ++t) {
+        const uint8_t k = src[t];
+        out_buf[j] = static_cast<int32_t>(t);
+        j += k != 0;
+        ++ct5[k];
+      }
+      std::copy(out_buf.begin(), out_buf.begin() + j, to + rh * S);
       int64_t* ct = cnt.data() + rh * 4;
-      for (int64_t t = 0; t < n; ++t)
-        if (src[t]) { o[j++] = static_cast<int32_t>(t); ++ct[src[t] - 1]; }
+      for (int k = 0; k < 4; ++k) ct[k] = ct5[k + 1];
       no[rh] = static_cast<int32_t>(j);
     }
   });
