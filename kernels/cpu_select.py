@@ -3,7 +3,8 @@
 The torch version of :func:`prescore_backend.selection.select_tiles` is ~20 tensor ops per
 layer (top-k, scatters, a sort), ~0.3 ms at 16k context on one core: as much as reading the
 selected tiles. Here one task per (row, KV head) does the same in O(M) with
-``std::nth_element`` and writes the ascending tile list directly.
+a branch-free top-k (the k-th largest score built bit by bit by vectorized counting passes,
+then one pass that keeps ties to the lower index) and writes the ascending tile list directly.
 
 * :func:`cpu_select_tiles` implements exactly the rules of ``select_tiles_ref`` (sinks and
   window first, most recent window tiles first when the budget is smaller; then up to
