@@ -84,15 +84,22 @@ inline float nan_to_neginf(float x) {
 
 std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor num_tiles,
                                             torch::Tensor budget, int64_t sink, int64_t window,
-                                            torch::Tensor lsh_match, int64_t lsh_cap) {
-  // scores [R, H, M] fp32 contiguous; num_tiles, budget [R] int64; lsh_match [R, H, M] bool
-  // contiguous or empty. -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32;
-  // counts [4] int64 (sink, window, lsh, prescore).
+                                            c10::optional<torch::Tensor> lsh_match_opt,
+                                            int64_t lsh_cap) {
+  // scores [R, H, M] float; num_tiles, budget [R] integer; lsh_match [R, H, M] bool or None.
+  // -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32; counts [4] int64 (sink,
+  // window, lsh, prescore). Conversions here (no-ops for the usual dtypes), not in Python.
+  scores = scores.to(at::kFloat).contiguous();
+  num_tiles = num_tiles.reshape({scores.size(0)}).to(at::kLong).contiguous();
+  budget = budget.reshape({scores.size(0)}).to(at::kLong).contiguous();
+  torch::Tensor lsh_match = lsh_match_opt.has_value()
+                                ? lsh_match_opt->to(at::kBool).contiguous()
+                                : torch::Tensor();
   const int64_t R = scores.size(0), H = scores.size(1), M = scores.size(2);
   const float* sc = scores.data_ptr<float>();
   const int64_t* nt = num_tiles.data_ptr<int64_t>();
   const int64_t* bu = budget.data_ptr<int64_t>();
-  const bool use_lsh = lsh_match.numel() > 0 && lsh_cap > 0;
+  const bool use_lsh = lsh_match.defined() && lsh_match.numel() > 0 && lsh_cap > 0;
   const bool* lm = use_lsh ? lsh_match.data_ptr<bool>() : nullptr;
   std::vector<int64_t> keep(R);
   int64_t S = 0;
@@ -249,13 +256,8 @@ def cpu_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, 
                      lsh_cap: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """``select_tiles`` in C++ (same arguments): returns tiles ``[R, Hkv, S]`` int32 ascending
     (-1 padded), num_selected ``[R, Hkv]`` int32 and source counts ``[4]`` int64."""
-    R = tile_scores.shape[0]
-    match = (lsh_match.to(torch.bool).contiguous() if lsh_match is not None
-             else torch.empty(0, dtype=torch.bool))
-    return tuple(_ext().select_tiles_cpu(
-        tile_scores.float().contiguous(), num_tiles.reshape(R).long().contiguous(),
-        budget.reshape(R).long().contiguous(), int(sink_tiles), int(window_tiles), match,
-        int(lsh_cap)))
+    return tuple(_ext().select_tiles_cpu(tile_scores, num_tiles, budget, int(sink_tiles),
+                                         int(window_tiles), lsh_match, int(lsh_cap)))
 
 
 def cpu_quest_pick(q: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor,
