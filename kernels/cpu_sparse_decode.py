@@ -550,7 +550,8 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
 std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor k,
                                              torch::Tensor v, torch::Tensor bt,
                                              torch::Tensor seq_lens, torch::Tensor tiles,
-                                             int64_t T, double scale, bool amx) {
+                                             int64_t T, double scale, bool amx,
+                                             c10::optional<at::ScalarType> out_dtype) {
   // query [R, Hq, D] any float dtype; k, v [NB, Hkv, B, D] strided views; bt [R, MB],
   // seq_lens [R], tiles [R, Hkv, S] integer. The conversions below are no-ops (no copy) for
   // fp32 / int32 contiguous inputs; done here, not in Python, for the per-layer overhead.
@@ -574,7 +575,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor 
           out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(scale), R, Hkv, D, B, T);
     };
     with_group(G, go);
-    return {out, lse};
+    return {out_dtype ? out.to(*out_dtype) : out, lse};
   }
   const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
                     G >= 1 && G <= 8 && B % 16 == 0;
@@ -598,7 +599,7 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor 
                   tiles.data_ptr<int32_t>(), S, out.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(scale),
                   R, Hkv, G, D, B, T);
   });
-  return {out, lse};
+  return {out_dtype ? out.to(*out_dtype) : out, lse};
 }
 """
 
@@ -610,7 +611,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v5g", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v5h", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu"],
                        extra_cflags=["-O3", "-march=native"],
@@ -639,14 +640,17 @@ def _packed_path_takes(query: Tensor, key_cache: Tensor, value_cache: Tensor,
 
 def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                       block_tables: Tensor, seq_lens: Tensor, tiles: Tensor, tile_size: int,
-                      scale: float, *, kv_layout: str = "strided") -> tuple[Tensor, Tensor]:
-    """Fused CPU path; same arguments as ``sparse_decode``; returns out ``[R, Hq, D]`` fp32 and
-    lse ``[R, Hq]`` fp32. ``kv_layout="amx"``: the caches are vLLM's packed "amx" regions."""
+                      scale: float, *, kv_layout: str = "strided",
+                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Fused CPU path; same arguments as ``sparse_decode``; returns out ``[R, Hq, D]`` (fp32, or
+    ``out_dtype``) and lse ``[R, Hq]`` fp32. ``kv_layout="amx"``: the caches are vLLM's packed
+    "amx" regions."""
     amx = kv_layout == "amx"
     if amx and not _packed_path_takes(query, key_cache, value_cache, tile_size):
         key_cache, value_cache, block_tables = amx_unpack_blocks(key_cache, value_cache,
                                                                  block_tables)
         amx = False
     out, lse = _module().sparse_decode_cpu(query, key_cache, value_cache, block_tables,
-                                           seq_lens, tiles, tile_size, scale, amx)
+                                           seq_lens, tiles, tile_size, scale, amx,
+                                           out_dtype)
     return out, lse  # [R, Hq, D], [R, Hq]

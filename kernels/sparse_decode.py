@@ -301,11 +301,12 @@ def _triton_core(*args) -> tuple[Tensor, Tensor]:
     return core(*args)
 
 
-def _cpp_core(*args, kv_layout: str = "strided") -> tuple[Tensor, Tensor]:
+def _cpp_core(*args, kv_layout: str = "strided",
+              out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     from .cpu_sparse_decode import cpu_sparse_decode
 
     _check_inputs(*args[:7])
-    return cpu_sparse_decode(*args, kv_layout=kv_layout)
+    return cpu_sparse_decode(*args, kv_layout=kv_layout, out_dtype=out_dtype)
 
 
 _IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
@@ -330,13 +331,16 @@ def _core_for(impl: str, kv_layout: str) -> Callable[..., tuple[Tensor, Tensor]]
     return unpacked
 
 
-def _auto_impl(query: Tensor) -> str:
-    """triton on CUDA; on CPU the fused C++ kernel when it compiles, else the torch path."""
-    if query.is_cuda:
-        return "triton"
+@functools.lru_cache(maxsize=1)
+def _cpu_impl() -> str:
     from .cpu_sparse_decode import available
 
     return "cpp" if available() else "torch"
+
+
+def _auto_impl(query: Tensor) -> str:
+    """triton on CUDA; on CPU the fused C++ kernel when it compiles, else the torch path."""
+    return "triton" if query.is_cuda else _cpu_impl()
 
 
 # ----------------------------------------------------------------------------- merging
@@ -453,7 +457,11 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"unknown kv_layout {kv_layout!r}; valid: {', '.join(KV_LAYOUTS)}")
     core = _core_for(impl, kv_layout)
-    o, lse = core(query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size, scale)
+    args = (query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size, scale)
+    if impl == "cpp" and residual_tiles is None:  # the kernel casts: one op less per layer
+        o, lse = core(*args, out_dtype=query.dtype)
+    else:
+        o, lse = core(*args)
     if residual_tiles is not None:
         if residual_weight is None:
             raise ValueError("residual_tiles needs residual_weight")
