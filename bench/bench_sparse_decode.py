@@ -25,6 +25,7 @@ Usage: python bench/bench_sparse_decode.py [--threads 1] [--quick] [--out bench/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -80,7 +81,14 @@ def _vllm_ops():
 
 
 def _timeit_interleaved(fns: dict[str, object], iters: int, warmup: int = 2) -> dict[str, float]:
-    """Median time in ms of each fn(i), the functions timed round-robin (i cycles the layers).
+    """Median time in ms of each fn(i), the functions timed round-robin.
+
+    Cold caches: call number i reads layer i % layers, so a layer comes back only after every
+    other layer was read (run_config sizes the cycle past the last-level cache and past a
+    full sweep by vLLM's op). An earlier version gave all the methods of a round the same
+    layer: vLLM's op swept it into L3 (a 12.6 MB layer at 16k x batch 1 fits in this
+    machine's 105 MB), and the keep-1/8 read found the tiles that the keep-1/4 read before
+    it had just brought in, which flattered the sparse path.
 
     Interleaving makes every method see the same background load: this 2-core machine is
     shared with running vLLM engines and single runs drift by 2-3x. Thread CPU time by
@@ -89,14 +97,16 @@ def _timeit_interleaved(fns: dict[str, object], iters: int, warmup: int = 2) -> 
     use the intra-op pool, 1 thread by default, OMP_NUM_THREADS pinned before import).
     """
     clock = time.perf_counter if _WALL else time.thread_time
-    for i in range(warmup):
+    calls = itertools.count()
+    for _ in range(warmup):
         for fn in fns.values():
-            fn(i)
+            fn(next(calls))
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(iters):
+    for _ in range(iters):
         for k, fn in fns.items():
+            c = next(calls)  # every call reads the next layer: the one read longest ago
             t0 = clock()
-            fn(i)
+            fn(c)
             times[k].append(clock() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
@@ -115,9 +125,14 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     nblk = -(-ctx // B)
     blocks = batch * nblk + 1
     layer_bytes = blocks * Hkv * B * 2 * D * dtype.itemsize
-    layers = max(1, min(args.max_layers, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes)))
-    caches = [torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)
-              for _ in range(layers)]  # vLLM CPU
+    # Every timed call reads the next layer (see _timeit_interleaved). Enough layers that a
+    # layer comes back only after --working-set-mb of other reads, and after at least one full
+    # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
+    n_fns = 1 + len(keeps) * (2 + (args.impl != "torch") + args.lsh + args.quest)
+    layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
+    layers = max(1, min(layers, args.max_layers, int(args.max_gb * 2 ** 30 // layer_bytes)))
+    base = torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)  # vLLM CPU
+    caches = [base] + [base.clone() for _ in range(layers - 1)]  # same values, own memory
     view_fn = {"vllm": vllm_cpu_kv_views, "rowmajor": rowmajor_cpu_kv_views,
                "amx": vllm_cpu_amx_kv_views}[args.k_layout]
     views = [view_fn(c) for c in caches]
@@ -131,14 +146,18 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     tile_scores = [torch.randn(batch, Hkv, M, generator=gen) for _ in range(layers)]
     lsh = AngularLSH(args.lsh_bits, D, seed=0)
     # Quest per-tile key bounds per layer (as the backend's side data): [blocks, Hkv, B/T, D]
+    # (the layers hold the same values: side data computed once, copied per layer)
     kbounds = []
     if args.quest:
-        for v in views:
-            kt = plain_k(v[0]).reshape(blocks, Hkv, B // T, T, D)  # K tiles
-            kbounds.append((kt.amin(3).contiguous(), kt.amax(3).contiguous()))
-    tile_masks = [bucket_masks(lsh.hash(plain_k(v[0][perm.long()].flatten(0, 1)).reshape(
-        batch, nblk, Hkv, B, D).transpose(1, 2).reshape(batch, Hkv, M, T, D).float()),
-                               args.lsh_bits) for v in views] if args.lsh else None  # [R, Hkv, M, W]
+        kt = plain_k(views[0][0]).reshape(blocks, Hkv, B // T, T, D)  # K tiles
+        kb0 = (kt.amin(3).contiguous(), kt.amax(3).contiguous())
+        kbounds = [kb0] + [(a.clone(), b.clone()) for a, b in [kb0] * (layers - 1)]
+    tile_masks = None
+    if args.lsh:
+        tm0 = bucket_masks(lsh.hash(plain_k(views[0][0][perm.long()].flatten(0, 1)).reshape(
+            batch, nblk, Hkv, B, D).transpose(1, 2).reshape(batch, Hkv, M, T, D).float()),
+            args.lsh_bits)  # [R, Hkv, M, W]
+        tile_masks = [tm0] + [tm0.clone() for _ in range(layers - 1)]
     iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
 
     fns: dict[str, object] = {}
@@ -323,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")
     p.add_argument("--iter-budget", type=float, default=40.0, help="iterations at 16k (scaled 1/ctx)")
-    p.add_argument("--working-set-mb", type=float, default=256.0, help="cycle layers to exceed the LLC")
-    p.add_argument("--max-layers", type=int, default=30)
+    p.add_argument("--working-set-mb", type=float, default=1024.0,
+                   help="bytes read between two uses of a layer (past the LLC)")
+    p.add_argument("--max-layers", type=int, default=1000)
+    p.add_argument("--max-gb", type=float, default=8.0, help="memory for the layers' caches")
     p.add_argument("--quick", action="store_true", help="4k and 16k, batch 1 only")
     p.add_argument("--wall", action="store_true", help="wall-clock instead of thread CPU time")
     p.add_argument("--no-thp", action="store_true",
