@@ -4,7 +4,9 @@ Runs one vLLM engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on t
 model, wraps the attention implementation's methods with wall-clock timers, prefills a batch
 of real-text prompts once, then decodes 16 tokens, and prints (and writes as JSON) the time per
 phase: for PRESCORE the prefill attention with the scoring jobs inside it, and per decode step
-the side-data upkeep, selection and sparse attention; for CPU_ATTN its attention forward. One
+the side-data upkeep, the selection's inputs (pre-scores gathered through the block table, the
+query-aware pick) and the fused selection + sparse attention; for CPU_ATTN its attention
+forward. One
 backend per process; compare two runs side by side:
 
     .venv/bin/python bench/bench_breakdown.py --backend PRESCORE --context 4096
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         timed(pc.PrescoreCPUImpl, "_run_score_jobs", "scoring_jobs")
         timed(pc.PrescoreCPUImpl, "_record_decode_tokens", "decode_side_data")
         timed(pc.PrescoreCPUImpl, "_sparse_decode", "selection_and_sparse_attention")
-        timed(pc, "select_decode_tiles", "selection")  # module globals: _sparse_decode's lookups
+        # module globals: _sparse_decode's lookups. The selection itself runs inside the fused
+        # select_and_decode call; its inputs (pre-scores gathered, query-aware pick) before it.
+        timed(pc, "scores_and_pick", "selection_inputs")
+        timed(pc, "select_and_decode", "selection_and_decode")
     else:
         timed(cpu_attn.CPUAttentionBackendImpl, "forward", "attention", by_phase=True)
 

@@ -6,9 +6,10 @@ bfloat16``) is timed with:
   * vllm:     vLLM's own CPU attention op (``ops.cpu_attention_with_kv_cache``) on the cache,
               scheduler metadata built once per step as vLLM does (not counted per layer);
   * dense:    plain torch over the paged cache: gather the row's blocks, then SDPA;
-  * sparse:   ``select_tiles`` on random tile scores (selection cost included) + the sparse
-              kernel (``--impl``, default the fused C++ one) on the same cache; ``select`` is
-              the selection alone, ``sparse_torch`` the same with the torch sparse path;
+  * sparse:   ``select_and_decode``: the tile selection on random tile scores (its cost
+              included) + the sparse kernel on the same cache (``--impl``, default the fused
+              C++ path: both in one call); ``select`` is the selection alone
+              (``select_tiles``), ``sparse_torch`` the same step with the torch code;
   * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
               GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4;
   * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -68,7 +70,7 @@ from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_v,
     vllm_cpu_amx_kv_views,
 )
-from prescore_backend.selection import select_tiles  # noqa: E402
+from prescore_backend.selection import select_and_decode, select_tiles  # noqa: E402
 
 
 def _vllm_ops():
@@ -90,6 +92,11 @@ def _timeit_interleaved(fns: dict[str, object], iters: int, warmup: int = 2) -> 
     machine's 105 MB), and the keep-1/8 read found the tiles that the keep-1/4 read before
     it had just brought in, which flattered the sparse path.
 
+    The order is shuffled every round: the call right after vLLM's op (a sweep of the whole
+    layer) starts with the interpreter's and the extension's code and data evicted and pays
+    ~0.1 ms more at 16k (measured: an empty sparse call 0.03 ms after the selection, 0.1-0.4 ms
+    after vLLM's op); a fixed order gave that slot to the same method every round.
+
     Interleaving makes every method see the same background load: this 2-core machine is
     shared with running vLLM engines and single runs drift by 2-3x. Thread CPU time by
     default (ignores time spent preempted; memory contention still shows); ``--wall``
@@ -102,8 +109,12 @@ def _timeit_interleaved(fns: dict[str, object], iters: int, warmup: int = 2) -> 
         for fn in fns.values():
             fn(next(calls))
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(iters):
-        for k, fn in fns.items():
+        rng.shuffle(order)  # each method follows each other one equally often (see below)
+        for k in order:
+            fn = fns[k]
             c = next(calls)  # every call reads the next layer: the one read longest ago
             t0 = clock()
             fn(c)
@@ -213,22 +224,18 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
         def sparse_fn(i: int) -> None:
             li = i % layers
-            match = None
+            match, cap_i = None, 0
             if quest:  # the backend's default: Quest-ranked tiles up to half the budget
                 match = cpu_quest_pick(query, *kbounds[li], bt64, num_tiles, caps,
                                        num_tile_slots=M, sink_tiles=1, window_tiles=2)
-                sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
-                                   window_tiles=2, lsh_match=match, lsh_cap=int(caps.max()))
-                sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl,
-                              kv_layout=kvl)
-                return
-            if with_lsh:
+                cap_i = int(caps.max())
+            elif with_lsh:
                 qb = bucket_masks(lsh.hash(query).view(batch, Hkv, G), args.lsh_bits)  # [R, Hkv, W]
                 match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
-            sel = select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1, window_tiles=2,
-                               lsh_match=match, lsh_cap=cap if with_lsh else 0)
-            sparse_decode(query, *views[li], perm, seq_lens, sel.tiles, T, scale, impl=impl,
-                          kv_layout=kvl)
+                cap_i = cap
+            select_and_decode(query, *views[li], perm, seq_lens, tile_scores[li], num_tiles,
+                              budget, tile_size=T, scale=scale, sink_tiles=1, window_tiles=2,
+                              lsh_match=match, lsh_cap=cap_i, kv_layout=kvl, impl=impl)
 
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)

@@ -134,7 +134,11 @@ class RowBatch:
                         [self.ratios[j] for j in idx], self.budget[i], lambda: self.exact()[i])
 
 
-TILE = PrescoreConfig().tile_size
+#: The harness's base config: the server's defaults, changed by the same ``PRESCORE_*``
+#: variables the server reads (``PRESCORE_TILE_SIZE=32 python bench/eval_quality.py ...``
+#: evaluates 32-token tiles); methods vary it per field with ``name@field=value``.
+BASE = PrescoreConfig.from_env()
+TILE = BASE.tile_size
 
 
 @dataclass
@@ -211,7 +215,7 @@ class EvalMethod:
 
     @property
     def aggregate(self) -> str:
-        return PrescoreConfig().aggregate
+        return BASE.aggregate
 
     def fuse_key(self) -> object:
         """Methods with equal keys select identically given their side data, so their rows
@@ -259,15 +263,15 @@ class PrescoreMethod(EvalMethod):
     changes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cfg = PrescoreConfig().replace(method=self.scorer, **self.changes)
+        self.cfg = BASE.replace(method=self.scorer, **self.changes)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         shared = ("tile_size", "lsh_bits", "seed")  # the harness shares these across methods
-        if any(getattr(self.cfg, f) != getattr(PrescoreConfig(), f) for f in shared):
+        if any(getattr(self.cfg, f) != getattr(BASE, f) for f in shared):
             raise ValueError(f"{self.name}: {', '.join(shared)} must keep their defaults here")
 
     @property
     def side_key(self) -> str:
-        default = self.cfg.aggregate == PrescoreConfig().aggregate
+        default = self.cfg.aggregate == BASE.aggregate
         return self.scorer if default else f"{self.scorer}/{self.cfg.aggregate}"
 
     @property
@@ -620,7 +624,7 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     ``fid_queries`` > 0: also the open-loop attention fidelity on the queries of the last
     ``fid_queries * fid_stride`` prefix positions (every ``fid_stride``-th).
     """
-    base = base or PrescoreConfig()
+    base = base or BASE
     ms = [method(m) for m in methods]
     rows: list[tuple[EvalMethod, float]] = []
     for m in ms:

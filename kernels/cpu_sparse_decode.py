@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .layouts import amx_unpack_blocks
 
-__all__ = ["available", "cpu_sparse_decode"]
+__all__ = ["available", "cpu_select_decode", "cpu_sparse_decode"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <functional>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -611,9 +611,9 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v5h", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v6a", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
-                                  "record_bounds_cpu"],
+                                  "record_bounds_cpu", "select_decode_cpu"],
                        extra_cflags=["-O3", "-march=native"],
                        verbose=False)
 
@@ -654,3 +654,29 @@ def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                                            seq_lens, tiles, tile_size, scale, amx,
                                            out_dtype)
     return out, lse  # [R, Hq, D], [R, Hq]
+
+
+def cpu_select_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
+                      num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
+                      sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
+                      lsh_cap: int = 0, kv_layout: str = "strided",
+                      out_dtype: torch.dtype | None = None,
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    """:func:`.cpu_select.cpu_select_tiles` then :func:`cpu_sparse_decode` in one C++ call.
+
+    Arguments as those two take them (tile_scores ``[R, Hkv, M]``, num_tiles and budget
+    ``[R]``, lsh_match ``[R, Hkv, M]`` bool or None). Returns out ``[R, Hq, D]`` (fp32 or
+    ``out_dtype``), lse ``[R, Hq]``, tiles ``[R, Hkv, S]`` int32 ascending (-1 pad), num_selected
+    ``[R, Hkv]`` int32, source counts ``[4]`` int64 and the selection's seconds.
+    """
+    amx = kv_layout == "amx"
+    if amx and not _packed_path_takes(query, key_cache, value_cache, tile_size):
+        key_cache, value_cache, block_tables = amx_unpack_blocks(key_cache, value_cache,
+                                                                 block_tables)
+        amx = False
+    out, lse, tiles, num, counts, sec = _module().select_decode_cpu(
+        query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles, budget,
+        int(sink_tiles), int(window_tiles), lsh_match, int(lsh_cap), tile_size, scale, amx,
+        out_dtype)
+    return out, lse, tiles, num, counts, float(sec)

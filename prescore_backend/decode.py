@@ -50,6 +50,7 @@ __all__ = [
     "run_score_jobs",
     "record_chunk_tokens",
     "query_aware_pick",
+    "scores_and_pick",
     "select_decode_tiles",
     "tokens_read",
 ]
@@ -282,6 +283,18 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     return pick.scatter_(-1, top.indices, ok)
 
 
+def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                    num_tiles: Tensor, caps: Tensor, *, lsh: AngularLSH | None = None,
+                    impl: str = "auto") -> tuple[Tensor, Tensor | None]:
+    """The selection's inputs: each row's tile pre-scores ``[Rs, Hkv, M]`` (gathered through
+    the block table bt ``[Rs, MB]`` int64) and the query-aware pick (:func:`query_aware_pick`,
+    ``[Rs, Hkv, M]`` bool or None)."""
+    rs, hkv = q.shape[0], side.scores.shape[1]
+    scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
+    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl)
+    return scores, pick
+
+
 def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                         num_tiles: Tensor, budget: Tensor, caps: Tensor, *,
                         lsh: AngularLSH | None = None,
@@ -297,10 +310,7 @@ def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tens
     :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`, else (None, None).
     ``impl`` ("auto", "cpp", "torch") chooses the selection code (:func:`select_tiles`).
     """
-    rs = q.shape[0]
-    hkv = side.scores.shape[1]
-    scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
-    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl)
+    scores, pick = scores_and_pick(cfg, q, side, bt, num_tiles, caps, lsh=lsh, impl=impl)
     sel = select_tiles(scores, num_tiles, budget, sink_tiles=cfg.sink_tiles,
                        window_tiles=cfg.window_tiles, lsh_match=pick,
                        lsh_cap=int(caps.max()) if pick is not None else 0, impl=impl)

@@ -13,6 +13,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,8 @@ from torch import Tensor
 
 from prescore_backend.kernels.cpu_select import cpu_select_tiles
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
+from prescore_backend.kernels.cpu_sparse_decode import cpu_select_decode
+from prescore_backend.kernels.sparse_decode import sparse_decode
 
 __all__ = [
     "AGGREGATORS",
@@ -29,6 +32,7 @@ __all__ = [
     "aggregate_tiles",
     "register_aggregator",
     "residual_sample",
+    "select_and_decode",
     "select_tiles",
     "select_tiles_ref",
 ]
@@ -248,6 +252,51 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     key = cls * (2 * M + 2) + sec  # [R, H, M] int64, exact (no float ties/overflow)
     top = key.topk(S, dim=-1).indices  # [R, H, S]
     return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
+
+
+def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                      block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
+                      num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
+                      sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
+                      lsh_cap: int = 0, kv_layout: str = "strided", impl: str = "auto",
+                      ) -> tuple[Tensor, Tensor, Selection, float]:
+    """:func:`select_tiles` then :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`
+    over the chosen tiles: one decode step of one layer.
+
+    Args:
+        query ``[R, Hq, D]``, key_cache/value_cache, block_tables ``[R, MB]``, seq_lens ``[R]``,
+        tile_size, scale, kv_layout: as :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`.
+        tile_scores ``[R, Hkv, M]``, num_tiles ``[R]``, budget ``[R]``, sink_tiles,
+        window_tiles, lsh_match ``[R, Hkv, M]`` bool or None, lsh_cap: as :func:`select_tiles`.
+        impl: "cpp" runs both in one C++ call (CPU tensors); "torch", "triton", "ref" select
+            with the torch code and decode with that impl; "auto": cpp on CPU when it compiles,
+            else triton on CUDA / torch.
+
+    On CPU the fused call matters at small batch: the Python wrappers of two separate calls,
+    run with cold caches after the rest of a layer's work, cost as much as the kernel's reads
+    (16k context, batch 1, keep 1/8: ~0.1 ms of ~0.45 ms, ``bench/bench_sparse_decode.py``).
+
+    Returns:
+        out ``[R, Hq, D]`` in query dtype, lse ``[R, Hq]`` fp32, the :class:`Selection`, and the
+        seconds spent selecting (for the selection-time metric).
+    """
+    if impl == "auto":
+        impl = "cpp" if not query.is_cuda and cpu_kernels_available() else "auto"
+    if impl == "cpp":
+        out, lse, tiles, num, counts, sec = cpu_select_decode(
+            query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
+            budget, tile_size=tile_size, scale=scale, sink_tiles=sink_tiles,
+            window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,
+            kv_layout=kv_layout, out_dtype=query.dtype)
+        return out, lse, Selection(tiles, num, source_counts=counts), sec
+    t0 = time.perf_counter()
+    sel = select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
+                       window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,
+                       impl="torch")
+    sec = time.perf_counter() - t0
+    out, lse = sparse_decode(query, key_cache, value_cache, block_tables, seq_lens, sel.tiles,
+                             tile_size, scale, impl=impl, kv_layout=kv_layout)
+    return out, lse, sel, sec
 
 
 def _finish(top: Tensor, keep: Tensor, n: Tensor, sink_tiles: int, window_tiles: int,

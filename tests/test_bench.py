@@ -64,8 +64,8 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
 
 def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     """The engine-internal breakdown runs on a real PRESCORE engine and sees every phase: the
-    prefill's scoring jobs inside its attention, and one side-data update, one selection and
-    one sparse attention per layer and decode step."""
+    prefill's scoring jobs inside its attention, and one side-data update, one gather of the
+    selection's inputs and one fused selection + sparse attention per layer and decode step."""
     out = tmp_path / "b.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_breakdown.py"), "--backend", "PRESCORE",
@@ -77,6 +77,8 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     assert layers == 30  # SmolLM2-135M, one prefill chunk
     assert 0 < d["prefill_s"]["scoring_jobs"] < d["prefill_s"]["attention_prefill"]
     # decode steps: 2 (+1 token from the prefill step's sampling, not counted as decode)
-    assert d["calls"]["selection"] == d["calls"]["selection_and_sparse_attention"]
-    assert d["calls"]["selection"] % layers == 0 and d["calls"]["selection"] >= 2 * layers
-    assert d["decode_ms_per_step"]["selection"] < d["decode_ms_per_step"]["attention_decode"]
+    n = d["calls"]["selection_and_sparse_attention"]
+    assert d["calls"]["selection_inputs"] == d["calls"]["selection_and_decode"] == n
+    assert n % layers == 0 and n >= 2 * layers
+    ms = d["decode_ms_per_step"]
+    assert ms["selection_inputs"] + ms["selection_and_decode"] < ms["attention_decode"]

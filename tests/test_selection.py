@@ -12,9 +12,11 @@ from prescore_backend.kernels.testing import make_paged_case
 from prescore_backend.selection import (
     aggregate_tiles,
     residual_sample,
+    select_and_decode,
     select_tiles,
     select_tiles_ref,
 )
+from prescore_backend.kernels import sparse_decode_ref
 
 # ----------------------------------------------------------------------------- aggregation
 
@@ -228,3 +230,36 @@ def test_select_fast_path_matches_ref(seed, use_lsh, impl):
     assert torch.equal(sel.tiles, ref.tiles)
     assert torch.equal(sel.num_selected, ref.num_selected)
     assert torch.equal(sel.source_counts, ref.source_counts)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("layout,dtype,group", [("cpu", torch.float32, 3), ("cpu_amx", torch.bfloat16, 3),
+                                                ("cpu", torch.bfloat16, 9), ("gpu", torch.float32, 2)])
+@pytest.mark.parametrize("use_lsh", [False, True])
+def test_select_and_decode_is_select_then_decode(impl, layout, dtype, group, use_lsh):
+    """One fused call (cpp) or the two steps (torch) == the selection oracle's tiles decoded by
+    the decode oracle: ragged rows, a dense row, a partial last tile, shuffled blocks."""
+    lens = [300, 37, 129, 256]
+    T, hkv = 16, 2
+    case = make_paged_case(lens, hkv, group, 64, 64, layout=layout, dtype=dtype, seed=group)
+    g = torch.Generator().manual_seed(group + use_lsh)
+    M = max(-(-n // T) for n in lens)
+    num_tiles = torch.tensor([-(-n // T) for n in lens])
+    scores = torch.randn(len(lens), hkv, M, generator=g)
+    budget = torch.tensor([6, 100, 5, 7])  # row 1 dense
+    lsh = torch.rand(len(lens), hkv, M, generator=g) < 0.3 if use_lsh else None
+    kw = dict(sink_tiles=1, window_tiles=2, lsh_match=lsh, lsh_cap=2 if use_lsh else 0)
+    out, lse, sel, sec = select_and_decode(
+        case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens, scores,
+        num_tiles, budget, tile_size=T, scale=0.125, kv_layout=case.kv_layout, impl=impl, **kw)
+    ref = select_tiles_ref(scores, num_tiles, budget, **kw)
+    if impl == "cpp":  # exactly the oracle's tiles; torch may break exact ties differently
+        assert torch.equal(sel.tiles, ref.tiles)
+        assert torch.equal(sel.source_counts, ref.source_counts)
+    assert torch.equal(sel.num_selected, ref.num_selected)
+    assert sec >= 0.0 and out.dtype == dtype and out.shape == case.query.shape
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
+                                       0.125)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_o, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)

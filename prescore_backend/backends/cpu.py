@@ -9,7 +9,9 @@ Data path of one engine step (see docs/architecture.md):
   metadata, the decode tokens whose LSH bucket must be recorded, and the scoring jobs.
 * ``forward`` (once per layer) updates the side data of the keys just written, then serves the
   dense subset with vLLM's kernel and the sparse rows with
-  :func:`prescore_backend.kernels.sparse_decode.sparse_decode`.
+  :func:`prescore_backend.selection.select_and_decode` (tile selection and sparse decode in one
+  C++ call; with a HyperAttention residual, :func:`~prescore_backend.decode.select_decode_tiles`
+  then :func:`prescore_backend.kernels.sparse_decode.sparse_decode`).
 
 The vLLM-independent pieces (side data, scoring jobs, the query-aware pick, the selection
 call) live in :mod:`prescore_backend.decode`, which the quality evaluation calls as well.
@@ -70,12 +72,14 @@ from prescore_backend.decode import (
     query_caps,
     record_decode_tokens,
     run_score_jobs,
+    scores_and_pick,
     select_decode_tiles,
 )
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import CONTEXT, DENSE_ROWS, READ, SPARSE_ROWS, SRC0, PrescoreStats, get_metrics
 from prescore_backend.requests import ROWS
+from prescore_backend.selection import select_and_decode
 from prescore_backend.scoring import Scorer, get_scorer
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
@@ -464,15 +468,27 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         rs, hkv = plan.num_sparse, self.num_kv_heads
         bt = plan.sparse_bt64  # [Rs, MB]
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
-        sel, res_tiles, res_w = select_decode_tiles(
-            cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps,
-            lsh=_lsh(self.head_size) if cfg.uses_lsh else None, generator=self.rt.generator)
-        stats.selection_s += time.perf_counter() - t0
-
-        out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
-                               plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
-                               impl="auto", residual_tiles=res_tiles, residual_weight=res_w,
-                               kv_layout=kv_layout)
+        lsh = _lsh(self.head_size) if cfg.uses_lsh else None
+        if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
+            scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles, plan.query_caps,
+                                           lsh=lsh)
+            pick_s = time.perf_counter() - t0
+            out, _, sel, sel_s = select_and_decode(
+                q, key_cache, value_cache, plan.sparse_block_table, plan.sparse_seq_lens, scores,
+                plan.num_tiles, plan.budget, tile_size=cfg.tile_size, scale=self.scale,
+                sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles, lsh_match=pick,
+                lsh_cap=int(plan.query_caps.max()) if pick is not None else 0,
+                kv_layout=kv_layout)
+            stats.selection_s += pick_s + sel_s
+        else:
+            sel, res_tiles, res_w = select_decode_tiles(
+                cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps, lsh=lsh,
+                generator=self.rt.generator)
+            stats.selection_s += time.perf_counter() - t0
+            out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
+                                   plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
+                                   impl="auto", residual_tiles=res_tiles, residual_weight=res_w,
+                                   kv_layout=kv_layout)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
 
         # Tokens read: whole selected tiles, less the gap of each row's partial last tile, which
