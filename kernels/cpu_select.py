@@ -89,12 +89,14 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
   // scores [R, H, M] float; num_tiles, budget [R] integer; lsh_match [R, H, M] bool or None.
   // -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32; counts [4] int64 (sink,
   // window, lsh, prescore). Conversions here (no-ops for the usual dtypes), not in Python.
-  scores = scores.to(at::kFloat).contiguous();
-  num_tiles = num_tiles.reshape({scores.size(0)}).to(at::kLong).contiguous();
-  budget = budget.reshape({scores.size(0)}).to(at::kLong).contiguous();
-  torch::Tensor lsh_match = lsh_match_opt.has_value()
-                                ? lsh_match_opt->to(at::kBool).contiguous()
-                                : torch::Tensor();
+  scores = as_contig(scores, at::kFloat);
+  num_tiles = as_contig(num_tiles.dim() == 1 ? num_tiles : num_tiles.reshape({scores.size(0)}),
+                        at::kLong);
+  budget = as_contig(budget.dim() == 1 ? budget : budget.reshape({scores.size(0)}), at::kLong);
+  torch::Tensor lsh_match = lsh_match_opt.has_value() ? as_contig(*lsh_match_opt, at::kBool)
+                                                      : torch::Tensor();
+  TORCH_CHECK(num_tiles.numel() == scores.size(0) && budget.numel() == scores.size(0),
+              "select_tiles_cpu: num_tiles and budget must have one entry per row");
   const int64_t R = scores.size(0), H = scores.size(1), M = scores.size(2);
   const float* sc = scores.data_ptr<float>();
   const int64_t* nt = num_tiles.data_ptr<int64_t>();

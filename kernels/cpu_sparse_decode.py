@@ -58,6 +58,13 @@ _SRC = r"""
 #include <type_traits>
 #include <vector>
 
+// t as a contiguous tensor of type st: t itself, without a dispatcher call, when it already is
+// one (the usual case; each call costs microseconds on the per-layer path).
+static inline torch::Tensor as_contig(const torch::Tensor& t, at::ScalarType st) {
+  if (t.scalar_type() == st && t.is_contiguous()) return t;
+  return t.to(st).contiguous();
+}
+
 // Loads as float; bf16 is widened by a shift so the loops around it vectorize.
 template <typename T> static inline float ld(const T* p) { return static_cast<float>(*p); }
 template <> inline float ld<c10::BFloat16>(const c10::BFloat16* p) {
@@ -555,10 +562,10 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor 
   // query [R, Hq, D] any float dtype; k, v [NB, Hkv, B, D] strided views; bt [R, MB],
   // seq_lens [R], tiles [R, Hkv, S] integer. The conversions below are no-ops (no copy) for
   // fp32 / int32 contiguous inputs; done here, not in Python, for the per-layer overhead.
-  const auto q = query.to(at::kFloat).contiguous();  // [R, Hq, D]; scaled per task
-  bt = bt.to(at::kInt).contiguous();
-  seq_lens = seq_lens.to(at::kInt).contiguous();
-  tiles = tiles.to(at::kInt).contiguous();
+  const auto q = as_contig(query, at::kFloat);  // [R, Hq, D]; scaled per task
+  bt = as_contig(bt, at::kInt);
+  seq_lens = as_contig(seq_lens, at::kInt);
+  tiles = as_contig(tiles, at::kInt);
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv, S = tiles.size(2);
   auto out = torch::empty({R, Hq, D}, q.options());
@@ -611,7 +618,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v6a", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v6b", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu", "select_decode_cpu"],
                        extra_cflags=["-O3", "-march=native"],

@@ -149,6 +149,9 @@ def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
     for src in ("sink", "window", "query", "prescore"):
         assert d.get(f'prescore_selected_tiles_total{{source="{src}"}}', 0) > 0, src
     assert d.get("prescore_scoring_seconds_count", 0) > 0
+    # the fused select+decode call reports its selection time (plus the query-aware pick)
+    assert d.get("prescore_selection_seconds_count", 0) > 0
+    assert d.get("prescore_selection_seconds_sum", 0) > 0
 
 
 def test_keep_one_eighth_stays_coherent(sparse8, reference):
