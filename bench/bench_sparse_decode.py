@@ -300,13 +300,16 @@ def write_report(data: dict, out_dir: Path, command: str, name: str = "kernels")
         f"{m.get('dtype', 'float32')}, Hkv "
         f"{m['kv_heads']}, G {m['group']}, D {m['head_dim']}, block {m['block_size']}, tile "
         f"{m['tile']}, K layout {m['k_layout']}, transparent huge pages {'on' if m.get('thp') else 'off'}; "
-        f"median {m['clock']} time per layer-step, all methods timed round-robin in one run, "
-        "caches cycled over enough copies to exceed the last-level cache; random tile scores.",
+        f"median {m['clock']} time per layer-step, all methods timed round-robin in one run "
+        "(order shuffled every round), each call on the next of enough cache copies that a "
+        "layer comes back cold; random tile scores"
+        f"{'; denormals flushed to zero (FTZ/DAZ)' if m.get('flush_denormal') else ''}.",
         "", f"Command: `{command}`", "",
-        "Columns: *sparse*: pre-score selection (`select_tiles`) + the sparse kernel; *sparse + "
-        "Quest*: the backend's default selection (Quest bound over per-tile key min/max up to "
-        "half the budget, then pre-scores) + the kernel; *select*: the pre-score selection "
-        "alone; *torch path*: sparse with the vectorized torch kernel.", "",
+        "Columns: *sparse*: pre-score selection + the sparse kernel (`select_and_decode`: one "
+        "C++ call); *sparse + Quest*: the backend's default (Quest bound over per-tile key "
+        "min/max up to half the budget, then `select_and_decode`); *select*: the pre-score "
+        "selection alone (`select_tiles`); *torch path*: sparse with the torch selection and "
+        "the vectorized torch kernel.", "",
         "| ctx | batch | keep | vLLM op ms | sparse ms | sparse + Quest ms | select ms | torch path ms "
         "| speedup vs vLLM | speedup vs vLLM (+ Quest) |",
         "|---|---|---|---|---|---|---|---|---|---|"]
@@ -363,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.k_layout == "amx" and args.dtype != "bfloat16":
         p.error("--k-layout amx is vLLM's bf16 layout: add --dtype bfloat16")
     torch.set_num_threads(args.threads)
+    # Denormals flushed to zero (FTZ/DAZ) for every method. vLLM's CPU op ran 4x slower in some
+    # processes (fp32, "vec", 4k to 64k: e.g. 4.6 instead of 1.1 ms at 4k, batch 1, every cell
+    # of the run) and at its usual speed with FTZ/DAZ on, which points at denormal operands
+    # (uninitialized scratch, depending on the process's allocation history). Our kernels
+    # produce none (exp inputs clamped at -87), so this only keeps vLLM's op at its fast speed.
+    torch.set_flush_denormal(True)
     global _WALL
     _WALL = args.wall or args.threads > 1  # thread CPU time is meaningless with a pool
     contexts = [int(x) for x in args.contexts.split(",")]
@@ -389,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(run_config(ctx, batch, keeps, args, ops))
     out = Path(args.out) if args.out else Path(__file__).parent / "out" / f"sparse_decode_{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", k_layout=args.k_layout,
+    meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", flush_denormal=True,
+                k_layout=args.k_layout,
                 dtype=args.dtype, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
                 block_size=args.block_size, tile=args.tile, torch=torch.__version__,
                 machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
