@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model kvpress-venv serve test results results-tuning results-expensive results-serving results-kernels clean help
+.PHONY: setup model kvpress-venv serve test results results-tuning results-tile32 results-expensive results-serving results-kernels clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -20,7 +20,8 @@ help:
 	@echo "make model   only prepare the embedded model (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
-	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~3 min)"
+	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~13 min)"
+	@echo "make results-tile32   quality with 32-token tiles -> docs/results/tuning_tile32.json (~9 min)"
 	@echo "make results-expensive  clustering scorers at 8k -> docs/results/expensive.json (~25 min)"
 
 setup: $(STAMP)
@@ -62,6 +63,13 @@ results-tuning: model
 	$(BIN)/python bench/eval_quality.py --contexts 4096,max --ratios 0.25,0.125,0.0625,0.03125 \
 		--fid-queries 0 --out docs/results/tuning.json --methods "$(TUNING_METHODS)"
 	$(BIN)/python bench/eval_report.py
+
+# The default method and Quest with 32-token tiles (docs/results/tuning_tile32.json, ~9 min),
+# against the 16-token rows of results-tuning.
+results-tile32: model
+	PRESCORE_TILE_SIZE=32 $(BIN)/python bench/eval_quality.py --contexts 4096,max \
+		--ratios 0.25,0.125,0.0625,0.03125 --fid-queries 0 --methods dense,prescore_leverage,quest \
+		--out docs/results/tuning_tile32.json
 
 # k-means, kernel k-means and k-median at the longest context (~25 min of CPU):
 # docs/results/expensive.json, shown in the report.

@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_core import BASE, METHODS, Llama, method, run_context, text_tokens  # noqa: E402
+from prescore_backend.config import PrescoreConfig, env_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "fid_stride": args.fid_stride, "machine": machine(), "git_commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/eval_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        # the PRESCORE_* config variables that changed the base config (eval_core.BASE)
+        "env": {env_name(f.name): os.environ[env_name(f.name)] for f in fields(PrescoreConfig)
+                if os.environ.get(env_name(f.name))},
         "ppl": "e^(mean NLL) over the teacher-forced tokens (natural log)",
     }
     runs = []

@@ -129,3 +129,15 @@ def test_smoke_kvpress(tmp_path: Path) -> None:
     # Equal budget: the compressed prefix plus the decoded tokens average the keep ratio.
     assert rows["kvpress_snapkv"]["kept_tokens"] < CTX // 4
     assert abs(rows["kvpress_snapkv"]["read_fraction"] - 0.25) < 0.005
+
+
+def test_harness_base_config_follows_prescore_env() -> None:
+    """``PRESCORE_TILE_SIZE=32`` evaluates 32-token tiles (``make results-tile32``): the harness's
+    base config and every prescore method follow the server's variables."""
+    code = ("import eval_core as e; m = e.METHODS['prescore_leverage']; "
+            "print(e.TILE, e.BASE.tile_size, m.cfg.tile_size)")
+    env = dict(os.environ, PRESCORE_TILE_SIZE="32")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "bench", env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["32", "32", "32"]
