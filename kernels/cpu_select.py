@@ -3,8 +3,9 @@
 The torch version of :func:`prescore_backend.selection.select_tiles` is ~20 tensor ops per
 layer (top-k, scatters, a sort), ~0.3 ms at 16k context on one core: as much as reading the
 selected tiles. Here one task per (row, KV head) does the same in O(M) with
-a branch-free top-k (the k-th largest score built bit by bit by vectorized counting passes,
-then one pass that keeps ties to the lower index) and writes the ascending tile list directly.
+a branch-free top-k (the k-th largest score built bit by bit by vectorized counting passes
+over order-preserving integer keys, then a vectorized pass marking the keys above it and a scan
+for the ties, lower index first) and writes the ascending tile list directly.
 
 * :func:`cpu_select_tiles` implements exactly the rules of ``select_tiles_ref`` (sinks and
   window first, most recent window tiles first when the budget is smaller; then up to
@@ -29,56 +30,61 @@ __all__ = ["cpu_quest_pick", "cpu_select_tiles"]
 SRC = r"""
 // ---- Tile selection (see kernels/cpu_select.py).
 namespace {
-struct Cand {  // order: higher key first, then lower index
-  float key;
-  int32_t idx;
-};
-inline bool better(const Cand& a, const Cand& b) {
-  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
-}
-// Moves the best k of c[0..n) (by `better`; c in ascending idx order) to the front, in any
-// order. The k-th largest key is built bit by bit on the keys mapped to order-preserving
-// uint32: 32 branch-free counting passes that vectorize (std::nth_element on random scores
-// mispredicts about every other comparison: ~15 us per 1k tiles, 5x slower). One more pass
-// keeps the keys above it and, among those equal to it, the lowest indices: the same set as
-// sorting by `better`.
+// Order-preserving map of a float key to uint32 (a > b as floats <=> as keys), NaN as -inf and
+// -0 as +0 (they compare equal, so they must tie). Every key is >= 0x007FFFFF (that of -inf):
+// 0 is free to mean "not a candidate".
 inline uint32_t order_bits(float x) {
-  x += 0.0f;  // -0 -> +0: they compare equal, so they must tie
+  x = (x != x) ? -std::numeric_limits<float>::infinity() : x;
+  x += 0.0f;
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
-inline void top_k(std::vector<Cand>& c, int64_t n, int64_t k) {
-  if (k <= 0 || k >= n) return;
-  typedef uint32_t v16u_t __attribute__((vector_size(64)));
-  typedef int32_t v16i_t __attribute__((vector_size(64)));
-  const int64_t nv = (n + 15) / 16;
-  thread_local std::vector<v16u_t> uv;
-  uv.assign(nv, v16u_t{});  // padding 0: below every mapped key, never counted
-  uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
-  for (int64_t i = 0; i < n; ++i) u[i] = order_bits(c[i].key);
-  uint32_t thr = 0;  // the largest value with at least k keys >= it: the k-th largest key
+typedef uint32_t v16u_t __attribute__((vector_size(64)));
+typedef int32_t v16i_t __attribute__((vector_size(64)));
+
+// Bit i set where p[i] != 0, for i < 64 (p readable for 64 bytes).
+inline uint64_t kept_mask64(const uint8_t* p) {
+#ifdef __AVX512BW__
+  return _mm512_test_epi8_mask(_mm512_loadu_si512(p), _mm512_set1_epi8(-1));
+#else
+  uint64_t bits = 0;
+  for (int i = 0; i < 64; ++i) bits |= static_cast<uint64_t>(p[i] != 0) << i;
+  return bits;
+#endif
+}
+
+// Marks src[t] = mark for the best `take` candidates among u[0..n) (u[t] = 0: not a candidate;
+// u padded with zeros to nv vectors; k candidates in all), ties to the lower index: the same
+// set as sorting by (key descending, index ascending). The k-th largest key is built bit by bit:
+// 32 branch-free counting passes over the vectors (std::nth_element on random scores
+// mispredicts about every other comparison, 5x slower); then the keys above it are marked in a
+// vectorized pass and, only if some are needed, the first keys equal to it by a scan.
+inline void mark_top(const v16u_t* uv, int64_t nv, int64_t n, int64_t k, int64_t take,
+                     uint8_t* src, uint8_t mark) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(uv);
+  if (take <= 0) return;
+  if (take >= k) {  // every candidate
+    for (int64_t i = 0; i < n; ++i) src[i] = u[i] != 0 ? mark : src[i];
+    return;
+  }
+  uint32_t thr = 0;  // the largest value with at least `take` keys >= it: the take-th largest
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t cand = thr | (1u << bit);
     v16i_t cnt = v16i_t{};
     for (int64_t i = 0; i < nv; ++i) cnt -= (uv[i] >= cand);  // true is -1
     int64_t total = 0;
     for (int l = 0; l < 16; ++l) total += cnt[l];
-    if (total >= k) thr = cand;
+    if (total >= take) thr = cand;
   }
   int64_t above = 0;
-  for (int64_t i = 0; i < n; ++i) above += u[i] > thr;
-  int64_t ties = k - above, j = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branch-free: a kept tile is 1 in 8 at random
-    const bool eq = u[i] == thr;
-    const bool take = (u[i] > thr) | (eq & (ties > 0));
-    ties -= eq & take;
-    c[j] = c[i];  // j <= i: overwrites only entries already read
-    j += take;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool gt = u[i] > thr;
+    above += gt;
+    src[i] = gt ? mark : src[i];
   }
-}
-inline float nan_to_neginf(float x) {
-  return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
+  for (int64_t i = 0, ties = take - above; i < n && ties > 0; ++i)
+    if (u[i] == thr) { src[i] = mark; --ties; }
 }
 }  // namespace
 
@@ -116,52 +122,66 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
   int32_t* to = tiles.data_ptr<int32_t>();
   int32_t* no = num.data_ptr<int32_t>();
   at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> src(M);  // 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore
-    std::vector<Cand> c(M);
-    std::vector<int32_t> out_buf(M + 1);
+    // 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore; padded for 64-byte reads
+    std::vector<uint8_t> src(M + 64, 0);
+    std::vector<v16u_t> uv((M + 15) / 16);  // candidate keys (0: not a candidate), padded
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H;
-      const int64_t n = std::clamp<int64_t>(nt[r], 0, M), b = keep[r];
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M), b = keep[r], nv = (n + 15) / 16;
       const float* s = sc + rh * M;
       std::fill(src.begin(), src.begin() + n, 0);
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
       const int64_t w_lo = std::max<int64_t>(n - window, 0), s_hi = std::min(sink, n);
-      auto forced = [&](int64_t t) { return t < s_hi || t >= w_lo; };
       auto kind = [&](int64_t t) { return t < sink ? 1 : 2; };  // a sink in the window is a sink
       int64_t taken = 0;
       for (int64_t t = n - 1; t >= w_lo && taken < b; --t, ++taken) src[t] = kind(t);
       for (int64_t t = 0; t < s_hi && taken < b; ++t)
         if (!src[t]) { src[t] = kind(t); ++taken; }
       int64_t room = b - taken;
+      // Candidates: neither sink nor window (src is 0 there while room > 0), and for the LSH
+      // part a match. Keys built branch-free (the loops vectorize), counted as they go.
       if (room > 0 && use_lsh) {
         const bool* mt = lm + rh * M;
         int64_t k = 0;
-        for (int64_t t = s_hi; t < w_lo; ++t)
-          if (mt[t]) c[k++] = Cand{nan_to_neginf(s[t]), static_cast<int32_t>(t)};
+        for (int64_t t = s_hi; t < w_lo; ++t) {
+          const bool c = mt[t];
+          u[t] = c ? order_bits(s[t]) : 0u;
+          k += c;
+        }
         const int64_t take = std::min({lsh_cap, k, room});
-        top_k(c, k, take);
-        for (int64_t i = 0; i < take; ++i) src[c[i].idx] = 3;
+        mark_top(uv.data(), nv, n, k, take, src.data(), 3);
         room -= take;
       }
       if (room > 0) {
         int64_t k = 0;
-        for (int64_t t = s_hi; t < w_lo; ++t)
-          if (!src[t]) c[k++] = Cand{nan_to_neginf(s[t]), static_cast<int32_t>(t)};
-        const int64_t take = std::min(k, room);
-        top_k(c, k, take);
-        for (int64_t i = 0; i < take; ++i) src[c[i].idx] = 4;
+        for (int64_t t = s_hi; t < w_lo; ++t) {
+          const bool c = src[t] == 0;
+          u[t] = c ? order_bits(s[t]) : 0u;
+          k += c;
+        }
+        mark_top(uv.data(), nv, n, k, std::min(k, room), src.data(), 4);
       }
-      // ascending list, branch-free (kept tiles are scattered): every t is written, the
-      // cursor moves only for kept ones; the buffer has room for the write past the last one
-      int64_t j = 0, ct5[5] = {0, 0, 0, 0, 0};
+      // ascending list: a 64-bit mask of the kept tiles per 64 (one vector compare with
+      // AVX-512), then its set bits; costs ~n/64 + kept steps instead of n
+      int64_t j = 0;
+      int32_t* o = to + rh * S;
+      for (int64_t t0 = 0; t0 < n; t0 += 64) {
+        uint64_t bits = kept_mask64(src.data() + t0);
+        if (n - t0 < 64) bits &= (uint64_t{1} << (n - t0)) - 1;
+        for (; bits; bits &= bits - 1) o[j++] = static_cast<int32_t>(t0 + __builtin_ctzll(bits));
+      }
+      // per-source counts in registers (++ct[src[t]] would chain the loop through memory)
+      int64_t c1 = 0, c2 = 0, c3 = 0, c4 = 0;
       for (int64_t t = 0; t < n; ++t) {
         const uint8_t k = src[t];
-        out_buf[j] = static_cast<int32_t>(t);
-        j += k != 0;
-        ++ct5[k];
+        c1 += k == 1;
+        c2 += k == 2;
+        c3 += k == 3;
+        c4 += k == 4;
       }
-      std::copy(out_buf.begin(), out_buf.begin() + j, to + rh * S);
       int64_t* ct = cnt.data() + rh * 4;
-      for (int k = 0; k < 4; ++k) ct[k] = ct5[k + 1];
+      ct[0] = c1, ct[1] = c2, ct[2] = c3, ct[3] = c4;
       no[rh] = static_cast<int32_t>(j);
     }
   });
@@ -179,12 +199,15 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
                       int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t M, int64_t tpb,
                       int64_t sink, int64_t window) {
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Cand> c(M);
+    std::vector<v16u_t> uv((M + 15) / 16);  // candidate keys (0: not a candidate), padded
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     std::vector<float> qp(G * D), qn(G * D);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
       const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
       const float* qg = q + rh * G * D;
       for (int64_t i = 0; i < G * D; ++i) {
         qp[i] = std::max(qg[i], 0.f);
@@ -199,30 +222,29 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
         float best = -std::numeric_limits<float>::infinity();
         if (D % 16 == 0) {  // 16 lanes at a time (a float sum does not auto-vectorize)
           for (int64_t g = 0; g < G; ++g) {
-            v16f u = v16f{};
+            v16f acc = v16f{};
             for (int64_t d = 0; d < D; d += 16) {
               v16f a, bq;
               std::memcpy(&a, qp.data() + g * D + d, 64);
               std::memcpy(&bq, qn.data() + g * D + d, 64);
-              u += a * load16(mx + d) + bq * load16(mn + d);
+              acc += a * load16(mx + d) + bq * load16(mn + d);
             }
-            best = std::max(best, hsum(u));
+            best = std::max(best, hsum(acc));
           }
         } else {
           for (int64_t g = 0; g < G; ++g) {
             const float* a = qp.data() + g * D;
             const float* bq = qn.data() + g * D;
-            float u = 0.f;
-            for (int64_t d = 0; d < D; ++d) u += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
-            best = std::max(best, u);
+            float acc = 0.f;
+            for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
+            best = std::max(best, acc);
           }
         }
-        if (std::isfinite(best)) c[k++] = Cand{best, static_cast<int32_t>(t)};
+        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
       }
       const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
-      top_k(c, k, take);
-      bool* p = pick + rh * M;
-      for (int64_t i = 0; i < take; ++i) p[c[i].idx] = true;
+      static_assert(sizeof(bool) == 1, "pick is written as bytes");
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
     }
   });
 }
