@@ -295,10 +295,10 @@ def _ref_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table
     return o.float().to(query.device), lse.float().to(query.device)
 
 
-def _triton_core(*args) -> tuple[Tensor, Tensor]:
+def _triton_core(*args, **kw) -> tuple[Tensor, Tensor]:
     from .triton_sparse_decode import _triton_core as core  # lazy: triton is optional on CPU
 
-    return core(*args)
+    return core(*args, **kw)
 
 
 def _cpp_core(*args, kv_layout: str = "strided",
@@ -325,8 +325,8 @@ def _core_for(impl: str, kv_layout: str) -> Callable[..., tuple[Tensor, Tensor]]
     if impl == "cpp":  # reads the packed layout in place
         return functools.partial(_cpp_core, kv_layout=kv_layout)
 
-    def unpacked(query, key_cache, value_cache, block_tables, *rest):
-        return core(query, *amx_unpack_blocks(key_cache, value_cache, block_tables), *rest)
+    def unpacked(query, key_cache, value_cache, block_tables, *rest, **kw):
+        return core(query, *amx_unpack_blocks(key_cache, value_cache, block_tables), *rest, **kw)
 
     return unpacked
 
@@ -458,7 +458,7 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
         raise ValueError(f"unknown kv_layout {kv_layout!r}; valid: {', '.join(KV_LAYOUTS)}")
     core = _core_for(impl, kv_layout)
     args = (query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size, scale)
-    if impl == "cpp" and residual_tiles is None:  # the kernel casts: one op less per layer
+    if impl in ("cpp", "triton") and residual_tiles is None:  # the kernel casts: one op less
         o, lse = core(*args, out_dtype=query.dtype)
     else:
         o, lse = core(*args)

@@ -151,7 +151,7 @@ _INVALID, _PRESCORE, _LSH, _FORCED = 0, 1, 2, 3
 
 def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
                  window_tiles: int, lsh_match: Tensor | None = None,
-                 lsh_cap: int = 0, impl: str = "auto") -> Selection:
+                 lsh_cap: int = 0, impl: str = "auto", num_slots: int | None = None) -> Selection:
     """Pick the tiles to attend per (row, KV head), without Python loops over rows or heads.
 
     Args:
@@ -167,7 +167,12 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
             the others compete on score with the rest.
 
         impl: "cpp" (fused C++, :mod:`prescore_backend.kernels.cpu_select`; CPU tensors),
-            "torch" (vectorized torch ops, any device) or "auto" (cpp on CPU when it compiles).
+            "torch" (vectorized torch ops, any device), "static" (:func:`select_tiles_static`:
+            no host sync, for CUDA graphs; any device), "triton" (one kernel launch,
+            :mod:`prescore_backend.kernels.triton_select`; no host sync) or "auto" (cpp on CPU
+            when it compiles, triton on CUDA, else torch).
+        num_slots: for "static" and "triton", the output's slot count (the step's largest
+            budget); None = the largest min(budget, num_tiles), read from the device (one sync).
 
     Priority: sinks and window, then LSH matches (up to the cap), then the highest pre-scores,
     until the budget. The budget is a hard cap: if it is smaller than sinks + window, the most
@@ -179,14 +184,27 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
         :class:`Selection`.
     """
     if impl == "auto":
-        impl = "cpp" if not tile_scores.is_cuda and cpu_kernels_available() else "torch"
+        impl = ("triton" if tile_scores.is_cuda
+                else "cpp" if cpu_kernels_available() else "torch")
     if impl == "cpp":
         tiles, num, counts = cpu_select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
                                               window_tiles=window_tiles, lsh_match=lsh_match,
                                               lsh_cap=lsh_cap)
         return Selection(tiles, num, source_counts=counts)
+    if impl in ("static", "triton"):
+        if num_slots is None:
+            n_ = num_tiles.long().clamp(0, tile_scores.shape[2])
+            num_slots = int(torch.minimum(budget.long().clamp_min(0), n_).max()) if len(n_) else 0
+        kw = dict(num_slots=num_slots, sink_tiles=sink_tiles, window_tiles=window_tiles,
+                  lsh_match=lsh_match, lsh_cap=lsh_cap)
+        if impl == "static":
+            return select_tiles_static(tile_scores, num_tiles, budget, **kw)
+        from prescore_backend.kernels.triton_select import triton_select_tiles  # lazy: triton
+
+        tiles, num, per_head = triton_select_tiles(tile_scores, num_tiles, budget, **kw)
+        return Selection(tiles, num, counts_fn=lambda: per_head.sum((0, 1)).to(torch.int64))
     if impl != "torch":
-        raise ValueError(f"unknown impl {impl!r}; valid: auto, cpp, torch")
+        raise ValueError(f"unknown impl {impl!r}; valid: auto, cpp, static, torch, triton")
     R, H, M = tile_scores.shape
     dev = tile_scores.device
     n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
@@ -252,6 +270,73 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     key = cls * (2 * M + 2) + sec  # [R, H, M] int64, exact (no float ties/overflow)
     top = key.topk(S, dim=-1).indices  # [R, H, S]
     return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
+
+
+def select_tiles_static(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *,
+                        num_slots: int, sink_tiles: int, window_tiles: int,
+                        lsh_match: Tensor | None = None, lsh_cap: int = 0) -> Selection:
+    """:func:`select_tiles` without host synchronization, for CUDA graphs (any device).
+
+    The same rules and the same result as :func:`select_tiles_ref`, ties included (lower index
+    first), computed as one exact int64 priority key per tile and one top-k:
+    ``class << 56 | secondary << 24 | (2^24 - 1 - index)``, class 3 for sinks and window (the
+    secondary orders the window by recency, then the sinks from the first), 2 for the LSH
+    matches that got LSH priority (chosen by the same key among the eligible tiles, at most
+    ``lsh_cap``), 1 for the other valid tiles (secondary: the pre-score's order-preserving
+    32-bit integer; NaN counts as -inf), 0 for padding. No shape depends on the data: the caller
+    gives ``num_slots`` (the largest budget of the step, known on the host where the budget is
+    planned); the output has min(num_slots, M) slots.
+
+    Args: as :func:`select_tiles`; ``M`` (tile_scores.shape[2]) must be below 2^24.
+
+    Returns:
+        :class:`Selection` with tiles ``[R, Hkv, min(num_slots, M)]`` ascending, -1 padded at
+        the end (a row whose budget exceeds ``num_slots`` is cut to its first ``num_slots``
+        tiles by priority), num_selected ``[R, Hkv]``.
+    """
+    R, H, M = tile_scores.shape
+    if M >= 1 << 24:
+        raise ValueError(f"select_tiles_static supports fewer than 2^24 tiles, got {M}")
+    dev = tile_scores.device
+    S = max(0, min(int(num_slots), M))
+    idx = torch.arange(M, device=dev)  # [M]
+    n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
+    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), n).clamp_max(S)
+    valid = idx < n  # [R, 1, M]
+    window = valid & (idx >= n - window_tiles)
+    forced = window | (valid & (idx < sink_tiles))
+    # Order-preserving int of the float score, shifted to [0, 2^32).
+    sc = torch.nan_to_num(tile_scores.float(), nan=float("-inf")) + 0.0  # -0.0 -> +0.0 (they tie)
+    bits = sc.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long() + (1 << 31)  # [R, H, M]
+    low = (1 << 24) - 1 - idx  # lower index wins ties
+    score_key = (ordered << 24) | low  # [R, H, M], < 2^56
+    forced_sec = torch.where(window, M + 1 + idx, M - idx)  # recency, then sinks from the first
+    key = torch.where(forced, (3 << 56) | (forced_sec << 24) | low, (1 << 56) | score_key)
+    key = torch.where(valid, key, 0)
+    taken = None
+    if lsh_match is not None and lsh_cap > 0 and M > 0:
+        elig = lsh_match.to(dev).bool() & valid & ~forced  # [R, H, M]
+        k = min(lsh_cap, M)
+        cand = torch.where(elig, score_key, -1).topk(k, dim=-1).indices  # [R, H, k]
+        taken = torch.zeros_like(elig).scatter_(-1, cand, elig.gather(-1, cand))
+        key = torch.where(taken, (2 << 56) | score_key, key)
+    top = key.topk(S, dim=-1).indices  # [R, H, S], best first
+    in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]
+    tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
+    chosen = tiles < M
+    tiles = torch.where(chosen, tiles, -1).to(torch.int32)
+    num = keep.view(R, 1).expand(R, H).to(torch.int32)
+
+    def counts() -> Tensor:
+        t = tiles.long()
+        src = torch.where(t < sink_tiles, 0, torch.where(t >= n - window_tiles, 1, 3))
+        if taken is not None:
+            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, max(M - 1, 0))), 2, src)
+        src = torch.where(chosen, src, 4)
+        return torch.bincount(src.reshape(-1), minlength=5)[:4].to(torch.int64)
+
+    return Selection(tiles, num.contiguous(), counts_fn=counts)
 
 
 def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,

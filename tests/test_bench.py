@@ -82,3 +82,24 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     assert n % layers == 0 and n >= 2 * layers
     ms = d["decode_ms_per_step"]
     assert ms["selection_inputs"] + ms["selection_and_decode"] < ms["attention_decode"]
+
+
+def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
+    """The GPU check/benchmark script runs on CPU under the Triton interpreter (tiny shapes):
+    its check passes against its float64 oracle and every timing column is written."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_triton_decode.py"), "--device", "cpu",
+         "--check", "--keeps", "8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["interpreted"] is True
+    assert data["check"]["cases"] >= 8 and data["check"]["failed"] == 0
+    assert {r["splits"] for r in data["check"]["rows"]} == {"plan", 3}
+    rows = data["results"]
+    assert [(r["ctx"], r["batch"], r["keep"]) for r in rows] == [(256, 1, "1/8"), (256, 2, "1/8")]
+    for r in rows:
+        for k in ("dense_ms", "sdpa_ms", "sparse_ms", "select_ms", "step_ms", "select_torch_eager_ms"):
+            assert r[k] > 0, k
+        assert r["max_abs_diff_dense_vs_sdpa"] < 2e-2  # bf16: our dense kernel == SDPA
+        assert r["select_matches_ref"] is True

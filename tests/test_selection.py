@@ -15,6 +15,7 @@ from prescore_backend.selection import (
     select_and_decode,
     select_tiles,
     select_tiles_ref,
+    select_tiles_static,
 )
 from prescore_backend.kernels import sparse_decode_ref
 
@@ -76,7 +77,7 @@ def _random_problem(seed: int, R: int = 5, H: int = 3, M: int = 40):
     return scores, num_tiles, budget, lsh
 
 
-IMPLS = ["torch", "cpp"]
+IMPLS = ["torch", "cpp", "static"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -146,17 +147,39 @@ def test_zero_budget_and_empty(impl):
     assert sel.tiles.shape == (0, 3, 0) and int(sel.source_counts.sum()) == 0
 
 
+@pytest.mark.parametrize("impl", ["cpp", "static"])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("use_lsh", [False, True])
-def test_cpp_select_breaks_ties_like_ref(seed, use_lsh):
-    """Integer pre-scores (many exact ties): the C++ selection equals the oracle tile for tile."""
+def test_cpp_select_breaks_ties_like_ref(seed, use_lsh, impl):
+    """Integer pre-scores (many exact ties): the C++ and the static selections equal the
+    oracle tile for tile."""
     scores, num_tiles, budget, lsh = _random_problem(seed, M=64)
     scores = torch.where(scores.isfinite(), scores.mul(1.5).round(), scores)  # ~7 distinct values
+    scores[0, 0, :5] = -0.0  # -0.0 and 0.0 are equal: the integer keys must tie them too
+    scores[0, 0, 5:9] = 0.0
     kw = dict(sink_tiles=2, window_tiles=3, lsh_match=lsh if use_lsh else None, lsh_cap=5)
-    sel = select_tiles(scores, num_tiles, budget, impl="cpp", **kw)
+    sel = select_tiles(scores, num_tiles, budget, impl=impl, **kw)
     ref = select_tiles_ref(scores, num_tiles, budget, **kw)
     assert torch.equal(sel.tiles, ref.tiles)
     assert torch.equal(sel.source_counts, ref.source_counts)
+
+
+def test_static_select_fixed_slots():
+    """The static selection's shape is fixed by num_slots, not by the data (CUDA graphs): more
+    slots pad with -1; fewer cut each row to its highest-priority tiles (forced tiles first)."""
+    scores, num_tiles, budget, lsh = _random_problem(3, M=48)
+    kw = dict(sink_tiles=2, window_tiles=3, lsh_match=lsh, lsh_cap=4)
+    ref = select_tiles_ref(scores, num_tiles, budget, **kw)
+    S = ref.tiles.shape[2]
+    wide = select_tiles_static(scores, num_tiles, budget, num_slots=S + 7, **kw)
+    assert wide.tiles.shape[2] == min(S + 7, 48)
+    assert torch.equal(wide.tiles[:, :, :S], ref.tiles) and (wide.tiles[:, :, S:] == -1).all()
+    assert torch.equal(wide.num_selected, ref.num_selected)
+    assert torch.equal(wide.source_counts, ref.source_counts)
+    narrow = select_tiles_static(scores, num_tiles, budget, num_slots=6, **kw)
+    cut = select_tiles_ref(scores, num_tiles, budget.clamp_max(6), **kw)
+    assert torch.equal(narrow.tiles, cut.tiles)
+    assert torch.equal(narrow.num_selected, cut.num_selected)
 
 
 def test_select_rejects_unknown_impl():

@@ -1,10 +1,13 @@
-"""Triton sparse decode kernel, run on CPU tensors by the Triton interpreter.
+"""Triton sparse decode kernels, run on CPU tensors by the Triton interpreter.
 
 TRITON_INTERPRET must be set before triton itself is imported (triton.language's own jitted
 helpers and our @triton.jit kernel read it when they are defined). It is set here at import;
 if triton was already imported in this process without it (e.g. by a module that imports
 vLLM), these tests re-run in a fresh subprocess instead. Triton is a test dependency: a missing
 triton fails, it does not skip.
+
+On a GPU machine ``PRESCORE_TRITON_TEST_DEVICE=cuda pytest tests/test_triton_sparse_decode.py``
+runs the same tests compiled for the GPU (no interpreter; bf16 then uses the native dots).
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ import os
 import subprocess
 import sys
 
-_PRE_IMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("PRESCORE_TRITON_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+_PRE_IMPORTED = (not ON_GPU and "triton" in sys.modules
+                 and os.environ.get("TRITON_INTERPRET") != "1")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,7 +55,8 @@ def test_in_fresh_process():
 
 
 def test_kernel_is_interpreted():
-    assert type(tsd._sparse_decode_kernel).__name__ == "InterpretedFunction"
+    interpreted = type(tsd._sparse_decode_kernel).__name__ == "InterpretedFunction"
+    assert interpreted == (not ON_GPU) == tsd.INTERPRETED
 
 
 @pytest.mark.parametrize("layout,group,head_dim,dtype", [
@@ -59,7 +67,8 @@ def test_kernel_is_interpreted():
     ("gpu", 1, 128, torch.bfloat16),
 ])
 def test_triton_all_tiles_is_dense(layout, group, head_dim, dtype):
-    case = make_paged_case(SEQ_LENS, HKV, group, head_dim, B, layout=layout, dtype=dtype, seed=head_dim)
+    case = make_paged_case(SEQ_LENS, HKV, group, head_dim, B, layout=layout, dtype=dtype,
+                           seed=head_dim, device=DEVICE)
     scale = head_dim ** -0.5
     out = torch.full_like(case.query, float("nan"))  # poisoned
     o, lse = tsd.triton_sparse_decode(case.query, case.key_cache, case.value_cache,
@@ -67,31 +76,184 @@ def test_triton_all_tiles_is_dense(layout, group, head_dim, dtype):
                                       all_tiles(case.seq_lens, HKV, T), T, scale, out=out)
     assert o is out
     for r in range(len(SEQ_LENS)):
-        ro, rl = dense_attention(case.query[r], case.keys[r], case.values[r], scale)
-        torch.testing.assert_close(o[r].double(), ro, **TOL[dtype])
-        torch.testing.assert_close(lse[r].double(), rl, atol=1e-4, rtol=1e-5)
+        ro, rl = dense_attention(case.query[r].cpu(), case.keys[r], case.values[r], scale)
+        torch.testing.assert_close(o[r].cpu().double(), ro, **TOL[dtype])
+        torch.testing.assert_close(lse[r].cpu().double(), rl, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout,group", [("cpu", 3), ("gpu", 1)])
 def test_triton_matches_ref_on_random_selection(layout, group):
-    case = make_paged_case(SEQ_LENS, HKV, group, 64, B, layout=layout, seed=5)
+    case = make_paged_case(SEQ_LENS, HKV, group, 64, B, layout=layout, seed=5, device=DEVICE)
     g = torch.Generator().manual_seed(group)
     # Row 1 head 0 selects nothing; -1 padding interleaved; tiles in arbitrary order.
     tiles = torch.tensor([[[2, -1, 0], [1, -1, -1]],
                           [[-1, -1, -1], [3, 0, -1]],
-                          [[-1, 0, -1], [-1, -1, -1]]], dtype=torch.int32)
-    tiles = tiles[:, :, torch.randperm(3, generator=g)]
+                          [[-1, 0, -1], [-1, -1, -1]]], dtype=torch.int32, device=DEVICE)
+    tiles = tiles[:, :, torch.randperm(3, generator=g).to(DEVICE)]
     args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens, tiles, T, 0.125)
     o, lse = sparse_decode(*args, impl="triton")
     ro, rl = sparse_decode_ref(*args)
+    o, lse = o.cpu(), lse.cpu()
     torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
     assert torch.equal(torch.isinf(lse), torch.isinf(rl))
     fin = torch.isfinite(rl)
     torch.testing.assert_close(lse[fin].double(), rl[fin], atol=1e-4, rtol=1e-5)
     # The torch path agrees too, including the residual merge.
-    w = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.5, 1.0]])
-    res = torch.tensor([[[1], [0]], [[0], [2]], [[-1], [0]]], dtype=torch.int32)
+    w = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.5, 1.0]], device=DEVICE)
+    res = torch.tensor([[[1], [0]], [[0], [2]], [[-1], [0]]], dtype=torch.int32, device=DEVICE)
     ot, lt = sparse_decode(*args, impl="triton", residual_tiles=res, residual_weight=w)
     oc, lc = sparse_decode(*args, impl="torch", residual_tiles=res, residual_weight=w)
     torch.testing.assert_close(ot, oc, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lt, lc, atol=1e-5, rtol=1e-5)
+
+
+def _random_selection(seq_lens: list[int], hkv: int, tile: int, seed: int) -> torch.Tensor:
+    """Random unique tiles per (row, head) in random order, -1 padding interleaved; row 0 head 0
+    selects nothing (its splits are all empty)."""
+    g = torch.Generator().manual_seed(seed)
+    nts = [-(-n // tile) for n in seq_lens]
+    S = max(nts) + 3
+    tiles = torch.full((len(seq_lens), hkv, S), -1, dtype=torch.int32)
+    for r, nt in enumerate(nts):
+        for h in range(hkv):
+            if r == 0 and h == 0:
+                continue
+            k = int(torch.randint(1, nt + 1, (1,), generator=g))
+            pick = torch.randperm(nt, generator=g)[:k]
+            slots = torch.randperm(S, generator=g)[:k]
+            tiles[r, h, slots] = pick.to(torch.int32)
+    return tiles
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
+def test_triton_splits_match_ref(num_splits):
+    """Flash-decoding splits (forced counts, more splits than tiles included: empty splits
+    carry lse -inf and weigh nothing in the merge) give the oracle's result."""
+    seq_lens = [300, 77, 512]
+    case = make_paged_case(seq_lens, HKV, 4, 64, 64, seed=num_splits, device=DEVICE)
+    tiles = _random_selection(seq_lens, HKV, T, num_splits).to(DEVICE)
+    args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+            tiles, T, 0.125)
+    o, lse = tsd._triton_core(*args, num_splits=num_splits)
+    ro, rl = sparse_decode_ref(*args)
+    o, lse = o.cpu(), lse.cpu()
+    torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    assert bool((o[0, :4] == 0).all())  # the empty (row, head): out 0
+    fin = torch.isfinite(rl)
+    torch.testing.assert_close(lse[fin].double(), rl[fin], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tile,block_n,group,head_dim,dtype,layout", [
+    (8, 64, 2, 64, torch.float32, "gpu"),  # T < 16: two tiles is the smallest dot
+    (16, 16, 8, 128, torch.bfloat16, "cpu"),  # one tile per iteration, G = 8
+    (32, 64, 1, 128, torch.bfloat16, "gpu"),  # MHA, bf16
+    (32, 128, 4, 64, torch.float32, "cpu_rowmajor"),
+])
+def test_triton_tile_and_iteration_sizes(tile, block_n, group, head_dim, dtype, layout):
+    seq_lens = [200, 33, 129]
+    case = make_paged_case(seq_lens, HKV, group, head_dim, 32, layout=layout, dtype=dtype,
+                           seed=tile + block_n, device=DEVICE)
+    tiles = _random_selection(seq_lens, HKV, tile, tile).to(DEVICE)
+    args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+            tiles, tile, head_dim ** -0.5)
+    out = torch.full_like(case.query, float("nan"))  # poisoned
+    o, lse = tsd._triton_core(*args, out_dtype=dtype, block_n=block_n)
+    assert o.dtype == dtype
+    ro, rl = sparse_decode_ref(*args)
+    torch.testing.assert_close(o.cpu().double(), ro.to(dtype).double(), **TOL[dtype])
+    fin = torch.isfinite(rl)
+    assert torch.equal(torch.isinf(lse.cpu()), ~fin)
+    torch.testing.assert_close(lse.cpu()[fin].double(), rl[fin], atol=1e-4, rtol=1e-5)
+    # Every tile selected == dense attention, through the public launcher.
+    o2, _ = tsd.triton_sparse_decode(*args[:5], all_tiles(case.seq_lens, HKV, tile), tile,
+                                     head_dim ** -0.5, out=out)
+    for r in range(len(seq_lens)):
+        ref, _ = dense_attention(case.query[r].cpu(), case.keys[r], case.values[r], head_dim ** -0.5)
+        torch.testing.assert_close(o2[r].cpu().double(), ref.to(dtype).double(), **TOL[dtype])
+
+
+def test_plan_splits():
+    # Batch 1, 8 KV heads, 128 selected tiles, 132 SMs: 16 splits of 8 tiles (two iterations
+    # each is the floor), not one program per head.
+    assert tsd.plan_splits(1, 8, 128, 4, 132) == (16, 8)
+    # Enough (row, head) pairs already: one program each.
+    assert tsd.plan_splits(64, 8, 128, 4, 132) == (1, 128)
+    assert tsd.plan_splits(1, 8, 0, 4, 132) == (1, 0)
+    for rows, hkv, s, tpi, sms in [(1, 3, 1000, 4, 132), (8, 3, 77, 2, 132), (1, 1, 5000, 4, 132),
+                                   (2, 8, 9, 1, 4), (3, 2, 64, 4, 16)]:
+        ns, per = tsd.plan_splits(rows, hkv, s, tpi, sms)
+        assert 1 <= ns <= tsd.MAX_SPLITS and per % tpi == 0
+        assert ns * per >= s and (ns - 1) * per < s  # covers every tile, no empty split
+        assert per >= min(s, 2 * tpi) or ns == 1
+
+
+# ----------------------------------------------------------------------------- selection
+
+tsel = importlib.import_module("prescore_backend.kernels.triton_select")
+
+
+def _selection_problem(seed: int, R: int = 5, H: int = 3, M: int = 40, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(R, H, M, generator=g)
+    if ties:  # ~7 distinct values, and -0.0 next to 0.0
+        scores = scores.mul(1.5).round()
+        scores[0, 0, :4] = -0.0
+    num_tiles = torch.randint(1, M + 1, (R,), generator=g)
+    num_tiles[0] = M
+    budget = torch.randint(0, M + 5, (R,), generator=g)
+    budget[1] = 10 ** 6  # dense row
+    beyond = torch.arange(M) >= num_tiles.view(R, 1, 1)  # garbage that must be ignored
+    scores = torch.where(beyond & (torch.rand(R, H, M, generator=g) < 0.5), float("inf"), scores)
+    scores = torch.where(beyond & (torch.rand(R, H, M, generator=g) < 0.3), float("nan"), scores)
+    scores[2, 1, 0] = float("nan")  # a valid NaN pre-score counts as -inf
+    lsh = torch.rand(R, H, M, generator=g) < 0.25
+    return scores, num_tiles, budget, lsh
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True)])
+@pytest.mark.parametrize("sink,window,cap", [(0, 0, 0), (1, 2, 3), (2, 4, 0), (4, 16, 2)])
+@pytest.mark.parametrize("use_lsh", [False, True])
+def test_triton_select_matches_ref(seed, ties, sink, window, cap, use_lsh):
+    """The one-kernel selection == the loop oracle tile for tile (ties to the lower index,
+    budgets below sinks + window, LSH priority, NaN/inf beyond num_tiles), counts included."""
+    from prescore_backend.selection import select_tiles, select_tiles_ref
+
+    scores, num_tiles, budget, lsh = _selection_problem(seed, ties=ties)
+    kw = dict(sink_tiles=sink, window_tiles=window, lsh_match=lsh if use_lsh else None,
+              lsh_cap=cap)
+    ref = select_tiles_ref(scores, num_tiles, budget, **kw)
+    dev = dict(lsh_match=lsh.to(DEVICE) if use_lsh else None)
+    sel = select_tiles(scores.to(DEVICE), num_tiles.to(DEVICE), budget.to(DEVICE), impl="triton",
+                       **{**kw, **dev})
+    assert torch.equal(sel.tiles.cpu(), ref.tiles)
+    assert torch.equal(sel.num_selected.cpu(), ref.num_selected)
+    assert torch.equal(sel.source_counts.cpu(), ref.source_counts)
+
+
+def test_triton_select_slots_and_edges():
+    from prescore_backend.selection import select_tiles_ref
+
+    scores, num_tiles, budget, lsh = _selection_problem(7, M=300)
+    kw = dict(sink_tiles=2, window_tiles=3, lsh_cap=4)
+    ref = select_tiles_ref(scores, num_tiles, budget, lsh_match=lsh, **kw)
+    S = ref.tiles.shape[2]
+    tiles, num, _ = tsel.triton_select_tiles(scores.to(DEVICE), num_tiles.to(DEVICE),
+                                             budget.to(DEVICE), num_slots=S + 5,
+                                             lsh_match=lsh.to(DEVICE), **kw)
+    assert tiles.shape[2] == S + 5 and (tiles[:, :, S:] == -1).all()
+    assert torch.equal(tiles[:, :, :S].cpu(), ref.tiles) and torch.equal(num.cpu(), ref.num_selected)
+    tiles, num, _ = tsel.triton_select_tiles(scores.to(DEVICE), num_tiles.to(DEVICE),
+                                             budget.to(DEVICE), num_slots=6,
+                                             lsh_match=lsh.to(DEVICE), **kw)
+    cut = select_tiles_ref(scores, num_tiles, budget.clamp_max(6), lsh_match=lsh, **kw)
+    assert torch.equal(tiles.cpu(), cut.tiles) and torch.equal(num.cpu(), cut.num_selected)
+    # Zero budget and empty batches.
+    z = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    tiles, num, _ = tsel.triton_select_tiles(torch.randn(2, 3, 8, device=DEVICE),
+                                             torch.tensor([8, 3], device=DEVICE), z,
+                                             num_slots=0, sink_tiles=1, window_tiles=1)
+    assert tiles.shape == (2, 3, 0) and (num == 0).all()
+    tiles, num, cnt = tsel.triton_select_tiles(torch.randn(0, 3, 8, device=DEVICE), z[:0], z[:0],
+                                               num_slots=4, sink_tiles=1, window_tiles=1)
+    assert tiles.shape == (0, 3, 4) and cnt.shape == (0, 3, 4)

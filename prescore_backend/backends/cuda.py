@@ -2,10 +2,12 @@
 
 Status: the backend registers, validates its configuration and is selected on CUDA platforms,
 and serves with vLLM's exact Triton attention. The sparse decode on GPU is not wired in yet:
-``prescore_backend.kernels.triton_sparse_decode`` exists and is tested under the Triton
-interpreter, but the per-step plan must live in persistent buffers filled in ``build()``
-(CUDA graphs replay ``forward`` without running its Python), and this project has had no
-GPU to validate that on. Until then every layer logs, once, that it runs exact attention:
+``prescore_backend.kernels.triton_sparse_decode`` (flash-decoding splits) and
+``prescore_backend.kernels.triton_select`` (sync-free, graph-capturable selection) are tested
+under the Triton interpreter and were validated and timed on an H100 (``docs/results/gpu/``),
+but the per-step plan must live in persistent buffers filled in ``build()`` (CUDA graphs replay
+``forward`` without running its Python), the prefill must write the side data, and this project
+has no CUDA build of vLLM to test that against. Until then every layer logs, once, that it runs exact attention:
 nothing is silently approximated or silently skipped.
 """
 
