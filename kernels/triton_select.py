@@ -5,14 +5,14 @@ top-k's, a sort, scatters); replayed from a CUDA graph on an H100 it costs 0.09-
 layer, 3-10x the sparse decode it feeds (``bench/bench_triton_decode.py``). Here one program per
 (row, KV head) holds the row's M tile keys in registers and does the whole selection:
 
-* every tile gets one exact int64 priority key, unique per row (the tile index is its low
-  bits): ``class << 56 | secondary << 24 | (2^24 - 1 - index)``; class 3 = sinks and window
-  (secondary: the window by recency, then the sinks from the first), 2 = LSH matches that get
-  LSH priority, 1 = other valid tiles (secondary: the pre-score as an order-preserving 32-bit
-  integer, NaN = -inf, -0.0 = +0.0), 0 = beyond the row's tiles;
-* the keep-th largest key is found by bisection on the key bits (58 counting passes over the
-  registers; the LSH cap's threshold the same way over the eligible tiles), and the tiles with
-  a key at or above it are kept: keys are unique, so there are no ties to resolve;
+* every tile gets one exact integer priority key: ``class << 32 | secondary``; class 3 =
+  sinks and window (secondary: the window by recency, then the sinks from the first), 2 = LSH
+  matches that get LSH priority, 1 = other valid tiles (secondary: the pre-score as an
+  order-preserving 32-bit integer, NaN = -inf, -0.0 = +0.0), 0 = beyond the row's tiles;
+* the keep-th largest key is built two bits per pass (17 passes of three counts over the
+  registers; the LSH cap's threshold the same way over the eligible tiles' scores); keys above
+  it are kept, then the first keys equal to it in index order (a prefix sum), so ties go to
+  the lower index;
 * the kept indices are compacted in ascending order with a prefix sum and stored, -1 padded.
 
 The rules are exactly ``prescore_backend.selection.select_tiles_ref``'s (ties to the lower
@@ -34,14 +34,33 @@ __all__ = ["triton_select_tiles"]
 
 @triton.jit
 def _kth_largest(key, k, BITS: tl.constexpr):
-    """The k-th largest of the non-negative int64 ``key`` values (k >= 1; unique keys), by
-    bisection on the bits below 2^BITS."""
+    """The k-th largest of the int64 ``key`` values (k >= 1, duplicates counted; at least k
+    keys >= 0), built two bits per pass from the top of a BITS-bit (even) range: three
+    independent counts per pass, so half the dependent reductions of a bit-by-bit search."""
     lo = tl.zeros([], tl.int64)
-    for i in range(BITS):
-        cand = lo | (tl.full([], 1, tl.int64) << (BITS - 1 - i))
-        cnt = tl.sum((key >= cand).to(tl.int32), 0)
-        lo = tl.where(cnt >= k, cand, lo)
+    for i in range(BITS // 2):
+        sh = BITS - 2 - 2 * i
+        c1 = lo | (tl.full([], 1, tl.int64) << sh)
+        c2 = lo | (tl.full([], 2, tl.int64) << sh)
+        c3 = lo | (tl.full([], 3, tl.int64) << sh)
+        n1 = tl.sum((key >= c1).to(tl.int32), 0)
+        n2 = tl.sum((key >= c2).to(tl.int32), 0)
+        n3 = tl.sum((key >= c3).to(tl.int32), 0)
+        lo = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, lo)))
     return lo
+
+
+@triton.jit
+def _top_k_mask(key, k, BITS: tl.constexpr):
+    """Mask of the k largest keys (k <= number of keys >= 0), equal keys to the lower index:
+    those above the k-th largest, then the first ties in index order (a prefix sum)."""
+    thr = _kth_largest(key, tl.maximum(k, 1), BITS)
+    above = key > thr
+    need = k - tl.sum(above.to(tl.int32), 0)
+    tie = key == thr
+    rank = tl.cumsum(tie.to(tl.int32), 0) - 1  # [BM] order of each tie by index
+    # (tensor comparisons only: the interpreter rejects a scalar bool in a mask)
+    return (above | (tie & (rank < need))) & ((rank * 0 + k) > 0)
 
 
 @triton.jit
@@ -64,28 +83,21 @@ def _select_kernel(
                  other=float("-inf")).to(tl.float32)
     sc = tl.where(sc != sc, float("-inf"), sc) + 0.0  # NaN -> -inf, -0.0 -> +0.0
     bits = sc.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648  # [0, 2^32)
-    low = (16777215 - idx).to(tl.int64)  # 2^24 - 1 - index: lower index wins
-    score_key = (ordered << 24) | low  # [BM] < 2^56
+    score = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648  # [0, 2^32)
     window = valid & (idx >= n - window_tiles)
     forced = window | (valid & (idx < sink_tiles))
-    forced_sec = tl.where(window, M + 1 + idx, M - idx).to(tl.int64)
-    key = tl.where(forced, (3 << 56) | (forced_sec << 24) | low, (1 << 56) | score_key)
+    forced_sec = tl.where(window, M + 1 + idx, M - idx).to(tl.int64)  # recency, then sinks
+    key = tl.where(forced, (3 << 32) | forced_sec, (1 << 32) | score)  # [BM] < 2^34
     key = tl.where(valid, key, 0)
     taken = idx < 0  # [BM] False
     if HAS_LSH:
         match = tl.load(lsh_ptr + r * stride_lr + h * stride_lh + idx * stride_lm, mask=valid,
                         other=0) != 0
         elig = match & valid & (forced == 0)
-        ekey = tl.where(elig, score_key, -1)
-        n_elig = tl.sum(elig.to(tl.int32), 0)
-        cap = tl.minimum(n_elig, lsh_cap)
-        lthr = _kth_largest(ekey, tl.maximum(cap, 1), 56)
-        # (tensor comparisons only: the interpreter rejects a scalar bool in a mask)
-        taken = elig & (ekey >= lthr) & ((idx * 0 + cap) > 0)
-        key = tl.where(taken, (2 << 56) | score_key, key)
-    thr = _kth_largest(key, tl.maximum(keep, 1), 58)
-    chosen = (key >= thr) & valid & ((idx * 0 + keep) > 0)  # [BM]: exactly keep tiles
+        cap = tl.minimum(tl.sum(elig.to(tl.int32), 0), lsh_cap)
+        taken = _top_k_mask(tl.where(elig, score, -1), cap, 32) & elig
+        key = tl.where(taken, (2 << 32) | score, key)
+    chosen = _top_k_mask(key, keep, 34) & valid  # [BM]: exactly keep tiles
     pos = tl.cumsum(chosen.to(tl.int32), 0) - 1  # ascending slot of each kept tile
     base = tiles_ptr + r * stride_tr + h * stride_th
     tl.store(base + pos * stride_ts, idx, mask=chosen)
@@ -111,7 +123,7 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
     """Select tiles per (row, KV head) in one kernel launch (grid ``(R, Hkv)``).
 
     Args:
-        tile_scores: ``[R, Hkv, M]`` float pre-scores (M < 2^24); entries at index >=
+        tile_scores: ``[R, Hkv, M]`` float pre-scores; entries at index >=
             num_tiles[r] are ignored.
         num_tiles: ``[R]`` valid tiles per row; budget: ``[R]`` tiles to keep per (row, head).
         num_slots: output slots S (the step's largest budget, known on the host); rows whose
@@ -125,8 +137,8 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
         that is both sink and window counts as sink).
     """
     R, H, M = tile_scores.shape
-    if M >= 1 << 24:
-        raise ValueError(f"triton_select_tiles supports fewer than 2^24 tiles, got {M}")
+    if M >= 1 << 30:
+        raise ValueError(f"triton_select_tiles supports fewer than 2^30 tiles, got {M}")
     dev = tile_scores.device
     S = max(0, min(int(num_slots), M))
     tiles = torch.empty(R, H, S, dtype=torch.int32, device=dev)
