@@ -13,7 +13,9 @@ bfloat16``) is timed with:
   * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
               GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4;
   * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
-              min/max (read through the block table), up to half the budget, then pre-scores.
+              min/max (read through the block table), up to half the budget, then pre-scores;
+  * kernel:   (``--kernel-column``) the sparse kernel alone on the same selection made ahead:
+              sparse minus kernel is what the selection costs inside the fused call.
 Cache layouts (``--k-layout``): ``vllm`` is CPU_ATTN's "vec" ISA (K^T per block), ``amx`` its
 "amx" ISA (bf16 on AMX CPUs: VNNI-packed K and V, what vLLM picks for bf16 there; vLLM's op
 then runs its AMX kernel), ``rowmajor`` a what-if with K row-major.
@@ -139,7 +141,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # Every timed call reads the next layer (see _timeit_interleaved). Enough layers that a
     # layer comes back only after --working-set-mb of other reads, and after at least one full
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
-    n_fns = 1 + len(keeps) * (2 + (args.impl != "torch") + args.lsh + args.quest)
+    n_fns = 1 + len(keeps) * (2 + (args.impl != "torch") + args.lsh + args.quest
+                              + args.kernel_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
     layers = max(1, min(layers, args.max_layers, int(args.max_gb * 2 ** 30 // layer_bytes)))
     base = torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)  # vLLM CPU
@@ -252,6 +255,17 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
         if args.quest:
             fns[f"sparse_quest_ms/{keep}"] = make_sparse(keep, False, quest=True)[0]
+        if args.kernel_column:  # the kernel alone, on the same selection made ahead
+            budget = torch.full((batch,), max(1, M // keep))
+            pre = [select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
+                                window_tiles=2).tiles for li in range(layers)]
+
+            def kernel_fn(i: int, pre=pre) -> None:
+                li = i % layers
+                sparse_decode(query, *views[li], perm, seq_lens, pre[li], T, scale,
+                              kv_layout=kvl)
+
+            fns[f"kernel_ms/{keep}"] = kernel_fn
     med = _timeit_interleaved(fns, iters)
 
     results = []
@@ -259,7 +273,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
         if "vllm_ms" in med:
             r["vllm_ms"] = med["vllm_ms"]
-        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms", "sparse_quest_ms"):
+        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms", "sparse_quest_ms",
+                  "kernel_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -275,7 +290,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
 _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{:>8.3f}"),
          ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
-         ("sparse_ms", "{:>9.3f}"),
+         ("sparse_ms", "{:>9.3f}"), ("kernel_ms", "{:>9.3f}"),
          ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("speedup_vs_dense", "{:>16.2f}")]
@@ -348,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse kernel (auto = fused C++ when it compiles); the torch path is "
                    "always timed too, as sparse_torch_ms")
     p.add_argument("--no-lsh", dest="lsh", action="store_false")
+    p.add_argument("--kernel-column", action="store_true",
+                   help="also time the sparse kernel alone on a selection made ahead (kernel_ms)")
     p.add_argument("--no-quest", dest="quest", action="store_false",
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")

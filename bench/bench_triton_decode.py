@@ -380,7 +380,7 @@ def main() -> int:
         dtype = DTYPES[ARGS.dtype]
         small = ARGS.quick or DEVICE == "cpu"
         ctxs = [256] if DEVICE == "cpu" else [int(c) for c in ARGS.contexts.split(",")]
-        batches = [1, 2] if DEVICE == "cpu" else [int(b) for b in ARGS.batches.split(",")]
+        batches = [2] if DEVICE == "cpu" else [int(b) for b in ARGS.batches.split(",")]
         keeps = [int(k) for k in ARGS.keeps.split(",")]
         presets = ARGS.presets.split(",")[:1] if small else ARGS.presets.split(",")
         rows = []
