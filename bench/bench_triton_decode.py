@@ -306,7 +306,7 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
                                window_tiles=WINDOW_TILES)
         sel_ok = bool(torch.equal(picks[k0][0].cpu(), ref.tiles))
         if not sel_ok:
-            raise SystemExit(f"select_tiles_static on {DEVICE} differs from select_tiles_ref")
+            raise SystemExit(f"select_tiles(impl='triton') on {DEVICE} differs from select_tiles_ref")
     od, _ = run(allt, 0)
     ref = fns["sdpa_ms"](0).squeeze(2)
     diff = float((od.float() - ref.float()).abs().max())

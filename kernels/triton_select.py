@@ -29,7 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["triton_select_tiles"]
+__all__ = ["triton_select_tiles", "MAX_TILES"]
+
+#: Most tiles per row (one program holds a row's keys in registers): 1M tokens at tile 16.
+MAX_TILES = 1 << 16
 
 
 @triton.jit
@@ -76,8 +79,10 @@ def _select_kernel(
     h = tl.program_id(1)
     H = tl.num_programs(1)
     idx = tl.arange(0, BLOCK_M)
-    n = tl.minimum(tl.maximum(tl.load(nt_ptr + r).to(tl.int32), 0), M)
-    keep = tl.minimum(tl.minimum(tl.maximum(tl.load(bud_ptr + r).to(tl.int32), 0), n), S)
+    # Clamp in int64 before narrowing: a budget of 2^31 or more means "everything".
+    n = tl.minimum(tl.maximum(tl.load(nt_ptr + r).to(tl.int64), 0), M).to(tl.int32)
+    keep = tl.minimum(tl.minimum(tl.maximum(tl.load(bud_ptr + r).to(tl.int64), 0), n), S)
+    keep = keep.to(tl.int32)
     valid = idx < n
     sc = tl.load(sc_ptr + r * stride_sr + h * stride_sh + idx * stride_sm, mask=valid,
                  other=float("-inf")).to(tl.float32)
@@ -123,7 +128,7 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
     """Select tiles per (row, KV head) in one kernel launch (grid ``(R, Hkv)``).
 
     Args:
-        tile_scores: ``[R, Hkv, M]`` float pre-scores; entries at index >=
+        tile_scores: ``[R, Hkv, M]`` float pre-scores (M <= :data:`MAX_TILES`); entries at index >=
             num_tiles[r] are ignored.
         num_tiles: ``[R]`` valid tiles per row; budget: ``[R]`` tiles to keep per (row, head).
         num_slots: output slots S (the step's largest budget, known on the host); rows whose
@@ -137,8 +142,11 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
         that is both sink and window counts as sink).
     """
     R, H, M = tile_scores.shape
-    if M >= 1 << 30:
-        raise ValueError(f"triton_select_tiles supports fewer than 2^30 tiles, got {M}")
+    if M > MAX_TILES:
+        raise ValueError(f"triton_select_tiles holds a row's tiles in registers: at most "
+                         f"{MAX_TILES} tiles per row, got {M}")
+    if lsh_match is not None and tuple(lsh_match.shape) != (R, H, M):
+        raise ValueError(f"lsh_match must be [R={R}, Hkv={H}, M={M}], got {tuple(lsh_match.shape)}")
     dev = tile_scores.device
     S = max(0, min(int(num_slots), M))
     tiles = torch.empty(R, H, S, dtype=torch.int32, device=dev)
@@ -151,10 +159,11 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
     ls = lsh.stride() if has_lsh else (0, 0, 0)
     block_m = max(16, triton.next_power_of_2(max(M, 1)))
     _select_kernel[(R, H)](
-        tile_scores, num_tiles.to(dev), budget.to(dev), lsh, tiles, num, counts,
+        tile_scores, num_tiles.to(device=dev, dtype=torch.int64).contiguous(),
+        budget.to(device=dev, dtype=torch.int64).contiguous(), lsh, tiles, num, counts,
         M, S, int(sink_tiles), int(window_tiles), int(lsh_cap),
         *tile_scores.stride(), *ls, *tiles.stride(),
         HAS_LSH=has_lsh, BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(max(S, 1))),
-        num_warps=4 if block_m <= 2048 else 8,
+        num_warps=4 if block_m <= 2048 else 8 if block_m <= 8192 else 16,
     )
     return tiles, num, counts

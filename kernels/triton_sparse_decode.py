@@ -40,10 +40,10 @@ from .sparse_decode import _check_inputs, sparse_decode
 __all__ = ["triton_sparse_decode", "plan_splits"]
 
 
-@triton.jit(do_not_specialize=["S", "tiles_per_split"])  # one compile for every step length
+@triton.jit(do_not_specialize=["S", "tiles_per_split", "max_blocks"])  # one compile per shape
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, tiles_ptr, out_ptr, lse_ptr,
-    scale, S, tiles_per_split,
+    scale, S, tiles_per_split, max_blocks,
     stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -86,7 +86,8 @@ def _sparse_decode_kernel(
         tok = t * T + within  # [BN] logical position
         valid = (within < T) & (t >= 0) & (tok < seq_len)  # [BN]
         tok = tl.where(valid, tok, 0)
-        blk = tl.load(bt_ptr + r * stride_btr + (tok // B) * stride_btb, mask=valid,
+        lblk = tl.minimum(tok // B, max_blocks - 1)  # like the torch path: stay in the table
+        blk = tl.load(bt_ptr + r * stride_btr + lblk * stride_btb, mask=valid,
                       other=0).to(tl.int64)  # [BN] physical block
         row = tok % B  # [BN] slot inside the block
         kv_mask = valid[:, None] & d_ok[None, :]
@@ -222,7 +223,7 @@ def _triton_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_ta
     native = (not INTERPRETED and key_cache.dtype in (torch.bfloat16, torch.float16)
               and query.dtype == key_cache.dtype)
     tiles = tiles if tiles.dtype == torch.int32 else tiles.to(torch.int32)
-    seq_lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)
+    seq_lens = seq_lens.to(torch.int32).contiguous()  # read with stride 1
     if ns == 1:
         po, pl = out, lse
         po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
@@ -233,7 +234,7 @@ def _triton_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_ta
         po_strides, pl_strides = po.stride(), pl.stride()
     _sparse_decode_kernel[(R, Hkv, ns)](
         query, key_cache, value_cache, block_tables, seq_lens, tiles, po, pl,
-        float(scale), S, per,
+        float(scale), S, per, block_tables.shape[1],
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_tables.stride(),
         *tiles.stride(), *po_strides, *pl_strides,
         G=G, D=D, T=tile_size, B=B, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,

@@ -117,7 +117,8 @@ class Selection:
     """Tiles chosen for each (row, KV head).
 
     tiles: ``[R, Hkv, S]`` int32 logical tile indices, ascending, padded with -1 at the end;
-        S = max over rows of min(budget, num_tiles) (0 if every budget is 0).
+        S = max over rows of min(budget, num_tiles) (0 if every budget is 0); for the "static"
+        and "triton" selections S = min(num_slots, M).
     num_selected: ``[R, Hkv]`` int32 valid entries per (row, head).
     source_counts: ``[4]`` int64 tiles selected per source, in :data:`SOURCES` order
         (sink, window, lsh, prescore), summed over rows and heads. A tile that is both sink

@@ -257,3 +257,42 @@ def test_triton_select_slots_and_edges():
     tiles, num, cnt = tsel.triton_select_tiles(torch.randn(0, 3, 8, device=DEVICE), z[:0], z[:0],
                                                num_slots=4, sink_tiles=1, window_tiles=1)
     assert tiles.shape == (0, 3, 4) and cnt.shape == (0, 3, 4)
+
+
+def test_triton_select_wide_budgets_strided_inputs_and_errors():
+    """Budgets past int32 mean "everything"; 1-D inputs may be strided views; bad shapes and
+    rows too long for one program are refused."""
+    from prescore_backend.selection import select_tiles_ref
+
+    scores, num_tiles, budget, lsh = _selection_problem(11, R=3, M=12)
+    budget = torch.tensor([2 ** 31, torch.iinfo(torch.int64).max, 5])
+    nt_strided = torch.stack([num_tiles, torch.zeros_like(num_tiles)], 1)[:, 0]  # stride 2
+    kw = dict(sink_tiles=1, window_tiles=2, lsh_cap=2)
+    ref = select_tiles_ref(scores, num_tiles, budget, lsh_match=lsh, **kw)
+    tiles, num, _ = tsel.triton_select_tiles(scores.to(DEVICE), nt_strided.to(DEVICE),
+                                             budget.to(DEVICE), num_slots=12,
+                                             lsh_match=lsh.to(DEVICE), **kw)
+    S = ref.tiles.shape[2]
+    assert torch.equal(tiles[:, :, :S].cpu(), ref.tiles) and torch.equal(num.cpu(), ref.num_selected)
+    with pytest.raises(ValueError, match="lsh_match"):
+        tsel.triton_select_tiles(scores.to(DEVICE), num_tiles.to(DEVICE), budget.to(DEVICE),
+                                 num_slots=4, lsh_match=lsh[:, :, :5].to(DEVICE), **kw)
+    big = tsel.MAX_TILES + 1
+    with pytest.raises(ValueError, match="at most"):
+        tsel.triton_select_tiles(torch.zeros(1, 1, big, device=DEVICE),
+                                 torch.tensor([big], device=DEVICE),
+                                 torch.tensor([4], device=DEVICE), num_slots=4, sink_tiles=0,
+                                 window_tiles=0)
+
+
+def test_triton_decode_strided_seq_lens():
+    seq_lens = [150, 40]
+    case = make_paged_case(seq_lens, HKV, 2, 64, 32, seed=3, device=DEVICE)
+    sl = torch.stack([case.seq_lens, torch.zeros_like(case.seq_lens)], 1)[:, 0]  # stride 2
+    tiles = all_tiles(case.seq_lens, HKV, T)
+    o, lse = tsd._triton_core(case.query, case.key_cache, case.value_cache, case.block_tables,
+                              sl, tiles, T, 0.125)
+    ro, rl = sparse_decode_ref(case.query, case.key_cache, case.value_cache, case.block_tables,
+                               case.seq_lens, tiles, T, 0.125)
+    torch.testing.assert_close(o.cpu().double(), ro, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu().double(), rl, atol=1e-4, rtol=1e-5)
