@@ -202,6 +202,7 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
     std::vector<v16u_t> uv((M + 15) / 16);  // candidate keys (0: not a candidate), padded
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     std::vector<float> qp(G * D), qn(G * D);
+    std::vector<v16f> qpv(D % 16 == 0 ? G * D / 16 : 0), qnv(qpv.size());  // the same, as vectors
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
@@ -213,34 +214,49 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
         qp[i] = std::max(qg[i], 0.f);
         qn[i] = std::min(qg[i], 0.f);
       }
+      if (!qpv.empty()) {
+        std::memcpy(qpv.data(), qp.data(), G * D * sizeof(float));
+        std::memcpy(qnv.data(), qn.data(), G * D * sizeof(float));
+      }
       int64_t k = 0;
-      for (int64_t t = lo; t < hi; ++t) {
-        if (cand && !cand[rh * M + t]) continue;
-        const int64_t off = bt[r * bt_stride + t / tpb] * s0 + h * s1 + (t % tpb) * s2;
-        const scalar_t* mn = kmin + off;
-        const scalar_t* mx = kmax + off;
-        float best = -std::numeric_limits<float>::infinity();
-        if (D % 16 == 0) {  // 16 lanes at a time (a float sum does not auto-vectorize)
-          for (int64_t g = 0; g < G; ++g) {
-            v16f acc = v16f{};
-            for (int64_t d = 0; d < D; d += 16) {
-              v16f a, bq;
-              std::memcpy(&a, qp.data() + g * D + d, 64);
-              std::memcpy(&bq, qn.data() + g * D + d, 64);
-              acc += a * load16(mx + d) + bq * load16(mn + d);
+      // Block by block (no division per tile); a tile's bounds are loaded once for the G heads.
+      const bool vec = D % 16 == 0 && D <= 256;
+      const int64_t nd = D / 16;
+      for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
+        const int64_t base = bt[r * bt_stride + b] * s0 + h * s1;
+        const int64_t t0 = std::max(lo, b * tpb), t1 = std::min(hi, (b + 1) * tpb);
+        for (int64_t t = t0; t < t1; ++t) {
+          if (cand && !cand[rh * M + t]) continue;
+          const scalar_t* mn = kmin + base + (t - b * tpb) * s2;
+          const scalar_t* mx = kmax + base + (t - b * tpb) * s2;
+          float best = -std::numeric_limits<float>::infinity();
+          if (vec) {  // 16 lanes at a time (a float sum does not auto-vectorize)
+            v16f vmx[16], vmn[16];
+            for (int64_t d = 0; d < nd; ++d) {
+              vmx[d] = load16(mx + 16 * d);
+              vmn[d] = load16(mn + 16 * d);
             }
-            best = std::max(best, hsum(acc));
+            for (int64_t g = 0; g < G; ++g) {
+              const v16f* a = qpv.data() + g * nd;
+              const v16f* bq = qnv.data() + g * nd;
+              v16f acc0 = a[0] * vmx[0] + bq[0] * vmn[0], acc1 = v16f{};
+              for (int64_t d = 1; d < nd; d += 2) {  // two chains: FMA latency
+                acc1 += a[d] * vmx[d] + bq[d] * vmn[d];
+                if (d + 1 < nd) acc0 += a[d + 1] * vmx[d + 1] + bq[d + 1] * vmn[d + 1];
+              }
+              best = std::max(best, hsum(acc0 + acc1));
+            }
+          } else {
+            for (int64_t g = 0; g < G; ++g) {
+              const float* a = qp.data() + g * D;
+              const float* bq = qn.data() + g * D;
+              float acc = 0.f;
+              for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
+              best = std::max(best, acc);
+            }
           }
-        } else {
-          for (int64_t g = 0; g < G; ++g) {
-            const float* a = qp.data() + g * D;
-            const float* bq = qn.data() + g * D;
-            float acc = 0.f;
-            for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
-            best = std::max(best, acc);
-          }
+          if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
         }
-        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
       }
       const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
       static_assert(sizeof(bool) == 1, "pick is written as bytes");

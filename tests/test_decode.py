@@ -133,3 +133,43 @@ def test_cpp_quest_pick_and_selection_match_torch() -> None:
             assert bool(((p_c.sum(-1) <= caps.view(3, 1)) & (p_c.sum(-1) > 0)).all())
         assert torch.equal(s_t.tiles, s_c.tiles), mode
         assert torch.equal(s_t.source_counts, s_c.source_counts), mode
+
+
+@pytest.mark.parametrize("dtype,head_dim,group", [(torch.float32, 64, 3), (torch.bfloat16, 64, 3),
+                                                  (torch.bfloat16, 128, 2), (torch.float32, 48, 4),
+                                                  (torch.bfloat16, 16, 1)])
+def test_cpp_quest_pick_matches_bound_oracle(dtype, head_dim, group) -> None:
+    """cpu_quest_pick == the Quest definition computed directly: per eligible tile (not sink, not
+    window, a candidate when given) the bound max over the group of sum_d max(q*min, q*max),
+    the caps[r] highest per (row, KV head); bounds read through a shuffled block table, rows
+    starting and ending mid-block."""
+    from prescore_backend.kernels.cpu_select import cpu_quest_pick
+
+    g = torch.Generator().manual_seed(head_dim + group)
+    R, hkv, tpb, D = 3, 2, 8, head_dim
+    nblocks = 20
+    kmin = torch.randn(nblocks, hkv, tpb, D, generator=g).to(dtype)
+    kmax = (kmin.float() + torch.rand(nblocks, hkv, tpb, D, generator=g)).to(dtype)
+    bt = torch.stack([torch.randperm(nblocks, generator=g)[:6] for _ in range(R)])  # [R, 6]
+    nt = torch.tensor([45, 17, 48])
+    caps = torch.tensor([5, 3, 40])
+    M = 6 * tpb
+    q = torch.randn(R, hkv * group, D, generator=g)
+    cand = torch.rand(R, hkv, M, generator=g) < 0.6
+    for candidates in (None, cand):
+        pick = cpu_quest_pick(q, kmin, kmax, bt, nt, caps, num_tile_slots=M, sink_tiles=3,
+                              window_tiles=5, candidates=candidates)
+        for r in range(R):
+            for h in range(hkv):
+                tiles = list(range(3, int(nt[r]) - 5))
+                if candidates is not None:
+                    tiles = [t for t in tiles if bool(candidates[r, h, t])]
+                bound = {}
+                for t in tiles:
+                    lo = kmin[bt[r, t // tpb], h, t % tpb].double()
+                    hi = kmax[bt[r, t // tpb], h, t % tpb].double()
+                    qg = q[r, h * group:(h + 1) * group].double()  # [G, D]
+                    bound[t] = float(torch.maximum(qg * lo, qg * hi).sum(-1).max())
+                best = sorted(tiles, key=lambda t: (-bound[t], t))[: int(caps[r])]
+                got = pick[r, h].nonzero().flatten().tolist()
+                assert got == sorted(best), (r, h, candidates is None)
