@@ -328,16 +328,8 @@ def select_tiles_static(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
     chosen = tiles < M
     tiles = torch.where(chosen, tiles, -1).to(torch.int32)
     num = keep.view(R, 1).expand(R, H).to(torch.int32)
-
-    def counts() -> Tensor:
-        t = tiles.long()
-        src = torch.where(t < sink_tiles, 0, torch.where(t >= n - window_tiles, 1, 3))
-        if taken is not None:
-            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, max(M - 1, 0))), 2, src)
-        src = torch.where(chosen, src, 4)
-        return torch.bincount(src.reshape(-1), minlength=5)[:4].to(torch.int64)
-
-    return Selection(tiles, num.contiguous(), counts_fn=counts)
+    return Selection(tiles, num.contiguous(), counts_fn=_counts_fn(tiles, chosen, n, sink_tiles,
+                                                                   window_tiles, taken, M))
 
 
 def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -402,17 +394,27 @@ def _finish(top: Tensor, keep: Tensor, n: Tensor, sink_tiles: int, window_tiles:
         num = chosen.sum(-1, dtype=torch.int32)
         tiles = torch.where(chosen, tiles, -1)
 
+    return Selection(tiles.to(torch.int32), num,
+                     counts_fn=_counts_fn(tiles, chosen, n, sink_tiles, window_tiles, taken, M))
+
+
+def _counts_fn(tiles: Tensor, chosen: Tensor | None, n: Tensor, sink_tiles: int,
+               window_tiles: int, taken: Tensor | None, M: int) -> Callable[[], Tensor]:
+    """:attr:`Selection.source_counts`, computed on access: tiles ``[R, H, S]`` (chosen
+    ``[R, H, S]`` marks the valid entries, None = all), n ``[R, 1, 1]`` tiles per row, taken
+    ``[R, H, M]`` the tiles that got LSH priority or None."""
+
     def counts() -> Tensor:
         # Sink beats window beats LSH; computed on the chosen tiles only.
         t = tiles.long()
         src = torch.where(t < sink_tiles, 0, torch.where(t >= n - window_tiles, 1, 3))
         if taken is not None:
-            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, M - 1)), 2, src)
+            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, max(M - 1, 0))), 2, src)
         if chosen is not None:
             src = torch.where(chosen, src, 4)
         return torch.bincount(src.reshape(-1), minlength=5)[:4].to(torch.int64)
 
-    return Selection(tiles.to(torch.int32), num, counts_fn=counts)
+    return counts
 
 
 def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
