@@ -116,7 +116,7 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
     keep[r] = std::clamp<int64_t>(bu[r], 0, n);
     S = std::max(S, keep[r]);
   }
-  auto tiles = torch::full({R, H, S}, -1, torch::dtype(torch::kInt32));
+  auto tiles = torch::empty({R, H, S}, torch::dtype(torch::kInt32));  // -1 padded below
   auto num = torch::empty({R, H}, torch::dtype(torch::kInt32));
   std::vector<int64_t> cnt(R * H * 4, 0);
   int32_t* to = tiles.data_ptr<int32_t>();
@@ -171,6 +171,7 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
         if (n - t0 < 64) bits &= (uint64_t{1} << (n - t0)) - 1;
         for (; bits; bits &= bits - 1) o[j++] = static_cast<int32_t>(t0 + __builtin_ctzll(bits));
       }
+      for (int64_t k = j; k < S; ++k) o[k] = -1;
       // per-source counts in registers (++ct[src[t]] would chain the loop through memory)
       int64_t c1 = 0, c2 = 0, c3 = 0, c4 = 0;
       for (int64_t t = 0; t < n; ++t) {
@@ -185,8 +186,9 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
       no[rh] = static_cast<int32_t>(j);
     }
   });
-  auto counts = torch::zeros({4}, torch::dtype(torch::kInt64));
+  auto counts = torch::empty({4}, torch::dtype(torch::kInt64));
   int64_t* co = counts.data_ptr<int64_t>();
+  std::fill(co, co + 4, int64_t{0});
   for (int64_t i = 0; i < R * H; ++i)
     for (int k = 0; k < 4; ++k) co[k] += cnt[i * 4 + k];
   return {tiles, num, counts};
@@ -287,21 +289,21 @@ torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor 
 // run back to back without returning to Python in between, whose per-call overhead (wrappers,
 // argument conversion, cold interpreter state after other layers' work) costs about as much as
 // the kernel's own reads at batch 1. -> out, lse, tiles, num, counts, and the selection's
-// seconds (a 0-dim double tensor, for the selection-time metric).
-std::vector<torch::Tensor> select_decode_cpu(torch::Tensor query, torch::Tensor k,
-                                             torch::Tensor v, torch::Tensor bt,
-                                             torch::Tensor seq_lens, torch::Tensor scores,
-                                             torch::Tensor num_tiles, torch::Tensor budget,
-                                             int64_t sink, int64_t window,
-                                             c10::optional<torch::Tensor> lsh_match,
-                                             int64_t lsh_cap, int64_t T, double scale, bool amx,
-                                             c10::optional<at::ScalarType> out_dtype) {
+// seconds (a Python float, for the selection-time metric).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double>
+select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::Tensor bt,
+                  torch::Tensor seq_lens, torch::Tensor scores, torch::Tensor num_tiles,
+                  torch::Tensor budget, int64_t sink, int64_t window,
+                  c10::optional<torch::Tensor> lsh_match, int64_t lsh_cap, int64_t T,
+                  double scale, bool amx, c10::optional<at::ScalarType> out_dtype) {
+  if (amx && !packed_path_takes(query, k, v, T))  // the caller unpacks and calls again
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            0.0};
   const auto t0 = std::chrono::steady_clock::now();
   auto sel = select_tiles_cpu(scores, num_tiles, budget, sink, window, lsh_match, lsh_cap);
   const double sel_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto od = sparse_decode_cpu(query, k, v, bt, seq_lens, sel[0], T, scale, amx, out_dtype);
-  return {od[0], od[1], sel[0], sel[1], sel[2],
-          torch::scalar_tensor(sel_s, torch::dtype(torch::kFloat64))};
+  return {od[0], od[1], sel[0], sel[1], sel[2], sel_s};  // seconds as a float: no tensor
 }
 """
 
