@@ -375,6 +375,17 @@ template <typename F> static inline void with_group(int64_t G, F&& f) {
   }
 }
 
+// Chunks this far ahead of the one computed get the first two lines of each of their
+// contiguous runs prefetched into L2 (hint T1): two accesses at the start of a run start the L2
+// streamer on it, which brings the rest of the run without holding the core's line-fill
+// buffers, so the one-chunk-ahead line prefetches then mostly hit L2. The runs: in the packed
+// "amx" layout the K chunk (D/2 lines) and D/16 V runs of 8 lines; in the "vec" layout only the
+// V chunk (16 rows of D), its K^T rows being single lines 4*B bytes apart. Measured on the
+// kernel alone (16k, keep 1/8, cold layers, round-robin in one process): "amx" batch 1 10-16%
+// faster at distance 6-8 (less at 12-16; touching one line per run, or prefetching whole runs
+// far ahead with T0 or T1, was no faster or slower); "vec" fp32 ~5% faster.
+constexpr int kTouchAhead = 6;
+
 template <typename scalar_t, int GG>
 static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
@@ -395,12 +406,20 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
       float m[GG], l[GG];
       for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
       const int32_t* btr = bt + r * bt_stride;
-      ChunkCursor cur{tiles + rh * S, S, T, seq_lens[r], B, btr}, ahead = cur;
+      ChunkCursor cur{tiles + rh * S, S, T, seq_lens[r], B, btr}, ahead = cur, far = cur;
       const scalar_t* kbh = kb + h * ks1;
       const scalar_t* vbh = vb + h * vs1;
       // the chunk ahead: K^T rows d at kf + d * ksd, V rows i at vf + i * vst (null: none)
       const scalar_t* kf = nullptr;
       const scalar_t* vf = nullptr;
+      auto touch_far = [&] {  // start the L2 streamer on a far chunk's V run (see run_amx)
+        Chunk c;
+        if (!far.next(c)) return;
+        const char* v2 = reinterpret_cast<const char*>(vbh + c.blk * vs0 + c.off * vst);
+        __builtin_prefetch(v2, 0, 2);
+        __builtin_prefetch(v2 + 64, 0, 2);
+      };
+      for (int i = 0; i < kTouchAhead; ++i) touch_far();
       auto advance = [&] {
         Chunk c;
         if (ahead.next(c)) {
@@ -420,6 +439,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
       advance();
       Chunk c;
       while (cur.next(c)) {
+        touch_far();
         const int64_t n = c.n;
         // 16 slots from a multiple of 16 inside the block: in bounds even when n < 16
         const scalar_t* kp = kbh + c.blk * ks0 + c.off;
@@ -464,14 +484,6 @@ static inline void split_pairs(const c10::BFloat16* p, v16f& lo, v16f& hi) {
   std::memcpy(&hi, &b, 64);
 }
 
-// Chunks this far ahead of the one computed get the first two lines of each of their runs (the
-// K run and the D/16 V runs) prefetched into L2 (hint T1): two accesses at the start of a run
-// start the L2 streamer on it, which brings the rest of the run without holding the core's
-// line-fill buffers, so the one-chunk-ahead line prefetches then mostly hit L2. Measured on the
-// kernel alone (16k, keep 1/8, batch 1, cold layers, round-robin in one process): 10-16%
-// faster at distance 6-8, less at 12-16; touching only the first line, or prefetching whole
-// runs far ahead (with T0 or T1), was no faster or slower.
-constexpr int kTouchAhead = 6;
 
 template <int GG>
 static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16* vb,
