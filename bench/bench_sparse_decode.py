@@ -11,7 +11,9 @@ bfloat16``) is timed with:
               C++ path: both in one call); ``select`` is the selection alone
               (``select_tiles``), ``sparse_torch`` the same step with the torch code;
   * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
-              GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4;
+              GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4
+              (with the fused C++ path all inside the call, the masks read through the block
+              table: ``lsh_in_place``, as the backend's "lsh" mode; torch ops otherwise);
   * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
               min/max (read through the block table), up to half the budget, then pre-scores;
   * kernel:   (``--kernel-column``) the sparse kernel alone on the same selection made ahead:
@@ -166,12 +168,16 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         kt = plain_k(views[0][0]).reshape(blocks, Hkv, B // T, T, D)  # K tiles
         kb0 = (kt.amin(3).contiguous(), kt.amax(3).contiguous())
         kbounds = [kb0] + [(a.clone(), b.clone()) for a, b in [kb0] * (layers - 1)]
-    tile_masks = None
+    tile_masks = block_masks = None
     if args.lsh:
         tm0 = bucket_masks(lsh.hash(plain_k(views[0][0][perm.long()].flatten(0, 1)).reshape(
             batch, nblk, Hkv, B, D).transpose(1, 2).reshape(batch, Hkv, M, T, D).float()),
             args.lsh_bits)  # [R, Hkv, M, W]
         tile_masks = [tm0] + [tm0.clone() for _ in range(layers - 1)]
+        # the backend's side data: bucket sets per physical block [blocks, Hkv, B/T, W]
+        bm0 = bucket_masks(lsh.hash(plain_k(views[0][0]).float().reshape(
+            blocks, Hkv, B // T, T, D)), args.lsh_bits).contiguous()
+        block_masks = [bm0] + [bm0.clone() for _ in range(layers - 1)]
     iters = args.iters if args.iters else max(5, int(args.iter_budget * 16384 / max(ctx, 1)))
 
     fns: dict[str, object] = {}
@@ -224,11 +230,14 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         cap = max(1, M // keep // 4)
         caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
         bt64 = perm.long()
+        lsh_caps = torch.full((batch,), cap)
 
         def sparse_fn(i: int) -> None:
             li = i % layers
-            match, cap_i = None, 0
-            if quest:  # the backend's default: Quest-ranked tiles up to half the budget
+            match, cap_i, in_place = None, 0, None
+            if with_lsh and impl != "torch":  # the backend's "lsh" mode: hashed in the call
+                in_place = (lsh.proj, block_masks[li], lsh_caps)
+            elif quest:  # the backend's default: Quest-ranked tiles up to half the budget
                 match = cpu_quest_pick(query, *kbounds[li], bt64, num_tiles, caps,
                                        num_tile_slots=M, sink_tiles=1, window_tiles=2)
                 cap_i = int(caps.max())
@@ -238,7 +247,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 cap_i = cap
             select_and_decode(query, *views[li], perm, seq_lens, tile_scores[li], num_tiles,
                               budget, tile_size=T, scale=scale, sink_tiles=1, window_tiles=2,
-                              lsh_match=match, lsh_cap=cap_i, kv_layout=kvl, impl=impl)
+                              lsh_match=match, lsh_cap=cap_i, lsh_in_place=in_place,
+                              kv_layout=kvl, impl=impl)
 
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)

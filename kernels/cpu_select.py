@@ -88,10 +88,24 @@ inline void mark_top(const v16u_t* uv, int64_t nv, int64_t n, int64_t k, int64_t
 }
 }  // namespace
 
-std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor num_tiles,
-                                            torch::Tensor budget, int64_t sink, int64_t window,
-                                            c10::optional<torch::Tensor> lsh_match_opt,
-                                            int64_t lsh_cap) {
+// HyperAttention's LSH candidates computed in place (select_decode_cpu with lsh_proj): tile t
+// of row r, KV head h is a candidate when its bucket set (the side data's per-block masks, read
+// through the block table) meets the bucket set of the query group (qmask, hashed here), and
+// its pre-score is finite (a tile not scored yet is never a query-aware pick, as in
+// prescore_backend.decode.query_aware_pick). Per-row caps.
+struct LshInPlace {
+  const uint64_t* qmask;  // [R, H, W] the query group's buckets
+  const int64_t* tmask;   // [NB, H, tpb, W] the tiles' bucket sets, contiguous
+  const int32_t* bt;      // [R, bt_stride] block table
+  int64_t bt_stride, tpb, W;
+  const int64_t* caps;    // [R] query-aware tiles at most per (row, head)
+};
+
+static std::vector<torch::Tensor> select_impl(torch::Tensor scores, torch::Tensor num_tiles,
+                                              torch::Tensor budget, int64_t sink,
+                                              int64_t window,
+                                              c10::optional<torch::Tensor> lsh_match_opt,
+                                              int64_t lsh_cap, const LshInPlace* lip) {
   // scores [R, H, M] float; num_tiles, budget [R] integer; lsh_match [R, H, M] bool or None.
   // -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32; counts [4] int64 (sink,
   // window, lsh, prescore). Conversions here (no-ops for the usual dtypes), not in Python.
@@ -107,7 +121,8 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
   const float* sc = scores.data_ptr<float>();
   const int64_t* nt = num_tiles.data_ptr<int64_t>();
   const int64_t* bu = budget.data_ptr<int64_t>();
-  const bool use_lsh = lsh_match.defined() && lsh_match.numel() > 0 && lsh_cap > 0;
+  const bool use_lsh = lip == nullptr && lsh_match.defined() && lsh_match.numel() > 0 &&
+                       lsh_cap > 0;
   const bool* lm = use_lsh ? lsh_match.data_ptr<bool>() : nullptr;
   std::vector<int64_t> keep(R);
   int64_t S = 0;
@@ -153,6 +168,23 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
         mark_top(uv.data(), nv, n, k, take, src.data(), 3);
         room -= take;
       }
+      if (room > 0 && lip != nullptr && lip->caps[r] > 0) {
+        const int64_t W = lip->W, tpb = lip->tpb, h = rh % H;
+        const uint64_t* qm = lip->qmask + rh * W;
+        const int32_t* btr = lip->bt + r * lip->bt_stride;
+        int64_t k = 0;
+        for (int64_t t = s_hi; t < w_lo; ++t) {
+          const int64_t* tm = lip->tmask + ((btr[t / tpb] * H + h) * tpb + t % tpb) * W;
+          uint64_t hit = 0;
+          for (int64_t w = 0; w < W; ++w) hit |= static_cast<uint64_t>(tm[w]) & qm[w];
+          const bool c = hit != 0 && std::isfinite(s[t]);
+          u[t] = c ? order_bits(s[t]) : 0u;
+          k += c;
+        }
+        const int64_t take = std::min({lip->caps[r], k, room});
+        mark_top(uv.data(), nv, n, k, take, src.data(), 3);
+        room -= take;
+      }
       if (room > 0) {
         int64_t k = 0;
         for (int64_t t = s_hi; t < w_lo; ++t) {
@@ -192,6 +224,35 @@ std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor 
   for (int64_t i = 0; i < R * H; ++i)
     for (int k = 0; k < 4; ++k) co[k] += cnt[i * 4 + k];
   return {tiles, num, counts};
+}
+
+std::vector<torch::Tensor> select_tiles_cpu(torch::Tensor scores, torch::Tensor num_tiles,
+                                            torch::Tensor budget, int64_t sink, int64_t window,
+                                            c10::optional<torch::Tensor> lsh_match_opt,
+                                            int64_t lsh_cap) {
+  return select_impl(scores, num_tiles, budget, sink, window, lsh_match_opt, lsh_cap, nullptr);
+}
+
+// The query group's LSH bucket set per (row, KV head): bucket of x = sum_j [x . proj[:, j] > 0]
+// 2^j (kernels.lsh.AngularLSH.hash), one bit per query head of the group -> qmask [R, Hkv, W].
+template <typename scalar_t>
+static void hash_query_groups(const scalar_t* q, const float* proj, int64_t R, int64_t Hkv,
+                              int64_t G, int64_t D, int64_t bits, int64_t W, uint64_t* qmask) {
+  std::fill(qmask, qmask + R * Hkv * W, uint64_t{0});
+  std::vector<float> acc(bits);
+  for (int64_t rh = 0; rh < R * Hkv; ++rh) {
+    for (int64_t g = 0; g < G; ++g) {
+      const scalar_t* x = q + (rh * G + g) * D;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t d = 0; d < D; ++d) {
+        const float xd = static_cast<float>(x[d]);
+        for (int64_t j = 0; j < bits; ++j) acc[j] += xd * proj[d * bits + j];
+      }
+      int64_t b = 0;
+      for (int64_t j = 0; j < bits; ++j) b |= static_cast<int64_t>(acc[j] > 0.f) << j;
+      qmask[rh * W + b / 64] |= uint64_t{1} << (b % 64);
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -295,12 +356,44 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
                   torch::Tensor seq_lens, torch::Tensor scores, torch::Tensor num_tiles,
                   torch::Tensor budget, int64_t sink, int64_t window,
                   c10::optional<torch::Tensor> lsh_match, int64_t lsh_cap, int64_t T,
-                  double scale, bool amx, c10::optional<at::ScalarType> out_dtype) {
+                  double scale, bool amx, c10::optional<at::ScalarType> out_dtype,
+                  c10::optional<torch::Tensor> lsh_proj, c10::optional<torch::Tensor> lsh_masks,
+                  c10::optional<torch::Tensor> lsh_caps) {
   if (amx && !packed_path_takes(query, k, v, T))  // the caller unpacks and calls again
     return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
             0.0};
   const auto t0 = std::chrono::steady_clock::now();
-  auto sel = select_tiles_cpu(scores, num_tiles, budget, sink, window, lsh_match, lsh_cap);
+  // In-place LSH (lsh_proj [D, r] fp32, lsh_masks [NB, Hkv, tpb, W] int64, lsh_caps [R]
+  // int64): the query hashed and the tiles' bucket sets read here, instead of a [R, Hkv, M]
+  // bool match built by ~15 torch ops per layer.
+  LshInPlace lip{};
+  std::vector<uint64_t> qmask;
+  torch::Tensor proj, tmasks, caps, btc;
+  if (lsh_proj.has_value()) {
+    TORCH_CHECK(lsh_masks.has_value() && lsh_caps.has_value(),
+                "select_decode_cpu: lsh_proj needs lsh_masks and lsh_caps");
+    proj = as_contig(*lsh_proj, at::kFloat);
+    tmasks = as_contig(*lsh_masks, at::kLong);
+    caps = as_contig(*lsh_caps, at::kLong);
+    btc = as_contig(bt, at::kInt);
+    const int64_t R = query.size(0), Hq = query.size(1), D = query.size(2), Hkv = k.size(1);
+    const int64_t bits = proj.size(1), W = tmasks.size(3), tpb = tmasks.size(2);
+    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == D && bits >= 1 && bits <= 16 &&
+                W * 64 >= (int64_t{1} << bits) && tmasks.size(1) == Hkv &&
+                tpb * T == k.size(2) && caps.numel() == R && Hq % Hkv == 0,
+                "select_decode_cpu: lsh_proj [D, r], lsh_masks [NB, Hkv, B / T, W >= 2^r / 64] "
+                "and lsh_caps [R] do not match the query and cache");
+    qmask.resize(R * Hkv * W);
+    const auto qc = query.is_contiguous() ? query : query.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "lsh_hash", [&] {
+      hash_query_groups(qc.data_ptr<scalar_t>(), proj.data_ptr<float>(), R, Hkv, Hq / Hkv, D,
+                        bits, W, qmask.data());
+    });
+    lip = LshInPlace{qmask.data(), tmasks.data_ptr<int64_t>(), btc.data_ptr<int32_t>(),
+                     btc.stride(0), tpb, W, caps.data_ptr<int64_t>()};
+  }
+  auto sel = select_impl(scores, num_tiles, budget, sink, window, lsh_match, lsh_cap,
+                         lsh_proj.has_value() ? &lip : nullptr);
   const double sel_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto od = sparse_decode_cpu(query, k, v, bt, seq_lens, sel[0], T, scale, amx, out_dtype);
   return {od[0], od[1], sel[0], sel[1], sel[2], sel_s};  // seconds as a float: no tensor

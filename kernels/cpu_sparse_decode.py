@@ -738,22 +738,30 @@ def cpu_select_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                       block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
                       num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
                       sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
-                      lsh_cap: int = 0, kv_layout: str = "strided",
-                      out_dtype: torch.dtype | None = None,
+                      lsh_cap: int = 0, lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
+                      kv_layout: str = "strided", out_dtype: torch.dtype | None = None,
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
     """:func:`.cpu_select.cpu_select_tiles` then :func:`cpu_sparse_decode` in one C++ call.
 
     Arguments as those two take them (tile_scores ``[R, Hkv, M]``, num_tiles and budget
-    ``[R]``, lsh_match ``[R, Hkv, M]`` bool or None). Returns out ``[R, Hq, D]`` (fp32 or
-    ``out_dtype``), lse ``[R, Hq]``, tiles ``[R, Hkv, S]`` int32 ascending (-1 pad), num_selected
-    ``[R, Hkv]`` int32, source counts ``[4]`` int64 and the selection's seconds.
+    ``[R]``, lsh_match ``[R, Hkv, M]`` bool or None). ``lsh_in_place`` = (proj ``[D, r]`` fp32
+    of :class:`~.lsh.AngularLSH`, tile bucket sets ``[NB, Hkv, B / T, W]`` int64 per physical
+    block, caps ``[R]`` int64) replaces lsh_match/lsh_cap: the query group is hashed and the
+    tiles' sets are read through the block table inside the call; candidates are the tiles
+    (neither sink nor window, finite pre-score) whose set meets the group's, up to caps[r] of
+    them by pre-score. Returns out ``[R, Hq, D]`` (fp32 or ``out_dtype``), lse ``[R, Hq]``,
+    tiles ``[R, Hkv, S]`` int32 ascending (-1 pad), num_selected ``[R, Hkv]`` int32, source
+    counts ``[4]`` int64 and the selection's seconds.
     """
+    proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
     args = [query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
             budget, int(sink_tiles), int(window_tiles), lsh_match, int(lsh_cap), tile_size,
-            scale, kv_layout == "amx", out_dtype]
+            scale, kv_layout == "amx", out_dtype, proj, masks, caps]
     res = _module().select_decode_cpu(*args)  # (out, lse, tiles, num, counts, seconds)
     if res[0] is None:  # a case the packed loop does not take: unpack for the generic one
         args[1], args[2], args[3] = amx_unpack_blocks(key_cache, value_cache, block_tables)
         args[14] = False
+        if masks is not None:  # the unpacked blocks are numbered 0..R*MB-1 in table order
+            args[17] = masks[block_tables.long().reshape(-1)]
         res = _module().select_decode_cpu(*args)
     return res

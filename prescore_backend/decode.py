@@ -50,6 +50,7 @@ __all__ = [
     "run_score_jobs",
     "record_chunk_tokens",
     "query_aware_pick",
+    "gather_tile_scores",
     "scores_and_pick",
     "select_decode_tiles",
     "tokens_read",
@@ -289,10 +290,16 @@ def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     """The selection's inputs: each row's tile pre-scores ``[Rs, Hkv, M]`` (gathered through
     the block table bt ``[Rs, MB]`` int64) and the query-aware pick (:func:`query_aware_pick`,
     ``[Rs, Hkv, M]`` bool or None)."""
-    rs, hkv = q.shape[0], side.scores.shape[1]
-    scores = side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)  # [Rs, Hkv, M]
+    scores = gather_tile_scores(side, bt)  # [Rs, Hkv, M]
     pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl)
     return scores, pick
+
+
+def gather_tile_scores(side: SideData, bt: Tensor) -> Tensor:
+    """Each row's tile pre-scores in logical order: bt ``[Rs, MB]`` int64 -> ``[Rs, Hkv, M]``,
+    M = MB * tiles_per_block."""
+    rs, hkv = bt.shape[0], side.scores.shape[1]
+    return side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)
 
 
 def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,

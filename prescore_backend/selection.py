@@ -336,7 +336,8 @@ def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                       block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
                       num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
                       sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
-                      lsh_cap: int = 0, kv_layout: str = "strided", impl: str = "auto",
+                      lsh_cap: int = 0, lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
+                      kv_layout: str = "strided", impl: str = "auto",
                       ) -> tuple[Tensor, Tensor, Selection, float]:
     """:func:`select_tiles` then :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`
     over the chosen tiles: one decode step of one layer.
@@ -346,6 +347,11 @@ def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
         tile_size, scale, kv_layout: as :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`.
         tile_scores ``[R, Hkv, M]``, num_tiles ``[R]``, budget ``[R]``, sink_tiles,
         window_tiles, lsh_match ``[R, Hkv, M]`` bool or None, lsh_cap: as :func:`select_tiles`.
+        lsh_in_place: (proj ``[D, r]``, tile bucket sets ``[NB, Hkv, B / T, W]`` int64, caps
+            ``[R]`` int64) instead of lsh_match: HyperAttention's candidates found inside the
+            C++ call (see :func:`~prescore_backend.kernels.cpu_sparse_decode.cpu_select_decode`;
+            the same tiles as :func:`prescore_backend.decode.query_aware_pick` with
+            ``query_aware="lsh"`` then :func:`select_tiles`). impl "cpp" only.
         impl: "cpp" runs both in one C++ call (CPU tensors); "torch", "triton", "ref" select
             with the torch code and decode with that impl; "auto": cpp on CPU when it compiles,
             else triton on CUDA / torch.
@@ -365,8 +371,11 @@ def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
             query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
             budget, tile_size=tile_size, scale=scale, sink_tiles=sink_tiles,
             window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,
-            kv_layout=kv_layout, out_dtype=query.dtype)
+            lsh_in_place=lsh_in_place, kv_layout=kv_layout, out_dtype=query.dtype)
         return out, lse, Selection(tiles, num, source_counts=counts), sec
+    if lsh_in_place is not None:
+        raise ValueError(f"lsh_in_place needs impl='cpp' (the fused CPU kernel), got {impl!r}; "
+                         "pass lsh_match instead")
     t0 = time.perf_counter()
     sel = select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
                        window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,

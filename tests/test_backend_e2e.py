@@ -92,9 +92,11 @@ def reference(model_path):
 
 @pytest.fixture(scope="module")
 def keep_all(model_path, reference):
-    # Every long decode row goes through the sparse kernel, selecting every tile.
+    # Every long decode row goes through the sparse kernel, selecting every tile. The
+    # query-aware part is HyperAttention's LSH (the default, Quest, runs in sparse8): with the
+    # fused C++ call it is computed inside that call (lsh_in_place).
     return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", "PRESCORE_EXACT_VIA_SPARSE": "1",
-                          "PRESCORE_MIN_SEQ_LEN": "256"})
+                          "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,7 @@ def test_keep_all_budget_is_token_identical_to_cpu_attn(keep_all, reference):
     d = keep_all["metrics_delta"]
     assert d.get("prescore_sparse_decode_rows_total", 0) > 0
     assert d["prescore_decode_read_tokens_total"] == d["prescore_decode_context_tokens_total"]
+    assert d.get('prescore_selected_tiles_total{source="query"}', 0) > 0  # LSH picks made
 
 
 def test_keep_one_eighth_reads_one_eighth(sparse8, reference):

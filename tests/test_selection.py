@@ -288,3 +288,77 @@ def test_select_and_decode_is_select_then_decode(impl, layout, dtype, group, use
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), ref_o, **tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout,dtype,group", [("cpu", torch.float32, 3),
+                                                ("cpu_amx", torch.bfloat16, 2),
+                                                # G > 8: the packed loop declines, unpacked
+                                                ("cpu_amx", torch.bfloat16, 9)])
+@pytest.mark.parametrize("bits", [3, 7])
+def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group, bits):
+    """The fused call's in-place LSH (the query group hashed in C++, the tiles' bucket sets
+    read through the shuffled block table, per-row caps, unscored tiles never picked) selects
+    exactly what the backend's torch path does: ``query_aware_pick`` with
+    ``query_aware="lsh"`` then the selection oracle; the decode matches the decode oracle."""
+    from types import SimpleNamespace
+
+    from prescore_backend.decode import query_aware_pick
+    from prescore_backend.kernels import AngularLSH, bucket_masks
+    from prescore_backend.kernels.layouts import amx_unpack
+
+    lens = [300, 37, 129, 256]
+    T, hkv, D, B = 16, 2, 64, 64
+    case = make_paged_case(lens, hkv, group, D, B, layout=layout, dtype=dtype, seed=bits + group)
+    lsh = AngularLSH(bits, D, seed=1)
+    kc = amx_unpack(case.key_cache, case.value_cache)[0] if case.kv_layout == "amx" \
+        else case.key_cache  # [NB, Hkv, B, D] by physical block
+    nb = kc.shape[0]
+    masks = bucket_masks(lsh.hash(kc.float().nan_to_num()).view(nb, hkv, B // T, T),
+                         bits).contiguous()  # [NB, Hkv, B/T, W]
+    g = torch.Generator().manual_seed(bits)
+    M = case.block_tables.shape[1] * (B // T)  # tile slots of the block table, as the backend
+    num_tiles = torch.tensor([-(-n // T) for n in lens])
+    scores = torch.randn(len(lens), hkv, M, generator=g)
+    scores[:, :, 3] = float("-inf")  # not scored yet: never an LSH pick
+    scores[3, :, 1:11] = float("-inf")  # row 3: fewer finite matches than its cap
+    budget = torch.tensor([9, 100, 5, 12])  # row 1 dense
+    caps = torch.tensor([3, 2, 0, 6])
+    cfg = SimpleNamespace(query_aware="lsh", uses_lsh=True, uses_bounds=False, lsh_bits=bits,
+                          sink_tiles=1, window_tiles=2)
+    pick = query_aware_pick(cfg, case.query, SimpleNamespace(masks=masks),
+                            case.block_tables.long(), scores, num_tiles, caps, lsh=lsh,
+                            impl="torch")
+    ref = select_tiles_ref(scores, num_tiles, budget, sink_tiles=1, window_tiles=2,
+                           lsh_match=pick, lsh_cap=int(caps.max()))
+    assert int(ref.source_counts[2]) > 0  # the case exercises LSH picks
+    out, lse, sel, _ = select_and_decode(
+        case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens, scores,
+        num_tiles, budget, tile_size=T, scale=0.125, sink_tiles=1, window_tiles=2,
+        lsh_in_place=(lsh.proj, masks, caps), kv_layout=case.kv_layout, impl="cpp")
+    assert torch.equal(sel.tiles, ref.tiles)
+    assert torch.equal(sel.num_selected, ref.num_selected)
+    assert torch.equal(sel.source_counts, ref.source_counts)
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
+                                       0.125)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_o, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_select_and_decode_lsh_in_place_errors():
+    """lsh_in_place is the fused CPU call's: other impls and mismatched shapes are refused."""
+    from prescore_backend.kernels import AngularLSH
+
+    case = make_paged_case([40], 2, 2, 64, 32, seed=0)
+    lsh = AngularLSH(4, 64, seed=0)
+    nb = case.key_cache.shape[0]
+    masks = torch.zeros(nb, 2, 2, 1, dtype=torch.int64)
+    args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+            torch.randn(1, 2, 3), torch.tensor([3]), torch.tensor([3]))
+    kw = dict(tile_size=16, scale=0.125, sink_tiles=1, window_tiles=1)
+    with pytest.raises(ValueError, match="impl='cpp'"):
+        select_and_decode(*args, **kw, lsh_in_place=(lsh.proj, masks, torch.tensor([1])),
+                          impl="torch")
+    with pytest.raises(RuntimeError, match="lsh_masks"):  # B / T tiles per block: 2, not 3
+        select_and_decode(*args, **kw, impl="cpp", lsh_in_place=(
+            lsh.proj, torch.zeros(nb, 2, 3, 1, dtype=torch.int64), torch.tensor([1])))
