@@ -6,10 +6,13 @@ bfloat16``) is timed with:
   * vllm:     vLLM's own CPU attention op (``ops.cpu_attention_with_kv_cache``) on the cache,
               scheduler metadata built once per step as vLLM does (not counted per layer);
   * dense:    plain torch over the paged cache: gather the row's blocks, then SDPA;
-  * sparse:   ``select_and_decode``: the tile selection on random tile scores (its cost
-              included) + the sparse kernel on the same cache (``--impl``, default the fused
-              C++ path: both in one call); ``select`` is the selection alone
-              (``select_tiles``), ``sparse_torch`` the same step with the torch code;
+  * sparse:   ``select_and_decode_into`` (the backend's per-layer call): the tile selection
+              on random tile scores (its cost included) + the sparse kernel on the same cache
+              (``--impl``, default the fused C++ path: both in one call), the output rows and
+              the counters written in place, as vLLM's op writes its preallocated output;
+              ``select`` is the selection alone (``select_tiles``), ``sparse_torch`` the same
+              step with the torch code; ``sparse_ret`` (``--returning-column``) the same with
+              ``select_and_decode``, which returns the output and the Selection as tensors;
   * sp+lsh:   as sparse, plus the decode-time LSH part: hash the queries, OR their buckets per
               GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4
               (with the fused C++ path all inside the call, the masks read through the block
@@ -74,7 +77,11 @@ from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_v,
     vllm_cpu_amx_kv_views,
 )
-from prescore_backend.selection import select_and_decode, select_tiles  # noqa: E402
+from prescore_backend.selection import (  # noqa: E402
+    select_and_decode,
+    select_and_decode_into,
+    select_tiles,
+)
 
 
 def _vllm_ops():
@@ -144,7 +151,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # layer comes back only after --working-set-mb of other reads, and after at least one full
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
     n_fns = 1 + len(keeps) * (2 + (args.impl != "torch") + args.lsh + args.quest
-                              + args.kernel_column)
+                              + args.kernel_column + args.returning_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
     layers = max(1, min(layers, args.max_layers, int(args.max_gb * 2 ** 30 // layer_bytes)))
     base = torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)  # vLLM CPU
@@ -225,7 +232,12 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # Dense torch is slow: time it on its own, a few iterations.
     extra["dense_ms"] = _timeit_interleaved({"d": dense_fn}, max(3, iters // 4), warmup=1)["d"]
 
-    def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False):
+    out_buf = torch.empty(batch, Hq, D, dtype=dtype)  # as vLLM's output for the layer
+    rows = torch.arange(batch)  # the decode tokens' rows in it
+    stats = torch.zeros(8, dtype=torch.int64)  # the backend's counters
+
+    def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False,
+                    returning: bool = False):
         budget = torch.full((batch,), max(1, M // keep))
         cap = max(1, M // keep // 4)
         caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
@@ -245,10 +257,18 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 qb = bucket_masks(lsh.hash(query).view(batch, Hkv, G), args.lsh_bits)  # [R, Hkv, W]
                 match = masks_intersect(tile_masks[li], qb.unsqueeze(2))  # [R, Hkv, M]
                 cap_i = cap
-            select_and_decode(query, *views[li], perm, seq_lens, tile_scores[li], num_tiles,
-                              budget, tile_size=T, scale=scale, sink_tiles=1, window_tiles=2,
-                              lsh_match=match, lsh_cap=cap_i, lsh_in_place=in_place,
-                              kv_layout=kvl, impl=impl)
+            if returning:  # the API that returns out, lse and the Selection as tensors
+                select_and_decode(query, *views[li], perm, seq_lens, tile_scores[li],
+                                  num_tiles, budget, tile_size=T, scale=scale, sink_tiles=1,
+                                  window_tiles=2, lsh_match=match, lsh_cap=cap_i,
+                                  lsh_in_place=in_place, kv_layout=kvl, impl=impl)
+                return
+            # the backend's call: output rows and counters written in place
+            select_and_decode_into(query, *views[li], perm, seq_lens, tile_scores[li], num_tiles,
+                                   budget, out_buf, rows=rows, stats=stats, tile_size=T,
+                                   scale=scale, sink_tiles=1, window_tiles=2, lsh_match=match,
+                                   lsh_cap=cap_i, lsh_in_place=in_place, kv_layout=kvl,
+                                   impl=impl)
 
         def select_fn(i: int) -> None:
             select_tiles(tile_scores[i % layers], num_tiles, budget, sink_tiles=1, window_tiles=2)
@@ -265,6 +285,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
         if args.quest:
             fns[f"sparse_quest_ms/{keep}"] = make_sparse(keep, False, quest=True)[0]
+        if args.returning_column:
+            fns[f"sparse_ret_ms/{keep}"] = make_sparse(keep, False, returning=True)[0]
         if args.kernel_column:  # the kernel alone, on the same selection made ahead
             budget = torch.full((batch,), max(1, M // keep))
             pre = [select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
@@ -283,8 +305,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
         if "vllm_ms" in med:
             r["vllm_ms"] = med["vllm_ms"]
-        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_lsh_ms", "sparse_quest_ms",
-                  "kernel_ms"):
+        for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
+                  "sparse_quest_ms", "kernel_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -300,7 +322,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
 _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{:>8.3f}"),
          ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
-         ("sparse_ms", "{:>9.3f}"), ("kernel_ms", "{:>9.3f}"),
+         ("sparse_ms", "{:>9.3f}"), ("sparse_ret_ms", "{:>13.3f}"), ("kernel_ms", "{:>9.3f}"),
          ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("speedup_vs_dense", "{:>16.2f}")]
@@ -375,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lsh", dest="lsh", action="store_false")
     p.add_argument("--kernel-column", action="store_true",
                    help="also time the sparse kernel alone on a selection made ahead (kernel_ms)")
+    p.add_argument("--returning-column", action="store_true",
+                   help="also time select_and_decode, which returns tensors (sparse_ret_ms)")
     p.add_argument("--no-quest", dest="quest", action="store_false",
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")

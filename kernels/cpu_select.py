@@ -105,45 +105,57 @@ struct LshInPlace {
   const int64_t* caps;    // [R] query-aware tiles at most per (row, head)
 };
 
-static std::vector<torch::Tensor> select_impl(torch::Tensor scores, torch::Tensor num_tiles,
-                                              torch::Tensor budget, int64_t sink,
-                                              int64_t window,
-                                              c10::optional<torch::Tensor> lsh_match_opt,
-                                              int64_t lsh_cap, const LshInPlace* lip) {
+// The converted inputs of a selection (kept alive here) and its sizes.
+struct SelPlan {
+  torch::Tensor scores, num_tiles, budget, lsh_match;  // [R, H, M] fp32, [R] int64, [R, H, M]
+  int64_t R = 0, H = 0, M = 0, S = 0;                  // S: the widest row's tile count
+  std::vector<int64_t> keep;                           // [R] tiles kept per (row, head)
+};
+
+static SelPlan select_plan(torch::Tensor scores, torch::Tensor num_tiles, torch::Tensor budget,
+                           const c10::optional<torch::Tensor>& lsh_match_opt) {
   // scores [R, H, M] float; num_tiles, budget [R] integer; lsh_match [R, H, M] bool or None.
-  // -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32; counts [4] int64 (sink,
-  // window, lsh, prescore). Conversions here (no-ops for the usual dtypes), not in Python.
-  scores = as_contig(scores, at::kFloat);
-  num_tiles = as_contig(num_tiles.dim() == 1 ? num_tiles : num_tiles.reshape({scores.size(0)}),
-                        at::kLong);
-  budget = as_contig(budget.dim() == 1 ? budget : budget.reshape({scores.size(0)}), at::kLong);
-  torch::Tensor lsh_match = lsh_match_opt.has_value() ? as_contig(*lsh_match_opt, at::kBool)
-                                                      : torch::Tensor();
-  TORCH_CHECK(num_tiles.numel() == scores.size(0) && budget.numel() == scores.size(0),
+  // Conversions here (no-ops for the usual dtypes), not in Python.
+  SelPlan p;
+  p.scores = as_contig(scores, at::kFloat);
+  p.R = p.scores.size(0), p.H = p.scores.size(1), p.M = p.scores.size(2);
+  p.num_tiles = as_contig(num_tiles.dim() == 1 ? num_tiles : num_tiles.reshape({p.R}), at::kLong);
+  p.budget = as_contig(budget.dim() == 1 ? budget : budget.reshape({p.R}), at::kLong);
+  if (lsh_match_opt.has_value()) p.lsh_match = as_contig(*lsh_match_opt, at::kBool);
+  TORCH_CHECK(p.num_tiles.numel() == p.R && p.budget.numel() == p.R,
               "select_tiles_cpu: num_tiles and budget must have one entry per row");
-  const int64_t R = scores.size(0), H = scores.size(1), M = scores.size(2);
-  const float* sc = scores.data_ptr<float>();
-  const int64_t* nt = num_tiles.data_ptr<int64_t>();
-  const int64_t* bu = budget.data_ptr<int64_t>();
-  const bool use_lsh = lip == nullptr && lsh_match.defined() && lsh_match.numel() > 0 &&
-                       lsh_cap > 0;
-  const bool* lm = use_lsh ? lsh_match.data_ptr<bool>() : nullptr;
-  std::vector<int64_t> keep(R);
-  int64_t S = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
-    keep[r] = std::clamp<int64_t>(bu[r], 0, n);
-    S = std::max(S, keep[r]);
+  const int64_t* nt = p.num_tiles.data_ptr<int64_t>();
+  const int64_t* bu = p.budget.data_ptr<int64_t>();
+  p.keep.resize(p.R);
+  for (int64_t r = 0; r < p.R; ++r) {
+    const int64_t n = std::clamp<int64_t>(nt[r], 0, p.M);
+    p.keep[r] = std::clamp<int64_t>(bu[r], 0, n);
+    p.S = std::max(p.S, p.keep[r]);
   }
-  auto tiles = torch::empty({R, H, S}, torch::dtype(torch::kInt32));  // -1 padded below
-  auto num = torch::empty({R, H}, torch::dtype(torch::kInt32));
-  std::vector<int64_t> cnt(R * H * 4, 0);
-  int32_t* to = tiles.data_ptr<int32_t>();
-  int32_t* no = num.data_ptr<int32_t>();
+  return p;
+}
+
+// -> to [R, H, S] int32 ascending, -1 padded; no [R, H] int32; cnt [R, H, 4] int64 (sink,
+// window, lsh, prescore per (row, head)).
+static void select_run(const SelPlan& p, int64_t sink, int64_t window, int64_t lsh_cap,
+                       const LshInPlace* lip, int32_t* to, int32_t* no, int64_t* cnt) {
+  const int64_t R = p.R, H = p.H, M = p.M, S = p.S;
+  const float* sc = p.scores.data_ptr<float>();
+  const int64_t* nt = p.num_tiles.data_ptr<int64_t>();
+  const int64_t* keep = p.keep.data();
+  const bool use_lsh = lip == nullptr && p.lsh_match.defined() && p.lsh_match.numel() > 0 &&
+                       lsh_cap > 0;
+  const bool* lm = use_lsh ? p.lsh_match.data_ptr<bool>() : nullptr;
   at::parallel_for(0, R * H, 1, [&](int64_t begin, int64_t end) {
-    // 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore; padded for 64-byte reads
-    std::vector<uint8_t> src(M + 64, 0), hv(lip != nullptr ? M : 0);  // hv: LSH hits
-    std::vector<v16u_t> uv((M + 15) / 16);  // candidate keys (0: not a candidate), padded
+    // Scratch kept per thread across calls (a cold malloc per call costs microseconds on the
+    // per-layer path); every element read below is written first for this task.
+    // src: 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore; padded for 64-byte reads.
+    // hv: LSH hits. uv: candidate keys (0: not a candidate), padded to whole vectors.
+    static thread_local std::vector<uint8_t> src, hv;
+    static thread_local std::vector<v16u_t> uv;
+    if (src.size() < static_cast<size_t>(M + 64)) src.resize(M + 64);
+    if (lip != nullptr && hv.size() < static_cast<size_t>(M)) hv.resize(M);
+    if (uv.size() < static_cast<size_t>((M + 15) / 16)) uv.resize((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H;
@@ -246,15 +258,30 @@ static std::vector<torch::Tensor> select_impl(torch::Tensor scores, torch::Tenso
         for (; bits; bits &= bits - 1) o[j++] = static_cast<int32_t>(t0 + __builtin_ctzll(bits));
       }
       for (int64_t k = j; k < S; ++k) o[k] = -1;
-      int64_t* ct = cnt.data() + rh * 4;
+      int64_t* ct = cnt + rh * 4;
       ct[0] = c_sink, ct[1] = c_win, ct[2] = c_lsh, ct[3] = c_pre;
       no[rh] = static_cast<int32_t>(j);
     }
   });
+}
+
+static std::vector<torch::Tensor> select_impl(torch::Tensor scores, torch::Tensor num_tiles,
+                                              torch::Tensor budget, int64_t sink,
+                                              int64_t window,
+                                              c10::optional<torch::Tensor> lsh_match_opt,
+                                              int64_t lsh_cap, const LshInPlace* lip) {
+  // -> tiles [R, H, S] int32 ascending, -1 padded; num [R, H] int32; counts [4] int64 (sink,
+  // window, lsh, prescore).
+  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match_opt);
+  auto tiles = torch::empty({p.R, p.H, p.S}, torch::dtype(torch::kInt32));
+  auto num = torch::empty({p.R, p.H}, torch::dtype(torch::kInt32));
+  std::vector<int64_t> cnt(p.R * p.H * 4, 0);
+  select_run(p, sink, window, lsh_cap, lip, tiles.data_ptr<int32_t>(), num.data_ptr<int32_t>(),
+             cnt.data());
   auto counts = torch::empty({4}, torch::dtype(torch::kInt64));
   int64_t* co = counts.data_ptr<int64_t>();
   std::fill(co, co + 4, int64_t{0});
-  for (int64_t i = 0; i < R * H; ++i)
+  for (int64_t i = 0; i < p.R * p.H; ++i)
     for (int k = 0; k < 4; ++k) co[k] += cnt[i * 4 + k];
   return {tiles, num, counts};
 }
@@ -379,6 +406,43 @@ torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor 
   return pick;
 }
 
+// In-place LSH inputs (lsh_proj [D, r] fp32, lsh_masks [NB, Hkv, B / T, W] int64, lsh_caps [R]
+// int64) checked and converted, and the query group (qf [R, Hq, D] fp32) hashed into qmask:
+// instead of a [R, Hkv, M] bool match built by ~15 torch ops per layer. nullptr without LSH.
+struct LshArgs {
+  torch::Tensor proj, tmasks, caps;
+  LshInPlace lip{};
+};
+static const LshInPlace* lsh_prepare(LshArgs& a, std::vector<uint64_t>& qmask, const float* qf,
+                                     int64_t R, int64_t Hq, int64_t D, const torch::Tensor& k,
+                                     const torch::Tensor& btc, int64_t T,
+                                     const c10::optional<torch::Tensor>& lsh_proj,
+                                     const c10::optional<torch::Tensor>& lsh_masks,
+                                     const c10::optional<torch::Tensor>& lsh_caps) {
+  if (!lsh_proj.has_value()) return nullptr;
+  TORCH_CHECK(lsh_masks.has_value() && lsh_caps.has_value(),
+              "select_decode_cpu: lsh_proj needs lsh_masks and lsh_caps");
+  a.proj = as_contig(*lsh_proj, at::kFloat);
+  a.tmasks = as_contig(*lsh_masks, at::kLong);
+  a.caps = as_contig(*lsh_caps, at::kLong);
+  const int64_t Hkv = k.size(1), bits = a.proj.size(1), W = a.tmasks.size(3),
+                tpb = a.tmasks.size(2);
+  TORCH_CHECK(a.proj.dim() == 2 && a.proj.size(0) == D && bits >= 1 && bits <= 16 &&
+              W * 64 >= (int64_t{1} << bits) && a.tmasks.size(1) == Hkv &&
+              tpb * T == k.size(2) && a.caps.numel() == R && Hq % Hkv == 0,
+              "select_decode_cpu: lsh_proj [D, r], lsh_masks [NB, Hkv, B / T, W >= 2^r / 64] "
+              "and lsh_caps [R] do not match the query and cache");
+  qmask.resize(R * Hkv * W);
+  hash_query_groups(qf, a.proj.data_ptr<float>(), R, Hkv, Hq / Hkv, D, bits, W, qmask.data());
+  a.lip = LshInPlace{qmask.data(), a.tmasks.data_ptr<int64_t>(), btc.data_ptr<int32_t>(),
+                     btc.stride(0), tpb, W, a.caps.data_ptr<int64_t>()};
+  return &a.lip;
+}
+
+static double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // Selection then sparse decode in one call (see cpu_select_decode): the two entry points above,
 // run back to back without returning to Python in between, whose per-call overhead (wrappers,
 // argument conversion, cold interpreter state after other layers' work) costs about as much as
@@ -396,40 +460,112 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
     return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
             0.0};
   const auto t0 = std::chrono::steady_clock::now();
-  // In-place LSH (lsh_proj [D, r] fp32, lsh_masks [NB, Hkv, tpb, W] int64, lsh_caps [R]
-  // int64): the query hashed and the tiles' bucket sets read here, instead of a [R, Hkv, M]
-  // bool match built by ~15 torch ops per layer.
-  LshInPlace lip{};
+  const int64_t R = query.size(0), Hq = query.size(1), D = query.size(2);
+  std::vector<float> qbuf, obuf;
+  const float* qf = query_f32(query, qbuf);  // [R, Hq, D]
+  const auto btc = as_contig(bt, at::kInt);
+  const auto seq = as_contig(seq_lens, at::kInt);
+  LshArgs la;
   std::vector<uint64_t> qmask;
-  torch::Tensor proj, tmasks, caps, btc;
-  if (lsh_proj.has_value()) {
-    TORCH_CHECK(lsh_masks.has_value() && lsh_caps.has_value(),
-                "select_decode_cpu: lsh_proj needs lsh_masks and lsh_caps");
-    proj = as_contig(*lsh_proj, at::kFloat);
-    tmasks = as_contig(*lsh_masks, at::kLong);
-    caps = as_contig(*lsh_caps, at::kLong);
-    btc = as_contig(bt, at::kInt);
-    const int64_t R = query.size(0), Hq = query.size(1), D = query.size(2), Hkv = k.size(1);
-    const int64_t bits = proj.size(1), W = tmasks.size(3), tpb = tmasks.size(2);
-    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == D && bits >= 1 && bits <= 16 &&
-                W * 64 >= (int64_t{1} << bits) && tmasks.size(1) == Hkv &&
-                tpb * T == k.size(2) && caps.numel() == R && Hq % Hkv == 0,
-                "select_decode_cpu: lsh_proj [D, r], lsh_masks [NB, Hkv, B / T, W >= 2^r / 64] "
-                "and lsh_caps [R] do not match the query and cache");
-    qmask.resize(R * Hkv * W);
-    const auto qc = query.is_contiguous() ? query : query.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "lsh_hash", [&] {
-      hash_query_groups(qc.data_ptr<scalar_t>(), proj.data_ptr<float>(), R, Hkv, Hq / Hkv, D,
-                        bits, W, qmask.data());
-    });
-    lip = LshInPlace{qmask.data(), tmasks.data_ptr<int64_t>(), btc.data_ptr<int32_t>(),
-                     btc.stride(0), tpb, W, caps.data_ptr<int64_t>()};
+  const LshInPlace* lip = lsh_prepare(la, qmask, qf, R, Hq, D, k, btc, T, lsh_proj, lsh_masks,
+                                      lsh_caps);
+  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
+  TORCH_CHECK(p.R == R, "select_decode_cpu: tile_scores must have one row per query row");
+  auto tiles = torch::empty({p.R, p.H, p.S}, torch::dtype(torch::kInt32));
+  auto num = torch::empty({p.R, p.H}, torch::dtype(torch::kInt32));
+  std::vector<int64_t> cnt(p.R * p.H * 4, 0);
+  select_run(p, sink, window, lsh_cap, lip, tiles.data_ptr<int32_t>(), num.data_ptr<int32_t>(),
+             cnt.data());
+  auto counts = torch::zeros({4}, torch::dtype(torch::kInt64));
+  int64_t* co = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < p.R * p.H; ++i)
+    for (int j = 0; j < 4; ++j) co[j] += cnt[i * 4 + j];
+  const double sel_s = seconds_since(t0);
+  const at::ScalarType odt = out_dtype ? *out_dtype : at::kFloat;
+  auto out = torch::empty({R, Hq, D}, torch::dtype(odt));
+  auto lse = torch::empty({R, Hq}, torch::dtype(torch::kFloat32));
+  if (odt != at::kFloat) obuf.resize(R * Hq * D);
+  decode_core(qf, k, v, btc, seq.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), p.S,
+              odt == at::kFloat ? out.data_ptr<float>() : obuf.data(), lse.data_ptr<float>(),
+              scale, amx, R, Hq, D, T);
+  if (odt != at::kFloat) write_out_rows(obuf.data(), out, nullptr, R);
+  return {out, lse, tiles, num, counts, sel_s};  // seconds as a float: no tensor
+}
+
+// select_decode_cpu for the per-layer path, with nothing allocated or returned but a float: the
+// query read from query[rows[r]] (query[r] without rows), the output written to out[rows[r]] in
+// out's dtype, and when stats [>= 5] int64 is given, the tokens read and the tiles chosen per
+// source (sink, window, lsh, prescore) added to stats[0..5). Scratch is kept per thread. Each
+// torch allocation, returned tensor and Python object costs microseconds here: the call runs
+// with caches cold from the rest of the layer (measured at 16k, batch 1: ~0.1 ms less per call
+// than select_decode_cpu plus the caller's copy and counter ops). -> the selection's seconds,
+// or -1 when the packed "amx" loop declines (the caller unpacks and calls again).
+double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v,
+                              torch::Tensor bt, torch::Tensor seq_lens, torch::Tensor scores,
+                              torch::Tensor num_tiles, torch::Tensor budget, int64_t sink,
+                              int64_t window, c10::optional<torch::Tensor> lsh_match,
+                              int64_t lsh_cap, int64_t T, double scale, bool amx,
+                              torch::Tensor out, c10::optional<torch::Tensor> rows,
+                              c10::optional<torch::Tensor> stats,
+                              c10::optional<torch::Tensor> lsh_proj,
+                              c10::optional<torch::Tensor> lsh_masks,
+                              c10::optional<torch::Tensor> lsh_caps) {
+  if (amx && !packed_path_takes(query, k, v, T)) return -1.0;
+  const auto t0 = std::chrono::steady_clock::now();
+  torch::Tensor rw;
+  const int64_t* rp = nullptr;
+  int64_t R = query.size(0);
+  if (rows.has_value()) {
+    rw = as_contig(*rows, at::kLong);
+    rp = rw.data_ptr<int64_t>();
+    R = rw.numel();
   }
-  auto sel = select_impl(scores, num_tiles, budget, sink, window, lsh_match, lsh_cap,
-                         lsh_proj.has_value() ? &lip : nullptr);
-  const double sel_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  auto od = sparse_decode_cpu(query, k, v, bt, seq_lens, sel[0], T, scale, amx, out_dtype);
-  return {od[0], od[1], sel[0], sel[1], sel[2], sel_s};  // seconds as a float: no tensor
+  const int64_t Hq = query.size(1), D = query.size(2);
+  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && out.size(1) == Hq && out.size(2) == D &&
+              bt.size(0) == R && seq_lens.numel() == R,
+              "select_decode_into_cpu: query and out [N, Hq, D], one block table row and "
+              "seq_len per selected row");
+  TORCH_CHECK(!stats.has_value() || (stats->scalar_type() == at::kLong &&
+                                      stats->is_contiguous() && stats->numel() >= 5),
+              "select_decode_into_cpu: stats must be int64 [>= 5], contiguous");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(rp ? rp[r] >= 0 && rp[r] < query.size(0) && rp[r] < out.size(0) : r < out.size(0),
+                "select_decode_into_cpu: row index out of range of query or out");
+  static thread_local std::vector<float> qbuf, obuf, lbuf;
+  static thread_local std::vector<int32_t> tbuf, nbuf;
+  static thread_local std::vector<int64_t> cbuf;
+  static thread_local std::vector<uint64_t> qmask;
+  query_rows_f32(query, rp, R, qbuf);  // [R, Hq, D]
+  const auto btc = as_contig(bt, at::kInt);
+  const auto seq = as_contig(seq_lens, at::kInt);
+  LshArgs la;
+  const LshInPlace* lip = lsh_prepare(la, qmask, qbuf.data(), R, Hq, D, k, btc, T, lsh_proj,
+                                      lsh_masks, lsh_caps);
+  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
+  TORCH_CHECK(p.R == R, "select_decode_into_cpu: tile_scores must have one row per selected row");
+  tbuf.resize(std::max<int64_t>(p.R * p.H * p.S, 1));
+  nbuf.resize(p.R * p.H);
+  cbuf.assign(p.R * p.H * 4, 0);
+  select_run(p, sink, window, lsh_cap, lip, tbuf.data(), nbuf.data(), cbuf.data());
+  const double sel_s = seconds_since(t0);
+  obuf.resize(R * Hq * D);
+  lbuf.resize(R * Hq);
+  decode_core(qbuf.data(), k, v, btc, seq.data_ptr<int32_t>(), tbuf.data(), p.S, obuf.data(),
+              lbuf.data(), scale, amx, R, Hq, D, T);
+  write_out_rows(obuf.data(), out, rp, R);
+  if (stats.has_value()) {
+    int64_t* st = stats->data_ptr<int64_t>();
+    const int32_t* sl = seq.data_ptr<int32_t>();
+    int64_t tokens = 0;  // what the kernel reads: each chosen tile's tokens below seq_len
+    for (int64_t rh = 0; rh < p.R * p.H; ++rh) {
+      const int64_t L = sl[rh / p.H];
+      for (int64_t j = 0; j < nbuf[rh]; ++j)
+        tokens += std::clamp<int64_t>(L - int64_t{tbuf[rh * p.S + j]} * T, 0, T);
+      for (int j = 0; j < 4; ++j) st[1 + j] += cbuf[rh * 4 + j];
+    }
+    st[0] += tokens;
+  }
+  return sel_s;
 }
 """
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .layouts import amx_unpack_blocks
 
-__all__ = ["available", "cpu_select_decode", "cpu_sparse_decode"]
+__all__ = ["available", "cpu_select_decode", "cpu_select_decode_into", "cpu_sparse_decode"]
 
 logger = logging.getLogger(__name__)
 
@@ -602,6 +602,85 @@ static bool packed_path_takes(const torch::Tensor& query, const torch::Tensor& k
          v.stride(2) == D;
 }
 
+// The loops behind the entry points. qf [R, Hq, D] fp32 (unscaled), bt [R, MB] int32 and seq
+// [R] int32 contiguous, tiles [R, Hkv, S] int32 -> of [R, Hq, D] fp32 and lse [R, Hq]. amx:
+// packed_path_takes was checked.
+static void decode_core(const float* qf, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& bt, const int32_t* seq, const int32_t* tiles,
+                        int64_t S, float* of, float* lse, double scale, bool amx, int64_t R,
+                        int64_t Hq, int64_t D, int64_t T) {
+  const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv;
+  const int32_t* btp = bt.data_ptr<int32_t>();
+  if (amx) {
+    auto go = [&](auto gg) {
+      run_amx<decltype(gg)::value>(
+          qf, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
+          k.stride(0), k.stride(1), v.stride(0), v.stride(1), btp, bt.stride(0), seq, tiles, S,
+          of, lse, static_cast<float>(scale), R, Hkv, D, B, T);
+    };
+    with_group(G, go);
+    return;
+  }
+  const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
+                    G >= 1 && G <= 8 && B % 16 == 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sparse_decode_cpu", [&] {
+    if (fast) {
+      auto go = [&](auto gg) {
+        run_fast<scalar_t, decltype(gg)::value>(
+            qf, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0),
+            k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(2), btp, bt.stride(0),
+            seq, tiles, S, of, lse, static_cast<float>(scale), R, Hkv, D, B, T);
+      };
+      with_group(G, go);
+      return;
+    }
+    run<scalar_t>(qf, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                  k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+                  v.stride(0), v.stride(1), v.stride(2), v.stride(3), btp, bt.stride(0), seq,
+                  tiles, S, of, lse, static_cast<float>(scale), R, Hkv, G, D, B, T);
+  });
+}
+
+// query rows (rows[r], or r when rows is null) as fp32 [R, Hq, D] in buf. A plain loop: a .to() runs through TensorIterator, whose code is cold on the
+// per-layer path (with the output's cast ~30 us per call at batch 1, 1/10 of the sparse step).
+static void query_rows_f32(const torch::Tensor& query, const int64_t* rows, int64_t R,
+                           std::vector<float>& buf) {
+  const int64_t Hq = query.size(1), D = query.size(2), s0 = query.stride(0),
+                s1 = query.stride(1), s2 = query.stride(2);
+  buf.resize(R * Hq * D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "q_to_fp32", [&] {
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      const scalar_t* qr = q + (rows ? rows[r] : r) * s0;
+      for (int64_t h = 0; h < Hq; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          buf[(r * Hq + h) * D + d] = static_cast<float>(qr[h * s1 + d * s2]);
+    }
+  });
+}
+
+// The query [R, Hq, D] as fp32 contiguous: its own data when it already is, else copied to buf.
+static const float* query_f32(const torch::Tensor& query, std::vector<float>& buf) {
+  if (query.scalar_type() == at::kFloat && query.is_contiguous()) return query.data_ptr<float>();
+  query_rows_f32(query, nullptr, query.size(0), buf);
+  return buf.data();
+}
+
+// of [R, Hq, D] fp32 -> out[rows[r]] (or out[r]) in out's dtype.
+static void write_out_rows(const float* of, torch::Tensor& out, const int64_t* rows, int64_t R) {
+  const int64_t Hq = out.size(1), D = out.size(2), s0 = out.stride(0), s1 = out.stride(1),
+                s2 = out.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "out_cast", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      scalar_t* orow = o + (rows ? rows[r] : r) * s0;
+      for (int64_t h = 0; h < Hq; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          orow[h * s1 + d * s2] = static_cast<scalar_t>(of[(r * Hq + h) * D + d]);
+    }
+  });
+}
+
 std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor k,
                                              torch::Tensor v, torch::Tensor bt,
                                              torch::Tensor seq_lens, torch::Tensor tiles,
@@ -610,28 +689,13 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor 
   // query [R, Hq, D] any float dtype; k, v [NB, Hkv, B, D] strided views; bt [R, MB],
   // seq_lens [R], tiles [R, Hkv, S] integer. The conversions below are no-ops (no copy) for
   // fp32 / int32 contiguous inputs; done here, not in Python, for the per-layer overhead.
-  // The query's and the output's dtype conversions are plain loops over small buffers: a
-  // .to() runs through TensorIterator, whose code is cold on the per-layer path (the two cost
-  // ~30 us per call at batch 1 there, as much as 1/10 of the whole sparse step).
   if (amx && !packed_path_takes(query, k, v, T)) return {torch::Tensor(), torch::Tensor()};
-  const auto qc = query.is_contiguous() ? query : query.contiguous();  // [R, Hq, D]
   bt = as_contig(bt, at::kInt);
   seq_lens = as_contig(seq_lens, at::kInt);
   tiles = as_contig(tiles, at::kInt);
-  const int64_t R = qc.size(0), Hq = qc.size(1), D = qc.size(2);
-  const int64_t Hkv = k.size(1), B = k.size(2), G = Hq / Hkv, S = tiles.size(2);
+  const int64_t R = query.size(0), Hq = query.size(1), D = query.size(2), S = tiles.size(2);
   std::vector<float> qbuf, obuf;
-  const float* qf = nullptr;  // fp32 query, scaled per task
-  if (qc.scalar_type() == at::kFloat) {
-    qf = qc.data_ptr<float>();
-  } else {
-    qbuf.resize(qc.numel());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "q_to_fp32", [&] {
-      const scalar_t* src = qc.data_ptr<scalar_t>();
-      for (size_t i = 0; i < qbuf.size(); ++i) qbuf[i] = static_cast<float>(src[i]);
-    });
-    qf = qbuf.data();
-  }
+  const float* qf = query_f32(query, qbuf);  // scaled per task in the loops
   const at::ScalarType odt = out_dtype ? *out_dtype : at::kFloat;
   auto out = torch::empty({R, Hq, D}, torch::dtype(odt));
   auto lse = torch::empty({R, Hq}, torch::dtype(torch::kFloat32));
@@ -642,49 +706,10 @@ std::vector<torch::Tensor> sparse_decode_cpu(torch::Tensor query, torch::Tensor 
     obuf.resize(out.numel());
     of = obuf.data();
   }
-  auto finish = [&]() -> std::vector<torch::Tensor> {
-    if (odt != at::kFloat) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, odt, "out_cast", [&] {
-        scalar_t* dst = out.data_ptr<scalar_t>();
-        for (size_t i = 0; i < obuf.size(); ++i) dst[i] = static_cast<scalar_t>(obuf[i]);
-      });
-    }
-    return {out, lse};
-  };
-  if (amx) {  // packed_path_takes checked above
-    auto go = [&](auto gg) {
-      run_amx<decltype(gg)::value>(
-          qf, k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(),
-          k.stride(0), k.stride(1), v.stride(0), v.stride(1), bt.data_ptr<int32_t>(),
-          bt.stride(0), seq_lens.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), S,
-          of, lse.data_ptr<float>(), static_cast<float>(scale), R, Hkv, D, B, T);
-    };
-    with_group(G, go);
-    return finish();
-  }
-  const bool fast = k.stride(2) == 1 && v.stride(3) == 1 && T % 16 == 0 && D % 16 == 0 &&
-                    G >= 1 && G <= 8 && B % 16 == 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sparse_decode_cpu", [&] {
-    if (fast) {
-      auto go = [&](auto gg) {
-        run_fast<scalar_t, decltype(gg)::value>(
-            qf, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0),
-            k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(2),
-            bt.data_ptr<int32_t>(), bt.stride(0), seq_lens.data_ptr<int32_t>(),
-            tiles.data_ptr<int32_t>(), S, of, lse.data_ptr<float>(), static_cast<float>(scale), R, Hkv,
-            D, B, T);
-      };
-      with_group(G, go);
-      return;
-    }
-    run<scalar_t>(qf, k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                  k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-                  v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-                  bt.data_ptr<int32_t>(), bt.stride(0), seq_lens.data_ptr<int32_t>(),
-                  tiles.data_ptr<int32_t>(), S, of, lse.data_ptr<float>(), static_cast<float>(scale),
-                  R, Hkv, G, D, B, T);
-  });
-  return finish();
+  decode_core(qf, k, v, bt, seq_lens.data_ptr<int32_t>(), tiles.data_ptr<int32_t>(), S, of,
+              lse.data_ptr<float>(), scale, amx, R, Hq, D, T);
+  if (odt != at::kFloat) write_out_rows(obuf.data(), out, nullptr, R);
+  return {out, lse};
 }
 """
 
@@ -696,9 +721,10 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v9", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v10", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
-                                  "record_bounds_cpu", "select_decode_cpu"],
+                                  "record_bounds_cpu", "select_decode_cpu",
+                                  "select_decode_into_cpu"],
                        extra_cflags=["-O3", "-march=native"],
                        verbose=False)
 
@@ -765,3 +791,34 @@ def cpu_select_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
             args[17] = masks[block_tables.long().reshape(-1)]
         res = _module().select_decode_cpu(*args)
     return res
+
+
+def cpu_select_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                           block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
+                           num_tiles: Tensor, budget: Tensor, out: Tensor, *,
+                           rows: Tensor | None = None, stats: Tensor | None = None,
+                           tile_size: int, scale: float, sink_tiles: int, window_tiles: int,
+                           lsh_match: Tensor | None = None, lsh_cap: int = 0,
+                           lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
+                           kv_layout: str = "strided") -> float:
+    """:func:`cpu_select_decode` for the per-layer path: nothing allocated or returned but the
+    selection's seconds.
+
+    query ``[N, Hq, D]`` and out ``[N', Hq, D]`` (any float dtype, any strides): row r of the
+    selection reads ``query[rows[r]]`` and writes ``out[rows[r]]`` (rows ``[R]`` int64; None:
+    row r). stats ``[>= 5]`` int64 contiguous or None: the tokens read and the tiles chosen per
+    source (sink, window, lsh, prescore) are added to ``stats[0:5]``. The other arguments as
+    :func:`cpu_select_decode` (block_tables, seq_lens, tile_scores, num_tiles, budget: R rows).
+    """
+    proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
+    args = [query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
+            budget, sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale,
+            kv_layout == "amx", out, rows, stats, proj, masks, caps]
+    sec = _module().select_decode_into_cpu(*args)
+    if sec < 0.0:  # a case the packed loop does not take: unpack for the generic one
+        args[1], args[2], args[3] = amx_unpack_blocks(key_cache, value_cache, block_tables)
+        args[14] = False
+        if masks is not None:  # the unpacked blocks are numbered 0..R*MB-1 in table order
+            args[19] = masks[block_tables.long().reshape(-1)]
+        sec = _module().select_decode_into_cpu(*args)
+    return sec

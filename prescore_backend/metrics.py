@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 from prescore_backend.selection import SOURCES
 
-# Counter slots accumulated in a tensor during a step (see PrescoreStats).
-CONTEXT, READ, SPARSE_ROWS, DENSE_ROWS = 0, 1, 2, 3
+# Counter slots accumulated in a tensor during a step (see PrescoreStats): first those a layer
+# adds from the step's plan, then those the sparse decode call adds (tokens read, tiles chosen
+# per source), each group contiguous so one in-place add per layer fills it.
+CONTEXT, SPARSE_ROWS, DENSE_ROWS = 0, 1, 2
+READ = 3
 SRC0 = 4  # then one slot per selection source, in SOURCES order
 NUM_SLOTS = SRC0 + len(SOURCES)
 # selection.SOURCES calls the query-aware slot "lsh"; in the backend it also holds Quest picks.
@@ -79,6 +82,8 @@ class PrescoreStats:
         import torch
 
         self.counts = torch.zeros(NUM_SLOTS, dtype=torch.int64)
+        self.layer_counts = self.counts[:READ]  # [3] context tokens, sparse rows, dense rows
+        self.decode_counts = self.counts[READ:]  # [5] tokens read, then tiles per source
         self.scoring_s = 0.0
         self.selection_s = 0.0
 

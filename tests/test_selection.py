@@ -13,9 +13,11 @@ from prescore_backend.selection import (
     aggregate_tiles,
     residual_sample,
     select_and_decode,
+    select_and_decode_into,
     select_tiles,
     select_tiles_ref,
     select_tiles_static,
+    tiles_tokens,
 )
 from prescore_backend.kernels import sparse_decode_ref
 
@@ -343,6 +345,90 @@ def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.double(), ref_o, **tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl,lsh", [("cpp", "none"), ("cpp", "match"), ("cpp", "in_place"),
+                                      ("torch", "none"), ("torch", "match")])
+@pytest.mark.parametrize("layout,dtype,group,out_dtype", [
+    ("cpu", torch.float32, 3, torch.float32), ("cpu_amx", torch.bfloat16, 2, torch.bfloat16),
+    ("cpu", torch.bfloat16, 3, torch.float32),  # out in its own dtype
+    ("cpu_amx", torch.bfloat16, 9, torch.bfloat16)])  # G > 8: unpacked, then the generic loop
+def test_select_and_decode_into_writes_rows_and_counters(impl, lsh, layout, dtype, group,
+                                                         out_dtype):
+    """The backend's in-place call: out[rows[r]] = select_and_decode's row r (read from
+    query[rows[r]]), other rows untouched; the tokens read and per-source counts added to
+    stats[0:5] (tokens checked against a loop over the oracle's tiles), stats[5:] untouched.
+    (lsh_in_place is the fused call's only; other impls refuse it, tested above.)"""
+    from prescore_backend.kernels import AngularLSH, bucket_masks
+    from prescore_backend.kernels.layouts import amx_unpack
+
+    lens = [300, 37, 129, 256]
+    T, hkv, D, B = 16, 2, 64, 64
+    case = make_paged_case(lens, hkv, group, D, B, layout=layout, dtype=dtype, seed=group + 7)
+    g = torch.Generator().manual_seed(group)
+    R, N = len(lens), 7
+    rows = torch.tensor([4, 0, 6, 2])
+    query = torch.randn(N, *case.query.shape[1:], generator=g).to(dtype)  # other rows: noise
+    query[rows] = case.query
+    M = case.block_tables.shape[1] * (B // T)
+    num_tiles = torch.tensor([-(-n // T) for n in lens])
+    scores = torch.randn(R, hkv, M, generator=g)
+    budget = torch.tensor([6, 100, 5, 9])  # row 1 dense
+    kw = dict(tile_size=T, scale=0.125, sink_tiles=1, window_tiles=2, kv_layout=case.kv_layout)
+    if lsh == "match":
+        kw.update(lsh_match=torch.rand(R, hkv, M, generator=g) < 0.3, lsh_cap=2)
+    elif lsh == "in_place":
+        ah = AngularLSH(5, D, seed=1)
+        kc = amx_unpack(case.key_cache, case.value_cache)[0] if case.kv_layout == "amx" \
+            else case.key_cache
+        nb = kc.shape[0]
+        masks = bucket_masks(ah.hash(kc.float().nan_to_num()).view(nb, hkv, B // T, T),
+                             5).contiguous()
+        kw.update(lsh_in_place=(ah.proj, masks, torch.tensor([2, 1, 0, 3])))
+    args = (case.key_cache, case.value_cache, case.block_tables, case.seq_lens, scores,
+            num_tiles, budget)
+    ref_out, _, sel, _ = select_and_decode(case.query, *args, impl=impl, **kw)
+    out = torch.full((N + 2, *case.query.shape[1:]), float("nan"), dtype=out_dtype)
+    stats = torch.tensor([10, 0, 0, 0, 0, -1, -2, -3])
+    sec = select_and_decode_into(query, *args, out, rows=rows, stats=stats, impl=impl, **kw)
+    assert sec >= 0.0
+    if out_dtype == dtype:
+        assert torch.equal(out[rows], ref_out)
+    else:  # fp32 out of a bf16 query: the fp32 result, not its bf16 rounding
+        torch.testing.assert_close(out[rows], ref_out.float(), atol=1e-2, rtol=1e-2)
+    untouched = torch.ones(N + 2, dtype=torch.bool)
+    untouched[rows] = False
+    assert out[untouched].isnan().all()
+    tokens = sum(min(T, lens[r] - int(t) * T) for r in range(R) for h in range(hkv)
+                 for t in sel.tiles[r, h, : int(sel.num_selected[r, h])])
+    assert int(tiles_tokens(sel.tiles, case.seq_lens, T)) == tokens
+    assert stats[0] == 10 + tokens and torch.equal(stats[1:5], sel.source_counts)
+    assert stats[1:5].sum() == sel.num_selected.sum() and stats[5:].tolist() == [-1, -2, -3]
+    # rows=None: row r in, row r out; counters accumulate
+    out2 = torch.empty(R, *case.query.shape[1:], dtype=out_dtype)
+    select_and_decode_into(case.query, *args, out2, stats=stats, impl=impl, **kw)
+    assert torch.equal(out2, out[rows])
+    assert stats[0] == 10 + 2 * tokens and torch.equal(stats[1:5], 2 * sel.source_counts)
+
+
+def test_select_and_decode_into_errors():
+    """Rows outside query or out, a stats tensor of the wrong dtype: clear errors, nothing
+    written out of bounds."""
+    case = make_paged_case([40], 2, 2, 64, 32, seed=0)
+    args = (case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+            torch.randn(1, 2, 3), torch.tensor([3]), torch.tensor([3]))
+    kw = dict(tile_size=16, scale=0.125, sink_tiles=1, window_tiles=1, impl="cpp")
+    out = torch.zeros(2, 4, 64)
+    with pytest.raises(RuntimeError, match="row index out of range"):
+        select_and_decode_into(case.query, *args, out, rows=torch.tensor([1]), **kw)
+    with pytest.raises(RuntimeError, match="row index out of range"):
+        select_and_decode_into(case.query, *args, out, rows=torch.tensor([-1]), **kw)
+    with pytest.raises(RuntimeError, match="stats must be int64"):
+        select_and_decode_into(case.query, *args, out, stats=torch.zeros(5), **kw)
+    with pytest.raises(RuntimeError, match="stats must be int64"):
+        select_and_decode_into(case.query, *args, out, stats=torch.zeros(4, dtype=torch.int64),
+                               **kw)
+    assert not out.any()
 
 
 def test_select_and_decode_lsh_in_place_errors():

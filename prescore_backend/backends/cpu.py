@@ -78,9 +78,9 @@ from prescore_backend.decode import (
 )
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.metrics import CONTEXT, DENSE_ROWS, READ, SPARSE_ROWS, SRC0, PrescoreStats, get_metrics
+from prescore_backend.metrics import PrescoreStats, get_metrics
 from prescore_backend.requests import ROWS
-from prescore_backend.selection import select_and_decode
+from prescore_backend.selection import select_and_decode_into, tiles_tokens
 from prescore_backend.scoring import Scorer, get_scorer
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
@@ -156,14 +156,14 @@ class PrescorePlan:
     sparse_block_table: Tensor  # [Rs, max_blocks] int32
     sparse_bt64: Tensor  # [Rs, max_blocks] int64 (the same, for indexing side data)
     num_tiles: Tensor  # [Rs] int64
-    context_tokens: Tensor  # [] int64: sum of the sparse rows' seq_lens
-    pad_tokens: Tensor  # [] int64: sum of (num_tiles * tile_size - seq_len), the last tiles' gaps
+    # [3] int64 what each layer adds to PrescoreStats.layer_counts: context tokens of the
+    # sparse rows times the KV heads, sparse rows, exact decode rows
+    layer_counts: Tensor
     budget: Tensor  # [Rs] int64 tiles per (row, KV head)
     query_caps: Tensor  # [Rs] int64 query-aware tiles per (row, KV head) at most
     # Exact rows served by vLLM's kernel when sparse rows exist (None: all rows are sparse).
     dense_tok: Tensor | None  # [Nd] int64
     dense_md: CPUAttentionMetadata | None
-    num_dense_decode_rows: int
     # LSH bits of decode tokens written this step.
     dec_tok: Tensor  # [Nk] int64 token index
     dec_block: Tensor  # [Nk] int64 physical block
@@ -188,6 +188,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = runtime().config
+        self.num_kv_heads = kv_cache_spec.num_kv_heads  # this worker's
         runtime().num_layers = len(layer_names)
         if self.isa == "vec16":
             raise ValueError(
@@ -280,13 +281,13 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             sparse_block_table=sp_bt,
             sparse_bt64=sp_bt.long(),
             num_tiles=sp_tiles,
-            context_tokens=sp_lens.long().sum(),
-            pad_tokens=(sp_tiles.long() * T - sp_lens.long()).sum(),
+            layer_counts=torch.stack([sp_lens.long().sum() * self.num_kv_heads,
+                                      torch.tensor(int(sparse_rows.numel())),
+                                      (is_decode & ~sparse).sum()]),
             budget=sp_budget,
             query_caps=query_caps(cfg, sp_budget),
             dense_tok=dense_tok,
             dense_md=dense_md,
-            num_dense_decode_rows=int((is_decode & ~sparse).sum()),
             dec_tok=dec_tok,
             dec_block=dec_slot // B,
             dec_tile=dec_off // T,
@@ -449,7 +450,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         if plan.score_jobs:
             self._run_score_jobs(plan, key_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0
-        stats.counts[DENSE_ROWS] += plan.num_dense_decode_rows
+        stats.layer_counts.add_(plan.layer_counts)  # one op: built per step by the builder
 
         if plan.num_sparse == 0:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
@@ -466,10 +467,9 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                        output: Tensor) -> None:
         cfg, stats = self.rt.config, self.rt.stats
         t0 = time.perf_counter()
-        rs, hkv = plan.num_sparse, self.num_kv_heads
         bt = plan.sparse_bt64  # [Rs, MB]
-        q = query[plan.sparse_tok]  # [Rs, Hq, D]
         lsh = _lsh(self.head_size) if cfg.uses_lsh else None
+        out3 = output.view(output.shape[0], -1, self.head_size)  # [N, Hq, D]
         if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
             if cfg.query_aware == "lsh" and self.fused:
                 # HyperAttention's match inside the fused call: the query hashed and the
@@ -477,33 +477,32 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                 scores, lsh_kw = gather_tile_scores(side, bt), dict(
                     lsh_in_place=(lsh.proj, side.masks, plan.query_caps))
             else:
+                q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
                 scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles,
                                                plan.query_caps, lsh=lsh)
                 lsh_kw = dict(lsh_match=pick, lsh_cap=int(plan.query_caps.max())
                               if pick is not None else 0)
             pick_s = time.perf_counter() - t0
-            out, _, sel, sel_s = select_and_decode(
-                q, key_cache, value_cache, plan.sparse_block_table, plan.sparse_seq_lens, scores,
-                plan.num_tiles, plan.budget, tile_size=cfg.tile_size, scale=self.scale,
+            # query rows read and output rows written in place, tokens read and tiles per
+            # source added to the step's counters: no tensor made per layer on the CPU path
+            sel_s = select_and_decode_into(
+                query, key_cache, value_cache, plan.sparse_block_table, plan.sparse_seq_lens,
+                scores, plan.num_tiles, plan.budget, out3, rows=plan.sparse_tok,
+                stats=stats.decode_counts, tile_size=cfg.tile_size, scale=self.scale,
                 sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles, kv_layout=kv_layout,
                 **lsh_kw)
             stats.selection_s += pick_s + sel_s
-        else:
-            sel, res_tiles, res_w = select_decode_tiles(
-                cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps, lsh=lsh,
-                generator=self.rt.generator)
-            stats.selection_s += time.perf_counter() - t0
-            out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
-                                   plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
-                                   impl="auto", residual_tiles=res_tiles, residual_weight=res_w,
-                                   kv_layout=kv_layout)
+            return
+        q = query[plan.sparse_tok]  # [Rs, Hq, D]
+        sel, res_tiles, res_w = select_decode_tiles(
+            cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps, lsh=lsh,
+            generator=self.rt.generator)
+        stats.selection_s += time.perf_counter() - t0
+        out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
+                               plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
+                               impl="auto", residual_tiles=res_tiles, residual_weight=res_w,
+                               kv_layout=kv_layout)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
-
-        # Tokens read: whole selected tiles, less the gap of each row's partial last tile, which
-        # every (row, head) selects (the window always holds it: budget >= sinks + window >= 2).
-        # Equals decode.tokens_read in 2 ops instead of 7.
-        stats.counts[READ] += sel.num_selected.sum(dtype=torch.int64) * cfg.tile_size \
-            - plan.pad_tokens * hkv
-        stats.counts[CONTEXT] += plan.context_tokens * hkv
-        stats.counts[SPARSE_ROWS] += rs
-        stats.counts[SRC0:] += sel.source_counts
+        stats.decode_counts.add_(torch.cat([
+            tiles_tokens(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).view(1),
+            sel.source_counts]))
