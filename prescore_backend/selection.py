@@ -22,7 +22,11 @@ from torch import Tensor
 
 from prescore_backend.kernels.cpu_select import cpu_select_tiles
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
-from prescore_backend.kernels.cpu_sparse_decode import cpu_select_decode, cpu_select_decode_into
+from prescore_backend.kernels.cpu_sparse_decode import (
+    cpu_select_decode,
+    cpu_select_decode_into,
+    select_decode_into_op,
+)
 from prescore_backend.kernels.sparse_decode import sparse_decode
 
 __all__ = [
@@ -416,6 +420,15 @@ def select_and_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor
     :func:`select_and_decode` and do the same writes with torch ops.
     """
     if impl == "cpp" or (impl == "auto" and not query.is_cuda and cpu_kernels_available()):
+        # the op itself, positionally (cpu_select_decode_into's frame costs ~15 us cold); that
+        # wrapper only when the packed loop declines (-1: it unpacks and calls again)
+        proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
+        sec = select_decode_into_op()(
+            query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
+            budget, sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale,
+            kv_layout == "amx", out, rows, stats, proj, masks, caps)
+        if sec >= 0.0:
+            return sec
         return cpu_select_decode_into(
             query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
             budget, out, rows=rows, stats=stats, tile_size=tile_size, scale=scale,
