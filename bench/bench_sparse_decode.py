@@ -352,9 +352,10 @@ def write_report(data: dict, out_dir: Path, command: str, name: str = "kernels")
         "layer comes back cold; random tile scores"
         f"{'; denormals flushed to zero (FTZ/DAZ)' if m.get('flush_denormal') else ''}.",
         "", f"Command: `{command}`", "",
-        "Columns: *sparse*: pre-score selection + the sparse kernel (`select_and_decode`: one "
-        "C++ call); *sparse + Quest*: the backend's default (Quest bound over per-tile key "
-        "min/max up to half the budget, then `select_and_decode`); *select*: the pre-score "
+        "Columns: *sparse*: pre-score selection + the sparse kernel (`select_and_decode_into`, "
+        "the backend's call: one C++ call, output rows and counters written in place); "
+        "*sparse + Quest*: the backend's default (Quest bound over per-tile key min/max up to "
+        "half the budget, then `select_and_decode_into`); *select*: the pre-score "
         "selection alone (`select_tiles`); *torch path*: sparse with the torch selection and "
         "the vectorized torch kernel.", "",
         "| ctx | batch | keep | vLLM op ms | sparse ms | sparse + Quest ms | select ms | torch path ms "
