@@ -470,7 +470,9 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
   const LshInPlace* lip = lsh_prepare(la, qmask, qf, R, Hq, D, k, btc, T, lsh_proj, lsh_masks,
                                       lsh_caps);
   const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
-  TORCH_CHECK(p.R == R, "select_decode_cpu: tile_scores must have one row per query row");
+  TORCH_CHECK(p.R == R && p.H == k.size(1),
+              "select_decode_cpu: tile_scores must be [R, Hkv, M]: one row per query row, one "
+              "head per KV head of the cache");
   auto tiles = torch::empty({p.R, p.H, p.S}, torch::dtype(torch::kInt32));
   auto num = torch::empty({p.R, p.H}, torch::dtype(torch::kInt32));
   std::vector<int64_t> cnt(p.R * p.H * 4, 0);
@@ -521,10 +523,12 @@ double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tenso
     R = rw.numel();
   }
   const int64_t Hq = query.size(1), D = query.size(2);
+  TORCH_CHECK(query.device().is_cpu() && out.device().is_cpu() && k.device().is_cpu(),
+              "select_decode_into_cpu: CPU tensors only");
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && out.size(1) == Hq && out.size(2) == D &&
-              bt.size(0) == R && seq_lens.numel() == R,
-              "select_decode_into_cpu: query and out [N, Hq, D], one block table row and "
-              "seq_len per selected row");
+              Hq % k.size(1) == 0 && bt.size(0) == R && seq_lens.numel() == R,
+              "select_decode_into_cpu: query and out [N, Hq, D] (Hq a multiple of the cache's "
+              "KV heads), one block table row and seq_len per selected row");
   TORCH_CHECK(!stats.has_value() || (stats->scalar_type() == at::kLong &&
                                       stats->is_contiguous() && stats->numel() >= 5),
               "select_decode_into_cpu: stats must be int64 [>= 5], contiguous");
@@ -542,7 +546,9 @@ double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tenso
   const LshInPlace* lip = lsh_prepare(la, qmask, qbuf.data(), R, Hq, D, k, btc, T, lsh_proj,
                                       lsh_masks, lsh_caps);
   const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
-  TORCH_CHECK(p.R == R, "select_decode_into_cpu: tile_scores must have one row per selected row");
+  TORCH_CHECK(p.R == R && p.H == k.size(1),
+              "select_decode_into_cpu: tile_scores must be [R, Hkv, M]: one row per selected "
+              "row, one head per KV head of the cache");
   tbuf.resize(std::max<int64_t>(p.R * p.H * p.S, 1));
   nbuf.resize(p.R * p.H);
   cbuf.assign(p.R * p.H * 4, 0);

@@ -38,7 +38,13 @@ from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
 from prescore_backend.scoring import Scorer
-from prescore_backend.selection import Selection, aggregate_tiles, residual_sample, select_tiles
+from prescore_backend.selection import (  # tokens_read: re-exported
+    Selection,
+    aggregate_tiles,
+    residual_sample,
+    select_tiles,
+    tokens_read,
+)
 
 __all__ = [
     "ScoreJob",
@@ -328,9 +334,3 @@ def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tens
     return sel, None, None
 
 
-def tokens_read(tiles: Tensor, seq_lens: Tensor, tile_size: int) -> Tensor:
-    """Tokens a selection reads: tiles ``[Rs, Hkv, S]`` (-1 pad), seq_lens ``[Rs]`` ->
-    ``[Rs, Hkv]`` int64 (the last tile may be partial)."""
-    t = tiles.long()
-    lens = seq_lens.long().view(-1, 1, 1)
-    return ((lens - t * tile_size).clamp(0, tile_size) * (t >= 0)).sum(-1)

@@ -39,7 +39,7 @@ __all__ = [
     "select_and_decode",
     "select_and_decode_into",
     "select_tiles",
-    "tiles_tokens",
+    "tokens_read",
     "select_tiles_ref",
 ]
 
@@ -445,19 +445,17 @@ def select_and_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor
     else:
         out.index_copy_(0, rows, o.to(out.dtype))
     if stats is not None:
-        stats[0] += tiles_tokens(sel.tiles, seq_lens, tile_size)
+        stats[0] += tokens_read(sel.tiles, seq_lens, tile_size).sum().to(stats.device)
         stats[1:5] += sel.source_counts.to(stats.device)
     return sec
 
 
-def tiles_tokens(tiles: Tensor, seq_lens: Tensor, tile_size: int) -> Tensor:
-    """Tokens a sparse decode reads: each chosen tile's tokens below its row's seq_len, summed.
-
-    tiles ``[R, Hkv, S]`` (-1 padded), seq_lens ``[R]`` -> 0-dim int64 tensor.
-    """
-    t = tiles.long()  # [R, Hkv, S]
-    n = (seq_lens.view(-1, 1, 1).long() - t * tile_size).clamp(0, tile_size)
-    return torch.where(t >= 0, n, 0).sum()
+def tokens_read(tiles: Tensor, seq_lens: Tensor, tile_size: int) -> Tensor:
+    """Tokens a selection reads: tiles ``[Rs, Hkv, S]`` (-1 pad), seq_lens ``[Rs]`` ->
+    ``[Rs, Hkv]`` int64 (each chosen tile's tokens below seq_len: the last may be partial)."""
+    t = tiles.long()
+    lens = seq_lens.long().view(-1, 1, 1)
+    return ((lens - t * tile_size).clamp(0, tile_size) * (t >= 0)).sum(-1)
 
 
 def _finish(top: Tensor, keep: Tensor, n: Tensor, sink_tiles: int, window_tiles: int,

@@ -17,7 +17,7 @@ from prescore_backend.selection import (
     select_tiles,
     select_tiles_ref,
     select_tiles_static,
-    tiles_tokens,
+    tokens_read,
 )
 from prescore_backend.kernels import sparse_decode_ref
 
@@ -401,7 +401,7 @@ def test_select_and_decode_into_writes_rows_and_counters(impl, lsh, layout, dtyp
     assert out[untouched].isnan().all()
     tokens = sum(min(T, lens[r] - int(t) * T) for r in range(R) for h in range(hkv)
                  for t in sel.tiles[r, h, : int(sel.num_selected[r, h])])
-    assert int(tiles_tokens(sel.tiles, case.seq_lens, T)) == tokens
+    assert int(tokens_read(sel.tiles, case.seq_lens, T).sum()) == tokens
     assert stats[0] == 10 + tokens and torch.equal(stats[1:5], sel.source_counts)
     assert stats[1:5].sum() == sel.num_selected.sum() and stats[5:].tolist() == [-1, -2, -3]
     # rows=None: row r in, row r out; counters accumulate
@@ -412,8 +412,8 @@ def test_select_and_decode_into_writes_rows_and_counters(impl, lsh, layout, dtyp
 
 
 def test_select_and_decode_into_errors():
-    """Rows outside query or out, a stats tensor of the wrong dtype: clear errors, nothing
-    written out of bounds."""
+    """Rows outside query or out, a stats tensor of the wrong dtype, mismatched out heads,
+    block-table rows or score heads: clear errors, nothing written."""
     case = make_paged_case([40], 2, 2, 64, 32, seed=0)
     args = (case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
             torch.randn(1, 2, 3), torch.tensor([3]), torch.tensor([3]))
@@ -428,6 +428,13 @@ def test_select_and_decode_into_errors():
     with pytest.raises(RuntimeError, match="stats must be int64"):
         select_and_decode_into(case.query, *args, out, stats=torch.zeros(4, dtype=torch.int64),
                                **kw)
+    with pytest.raises(RuntimeError, match=r"query and out \[N, Hq, D\]"):  # 3 heads, not 4
+        select_and_decode_into(case.query, *args, torch.zeros(2, 3, 64), **kw)
+    with pytest.raises(RuntimeError, match="one block table row"):
+        select_and_decode_into(case.query.expand(2, -1, -1), *args, out,
+                               rows=torch.tensor([0, 1]), **kw)
+    with pytest.raises(RuntimeError, match=r"tile_scores must be \[R, Hkv, M\]"):
+        select_and_decode_into(case.query, *args[:4], torch.randn(1, 1, 3), *args[5:], out, **kw)
     assert not out.any()
 
 

@@ -9,9 +9,10 @@ Data path of one engine step (see docs/architecture.md):
   metadata, the decode tokens whose LSH bucket must be recorded, and the scoring jobs.
 * ``forward`` (once per layer) updates the side data of the keys just written, then serves the
   dense subset with vLLM's kernel and the sparse rows with
-  :func:`prescore_backend.selection.select_and_decode` (tile selection and sparse decode in one
-  C++ call; with a HyperAttention residual, :func:`~prescore_backend.decode.select_decode_tiles`
-  then :func:`prescore_backend.kernels.sparse_decode.sparse_decode`).
+  :func:`prescore_backend.selection.select_and_decode_into` (tile selection and sparse decode
+  in one C++ call that reads vLLM's query rows and writes its output rows in place; with a
+  HyperAttention residual, :func:`~prescore_backend.decode.select_decode_tiles` then
+  :func:`prescore_backend.kernels.sparse_decode.sparse_decode`).
 
 The vLLM-independent pieces (side data, scoring jobs, the query-aware pick, the selection
 call) live in :mod:`prescore_backend.decode`, which the quality evaluation calls as well.
@@ -80,7 +81,7 @@ from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import PrescoreStats, get_metrics
 from prescore_backend.requests import ROWS
-from prescore_backend.selection import select_and_decode_into, tiles_tokens
+from prescore_backend.selection import select_and_decode_into, tokens_read
 from prescore_backend.scoring import Scorer, get_scorer
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
@@ -188,7 +189,6 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = runtime().config
-        self.num_kv_heads = kv_cache_spec.num_kv_heads  # this worker's
         runtime().num_layers = len(layer_names)
         if self.isa == "vec16":
             raise ValueError(
@@ -469,7 +469,6 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         t0 = time.perf_counter()
         bt = plan.sparse_bt64  # [Rs, MB]
         lsh = _lsh(self.head_size) if cfg.uses_lsh else None
-        out3 = output.view(output.shape[0], -1, self.head_size)  # [N, Hq, D]
         if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
             if cfg.query_aware == "lsh" and self.fused:
                 # HyperAttention's match inside the fused call: the query hashed and the
@@ -487,7 +486,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             # source added to the step's counters: no tensor made per layer on the CPU path
             sel_s = select_and_decode_into(
                 query, key_cache, value_cache, plan.sparse_block_table, plan.sparse_seq_lens,
-                scores, plan.num_tiles, plan.budget, out3, rows=plan.sparse_tok,
+                scores, plan.num_tiles, plan.budget, output, rows=plan.sparse_tok,
                 stats=stats.decode_counts, tile_size=cfg.tile_size, scale=self.scale,
                 sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles, kv_layout=kv_layout,
                 **lsh_kw)
@@ -504,5 +503,5 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                                kv_layout=kv_layout)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
         stats.decode_counts.add_(torch.cat([
-            tiles_tokens(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).view(1),
+            tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
             sel.source_counts]))
