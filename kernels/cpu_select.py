@@ -315,6 +315,8 @@ static void hash_query_groups(const scalar_t* q, const float* proj, int64_t R, i
   }
 }
 
+constexpr int64_t kQuestTouch = 4;  // blocks ahead whose bound runs get their L2 streamer started
+
 template <typename scalar_t>
 static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax, int64_t s0,
                       int64_t s1, int64_t s2, const int64_t* bt, int64_t bt_stride,
@@ -345,8 +347,34 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
       // Block by block (no division per tile); a tile's bounds are loaded once for the G heads.
       const bool vec = D % 16 == 0 && D <= 256;
       const int64_t nd = D / 16;
+      // The blocks sit at random places, so the bounds are cold runs of tpb * s2 elements (per
+      // array) read one after the other: the next block's runs are prefetched whole, and
+      // kQuestTouch blocks ahead the first two lines of each (which starts the L2 streamer on
+      // them, as in the decode kernels). Without it the loop waited on memory for every block.
+      const int64_t run_bytes = tpb * s2 * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t b_end = (hi + tpb - 1) / tpb;
+      auto block_base = [&](int64_t lb) { return bt[r * bt_stride + lb] * s0 + h * s1; };
+      for (int64_t i = 1; i <= kQuestTouch && lo / tpb + i < b_end; ++i) {
+        const int64_t nb = block_base(lo / tpb + i);
+        for (const scalar_t* a : {kmin + nb, kmax + nb}) {
+          __builtin_prefetch(a, 0, 2);
+          __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
+        }
+      }
       for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
-        const int64_t base = bt[r * bt_stride + b] * s0 + h * s1;
+        const int64_t base = block_base(b);
+        if (b + 1 < b_end) {
+          const int64_t nb = block_base(b + 1);
+          prefetch_span(kmin + nb, run_bytes);
+          prefetch_span(kmax + nb, run_bytes);
+        }
+        if (b + kQuestTouch < b_end) {
+          const int64_t nb = block_base(b + kQuestTouch);
+          for (const scalar_t* a : {kmin + nb, kmax + nb}) {
+            __builtin_prefetch(a, 0, 2);
+            __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
+          }
+        }
         const int64_t t0 = std::max(lo, b * tpb), t1 = std::min(hi, (b + 1) * tpb);
         for (int64_t t = t0; t < t1; ++t) {
           if (cand && !cand[rh * M + t]) continue;
