@@ -268,7 +268,8 @@ template <> inline v16f load16<c10::BFloat16>(const c10::BFloat16* p) {
   return x;
 }
 
-static inline v16f vexp_nonpos(v16f x) {  // exp_nonpos on 16 lanes
+// exp_nonpos on 16 lanes; also exact for 0 < x < 88 (the lazily rescaled softmax passes x <= 8)
+static inline v16f vexp_nonpos(v16f x) {
   const v16f lo = v16f{} - 87.0f;
   x = x < lo ? lo : x;
   const v16f t = x * 1.4426950408889634f;
@@ -326,39 +327,50 @@ constexpr int kAheadChunks = 1;
 
 static inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
+// The running max of the online softmax moves only when a chunk's max exceeds it by more than
+// this (natural-log units): probabilities are then e^(s - m) <= e^8 ~ 3e3 in fp32, exact up to
+// rounding (the softmax does not depend on the reference), and most chunks skip the rescale of
+// the accumulators, the scalar exp and the wait for the chunk's max before the PV products (the
+// lazy rescaling of FlashAttention-4; a chunk's max feeds only a predictable branch).
+constexpr float kRescaleSlack = 8.0f;
+
 // One 16-token chunk of the online softmax for the GG heads of a group: scores s0 + s1 (n
-// valid slots, the rest masked to -inf) -> probabilities p[g][0..16), running max m, sum l, and
-// the accumulators acc [GG, D] rescaled to the new max.
+// valid slots, the rest masked to -inf) -> probabilities p[g][0..16) relative to the running
+// reference m (raised, with acc [GG, D] and the lane sums lv rescaled, only past the slack), and
+// lv[g] += p[g] lane-wise (reduced once per row in finish_row).
 template <int GG>
 static inline void softmax_chunk(const v16f (&s0)[GG], const v16f (&s1)[GG], int64_t n,
-                                 const v16f& iota, float* m, float* l, float* acc,
+                                 const v16f& iota, float* m, v16f* lv, float* acc,
                                  float (*p)[16], int64_t D) {
   const float NEG_INF = -std::numeric_limits<float>::infinity();
   for (int g = 0; g < GG; ++g) {
     v16f sc = s0[g] + s1[g];
     if (n < 16) sc = iota < static_cast<float>(n) ? sc : v16f{} + NEG_INF;  // unwritten slots
-    const float mnew = std::max(m[g], hmax(sc));
-    const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - mnew);
-    if (corr != 1.f) {
+    const float cm = hmax(sc);
+    if (__builtin_expect(cm > m[g] + kRescaleSlack, 0)) {  // also the first chunk (m = -inf)
+      const float corr = (m[g] == NEG_INF) ? 0.f : std::exp(m[g] - cm);
       float* ag = acc + g * D;
       for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+      lv[g] *= corr;
+      m[g] = cm;
     }
-    v16f pv = vexp_nonpos(sc - mnew);
+    v16f pv = vexp_nonpos(sc - m[g]);  // sc - m <= slack: the exp is valid there too
     if (n < 16) pv = iota < static_cast<float>(n) ? pv : v16f{};
     std::memcpy(p[g], &pv, 64);
-    l[g] = l[g] * corr + hsum(pv);
-    m[g] = mnew;
+    lv[g] += pv;
   }
 }
 
-// out [GG, D] = acc / l and lse [GG] of one (row, KV head); an empty selection gives 0, -inf.
+// out [GG, D] = acc / l and lse [GG] of one (row, KV head), l the sum of the lanes of lv; an
+// empty selection gives 0, -inf.
 template <int GG>
-static inline void finish_row(const float* m, const float* l, const float* acc, float* out,
+static inline void finish_row(const float* m, const v16f* lv, const float* acc, float* out,
                               float* lse, int64_t D) {
   for (int g = 0; g < GG; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    const float l = hsum(lv[g]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
-    lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : -std::numeric_limits<float>::infinity();
+    lse[g] = l > 0.f ? m[g] + std::log(l) : -std::numeric_limits<float>::infinity();
   }
 }
 
@@ -404,8 +416,9 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
       for (int64_t i = 0; i < GG * D; ++i) qv[i] = q[rh * GG * D + i] * scale;
       const float* qg = qv.data();  // query heads h*G .. h*G+G-1 of row r, scaled
       std::fill(acc.begin(), acc.end(), 0.f);
-      float m[GG], l[GG];
-      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
+      float m[GG];
+      v16f lv[GG];
+      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; lv[g] = v16f{}; }
       const int32_t* btr = bt + r * bt_stride;
       ChunkCursor cur{tiles + rh * S, S, T, seq_lens[r], B, btr}, ahead = cur, far = cur;
       const scalar_t* kbh = kb + h * ks1;
@@ -455,7 +468,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
             s1[g] += qg[g * D + d + 1] * k1;
           }
         }
-        softmax_chunk<GG>(s0, s1, n, iota, m, l, acc.data(), p, D);
+        softmax_chunk<GG>(s0, s1, n, iota, m, lv, acc.data(), p, D);
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
           v16f a[GG];
           for (int g = 0; g < GG; ++g) std::memcpy(&a[g], acc.data() + g * D + d0, 64);
@@ -468,7 +481,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
         }
         advance();
       }
-      finish_row<GG>(m, l, acc.data(), out + rh * GG * D, lse + rh * GG, D);
+      finish_row<GG>(m, lv, acc.data(), out + rh * GG * D, lse + rh * GG, D);
     }
   });
 }
@@ -503,8 +516,9 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
       for (int64_t i = 0; i < GG * D; ++i) qv[i] = q[rh * GG * D + i] * scale;
       const float* qg = qv.data();  // query heads h*G .. h*G+G-1 of row r, scaled
       std::fill(acc.begin(), acc.end(), 0.f);
-      float m[GG], l[GG];
-      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; l[g] = 0.f; }
+      float m[GG];
+      v16f lv[GG];
+      for (int g = 0; g < GG; ++g) { m[g] = NEG_INF; lv[g] = v16f{}; }
       const int32_t* btr = bt + r * bt_stride;
       ChunkCursor cur{tiles + rh * S, S, T, seq_lens[r], B, btr}, ahead = cur, far = cur;
       const c10::BFloat16* kbh = kb + h * ks1;
@@ -559,7 +573,7 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
             s1[g] += qg[g * D + d + 1] * k1;
           }
         }
-        softmax_chunk<GG>(s0, s1, n, iota, m, l, acc.data(), p, D);
+        softmax_chunk<GG>(s0, s1, n, iota, m, lv, acc.data(), p, D);
         const c10::BFloat16* vp = vbh + c.blk * vs0 + c.off * 16;  // token pair c.off / 2
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
           const c10::BFloat16* vc = vp + d0 * B;  // the 16-dim chunk d0/16: 8 lines
@@ -585,7 +599,7 @@ static void run_amx(const float* q, const c10::BFloat16* kb, const c10::BFloat16
         }
         advance();
       }
-      finish_row<GG>(m, l, acc.data(), out + rh * GG * D, lse + rh * GG, D);
+      finish_row<GG>(m, lv, acc.data(), out + rh * GG * D, lse + rh * GG, D);
     }
   });
 }
@@ -722,7 +736,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v11", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v12", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu", "select_decode_cpu",
                                   "select_decode_into_cpu"],

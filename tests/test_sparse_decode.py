@@ -121,6 +121,46 @@ def test_cpp_kernel_tiles_groups_dtypes(tile, group, dtype, layout):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          ("cpu_amx", torch.bfloat16)])
+def test_cpp_kernel_running_max_jumps(layout, dtype):
+    """The vector paths raise their softmax reference only when a chunk's max passes it by more
+    than 8 (lazy rescaling). Scores that climb chunk after chunk (many rescales), fall (later
+    probabilities far below the reference, some underflowing) or stay level must all give the dense oracle's output and LSE."""
+    n, D, G, scale = 300, 64, 3, 0.125
+    gen = torch.Generator().manual_seed(7)
+    ramp = torch.linspace(0, 1, n).view(1, n, 1)
+    norms = [1 + 6 * ramp, 7 - 6 * ramp, torch.ones(1, n, 1)]  # per-token key norm factors
+    keys = [torch.randn(HKV, n, D, generator=gen) * f for f in norms]
+    case = make_paged_case([n] * 3, HKV, G, D, 64, layout=layout, dtype=dtype, seed=3, keys=keys)
+    query = (case.query.float() * 6).to(dtype)  # score std ~6 x the key norm factor
+    out, lse = sparse_decode(query, case.key_cache, case.value_cache, case.block_tables,
+                             case.seq_lens, all_tiles(case.seq_lens, HKV, T), T, scale,
+                             impl="cpp", kv_layout=case.kv_layout)
+    refs = [dense_attention(query[r], case.keys[r], case.values[r], scale) for r in range(3)]
+    torch.testing.assert_close(out.double(), torch.stack([o for o, _ in refs]), **TOL[dtype])
+    torch.testing.assert_close(lse.double(), torch.stack([x for _, x in refs]), atol=1e-4,
+                               rtol=1e-5)
+    # The cases are what they claim: many rescales past the first chunk where scores climb,
+    # few where they fall, and probabilities below e^-87 (clamped to 0) there.
+    rescales = []
+    for r in range(3):
+        k = case.keys[r].double().repeat_interleave(G, 0)  # [Hq, n, D]
+        s = scale * torch.einsum("hd,hnd->hn", query[r].double(), k)  # [Hq, n]
+        cmax = s.view(s.shape[0], -1, 16).amax(-1) if n % 16 == 0 else torch.stack(
+            [c.amax(-1) for c in s.split(16, -1)], -1)  # [Hq, chunks]
+        count = 0
+        for row in cmax:
+            m = row[0]
+            for c in row[1:]:
+                if c > m + 8:
+                    count, m = count + 1, c
+        rescales.append(count)
+        if r == 1:
+            assert (s - s.amax(-1, keepdim=True)).min() < -87
+    assert rescales[0] >= 10 and rescales[0] > 3 * rescales[1], rescales
+
+
 def test_amx_pack_roundtrip_and_layout_formula():
     """amx_pack/unpack invert each other and place token t, dim d where vLLM's "amx" write does
     (K: (t//16)*16*D + (d//2)*32 + (t%16)*2 + d%2; V: (d//16)*16*B + (t//2)*32 + (d%16)*2 + t%2)."""
