@@ -315,6 +315,64 @@ static void hash_query_groups(const scalar_t* q, const float* proj, int64_t R, i
   }
 }
 
+// x[0..16) -> one vector whose lane i is the sum of x[i]'s 16 lanes: four levels of pairwise
+// combines (15 adds of two two-source permutes) instead of 16 horizontal reductions, each a
+// chain of ~4 shuffle-add steps (the Quest ranking: 16k, b1, bounds in cache, 80 -> 74 us).
+static inline v16f sum_lanes16(const v16f* x) {
+#ifdef __AVX512F__
+  auto comb = [](v16f a, v16f b, const __m512i& i1, const __m512i& i2) {
+    __m512 x1, x2;
+    std::memcpy(&x1, &a, 64);
+    std::memcpy(&x2, &b, 64);
+    const __m512 r = _mm512_add_ps(_mm512_permutex2var_ps(x1, i1, x2),
+                                   _mm512_permutex2var_ps(x1, i2, x2));
+    v16f o;
+    std::memcpy(&o, &r, 64);
+    return o;
+  };
+  // lane indices: 0..15 from the first operand, 16..31 from the second
+  const __m512i a1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i a2 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i b1 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i b2 = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i c1 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  const __m512i c2 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const __m512i d1 = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i d2 = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  v16f a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) a[i] = comb(x[i], x[i + 8], a1, a2);  // 8-lane halves: x_i, x_i+8
+  for (int i = 0; i < 4; ++i) b[i] = comb(a[i], a[i + 4], b1, b2);  // quarters: i, i+4, i+8, i+12
+  for (int i = 0; i < 2; ++i) c[i] = comb(b[i], b[i + 2], c1, c2);  // pairs: i, i+2, .., i+14
+  return comb(c[0], c[1], d1, d2);                                   // lanes: 0, 1, .., 15
+#else
+  v16f o;
+  for (int i = 0; i < 16; ++i) o[i] = hsum(x[i]);
+  return o;
+#endif
+}
+
+// Calls f(std::integral_constant<int, n>{}) for 1 <= n <= 16 (D / 16 of head dims 16..256).
+template <typename F> static inline void with_dim16(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    case 10: f(std::integral_constant<int, 10>{}); break;
+    case 11: f(std::integral_constant<int, 11>{}); break;
+    case 12: f(std::integral_constant<int, 12>{}); break;
+    case 13: f(std::integral_constant<int, 13>{}); break;
+    case 14: f(std::integral_constant<int, 14>{}); break;
+    case 15: f(std::integral_constant<int, 15>{}); break;
+    default: f(std::integral_constant<int, 16>{}); break;
+  }
+}
+
 constexpr int64_t kQuestTouch = 4;  // blocks ahead whose bound runs get their L2 streamer started
 
 template <typename scalar_t>
@@ -328,6 +386,12 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     std::vector<float> qp(G * D), qn(G * D);
     std::vector<v16f> qpv(D % 16 == 0 ? G * D / 16 : 0), qnv(qpv.size());  // the same, as vectors
+    // Vector path: tiles ranked 16 at a time. Slot j holds tile ts[j]'s G per-lane partial
+    // sums (part[g * 16 + j]); a full batch (or the last) is reduced by sum_lanes16 per head,
+    // max over the group lane-wise.
+    std::vector<v16f> part(qpv.empty() ? 0 : 16 * G, v16f{});
+    int64_t ts[16];
+    int slots = 0;
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
@@ -344,6 +408,16 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
         std::memcpy(qnv.data(), qn.data(), G * D * sizeof(float));
       }
       int64_t k = 0;
+      auto flush = [&] {  // rank the batch's tiles
+        v16f best = sum_lanes16(part.data());
+        for (int64_t g = 1; g < G; ++g) {
+          const v16f sg = sum_lanes16(part.data() + g * 16);
+          best = best > sg ? best : sg;
+        }
+        for (int j = 0; j < slots; ++j)
+          if (std::isfinite(best[j])) { u[ts[j]] = order_bits(best[j]); ++k; }
+        slots = 0;
+      };
       // Block by block (no division per tile); a tile's bounds are loaded once for the G heads.
       const bool vec = D % 16 == 0 && D <= 256;
       const int64_t nd = D / 16;
@@ -361,54 +435,64 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
           __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
         }
       }
-      for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
-        const int64_t base = block_base(b);
-        if (b + 1 < b_end) {
-          const int64_t nb = block_base(b + 1);
-          prefetch_span(kmin + nb, run_bytes);
-          prefetch_span(kmax + nb, run_bytes);
-        }
-        if (b + kQuestTouch < b_end) {
-          const int64_t nb = block_base(b + kQuestTouch);
-          for (const scalar_t* a : {kmin + nb, kmax + nb}) {
-            __builtin_prefetch(a, 0, 2);
-            __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
+      // D / 16 fixed at compile time (one dispatch per (row, KV head)): the bounds stay in
+      // registers (with a runtime count they went through the stack). With the batched
+      // reduction: 7-10% less time with the bounds in cache, 3-4% cold (16k, b1 and b8)
+      with_dim16(vec ? nd : 1, [&](auto ndc) {
+        constexpr int ND = decltype(ndc)::value;
+        for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
+          const int64_t base = block_base(b);
+          if (b + 1 < b_end) {
+            const int64_t nb = block_base(b + 1);
+            prefetch_span(kmin + nb, run_bytes);
+            prefetch_span(kmax + nb, run_bytes);
           }
-        }
-        const int64_t t0 = std::max(lo, b * tpb), t1 = std::min(hi, (b + 1) * tpb);
-        for (int64_t t = t0; t < t1; ++t) {
-          if (cand && !cand[rh * M + t]) continue;
-          const scalar_t* mn = kmin + base + (t - b * tpb) * s2;
-          const scalar_t* mx = kmax + base + (t - b * tpb) * s2;
-          float best = -std::numeric_limits<float>::infinity();
-          if (vec) {  // 16 lanes at a time (a float sum does not auto-vectorize)
-            v16f vmx[16], vmn[16];
-            for (int64_t d = 0; d < nd; ++d) {
-              vmx[d] = load16(mx + 16 * d);
-              vmn[d] = load16(mn + 16 * d);
+          if (b + kQuestTouch < b_end) {
+            const int64_t nb = block_base(b + kQuestTouch);
+            for (const scalar_t* a : {kmin + nb, kmax + nb}) {
+              __builtin_prefetch(a, 0, 2);
+              __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
             }
-            for (int64_t g = 0; g < G; ++g) {
-              const v16f* a = qpv.data() + g * nd;
-              const v16f* bq = qnv.data() + g * nd;
-              v16f acc0 = a[0] * vmx[0] + bq[0] * vmn[0], acc1 = v16f{};
-              for (int64_t d = 1; d < nd; d += 2) {  // two chains: FMA latency
-                acc1 += a[d] * vmx[d] + bq[d] * vmn[d];
-                if (d + 1 < nd) acc0 += a[d + 1] * vmx[d + 1] + bq[d + 1] * vmn[d + 1];
+          }
+          const int64_t t0 = std::max(lo, b * tpb), t1 = std::min(hi, (b + 1) * tpb);
+          for (int64_t t = t0; t < t1; ++t) {
+            if (cand && !cand[rh * M + t]) continue;
+            const scalar_t* mn = kmin + base + (t - b * tpb) * s2;
+            const scalar_t* mx = kmax + base + (t - b * tpb) * s2;
+            float best = -std::numeric_limits<float>::infinity();
+            if (vec) {  // 16 lanes at a time (a float sum does not auto-vectorize)
+              v16f vmx[ND], vmn[ND];
+              for (int d = 0; d < ND; ++d) {
+                vmx[d] = load16(mx + 16 * d);
+                vmn[d] = load16(mn + 16 * d);
               }
-              best = std::max(best, hsum(acc0 + acc1));
+              for (int64_t g = 0; g < G; ++g) {
+                const v16f* a = qpv.data() + g * ND;
+                const v16f* bq = qnv.data() + g * ND;
+                v16f acc0 = a[0] * vmx[0] + bq[0] * vmn[0], acc1 = v16f{};
+                for (int d = 1; d < ND; d += 2) {  // two chains: FMA latency
+                  acc1 += a[d] * vmx[d] + bq[d] * vmn[d];
+                  if (d + 1 < ND) acc0 += a[d + 1] * vmx[d + 1] + bq[d + 1] * vmn[d + 1];
+                }
+                part[g * 16 + slots] = acc0 + acc1;  // reduced with 15 other tiles in flush
+              }
+              ts[slots] = t;
+              if (++slots == 16) flush();
+              continue;
+            } else {
+              for (int64_t g = 0; g < G; ++g) {
+                const float* a = qp.data() + g * D;
+                const float* bq = qn.data() + g * D;
+                float acc = 0.f;
+                for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
+                best = std::max(best, acc);
+              }
             }
-          } else {
-            for (int64_t g = 0; g < G; ++g) {
-              const float* a = qp.data() + g * D;
-              const float* bq = qn.data() + g * D;
-              float acc = 0.f;
-              for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
-              best = std::max(best, acc);
-            }
+            if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
           }
-          if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
         }
-      }
+      });
+      if (slots) flush();
       const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
       static_assert(sizeof(bool) == 1, "pick is written as bytes");
       mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
