@@ -351,27 +351,6 @@ static inline v16f sum_lanes16(const v16f* x) {
 #endif
 }
 
-// Calls f(std::integral_constant<int, n>{}) for 1 <= n <= 16 (D / 16 of head dims 16..256).
-template <typename F> static inline void with_dim16(int64_t n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 9: f(std::integral_constant<int, 9>{}); break;
-    case 10: f(std::integral_constant<int, 10>{}); break;
-    case 11: f(std::integral_constant<int, 11>{}); break;
-    case 12: f(std::integral_constant<int, 12>{}); break;
-    case 13: f(std::integral_constant<int, 13>{}); break;
-    case 14: f(std::integral_constant<int, 14>{}); break;
-    case 15: f(std::integral_constant<int, 15>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
-  }
-}
 
 constexpr int64_t kQuestTouch = 4;  // blocks ahead whose bound runs get their L2 streamer started
 
@@ -438,7 +417,7 @@ static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax
       // D / 16 fixed at compile time (one dispatch per (row, KV head)): the bounds stay in
       // registers (with a runtime count they went through the stack). With the batched
       // reduction: 7-10% less time with the bounds in cache, 3-4% cold (16k, b1 and b8)
-      with_dim16(vec ? nd : 1, [&](auto ndc) {
+      with_const<16>(vec ? nd : 1, [&](auto ndc) {
         constexpr int ND = decltype(ndc)::value;
         for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
           const int64_t base = block_base(b);

@@ -374,19 +374,17 @@ static inline void finish_row(const float* m, const v16f* lv, const float* acc, 
   }
 }
 
-// Calls f(std::integral_constant<int, G>{}) for a group size 1 <= G <= 8.
-template <typename F> static inline void with_group(int64_t G, F&& f) {
-  switch (G) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+// Calls f(std::integral_constant<int, m>{}) with m = min(max(n, 1), N): a runtime count made a
+// compile-time one for the vector loops (group sizes, head dim / 16).
+template <int N, typename F> static inline void with_const(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_const<N - 1>(n, f);
   }
+  f(std::integral_constant<int, N>{});
 }
+
+// f(std::integral_constant<int, G>{}) for a group size 1 <= G <= 8.
+template <typename F> static inline void with_group(int64_t G, F&& f) { with_const<8>(G, f); }
 
 // Chunks this far ahead of the one computed get the first two lines of each of their
 // contiguous runs prefetched into L2 (hint T1): two accesses at the start of a run start the L2
@@ -736,7 +734,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v14", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v15", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "record_bounds_cpu", "select_decode_cpu",
                                   "select_decode_into_cpu"],
