@@ -317,7 +317,7 @@ static void hash_query_groups(const scalar_t* q, const float* proj, int64_t R, i
 
 // x[0..16) -> one vector whose lane i is the sum of x[i]'s 16 lanes: four levels of pairwise
 // combines (15 adds of two two-source permutes) instead of 16 horizontal reductions, each a
-// chain of ~4 shuffle-add steps (the Quest ranking: 16k, b1, bounds in cache, 80 -> 74 us).
+// chain of ~4 shuffle-add steps: what the Quest ranking spends per tile beyond its FMAs.
 static inline v16f sum_lanes16(const v16f* x) {
 #ifdef __AVX512F__
   auto comb = [](v16f a, v16f b, const __m512i& i1, const __m512i& i2) {
@@ -350,7 +350,6 @@ static inline v16f sum_lanes16(const v16f* x) {
   return o;
 #endif
 }
-
 
 constexpr int64_t kQuestTouch = 4;  // blocks ahead whose bound runs get their L2 streamer started
 
