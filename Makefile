@@ -90,13 +90,13 @@ results-kernels: setup
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --report docs/results
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
-		--keeps 4,8,16 --k-layout amx --dtype bfloat16 --report docs/results \
+		--keeps 4,8,16 --k-layout amx --dtype bfloat16 --floor-column --report docs/results \
 		--report-name kernels_amx
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --tile 32 --report docs/results --report-name kernels_tile32
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
-		--keeps 4,8,16 --tile 32 --k-layout amx --dtype bfloat16 --report docs/results \
-		--report-name kernels_amx_tile32
+		--keeps 4,8,16 --tile 32 --k-layout amx --dtype bfloat16 --floor-column \
+		--report docs/results --report-name kernels_amx_tile32
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,7 +20,10 @@ bfloat16``) is timed with:
   * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
               min/max (read through the block table), up to half the budget, then pre-scores;
   * kernel:   (``--kernel-column``) the sparse kernel alone on the same selection made ahead:
-              sparse minus kernel is what the selection costs inside the fused call.
+              sparse minus kernel is what the selection costs inside the fused call;
+  * floor:    (``--floor-column``, bf16 "amx") ``read_floor.py`` reading the selection's K and V
+              lines with the kernel's prefetches and no arithmetic, and ``readall`` every line
+              vLLM's op reads: vllm / floor bounds what any kernel reading those tiles reaches.
 Cache layouts (``--k-layout``): ``vllm`` is CPU_ATTN's "vec" ISA (K^T per block), ``amx`` its
 "amx" ISA (bf16 on AMX CPUs: VNNI-packed K and V, what vLLM picks for bf16 there; vLLM's op
 then runs its AMX kernel), ``rowmajor`` a what-if with K row-major.
@@ -82,6 +85,8 @@ from prescore_backend.selection import (  # noqa: E402
     select_and_decode_into,
     select_tiles,
 )
+
+import read_floor  # noqa: E402  (bench/, the script's directory, is on sys.path)
 
 
 def _vllm_ops():
@@ -150,8 +155,9 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # Every timed call reads the next layer (see _timeit_interleaved). Enough layers that a
     # layer comes back only after --working-set-mb of other reads, and after at least one full
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
-    n_fns = 1 + len(keeps) * (2 + (args.impl != "torch") + args.lsh + args.quest
-                              + args.kernel_column + args.returning_column)
+    n_fns = 1 + args.floor_column + len(keeps) * (
+        2 + (args.impl != "torch") + args.lsh + args.quest + args.kernel_column
+        + args.returning_column + args.floor_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
     layers = max(1, min(layers, args.max_layers, int(args.max_gb * 2 ** 30 // layer_bytes)))
     base = torch.randn(blocks, Hkv, B, 2 * D, generator=gen).to(dtype)  # vLLM CPU
@@ -189,6 +195,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
     fns: dict[str, object] = {}
     extra: dict[str, float] = {}
+    floor = args.floor_column and amx and dtype == torch.bfloat16 and read_floor.available()
     # vLLM's exact CPU attention.
     if ops is not None:
         qsl = torch.arange(batch + 1, dtype=torch.int32)
@@ -298,21 +305,36 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                               kv_layout=kvl)
 
             fns[f"kernel_ms/{keep}"] = kernel_fn
+        if floor:  # the bytes alone: the same selection's lines read, no arithmetic
+            budget = torch.full((batch,), max(1, M // keep))
+            pre_f = [select_tiles(tile_scores[li], num_tiles, budget, sink_tiles=1,
+                                  window_tiles=2).tiles.contiguous() for li in range(layers)]
+
+            def floor_fn(i: int, pre=pre_f) -> None:
+                li = i % layers
+                read_floor.read_selected_amx(*views[li], perm, seq_lens, pre[li], T)
+
+            fns[f"floor_ms/{keep}"] = floor_fn
+    if floor:
+        fns["readall_ms"] = lambda i: read_floor.read_all_amx(*views[i % layers], perm, seq_lens)
     med = _timeit_interleaved(fns, iters)
 
     results = []
     for keep in keeps:
         r = dict(ctx=ctx, batch=batch, keep=f"1/{keep}", layers=layers, iters=iters, **extra)
-        if "vllm_ms" in med:
-            r["vllm_ms"] = med["vllm_ms"]
+        for k in ("vllm_ms", "readall_ms"):
+            if k in med:
+                r[k] = med[k]
         for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
-                  "sparse_quest_ms", "kernel_ms"):
+                  "sparse_quest_ms", "kernel_ms", "floor_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
             r["speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_ms"]
             if "sparse_quest_ms" in r:
                 r["quest_speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_quest_ms"]
+            if "floor_ms" in r:  # the most any kernel reading these bytes could reach now
+                r["floor_speedup_vs_vllm"] = r["vllm_ms"] / r["floor_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -324,7 +346,9 @@ _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{
          ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
          ("sparse_ms", "{:>9.3f}"), ("sparse_ret_ms", "{:>13.3f}"), ("kernel_ms", "{:>9.3f}"),
          ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
+         ("floor_ms", "{:>8.3f}"), ("readall_ms", "{:>10.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
+         ("floor_speedup_vs_vllm", "{:>21.2f}"),
          ("speedup_vs_dense", "{:>16.2f}")]
 
 
@@ -357,16 +381,21 @@ def write_report(data: dict, out_dir: Path, command: str, name: str = "kernels")
         "*sparse + Quest*: the backend's default (Quest bound over per-tile key min/max up to "
         "half the budget, then `select_and_decode_into`); *select*: the pre-score "
         "selection alone (`select_tiles`); *torch path*: sparse with the torch selection and "
-        "the vectorized torch kernel.", "",
+        "the vectorized torch kernel; *floor* (`--floor-column`, bf16 \"amx\" only): "
+        "`bench/read_floor.py` reading the same selection's K and V lines with the kernel's "
+        "prefetches and no arithmetic, so *vLLM / floor* bounds what any kernel reading those "
+        "bytes could reach in that run.", "",
         "| ctx | batch | keep | vLLM op ms | sparse ms | sparse + Quest ms | select ms | torch path ms "
-        "| speedup vs vLLM | speedup vs vLLM (+ Quest) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "| floor ms | speedup vs vLLM | speedup vs vLLM (+ Quest) | vLLM / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+    x = lambda r, k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
     for r in data["results"]:
         lines.append(f"| {r['ctx']} | {r['batch']} | {r['keep']} | {f(r, 'vllm_ms', '.3f')} | "
                      f"{f(r, 'sparse_ms', '.3f')} | {f(r, 'sparse_quest_ms', '.3f')} | "
                      f"{f(r, 'select_ms', '.3f')} | {f(r, 'sparse_torch_ms', '.3f')} | "
-                     f"{f(r, 'speedup_vs_vllm', '.2f')}x | {f(r, 'quest_speedup_vs_vllm', '.2f')}x |")
+                     f"{f(r, 'floor_ms', '.3f')} | {x(r, 'speedup_vs_vllm')} | "
+                     f"{x(r, 'quest_speedup_vs_vllm')} | {x(r, 'floor_speedup_vs_vllm')} |")
     md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
@@ -398,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lsh", dest="lsh", action="store_false")
     p.add_argument("--kernel-column", action="store_true",
                    help="also time the sparse kernel alone on a selection made ahead (kernel_ms)")
+    p.add_argument("--floor-column", action="store_true",
+                   help="bf16 'amx' layout: also time read_floor.py's pure reads of the selected "
+                        "tiles (floor_ms) and of the whole cache (readall_ms)")
     p.add_argument("--returning-column", action="store_true",
                    help="also time select_and_decode, which returns tensors (sparse_ret_ms)")
     p.add_argument("--no-quest", dest="quest", action="store_false",

@@ -44,7 +44,8 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--contexts", "1024",
          "--batches", "2", "--keeps", "4", "--iters", "3", "--working-set-mb", "8",
          "--k-layout", "amx", "--dtype", "bfloat16", "--out", str(out), "--report",
-         str(tmp_path / "rep"), "--report-name", "kernels_amx"], capture_output=True,
+         str(tmp_path / "rep"), "--report-name", "kernels_amx", "--floor-column"],
+        capture_output=True,
         text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -55,6 +56,8 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
         assert r[k] > 0, k
     if torch.cpu._is_amx_tile_supported():
         assert r["vllm_ms"] > 0 and r["max_abs_diff_vs_vllm"] < 4e-3  # outputs are bf16
+        assert r["floor_ms"] > 0 and r["readall_ms"] > 0  # AMX CPUs have AVX-512
+        assert r["floor_speedup_vs_vllm"] == r["vllm_ms"] / r["floor_ms"]
     assert "bfloat16" in (tmp_path / "rep" / "kernels_amx.md").read_text()
     bad = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--k-layout", "amx"],
@@ -103,3 +106,54 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
             assert r[k] > 0, k
         assert r["max_abs_diff_dense_vs_sdpa"] < 2e-2  # bf16: our dense kernel == SDPA
         assert r["select_matches_ref"] is True
+
+
+def test_read_floor_reads_the_selected_lines() -> None:
+    """bench/read_floor.py, the evidence behind the floor column: its checksum (int32 lanes
+    added with wrap-around) equals the sum over exactly the lines the sparse kernel reads for
+    the selection (each selected tile's 16-token chunks below seq_len: K one run, V D/16 runs
+    in vLLM's "amx" packing), with ragged lengths, a partial last chunk, -1 padding and a
+    shuffled block table; ``read_all_amx`` equals the sum over the rows' whole blocks."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import read_floor
+
+    if not read_floor.available():
+        import pytest
+        pytest.skip("needs a C++ compiler and AVX-512")  # the bench then omits the columns
+    from prescore_backend.kernels.layouts import vllm_cpu_amx_kv_views
+
+    g = torch.Generator().manual_seed(3)
+    NB, H, B, D, T = 13, 2, 32, 64, 16
+    cache = torch.randint(-2 ** 15, 2 ** 15, (NB, H, B, 2 * D), generator=g,
+                          dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    kc, vc = vllm_cpu_amx_kv_views(cache)
+    bt = torch.randperm(NB, generator=g)[:12].view(2, 6).to(torch.int32)  # [R, nblk]
+    seq_lens = torch.tensor([150, 57], dtype=torch.int32)  # ragged, partial chunks
+    tiles = torch.tensor([[[0, 3, 9, -1], [2, 5, 7, 4]],
+                          [[3, -1, -1, -1], [0, 1, 2, 3]]], dtype=torch.int32)  # [R, H, S]
+
+    def wrap(total: int) -> float:
+        return float((total + 2 ** 31) % 2 ** 32 - 2 ** 31)
+
+    def lines(region, blk: int, h: int, lo: int, n: int) -> int:
+        return int(region[blk, h].reshape(-1)[lo:lo + n].view(torch.int32).long().sum())
+
+    want = 0
+    for r in range(2):
+        for h in range(H):
+            for t in tiles[r, h].tolist():
+                for tok in range(t * T, t * T + T, 16) if t >= 0 else []:
+                    if tok >= int(seq_lens[r]):
+                        continue
+                    blk, off = int(bt[r, tok // B]), tok % B
+                    want += lines(kc, blk, h, off * D, 16 * D)
+                    want += sum(lines(vc, blk, h, d0 * B + off * 16, 256) for d0 in range(0, D, 16))
+    assert read_floor.read_selected_amx(kc, vc, bt, seq_lens, tiles, T) == wrap(want)
+    everything = sum(lines(c, int(bt[r, j]), h, 0, B * D) for c in (kc, vc) for r in range(2)
+                     for j in range(-(-int(seq_lens[r]) // B)) for h in range(H))
+    assert read_floor.read_all_amx(kc, vc, bt, seq_lens) == wrap(everything)
+    bogus = tiles.clone()
+    bogus[0, 0, 0] = 1  # another tile: a different sum (catches reading the wrong lines)
+    assert read_floor.read_selected_amx(kc, vc, bt, seq_lens, bogus, T) != wrap(want)
