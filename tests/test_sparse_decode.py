@@ -93,7 +93,8 @@ def test_cpu_paths_match_ref_on_random_selections(impl, layout, group, head_dim,
 
 @pytest.mark.parametrize("tile,group,dtype", [
     (32, 2, torch.float32), (32, 4, torch.bfloat16), (16, 8, torch.float32),
-    (16, 5, torch.float16), (16, 9, torch.float32),  # G > 8: the generic C++ loop
+    (16, 5, torch.float16), (16, 6, torch.bfloat16),  # G > 4: one q.k line per step
+    (16, 9, torch.float32),  # G > 8: the generic C++ loop
     (8, 3, torch.bfloat16),  # T not a multiple of 16: the generic C++ loop
 ])
 @pytest.mark.parametrize("layout", ["cpu", "cpu_amx"])
