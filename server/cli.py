@@ -7,7 +7,9 @@ prepare``); a short embedded name or any path / model id vLLM accepts works. Eve
 ``vllm serve`` flag is passed through unchanged. Defaults added only when the flag is absent:
 ``--attention-backend prescore``, ``--host 127.0.0.1``, ``--enforce-eager`` and ``--kv-cache-memory-bytes 2GiB`` on
 CPU (torch.compile warm-up costs minutes on a small CPU machine; vLLM's CPU default reserves 92%
-of the memory node), ``--served-model-name`` = the short name. Always added: ``--middleware
+of the memory node), ``--dtype float32`` on CPUs without native bf16 (see
+:func:`cpu_default_dtype`; the choice and its reason are logged at start),
+``--served-model-name`` = the short name. Always added: ``--middleware
 prescore_backend.server.middleware.RequestGuard`` (API key on every route but the probes,
 bounded request bodies: ``--max-request-body-bytes``). With more than one rank on CPU
 (``--tensor-parallel-size``/``--pipeline-parallel-size``) and fewer NUMA nodes than ranks,
@@ -63,11 +65,29 @@ def build_argv(argv: list[str]) -> list[str]:
         # vLLM's CPU default reserves 92% of the NUMA node's memory and refuses to start when
         # anything else runs; a fixed KV budget is the predictable choice for a CPU host.
         defaults += ["--kv-cache-memory-bytes", str(_CPU_KV_CACHE_BYTES)]
+    if _is_cpu() and not _has_flag(rest, "--dtype"):
+        dtype, _ = cpu_default_dtype()
+        if dtype is not None:
+            defaults += ["--dtype", dtype]
     if _is_cpu() and not any(_has_flag(rest, f) for f in ("--enforce-eager", "--no-enforce-eager",
                                                            "--compilation-config", "-cc", "-O")):
         defaults += ["--enforce-eager"]
     defaults += ["--middleware", GUARD]
     return [*resolved, *defaults, *rest]
+
+
+def cpu_default_dtype() -> tuple[str | None, str]:
+    """``--dtype`` to add on this CPU when the user gave none, and why (for the log).
+
+    vLLM's CPU platform serves bf16 by default on every x86 CPU, but only CPUs with native
+    bf16 (``avx512_bf16`` or AMX) run its bf16 matmuls in oneDNN; elsewhere (AVX2-only hosts)
+    bf16 linear layers take a slow torch fallback, several times slower than fp32, so fp32 is
+    the default there. None = leave vLLM's choice."""
+    from prescore_backend.kernels import host
+
+    if host.has_native_bf16():
+        return None, f"{host.cpu_model()} has native bf16 ({host.isa()})"
+    return "float32", f"{host.cpu_model()} has no native bf16 (no avx512_bf16 / AMX)"
 
 
 def _flag_value(argv: list[str], flag: str, default: str) -> str:
@@ -198,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         except ModelPrepError as e:
             print(f"prescore-serve: error: {e}", file=sys.stderr)
             sys.exit(2)
+    if _is_cpu() and argv[:1] not in (["-h"], ["--help"]) and not _has_flag(argv, "--dtype"):
+        dtype, why = cpu_default_dtype()
+        print(f"prescore-serve: dtype {dtype or 'auto (vLLM: bf16 for fp32 and bf16 models)'}: "
+              f"{why}; pass --dtype to choose", file=sys.stderr)
     _setup_prometheus_dir()
     _allow_endpoint_plugin()
     _set_cpu_thread_binding(serve_argv)

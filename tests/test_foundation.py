@@ -71,6 +71,38 @@ def test_build_argv_defaults(monkeypatch, tmp_path):
     assert cli.build_argv(["/some/model", "--port", "9"])[0] == "/some/model"
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_build_argv_dtype_fits_the_host(monkeypatch, native_bf16):
+    """fp32 by default on CPUs without native bf16 (AVX2-only EPYCs: vLLM's bf16 linear layers
+    fall back to slow torch code there); vLLM's own default (bf16) where the CPU has it; a
+    --dtype the user passes always wins."""
+    from prescore_backend.kernels import host
+
+    monkeypatch.setattr(cli, "_is_cpu", lambda: True)
+    monkeypatch.setattr(host, "has_native_bf16", lambda: native_bf16)
+    argv = cli.build_argv(["/some/model"])
+    if native_bf16:
+        assert "--dtype" not in argv
+    else:
+        assert argv[argv.index("--dtype") + 1] == "float32"
+    dtype, why = cli.cpu_default_dtype()
+    assert (dtype is None) == native_bf16 and ("no native bf16" in why) != native_bf16
+    user = cli.build_argv(["/some/model", "--dtype=bfloat16"])
+    assert [a for a in user if a.startswith("--dtype")] == ["--dtype=bfloat16"]
+
+
+def test_host_description_names_the_cpu_and_isa():
+    from prescore_backend.kernels import host
+
+    line = host.describe()
+    assert host.cpu_model() in line and host.isa() in line
+    assert host.isa() in ("AMX", "AVX-512", "AVX2") or not host.cpu_flags() & {"avx2"}
+    if "avx512f" not in host.cpu_flags() and "avx2" in host.cpu_flags():
+        assert host.isa() == "AVX2" and not host.has_amx()
+    if "amx_bf16" in host.cpu_flags():
+        assert host.isa() == "AMX" and host.has_native_bf16()
+
+
 def test_build_argv_unprepared_model_names_the_command(monkeypatch, tmp_path):
     monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
     with pytest.raises(models.ModelPrepError, match="prescore-models prepare smollm2-135m"):

