@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="auto",
+                   help="auto = bfloat16 where the CPU has native bf16, else float32")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok("\n\n".join(topics[k] for k in sorted(topics)))["input_ids"]
     step = max(1, (len(ids) - a.context) // max(a.batch, 1))
     prompts = [TokensPrompt(prompt_token_ids=ids[i * step:i * step + a.context]) for i in range(a.batch)]
-    llm = LLM(model, attention_backend=a.backend, enforce_eager=True, dtype="bfloat16",
+    from prescore_backend.kernels import host
+
+    dtype = a.dtype if a.dtype != "auto" else (
+        "bfloat16" if host.has_native_bf16() else "float32")  # fp32 where bf16 is emulated
+    llm = LLM(model, attention_backend=a.backend, enforce_eager=True, dtype=dtype,
               max_model_len=a.context + a.decode_tokens + 64, kv_cache_memory_bytes=2 << 30,
               max_num_seqs=a.batch, enable_prefix_caching=False,
               max_num_batched_tokens=a.context * a.batch + 64)

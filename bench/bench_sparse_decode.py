@@ -40,7 +40,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -471,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             ops = None
         else:
             torch.cpu._init_amx()  # the process must ask the kernel for AMX state first
+    from prescore_backend.kernels import host
+
     header = " ".join(f"{k:>{int(f.split('>')[1].split('.')[0].rstrip('}'))}}" for k, f in _COLS)
+    print(f"# host: {host.describe()}")
     print(f"# threads={args.threads} Hkv={args.kv_heads} G={args.group} D={args.head_dim} "
           f"B={args.block_size} T={args.tile} K-layout={args.k_layout} {args.dtype}; median {'wall' if _WALL else 'thread CPU'} ms "
           "per layer-step")
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 k_layout=args.k_layout,
                 dtype=args.dtype, clock="wall" if _WALL else "thread_cpu", threads=args.threads, kv_heads=args.kv_heads, group=args.group, head_dim=args.head_dim,
                 block_size=args.block_size, tile=args.tile, torch=torch.__version__,
-                machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
+                machine=host.describe(), cpus=os.cpu_count())
     data = dict(meta=meta, results=results)
     out.write_text(json.dumps(data, indent=1))
     print(f"# wrote {out}")

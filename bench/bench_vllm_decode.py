@@ -20,7 +20,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="2048,4096,8000")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype; auto = bfloat16 where the CPU has native bf16 "
+                        "(avx512_bf16 / AMX), else float32 (prescore-serve's default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backends", default="CPU_ATTN,PRESCORE")
     p.add_argument("--kv-gib", type=float, default=4.0)
@@ -115,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=None, help="directory for speed.{json,md,png}")
     a = p.parse_args(argv)
     contexts = [int(x) for x in a.contexts.split(",")]
+    if a.dtype == "auto":
+        from prescore_backend.kernels import host
+
+        a.dtype = "bfloat16" if host.has_native_bf16() else "float32"
+        print(f"[bench] dtype {a.dtype} on {host.describe()}", file=sys.stderr)
     args = dict(model=resolve_model(a.model), contexts=contexts,
                 batches=[int(x) for x in a.batches.split(",")], decode_tokens=a.decode_tokens,
                 dtype=a.dtype, threads=a.threads, kv_bytes=int(a.kv_gib * 1024**3),
@@ -156,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items()
            if k.startswith("PRESCORE_") or k == "THP_MEM_ALLOC_ENABLE"}
-    data = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+    from prescore_backend.kernels import host
+
+    data = dict(machine=host.describe(), cpus=os.cpu_count(),
                 args=args, prescore_env=env, command="python bench/bench_vllm_decode.py "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                 date=time.strftime("%Y-%m-%d"), rows=table)

@@ -166,6 +166,25 @@ class Chosen:
     weight: Tensor | None = None
 
 
+def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) -> float:
+    """Side-data bytes a decode step reads per KV byte of the context, for ``cfg``: the tile
+    pre-scores (fp32, every tile; 0 when pre-scores are not used), the Quest bounds (2 x D per
+    tile in the cache dtype: 1 / tile_size), the LSH bucket sets (8 bytes per mask word per
+    tile), SparQ's key channels (query_channels of the 2 x D values per token). ``kv_bytes``:
+    bytes per cached element (2 for bf16, the served dtype on most hosts)."""
+    tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
+    f = 0.0
+    if cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none":
+        f += 4 / tile_kv
+    if cfg.uses_bounds:
+        f += 1 / cfg.tile_size
+    if cfg.uses_lsh:
+        f += 8 * num_words(cfg.lsh_bits) / tile_kv
+    if cfg.uses_keys:
+        f += cfg.query_channels / (2 * head_dim)
+    return f
+
+
 def budgets(cfg: PrescoreConfig, ratios: list[float], num_tiles: Tensor) -> Tensor:
     """The backend's budget per row: ``[R]`` int64 tiles (ceil(ratio * tiles), floored at
     sinks + window)."""
@@ -221,6 +240,11 @@ class EvalMethod:
         """Methods with equal keys select identically given their side data, so their rows
         may share one :meth:`choose` call (the backend would batch them the same way)."""
         return self.name
+
+    def side_read_fraction(self, head_dim: int) -> float:
+        """Bytes of side data read per decode step, as a fraction of the context's KV bytes
+        (every tile's side data is read each step; K and V in one dtype)."""
+        return 0.0
 
     def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
         """-> (out ``[R, Hq, D]``, tokens read ``[R, Hkv]``)."""
@@ -282,6 +306,9 @@ class PrescoreMethod(EvalMethod):
         # The scorer only decides the side data; selection reads it through side_bt.
         return (type(self), self.cfg.replace(method="random")) if not self.cfg.residual_tiles else self.name
 
+    def side_read_fraction(self, head_dim: int) -> float:
+        return side_read_fraction(self.cfg, head_dim)
+
     @property
     def needs_lsh(self) -> bool:  # type: ignore[override]
         return self.cfg.uses_lsh
@@ -295,7 +322,8 @@ class PrescoreMethod(EvalMethod):
         sel, res, w = select_decode_tiles(cfg, rows.q, env.side, rows.side_bt,
                                           rows.num_tiles, rows.budget,
                                           query_caps(cfg, rows.budget), lsh=env.lsh,
-                                          generator=self.gen)
+                                          generator=self.gen, key_cache=env.key_cache,
+                                          key_bt=rows.bt)
         return Chosen(sel.tiles, res, w)
 
 
@@ -420,6 +448,9 @@ def _register_defaults() -> None:
                             changes={"query_aware": "none"}))
     register(PrescoreMethod("quest", "Quest (query-aware only)", scorer="random",
                             changes={"query_cap_ratio": 1.0}))
+    register(PrescoreMethod("sparq", "SparQ tiles (query-aware only)",
+                            scorer="random", changes={"query_aware": "sparq",
+                                                      "query_cap_ratio": 1.0}))
     register(HyperMethod("hyper_lsh", "HyperAttention (LSH + residual)", scorer="random",
                          changes={"query_aware": "lsh", "query_cap_ratio": 1.0}))
     register(StreamingMethod("streaming", "StreamingLLM (sink + window)"))
@@ -617,9 +648,14 @@ def _groups(methods: list[EvalMethod], row_method: list[EvalMethod]) -> list[lis
 def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
                 methods: list[str], ratios: list[float], *, text: str = "",
                 fid_queries: int = 0, fid_stride: int = 4, base: PrescoreConfig | None = None,
+                equal_bytes: bool = False,
                 log: Callable[[str], None] = print) -> ContextResult:
     """Prefill ``tokens[:context]`` exactly, then teacher-force ``tokens[context:context+n]``
     (predicting ``tokens[context+1 : context+n+1]``) through every (method, ratio) row.
+
+    ``equal_bytes``: a ratio is a fraction of the KV bytes read per step *including side
+    data*: each method's tile budget is the ratio less its :meth:`EvalMethod.side_read_fraction`
+    (at least sinks + window), and ``read`` counts the side data too (in KV-token units).
 
     ``fid_queries`` > 0: also the open-loop attention fidelity on the queries of the last
     ``fid_queries * fid_stride`` prefix positions (every ``fid_stride``-th).
@@ -639,6 +675,10 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
             rows_of_scorer.setdefault(m.side_key, []).append(i)
     row_method = [m for m, _ in rows]
     ratio_of_row = [r for _, r in rows]
+    side_frac = torch.tensor([m.side_read_fraction(model.spec.head_dim) if equal_bytes else 0.0
+                              for m in row_method], dtype=torch.float64)
+    tile_ratio = [r if r >= 1.0 else max(r - float(f), 1e-9)
+                  for r, f in zip(ratio_of_row, side_frac)]
     groups = _groups(ms, row_method)
     side_bt = state.side_bt(row_method, state.block_table)
 
@@ -676,7 +716,7 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     for step in range(new_tokens):
         pos = context + step
         seq = torch.full((R,), pos + 1, dtype=torch.int64)
-        budget = budgets(base, ratio_of_row, (seq + TILE - 1) // TILE)
+        budget = budgets(base, tile_ratio, (seq + TILE - 1) // TILE)
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             state.write_decode(layer, pos, k, v, rows_of_scorer)
@@ -691,6 +731,7 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
                 out[idx] = o.to(out.dtype)
                 read[idx] += rd.sum(-1).double()
             total.add_(float((pos + 1) * k.shape[1]))
+            read.add_(side_frac * float((pos + 1) * k.shape[1]))
             return out
 
         logits = model.decode(feed[step].expand(R), pos, attend)  # [R, V]

@@ -61,7 +61,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    from prescore_backend.kernels import host
+
+    return {"cpu": cpu, "isa": host.isa(), "native_bf16": host.has_native_bf16(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "os": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__}
 

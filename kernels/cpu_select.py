@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_quest_pick", "cpu_select_tiles"]
+__all__ = ["cpu_quest_pick", "cpu_select_tiles", "cpu_sparq_pick"]
 
 SRC = r"""
 #include <cfloat>
@@ -496,6 +496,93 @@ torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor 
   return pick;
 }
 
+// SparQ pick: tiles ranked by max over the tile's tokens and the group's heads of q.k on the
+// chosen key channels, read from the KV cache in place. Element (token t, channel c) of a
+// (block, KV head) K region sits at tok_off[t] + ch_off[c] in both layouts ("vec": K^T, t + c*B
+// for unit token stride; "amx": (t/16)*16*D + (t%16)*2 and (c/2)*32 + c%2), so one loop
+// serves both; with unit token stride the T tokens of a channel are one contiguous run.
+template <typename scalar_t>
+static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1,
+                      const int64_t* tok_off, const int64_t* ch, const int64_t* ch_off_all,
+                      bool contig, const int64_t* bt, int64_t bt_stride, const int64_t* nt,
+                      const int64_t* caps, bool* pick, int64_t R, int64_t Hkv, int64_t G,
+                      int64_t D, int64_t NC, int64_t M, int64_t T, int64_t tpb, int64_t sink,
+                      int64_t window) {
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    std::vector<float> qs(G * NC), acc(G * T), kv(T);
+    std::vector<int64_t> coff(NC);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      const int64_t* chr = ch + rh * NC;
+      for (int64_t j = 0; j < NC; ++j) {
+        coff[j] = ch_off_all[chr[j]];
+        for (int64_t g = 0; g < G; ++g) qs[g * NC + j] = q[(rh * G + g) * D + chr[j]];
+      }
+      int64_t k = 0;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t b = t / tpb, tok0 = (t % tpb) * T;
+        const scalar_t* base = kc + bt[r * bt_stride + b] * s0 + h * s1;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < NC; ++j) {
+          const scalar_t* cp = base + coff[j];
+          if (contig) {
+            for (int64_t i = 0; i < T; ++i) kv[i] = ld(cp + tok0 + i);
+          } else {
+            for (int64_t i = 0; i < T; ++i) kv[i] = ld(cp + tok_off[tok0 + i]);
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const float a = qs[g * NC + j];
+            float* ag = acc.data() + g * T;
+            for (int64_t i = 0; i < T; ++i) ag[i] += a * kv[i];
+          }
+        }
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < G * T; ++i) best = std::max(best, acc[i]);
+        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
+      }
+      const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
+    }
+  });
+}
+
+torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt,
+                             torch::Tensor num_tiles, torch::Tensor caps, torch::Tensor ch,
+                             int64_t M, int64_t T, int64_t sink, int64_t window, bool amx) {
+  // q [R, Hq, D] fp32 contiguous; kc [NB, Hkv, B, D] K view (any strides) or the packed "amx"
+  // K region; bt [R, MB] int64; num_tiles, caps [R] int64; ch [R, Hkv, NC] int64 channels.
+  TORCH_CHECK(!kc.is_cuda() && kc.dim() == 4, "sparq_pick_cpu: CPU key cache [NB, Hkv, B, D]");
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kc.size(1), B = kc.size(2), G = Hq / Hkv, NC = ch.size(2);
+  TORCH_CHECK(B % T == 0 && kc.size(3) == D, "sparq_pick_cpu: tile must divide the block");
+  std::vector<int64_t> tok_off(B), ch_off(D);
+  if (amx) {
+    TORCH_CHECK(B % 16 == 0 && D % 2 == 0 && kc.stride(3) == 1 && kc.stride(2) == D,
+                "sparq_pick_cpu: packed amx region must be contiguous per (block, head)");
+    for (int64_t t = 0; t < B; ++t) tok_off[t] = (t / 16) * 16 * D + (t % 16) * 2;
+    for (int64_t c = 0; c < D; ++c) ch_off[c] = (c / 2) * 32 + c % 2;
+  } else {
+    for (int64_t t = 0; t < B; ++t) tok_off[t] = t * kc.stride(2);
+    for (int64_t c = 0; c < D; ++c) ch_off[c] = c * kc.stride(3);
+  }
+  const bool contig = !amx && kc.stride(2) == 1;
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kc.scalar_type(), "sparq_pick_cpu", [&] {
+    sparq_run<scalar_t>(q.data_ptr<float>(), kc.data_ptr<scalar_t>(), kc.stride(0), kc.stride(1),
+                        tok_off.data(), ch.data_ptr<int64_t>(), ch_off.data(), contig,
+                        bt.data_ptr<int64_t>(), bt.stride(0), num_tiles.data_ptr<int64_t>(),
+                        caps.data_ptr<int64_t>(), pick.data_ptr<bool>(), R, Hkv, G, D, NC, M, T,
+                        B / T, sink, window);
+  });
+  return pick;
+}
+
 // In-place LSH inputs (lsh_proj [D, r] fp32, lsh_masks [NB, Hkv, B / T, W] int64, lsh_caps [R]
 // int64) checked and converted, and the query group (qf [R, Hq, D] fp32) hashed into qmask:
 // instead of a [R, Hkv, M] bool match built by ~15 torch ops per layer. nullptr without LSH.
@@ -679,6 +766,24 @@ def cpu_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, 
     (-1 padded), num_selected ``[R, Hkv]`` int32 and source counts ``[4]`` int64."""
     return tuple(_ext().select_tiles_cpu(tile_scores, num_tiles, budget, int(sink_tiles),
                                          int(window_tiles), lsh_match, int(lsh_cap)))
+
+
+def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles: Tensor,
+                   caps: Tensor, *, num_tile_slots: int, channels: Tensor, tile_size: int,
+                   sink_tiles: int, window_tiles: int, kv_layout: str = "strided") -> Tensor:
+    """SparQ pick per (row, KV head): ``[R, Hkv, M]`` bool, at most ``caps[r]`` per row.
+
+    q ``[R, Hq, D]``; key_cache ``[NB, Hkv, B, D]`` (any strides; with ``kv_layout="amx"``
+    vLLM's packed K region); block_tables ``[R, MB]``; num_tiles, caps ``[R]``; channels
+    ``[R, Hkv, r]`` int64 (``decode.sparq_channels``). A tile's estimate is the max over its
+    tokens and the group's heads of q.k on those channels, read from the cache in place;
+    eligible: index in [sink_tiles, num_tiles - window_tiles). The same picks as ranking
+    ``decode.sparq_tile_rank`` (ties to the lower index)."""
+    return _ext().sparq_pick_cpu(
+        q.float().contiguous(), key_cache, block_tables.long().contiguous(),
+        num_tiles.long().contiguous(), caps.long().contiguous(), channels.long().contiguous(),
+        int(num_tile_slots), int(tile_size), int(sink_tiles), int(window_tiles),
+        kv_layout == "amx")
 
 
 def cpu_quest_pick(q: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor,

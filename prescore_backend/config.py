@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "PRESCORE_"
-QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest")
+QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq")
 
 
 class ConfigError(ValueError):
@@ -62,7 +62,12 @@ class PrescoreConfig:
         "The query-aware part of the selection, recomputed for every decode step: "
         "'lsh' = tiles whose LSH bucket set holds the query's bucket (HyperAttention), ranked "
         "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "
-        "min/max (Quest); 'lsh_quest' = LSH matches ranked by that bound; 'none'."))
+        "min/max (Quest); 'lsh_quest' = LSH matches ranked by that bound; 'sparq' = tiles "
+        "ranked by max q.k over the tile estimated on the query's largest channels "
+        "(query_channels of them, exact key values; SparQ); 'none'."))
+    query_channels: int = field(default=16, metadata=_doc(
+        "Key channels read per token by query_aware='sparq': the query group's largest "
+        "|q| channels, taken in adjacent pairs; an even number."))
     query_cap_ratio: float = field(default=0.5, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles; the rest is "
         "filled by the highest pre-scores."))
@@ -111,6 +116,8 @@ class PrescoreConfig:
             raise bad("query_aware", f"valid: {', '.join(QUERY_AWARE_MODES)}")
         if not 0.0 <= self.query_cap_ratio <= 1.0:
             raise bad("query_cap_ratio", "must be in [0, 1]")
+        if self.query_channels < 2 or self.query_channels % 2:
+            raise bad("query_channels", "must be an even number >= 2")
         if not 1 <= self.lsh_bits <= 10:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
@@ -132,6 +139,11 @@ class PrescoreConfig:
     @property
     def uses_bounds(self) -> bool:
         return self.query_aware in ("quest", "lsh_quest")
+
+    @property
+    def uses_keys(self) -> bool:
+        """The query-aware part reads key channels from the KV cache (SparQ)."""
+        return self.query_aware == "sparq"
 
     @property
     def sink_tiles(self) -> int:

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn.functional import pad
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.kernels.cpu_select import cpu_quest_pick
+from prescore_backend.kernels.cpu_select import cpu_quest_pick, cpu_sparq_pick
 from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
@@ -56,6 +56,8 @@ __all__ = [
     "run_score_jobs",
     "record_chunk_tokens",
     "query_aware_pick",
+    "sparq_channels",
+    "sparq_tile_rank",
     "gather_tile_scores",
     "scores_and_pick",
     "select_decode_tiles",
@@ -237,9 +239,54 @@ def record_chunk_tokens(side: SideData, job: ScoreJob, keys: Tensor, *, tile_siz
 # ----------------------------------------------------------------------------- selection
 
 
+def sparq_channels(q: Tensor, num_kv_heads: int, channels: int) -> Tensor:
+    """The key channels SparQ reads for each (row, KV head): ``[Rs, Hkv, channels]`` int64.
+
+    q ``[Rs, Hq, D]``. The channels of largest |q| summed over the GQA group's heads, chosen
+    in adjacent pairs (2p, 2p+1) by |q_2p| + |q_2p+1|: vLLM's packed "amx" K layout stores a
+    pair of channels of 16 tokens in one cache line, so pairs cost the same bytes as single
+    channels there (SparQ, arXiv 2312.04985, takes the top-r single channels per head; one set
+    per KV head serves the whole group, as its keys are shared)."""
+    rs, hq, d = q.shape
+    mag = q.float().abs().view(rs, num_kv_heads, hq // num_kv_heads, d // 2, 2).sum((2, 4))
+    top = mag.topk(min(channels, d) // 2, dim=-1).indices.sort(-1).values  # [Rs, Hkv, P]
+    return torch.stack([2 * top, 2 * top + 1], -1).flatten(-2)
+
+
+def sparq_tile_rank(q: Tensor, key_cache: Tensor, bt: Tensor, channels: int, tile_size: int,
+                    *, kv_layout: str = "strided") -> Tensor:
+    """Estimated max of q.k per tile: ``[Rs, Hkv, M]`` fp32, M = MB * B / T (plain torch).
+
+    q ``[Rs, Hq, D]``; key_cache ``[NB, Hkv, B, D]`` (a strided view, or vLLM's packed "amx" K
+    region with ``kv_layout="amx"``); bt ``[Rs, MB]`` int64. Per (row, KV head), the exact
+    partial products of q and each key on :func:`sparq_channels`, max over the group's heads
+    and the tile's tokens. Tokens past a row's length hold stale keys: callers rank only
+    full tiles outside the window."""
+    rs, hq, d = q.shape
+    hkv, bs = key_cache.shape[1], key_cache.shape[2]
+    ch = sparq_channels(q, hkv, channels)  # [Rs, Hkv, r]
+    qg = q.float().view(rs, hkv, hq // hkv, d)
+    qs = torch.gather(qg, 3, ch.unsqueeze(2).expand(-1, -1, hq // hkv, -1))  # [Rs, Hkv, G, r]
+    if kv_layout == "amx":
+        keys = amx_unpack_k(key_cache[bt.reshape(-1)]).view(rs, -1, hkv, bs, d)
+        blk = torch.arange(bt.shape[1]).view(1, -1, 1, 1, 1)
+        rix = torch.arange(rs).view(-1, 1, 1, 1, 1)
+    else:
+        keys, blk, rix = key_cache, bt.view(rs, -1, 1, 1, 1), None
+    h = torch.arange(hkv).view(1, 1, -1, 1, 1)
+    t = torch.arange(bs).view(1, 1, 1, -1, 1)
+    c = ch.view(rs, 1, hkv, 1, -1)
+    idx = (blk, h, t, c) if rix is None else (rix, blk, h, t, c)
+    ks = keys[idx].float()  # [Rs, MB, Hkv, B, r]: only the chosen channels are read
+    ks = ks.permute(0, 2, 1, 3, 4).reshape(rs, hkv, -1, ch.shape[-1])  # [Rs, Hkv, N, r]
+    est = torch.matmul(qs, ks.transpose(-1, -2)).amax(2)  # [Rs, Hkv, N]
+    return est.view(rs, hkv, -1, tile_size).amax(-1)
+
+
 def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                      tile_scores: Tensor, num_tiles: Tensor, caps: Tensor, *,
-                     lsh: AngularLSH | None, impl: str = "auto") -> Tensor | None:
+                     lsh: AngularLSH | None, impl: str = "auto", key_cache: Tensor | None = None,
+                     key_bt: Tensor | None = None, kv_layout: str = "strided") -> Tensor | None:
     """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; tile_scores ``[Rs, Hkv, M]``
@@ -247,8 +294,10 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     sinks nor window. ``lsh``/``lsh_quest``: tiles whose LSH bucket set meets the query
     group's buckets; ``quest``/``lsh_quest``: ranked by the Quest upper bound of q.k (max over
     the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
-    ``impl``: "cpp" ranks Quest bounds in C++ (CPU), "torch" with batched matmuls, "auto" picks
-    cpp on CPU when it compiles.
+    ``sparq``: ranked by :func:`sparq_tile_rank` on the KV cache (key_cache ``[NB, Hkv, B, D]``
+    in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt).
+    ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
+    matmuls, "auto" picks cpp on CPU when it compiles.
     """
     if impl == "auto":
         impl = "cpp" if not q.is_cuda and cpu_kernels_available() else "torch"
@@ -266,7 +315,16 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
         return cpu_quest_pick(q, side.kmin, side.kmax, bt, num_tiles, caps, num_tile_slots=M,
                               sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles,
                               candidates=cand)
-    if cfg.uses_bounds:  # Quest: upper bound of q.k over the tile, max over the group
+    if cfg.uses_keys:
+        kbt = bt if key_bt is None else key_bt
+        if impl == "cpp":
+            return cpu_sparq_pick(q, key_cache, kbt, num_tiles, caps, num_tile_slots=M,
+                                  channels=sparq_channels(q, hkv, cfg.query_channels),
+                                  tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
+                                  window_tiles=cfg.window_tiles, kv_layout=kv_layout)
+        rank = sparq_tile_rank(q, key_cache, kbt, cfg.query_channels, cfg.tile_size,
+                               kv_layout=kv_layout)
+    elif cfg.uses_bounds:  # Quest: upper bound of q.k over the tile, max over the group
         d = q.shape[-1]
         qg = q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]
         kmin = side.kmin[bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, M, d).float()
@@ -292,12 +350,13 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
 
 def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                     num_tiles: Tensor, caps: Tensor, *, lsh: AngularLSH | None = None,
-                    impl: str = "auto") -> tuple[Tensor, Tensor | None]:
+                    impl: str = "auto", **keys) -> tuple[Tensor, Tensor | None]:
     """The selection's inputs: each row's tile pre-scores ``[Rs, Hkv, M]`` (gathered through
     the block table bt ``[Rs, MB]`` int64) and the query-aware pick (:func:`query_aware_pick`,
-    ``[Rs, Hkv, M]`` bool or None)."""
+    ``[Rs, Hkv, M]`` bool or None; ``keys``: its key_cache, key_bt, kv_layout)."""
     scores = gather_tile_scores(side, bt)  # [Rs, Hkv, M]
-    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl)
+    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl,
+                            **keys)
     return scores, pick
 
 
@@ -312,7 +371,7 @@ def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tens
                         num_tiles: Tensor, budget: Tensor, caps: Tensor, *,
                         lsh: AngularLSH | None = None,
                         generator: torch.Generator | None = None, impl: str = "auto",
-                        ) -> tuple[Selection, Tensor | None, Tensor | None]:
+                        **keys) -> tuple[Selection, Tensor | None, Tensor | None]:
     """The tiles each sparse decode row attends: sinks + window + query-aware pick + pre-scores.
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; num_tiles ``[Rs]`` int64 logical
@@ -322,8 +381,10 @@ def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tens
     HyperAttention's residual sample (tiles ``[Rs, Hkv, m]``, weight ``[Rs, Hkv]``) for
     :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`, else (None, None).
     ``impl`` ("auto", "cpp", "torch") chooses the selection code (:func:`select_tiles`).
+    ``keys``: key_cache, key_bt, kv_layout for ``query_aware="sparq"`` (:func:`query_aware_pick`).
     """
-    scores, pick = scores_and_pick(cfg, q, side, bt, num_tiles, caps, lsh=lsh, impl=impl)
+    scores, pick = scores_and_pick(cfg, q, side, bt, num_tiles, caps, lsh=lsh, impl=impl,
+                                   **keys)
     sel = select_tiles(scores, num_tiles, budget, sink_tiles=cfg.sink_tiles,
                        window_tiles=cfg.window_tiles, lsh_match=pick,
                        lsh_cap=int(caps.max()) if pick is not None else 0, impl=impl)

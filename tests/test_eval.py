@@ -141,3 +141,54 @@ def test_harness_base_config_follows_prescore_env() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["32", "32", "32"]
+
+
+def test_side_read_fraction_counts_each_estimator() -> None:
+    """Bytes of side data per KV byte: Quest's bounds are 2 x D per 16-token tile (1/16),
+    SparQ's r channels of 2 x D values per token (r / 128 at D = 64), pre-scores 4 bytes per
+    tile; StreamingLLM and the oracle read none."""
+    from prescore_backend.config import PrescoreConfig
+
+    f = eval_core.side_read_fraction
+    score = 4 / (2 * 16 * 64 * 2)
+    assert f(PrescoreConfig(), 64) == pytest.approx(1 / 16 + score)
+    assert f(PrescoreConfig(query_aware="sparq", query_channels=4), 64) == pytest.approx(
+        4 / 128 + score)
+    assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0), 64) == pytest.approx(
+        16 / 128)
+    assert f(PrescoreConfig(query_aware="none"), 64) == pytest.approx(score)
+    assert eval_core.method("streaming").side_read_fraction(64) == 0.0
+
+
+def test_equal_bytes_funds_side_data_from_the_tile_budget(model: Llama,
+                                                          tokens: torch.Tensor) -> None:
+    """With equal_bytes, a method's tile budget is the ratio less its side data, and what it
+    reads (tiles + side data, in KV-token units) stays near the ratio: Quest (1/16 of side data)
+    reads fewer tiles than StreamingLLM at the same budget but about as many bytes."""
+    n, ctx = 2, 2048
+    seq = tokens[4000:4000 + ctx + n + 1]
+    ms = ["dense", "streaming", "quest", "sparq@query_channels=4"]
+    res = eval_core.run_context(model, seq, ctx, n, ms, [0.25], equal_bytes=True,
+                                log=lambda s: None)
+    frac = {m: res.read[(m, 0.25)] / res.total[(m, 0.25)] for m in ms[1:]}
+    assert all(0.2 < v < 0.3 for v in frac.values()), frac
+    plain = eval_core.run_context(model, seq, ctx, n, ms, [0.25], log=lambda s: None)
+    tiles_quest = res.read[("quest", 0.25)] - res.total[("quest", 0.25)] / 16
+    assert tiles_quest < 0.8 * plain.read[("quest", 0.25)]
+
+
+def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "eval_selection.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cell = data["summary"]["pooled|prescore_leverage|0.25"]
+    assert cell["tokens"] == 64 and len(cell["vs_dense_pct"]) == 3
+    lo, hi = cell["vs_streaming_pct"][1:]
+    assert lo <= cell["vs_streaming_pct"][0] <= hi
+    assert "| StreamingLLM" in out.with_suffix(".md").read_text()
+    import eval_selection
+
+    mean, lo, hi = eval_selection.block_bootstrap(torch.full((64,), 0.1))
+    assert mean == pytest.approx(100 * (2.718281828 ** 0.1 - 1), rel=1e-6) and lo == hi == mean

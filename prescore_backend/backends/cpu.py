@@ -478,7 +478,8 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             else:
                 q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
                 scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles,
-                                               plan.query_caps, lsh=lsh)
+                                               plan.query_caps, lsh=lsh, key_cache=key_cache,
+                                               kv_layout=kv_layout)
                 lsh_kw = dict(lsh_match=pick, lsh_cap=int(plan.query_caps.max())
                               if pick is not None else 0)
             pick_s = time.perf_counter() - t0
@@ -495,7 +496,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
         sel, res_tiles, res_w = select_decode_tiles(
             cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps, lsh=lsh,
-            generator=self.rt.generator)
+            generator=self.rt.generator, key_cache=key_cache, kv_layout=kv_layout)
         stats.selection_s += time.perf_counter() - t0
         out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
                                plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,

