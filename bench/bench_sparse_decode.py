@@ -73,7 +73,7 @@ from prescore_backend.kernels import (  # noqa: E402
     sparse_decode,
     vllm_cpu_kv_views,
 )
-from prescore_backend.kernels.cpu_select import cpu_quest_pick  # noqa: E402
+from prescore_backend.kernels.cpu_select import cpu_quest_pick, cpu_sparq_pick  # noqa: E402
 from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_k,
     amx_unpack_v,
@@ -155,7 +155,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # layer comes back only after --working-set-mb of other reads, and after at least one full
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
     n_fns = 1 + args.floor_column + len(keeps) * (
-        2 + (args.impl != "torch") + args.lsh + args.quest + args.kernel_column
+        2 + (args.impl != "torch") + args.lsh + args.quest + bool(args.sparq) + args.kernel_column
         + args.returning_column + args.floor_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
     layers = max(1, min(layers, args.max_layers, int(args.max_gb * 2 ** 30 // layer_bytes)))
@@ -243,8 +243,10 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     stats = torch.zeros(8, dtype=torch.int64)  # the backend's counters
 
     def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False,
-                    returning: bool = False):
+                    returning: bool = False, sparq: int = 0):
         budget = torch.full((batch,), max(1, M // keep))
+        if sparq:  # keep_ratio counts the channels SparQ reads: fewer tiles for the same bytes
+            budget = torch.full((batch,), max(1, math.ceil(M * (1 / keep - sparq / (2 * D)))))
         cap = max(1, M // keep // 4)
         caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
         bt64 = perm.long()
@@ -255,7 +257,12 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             match, cap_i, in_place = None, 0, None
             if with_lsh and impl != "torch":  # the backend's "lsh" mode: hashed in the call
                 in_place = (lsh.proj, block_masks[li], lsh_caps)
-            elif quest:  # the backend's default: Quest-ranked tiles up to half the budget
+            elif sparq:  # SparQ-ranked tiles up to half the budget, channels read in place
+                match = cpu_sparq_pick(query, views[li][0], bt64, num_tiles, caps,
+                                       num_tile_slots=M, channels=sparq,
+                                       tile_size=T, sink_tiles=1, window_tiles=2, kv_layout=kvl)
+                cap_i = int(caps.max())
+            elif quest:  # Quest-ranked tiles up to half the budget
                 match = cpu_quest_pick(query, *kbounds[li], bt64, num_tiles, caps,
                                        num_tile_slots=M, sink_tiles=1, window_tiles=2)
                 cap_i = int(caps.max())
@@ -291,6 +298,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_lsh_ms/{keep}"] = make_sparse(keep, True)[0]
         if args.quest:
             fns[f"sparse_quest_ms/{keep}"] = make_sparse(keep, False, quest=True)[0]
+        if args.sparq:
+            fns[f"sparse_sparq_ms/{keep}"] = make_sparse(keep, False, sparq=args.sparq)[0]
         if args.returning_column:
             fns[f"sparse_ret_ms/{keep}"] = make_sparse(keep, False, returning=True)[0]
         if args.kernel_column:  # the kernel alone, on the same selection made ahead
@@ -325,7 +334,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             if k in med:
                 r[k] = med[k]
         for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
-                  "sparse_quest_ms", "kernel_ms", "floor_ms"):
+                  "sparse_quest_ms", "sparse_sparq_ms", "kernel_ms", "floor_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -334,6 +343,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 r["quest_speedup_vs_vllm"] = r["vllm_ms"] / r["sparse_quest_ms"]
             if "floor_ms" in r:  # the most any kernel reading these bytes could reach now
                 r["floor_speedup_vs_vllm"] = r["vllm_ms"] / r["floor_ms"]
+        if "sparse_sparq_ms" in r and "sparse_quest_ms" in r:  # the per-layer call, side by side
+            r["sparq_over_quest"] = r["sparse_sparq_ms"] / r["sparse_quest_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -345,6 +356,7 @@ _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{
          ("dense_ms", "{:>9.3f}"), ("select_ms", "{:>9.3f}"), ("sparse_torch_ms", "{:>15.3f}"),
          ("sparse_ms", "{:>9.3f}"), ("sparse_ret_ms", "{:>13.3f}"), ("kernel_ms", "{:>9.3f}"),
          ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
+         ("sparse_sparq_ms", "{:>15.3f}"), ("sparq_over_quest", "{:>16.2f}"),
          ("floor_ms", "{:>8.3f}"), ("readall_ms", "{:>10.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("floor_speedup_vs_vllm", "{:>21.2f}"),
@@ -431,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                         "tiles (floor_ms) and of the whole cache (readall_ms)")
     p.add_argument("--returning-column", action="store_true",
                    help="also time select_and_decode, which returns tensors (sparse_ret_ms)")
+    p.add_argument("--sparq", type=int, default=4, metavar="R",
+                   help="sparse_sparq column: SparQ ranking on R key channels + selection + "
+                        "decode, the tile budget less the channels' bytes (0 = skip)")
     p.add_argument("--no-quest", dest="quest", action="store_false",
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")

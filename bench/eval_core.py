@@ -53,6 +53,7 @@ from prescore_backend.decode import (
     record_decode_tokens,
     run_score_jobs,
     select_decode_tiles,
+    side_read_fraction,
     tokens_read,
 )
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
@@ -164,25 +165,6 @@ class Chosen:
     tiles: Tensor
     residual: Tensor | None = None
     weight: Tensor | None = None
-
-
-def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) -> float:
-    """Side-data bytes a decode step reads per KV byte of the context, for ``cfg``: the tile
-    pre-scores (fp32, every tile; 0 when pre-scores are not used), the Quest bounds (2 x D per
-    tile in the cache dtype: 1 / tile_size), the LSH bucket sets (8 bytes per mask word per
-    tile), SparQ's key channels (query_channels of the 2 x D values per token). ``kv_bytes``:
-    bytes per cached element (2 for bf16, the served dtype on most hosts)."""
-    tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
-    f = 0.0
-    if cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none":
-        f += 4 / tile_kv
-    if cfg.uses_bounds:
-        f += 1 / cfg.tile_size
-    if cfg.uses_lsh:
-        f += 8 * num_words(cfg.lsh_bits) / tile_kv
-    if cfg.uses_keys:
-        f += cfg.query_channels / (2 * head_dim)
-    return f
 
 
 def budgets(cfg: PrescoreConfig, ratios: list[float], num_tiles: Tensor) -> Tensor:
@@ -684,7 +666,6 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
 
     # ---- exact prefill (+ open-loop fidelity per layer)
     fid_ms = [m for m in ms if not m.exact_reference]
-    kv_now: dict[str, Tensor] = {}
 
     def on_kv(layer: int, k: Tensor, v: Tensor) -> None:
         state.write_prefix(layer, k, v)

@@ -497,54 +497,127 @@ torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor 
 }
 
 // SparQ pick: tiles ranked by max over the tile's tokens and the group's heads of q.k on the
-// chosen key channels, read from the KV cache in place. Element (token t, channel c) of a
-// (block, KV head) K region sits at tok_off[t] + ch_off[c] in both layouts ("vec": K^T, t + c*B
-// for unit token stride; "amx": (t/16)*16*D + (t%16)*2 and (c/2)*32 + c%2), so one loop
-// serves both; with unit token stride the T tokens of a channel are one contiguous run.
+// chosen key channels, read from the KV cache in place, block by block: for each chosen
+// channel, the block's tokens of that channel are one contiguous run in vLLM's "vec" layout
+// (K^T: B values) and 16-token lines of channel pairs in the packed "amx" layout, so the
+// partial products of all the block's tokens accumulate in unit-stride loops that vectorize.
+// The next block's runs are prefetched (the blocks sit at random places).
+template <typename T> static inline v16f gather16(const T* p, int64_t stride) {
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i * stride]);
+  v16f x;
+  std::memcpy(&x, t, 64);
+  return x;
+}
+
 template <typename scalar_t>
-static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1,
-                      const int64_t* tok_off, const int64_t* ch, const int64_t* ch_off_all,
-                      bool contig, const int64_t* bt, int64_t bt_stride, const int64_t* nt,
-                      const int64_t* caps, bool* pick, int64_t R, int64_t Hkv, int64_t G,
-                      int64_t D, int64_t NC, int64_t M, int64_t T, int64_t tpb, int64_t sink,
-                      int64_t window) {
+static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1, int64_t s2,
+                      int64_t s3, bool amx, const int64_t* bt,
+                      int64_t bt_stride, const int64_t* nt, const int64_t* caps, bool* pick,
+                      int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t NC, int64_t M,
+                      int64_t T, int64_t B, int64_t sink, int64_t window) {
+  const int64_t tpb = B / T;
+  const int64_t es = static_cast<int64_t>(sizeof(scalar_t));
+  amx = amx && std::is_same_v<scalar_t, c10::BFloat16>;
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<v16u_t> uv((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
-    std::vector<float> qs(G * NC), acc(G * T), kv(T);
-    std::vector<int64_t> coff(NC);
+    const int64_t NB16 = B / 16;
+    std::vector<v16f> accv(G * NB16);
+    std::vector<float> qs(G * NC), mag(D / 2);
+    std::vector<int64_t> chr(NC), pairs(D / 2);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
       const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
       const int64_t nv = (n + 15) / 16;
       std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
-      const int64_t* chr = ch + rh * NC;
-      for (int64_t j = 0; j < NC; ++j) {
-        coff[j] = ch_off_all[chr[j]];
-        for (int64_t g = 0; g < G; ++g) qs[g * NC + j] = q[(rh * G + g) * D + chr[j]];
+      // The channels: the NC / 2 pairs (2p, 2p+1) of largest |q| summed over the group (the
+      // rule of decode.sparq_channels; ties to the lower pair), in ascending order.
+      const float* qg = q + rh * G * D;
+      for (int64_t p = 0; p < D / 2; ++p) {
+        float m = 0.f;
+        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + 2 * p]) + std::abs(qg[g * D + 2 * p + 1]);
+        mag[p] = m;
+        pairs[p] = p;
       }
-      int64_t k = 0;
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t b = t / tpb, tok0 = (t % tpb) * T;
-        const scalar_t* base = kc + bt[r * bt_stride + b] * s0 + h * s1;
-        std::fill(acc.begin(), acc.end(), 0.f);
+      std::partial_sort(pairs.begin(), pairs.begin() + NC / 2, pairs.end(),
+                        [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
+      std::sort(pairs.begin(), pairs.begin() + NC / 2);
+      for (int64_t j = 0; j < NC / 2; ++j) { chr[2 * j] = 2 * pairs[j]; chr[2 * j + 1] = 2 * pairs[j] + 1; }
+      for (int64_t j = 0; j < NC; ++j)
+        for (int64_t g = 0; g < G; ++g) qs[g * NC + j] = q[(rh * G + g) * D + chr[j]];
+      // where channel c's run starts in a (block, head) region, and its element stride
+      auto run_of = [&](const scalar_t* base, int64_t c) {
+        return amx ? base + (c / 2) * 32 + c % 2 : base + c * s3;
+      };
+      auto block_base = [&](int64_t lb) { return kc + bt[r * bt_stride + lb] * s0 + h * s1; };
+      auto prefetch_block = [&](int64_t lb) {
+        const scalar_t* nb = block_base(lb);
         for (int64_t j = 0; j < NC; ++j) {
-          const scalar_t* cp = base + coff[j];
-          if (contig) {
-            for (int64_t i = 0; i < T; ++i) kv[i] = ld(cp + tok0 + i);
-          } else {
-            for (int64_t i = 0; i < T; ++i) kv[i] = ld(cp + tok_off[tok0 + i]);
-          }
-          for (int64_t g = 0; g < G; ++g) {
-            const float a = qs[g * NC + j];
-            float* ag = acc.data() + g * T;
-            for (int64_t i = 0; i < T; ++i) ag[i] += a * kv[i];
+          if (amx) {
+            for (int64_t c16 = 0; c16 < B / 16; ++c16)
+              __builtin_prefetch(run_of(nb, chr[j]) + c16 * 16 * D, 0, 3);
+          } else if (s2 == 1) {
+            prefetch_span(run_of(nb, chr[j]), B * es);
           }
         }
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < G * T; ++i) best = std::max(best, acc[i]);
-        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
+      };
+      int64_t k = 0;
+      const int64_t b_end = (hi + tpb - 1) / tpb;
+      if (lo / tpb < b_end) prefetch_block(lo / tpb);
+      for (int64_t b = lo / tpb; b < b_end; ++b) {
+        if (b + 1 < b_end) prefetch_block(b + 1);
+        const scalar_t* base = block_base(b);
+        const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
+        const int64_t x0 = t0 * T, x1 = t1 * T;  // tokens of the block ranked here
+        // 16 tokens at a time over the 16-token chunks that hold the ranked tiles, a channel
+        // pair per step: acc[g * NB16 + c] = partial q.k of head g, chunk c.
+        const int64_t c0 = x0 / 16, c1 = (x1 + 15) / 16;
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t g = 0; g < G; ++g) accv[g * NB16 + c] = v16f{};
+        for (int64_t j = 0; j < NC; j += 2) {
+          const int64_t c_lo = chr[j];
+          for (int64_t c = c0; c < c1; ++c) {
+            v16f k0, k1;
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              if (amx) {
+                split_pairs(base + c * 16 * D + (c_lo / 2) * 32, k0, k1);
+              } else if (s2 == 1) {
+                k0 = load16(base + c_lo * s3 + c * 16);
+                k1 = load16(base + (c_lo + 1) * s3 + c * 16);
+              } else {
+                k0 = gather16(base + c_lo * s3 + c * 16 * s2, s2);
+                k1 = gather16(base + (c_lo + 1) * s3 + c * 16 * s2, s2);
+              }
+            } else if (s2 == 1) {
+              k0 = load16(base + c_lo * s3 + c * 16);
+              k1 = load16(base + (c_lo + 1) * s3 + c * 16);
+            } else {
+              k0 = gather16(base + c_lo * s3 + c * 16 * s2, s2);
+              k1 = gather16(base + (c_lo + 1) * s3 + c * 16 * s2, s2);
+            }
+            for (int64_t g = 0; g < G; ++g)
+              accv[g * NB16 + c] += qs[g * NC + j] * k0 + qs[g * NC + j + 1] * k1;
+          }
+        }
+        const float* acc = reinterpret_cast<const float*>(accv.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          float best = -std::numeric_limits<float>::infinity();
+          if (T % 16 == 0) {
+            v16f m = accv[t * T / 16];
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t c = t * T / 16; c < (t + 1) * T / 16; ++c) {
+                const v16f v = accv[g * NB16 + c];
+                m = m > v ? m : v;
+              }
+            best = hmax(m);
+          } else {
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t i = t * T; i < (t + 1) * T; ++i) best = std::max(best, acc[g * B + i]);
+          }
+          if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
+        }
       }
       const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
       mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
@@ -553,32 +626,26 @@ static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1
 }
 
 torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt,
-                             torch::Tensor num_tiles, torch::Tensor caps, torch::Tensor ch,
+                             torch::Tensor num_tiles, torch::Tensor caps, int64_t NC,
                              int64_t M, int64_t T, int64_t sink, int64_t window, bool amx) {
   // q [R, Hq, D] fp32 contiguous; kc [NB, Hkv, B, D] K view (any strides) or the packed "amx"
-  // K region; bt [R, MB] int64; num_tiles, caps [R] int64; ch [R, Hkv, NC] int64 channels.
+  // K region; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels (even, <= D).
   TORCH_CHECK(!kc.is_cuda() && kc.dim() == 4, "sparq_pick_cpu: CPU key cache [NB, Hkv, B, D]");
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = kc.size(1), B = kc.size(2), G = Hq / Hkv, NC = ch.size(2);
-  TORCH_CHECK(B % T == 0 && kc.size(3) == D, "sparq_pick_cpu: tile must divide the block");
-  std::vector<int64_t> tok_off(B), ch_off(D);
-  if (amx) {
-    TORCH_CHECK(B % 16 == 0 && D % 2 == 0 && kc.stride(3) == 1 && kc.stride(2) == D,
+  const int64_t Hkv = kc.size(1), B = kc.size(2), G = Hq / Hkv;
+  NC = std::min<int64_t>(NC - NC % 2, D - D % 2);
+  TORCH_CHECK(NC >= 2, "sparq_pick_cpu: at least one channel pair");
+  TORCH_CHECK(B % T == 0 && B % 16 == 0 && kc.size(3) == D,
+              "sparq_pick_cpu: tile must divide the block, a multiple of 16 tokens");
+  if (amx)
+    TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && B % 16 == 0 && D % 2 == 0 && kc.stride(3) == 1 && kc.stride(2) == D,
                 "sparq_pick_cpu: packed amx region must be contiguous per (block, head)");
-    for (int64_t t = 0; t < B; ++t) tok_off[t] = (t / 16) * 16 * D + (t % 16) * 2;
-    for (int64_t c = 0; c < D; ++c) ch_off[c] = (c / 2) * 32 + c % 2;
-  } else {
-    for (int64_t t = 0; t < B; ++t) tok_off[t] = t * kc.stride(2);
-    for (int64_t c = 0; c < D; ++c) ch_off[c] = c * kc.stride(3);
-  }
-  const bool contig = !amx && kc.stride(2) == 1;
   auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kc.scalar_type(), "sparq_pick_cpu", [&] {
     sparq_run<scalar_t>(q.data_ptr<float>(), kc.data_ptr<scalar_t>(), kc.stride(0), kc.stride(1),
-                        tok_off.data(), ch.data_ptr<int64_t>(), ch_off.data(), contig,
-                        bt.data_ptr<int64_t>(), bt.stride(0), num_tiles.data_ptr<int64_t>(),
+                        kc.stride(2), kc.stride(3), amx, bt.data_ptr<int64_t>(), bt.stride(0), num_tiles.data_ptr<int64_t>(),
                         caps.data_ptr<int64_t>(), pick.data_ptr<bool>(), R, Hkv, G, D, NC, M, T,
-                        B / T, sink, window);
+                        B, sink, window);
   });
   return pick;
 }
@@ -768,22 +835,27 @@ def cpu_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, 
                                          int(window_tiles), lsh_match, int(lsh_cap)))
 
 
+def _i64(t: Tensor) -> Tensor:
+    """t as contiguous int64 (itself when it already is: no dispatcher call on the hot path)."""
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.long().contiguous()
+
+
 def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles: Tensor,
-                   caps: Tensor, *, num_tile_slots: int, channels: Tensor, tile_size: int,
+                   caps: Tensor, *, num_tile_slots: int, channels: int, tile_size: int,
                    sink_tiles: int, window_tiles: int, kv_layout: str = "strided") -> Tensor:
     """SparQ pick per (row, KV head): ``[R, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
     q ``[R, Hq, D]``; key_cache ``[NB, Hkv, B, D]`` (any strides; with ``kv_layout="amx"``
-    vLLM's packed K region); block_tables ``[R, MB]``; num_tiles, caps ``[R]``; channels
-    ``[R, Hkv, r]`` int64 (``decode.sparq_channels``). A tile's estimate is the max over its
-    tokens and the group's heads of q.k on those channels, read from the cache in place;
-    eligible: index in [sink_tiles, num_tiles - window_tiles). The same picks as ranking
-    ``decode.sparq_tile_rank`` (ties to the lower index)."""
+    vLLM's packed K region); block_tables ``[R, MB]``; num_tiles, caps ``[R]``; channels: how
+    many (the pairs of ``decode.sparq_channels``, chosen in the call). A tile's estimate is
+    the max over its tokens and the group's heads of q.k on those channels, read from the
+    cache in place; eligible: index in [sink_tiles, num_tiles - window_tiles). The same picks
+    as ranking ``decode.sparq_tile_rank`` (ties to the lower index)."""
     return _ext().sparq_pick_cpu(
-        q.float().contiguous(), key_cache, block_tables.long().contiguous(),
-        num_tiles.long().contiguous(), caps.long().contiguous(), channels.long().contiguous(),
-        int(num_tile_slots), int(tile_size), int(sink_tiles), int(window_tiles),
-        kv_layout == "amx")
+        q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous(),
+        key_cache, _i64(block_tables),
+        _i64(num_tiles), _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
+        int(window_tiles), kv_layout == "amx")
 
 
 def cpu_quest_pick(q: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor,

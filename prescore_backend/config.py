@@ -44,8 +44,11 @@ class PrescoreConfig:
         "2 CPU cores kmeans costs ~170 ms per layer for 4k keys x 3 KV heads (5 s per 4k "
         "prompt over 30 layers), leverage ~5 ms."))
     keep_ratio: float = field(default=0.125, metadata=_doc(
-        "Fraction of a sequence's KV tiles read per decode step (sinks, window and LSH "
-        "matches included), in (0, 1]."))
+        "Fraction of a sequence's KV bytes read per decode step, in (0, 1]: the tiles read "
+        "(sinks, window and query-aware picks included) plus the side data the selection "
+        "reads to choose them (Quest bounds: 1/tile_size; SparQ: query_channels / "
+        "(2 x head_dim); pre-scores ~0.1%), which is taken out of the tile budget. 1 = read "
+        "everything (exact)."))
     max_tokens: int = field(default=0, metadata=_doc(
         "If > 0, an absolute decode budget in tokens per (sequence, KV head) instead of "
         "keep_ratio (rounded up to whole tiles)."))
@@ -77,9 +80,6 @@ class PrescoreConfig:
         "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
         "#unselected/#sampled and merged by log-sum-exp. 0 = off (the paper's choice with "
         "pre-scoring)."))
-    compensation: str = field(default="none", metadata=_doc(
-        "Top-theta style compensation of the left-out mass, estimated from the residual "
-        "sample: none, denominator, vmean. Needs residual_tiles > 0."))
     min_seq_len: int = field(default=2048, metadata=_doc(
         "Sequences shorter than this decode with vLLM's exact kernel."))
     aggregate: str = field(default="max", metadata=_doc(
@@ -90,7 +90,6 @@ class PrescoreConfig:
         "instead of vLLM's (for validating the sparse path end to end)."))
 
     def __post_init__(self) -> None:
-        from prescore_backend.kernels.sparse_decode import COMPENSATIONS
         from prescore_backend.scoring import available_scorers
         from prescore_backend.selection import AGGREGATORS
 
@@ -122,10 +121,6 @@ class PrescoreConfig:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
             raise bad("residual_tiles", "must be >= 0")
-        if self.compensation not in COMPENSATIONS:
-            raise bad("compensation", f"valid: {', '.join(sorted(COMPENSATIONS))}")
-        if self.compensation != "none" and self.residual_tiles == 0:
-            raise bad("compensation", "needs residual_tiles > 0 to estimate the left-out mass")
         if self.min_seq_len < 0:
             raise bad("min_seq_len", "must be >= 0")
         if self.aggregate not in AGGREGATORS:

@@ -50,6 +50,8 @@ __all__ = [
     "ScoreJob",
     "SideData",
     "config_budget",
+    "ratio_tiles",
+    "side_read_fraction",
     "floor_budget",
     "query_caps",
     "record_decode_tokens",
@@ -116,14 +118,45 @@ class ScoreJob:
 # ----------------------------------------------------------------------------- budgets
 
 
-def config_budget(cfg: PrescoreConfig, num_tiles: Tensor) -> Tensor:
+def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) -> float:
+    """Bytes of side data one decode step reads, per KV byte of the context, under ``cfg``.
+
+    Every tile's side data is read each step: the pre-scores (4 bytes per tile and KV head,
+    unless the query-aware part takes the whole budget), Quest's key bounds (2 x D per tile in
+    the cache dtype: 1 / tile_size of the KV), the LSH bucket sets (8 bytes per mask word and
+    tile), SparQ's key channels (query_channels of the 2 x D values per token). ``kv_bytes``:
+    bytes per cached element."""
+    tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
+    f = 0.0
+    if cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none":
+        f += 4 / tile_kv
+    if cfg.uses_bounds:
+        f += 1 / cfg.tile_size
+    if cfg.uses_lsh:
+        f += 8 * -(-(1 << cfg.lsh_bits) // 64) / tile_kv
+    if cfg.uses_keys:
+        f += cfg.query_channels / (2 * head_dim)
+    return f
+
+
+def ratio_tiles(num_tiles: Tensor, ratio: float, side_fraction: float = 0.0) -> Tensor:
+    """Tiles per (row, KV head) that read ``ratio`` of the KV bytes when the selection itself
+    reads ``side_fraction`` (:func:`side_read_fraction`): ``[R]`` -> ``[R]`` int64,
+    ceil(num_tiles * (ratio - side_fraction)); a ratio of 1 or more reads everything."""
+    if ratio >= 1.0:
+        return num_tiles.clone()
+    return torch.ceil(num_tiles.double() * max(ratio - side_fraction, 0.0)).long()
+
+
+def config_budget(cfg: PrescoreConfig, num_tiles: Tensor, side_fraction: float = 0.0) -> Tensor:
     """Tiles per (row, KV head) from the global budget settings: ``[R]`` -> ``[R]`` int64.
 
-    ``max_tokens`` (rounded up to tiles) if set, else ceil(num_tiles * keep_ratio).
+    ``max_tokens`` (rounded up to tiles) if set, else :func:`ratio_tiles` of keep_ratio with
+    the selection's own reads (``side_fraction``) taken out of it.
     """
     if cfg.max_tokens > 0:
         return torch.full_like(num_tiles, -(-cfg.max_tokens // cfg.tile_size))
-    return torch.ceil(num_tiles.double() * cfg.keep_ratio).long()
+    return ratio_tiles(num_tiles, cfg.keep_ratio, side_fraction)
 
 
 def floor_budget(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
@@ -319,7 +352,7 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
         kbt = bt if key_bt is None else key_bt
         if impl == "cpp":
             return cpu_sparq_pick(q, key_cache, kbt, num_tiles, caps, num_tile_slots=M,
-                                  channels=sparq_channels(q, hkv, cfg.query_channels),
+                                  channels=cfg.query_channels,
                                   tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
                                   window_tiles=cfg.window_tiles, kv_layout=kv_layout)
         rank = sparq_tile_rank(q, key_cache, kbt, cfg.query_channels, cfg.tile_size,

@@ -5,7 +5,7 @@ written here in the worker appear on the API server's ``/metrics`` beside ``vllm
 
 Units: token counts are summed over (decode row, layer, KV head), so
 ``prescore_decode_read_tokens_total / prescore_decode_context_tokens_total`` is the fraction of
-the KV cache the sparse decode reads.
+the KV cache's bytes the sparse decode reads (the selection's side data included).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def get_metrics() -> Metrics:
             "prescore_decode_context_tokens", "Context tokens of sparse-decoded rows, summed "
             "over (row, layer, KV head)."),
         read_tokens=Counter(
-            "prescore_decode_read_tokens", "Tokens the sparse decode read (selected tiles), "
-            "summed over (row, layer, KV head)."),
+            "prescore_decode_read_tokens", "KV bytes the sparse decode read, in tokens: the "
+            "selected tiles plus the side data the selection read (pre-scores, Quest bounds, "
+            "LSH bits, SparQ channels), summed over (row, layer, KV head)."),
         sparse_rows=Counter(
             "prescore_sparse_decode_rows", "Decode rows (per layer) served by the sparse path."),
         dense_rows=Counter(
@@ -82,7 +83,8 @@ class PrescoreStats:
         import torch
 
         self.counts = torch.zeros(NUM_SLOTS, dtype=torch.int64)
-        self.layer_counts = self.counts[:READ]  # [3] context tokens, sparse rows, dense rows
+        # [4] context tokens, sparse rows, dense rows, side data read (in KV tokens)
+        self.layer_counts = self.counts[:READ + 1]
         self.decode_counts = self.counts[READ:]  # [5] tokens read, then tiles per source
         self.scoring_s = 0.0
         self.selection_s = 0.0

@@ -34,8 +34,8 @@ def test_from_env_parses_types():
     ({"PRESCORE_LSH_BITS": "11"}, "PRESCORE_LSH_BITS"),
     ({"PRESCORE_QUERY_AWARE": "oracle"}, "PRESCORE_QUERY_AWARE"),
     ({"PRESCORE_QUERY_CAP_RATIO": "2"}, "PRESCORE_QUERY_CAP_RATIO"),
-    ({"PRESCORE_COMPENSATION": "vmean"}, "needs residual_tiles"),
-    ({"PRESCORE_COMPENSATION": "bogus", "PRESCORE_RESIDUAL_TILES": "2"}, "PRESCORE_COMPENSATION"),
+    ({"PRESCORE_QUERY_CHANNELS": "3"}, "PRESCORE_QUERY_CHANNELS"),
+    ({"PRESCORE_QUERY_CHANNELS": "0"}, "even number"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
     ({"PRESCORE_EXACT_VIA_SPARSE": "maybe"}, "expected bool"),
 ])

@@ -237,3 +237,23 @@ def test_sparq_pick_cpp_and_torch_match_the_oracle(layout, dtype, group) -> None
         for h in range(hkv):
             top = want[r, h].masked_fill(~elig, float("-inf")).topk(int(caps[r])).indices
             assert set(top.tolist()) == set(picks["cpp"][r, h].nonzero().flatten().tolist())
+
+
+def test_keep_ratio_funds_the_selections_side_data() -> None:
+    """keep_ratio is a fraction of the KV bytes: the side data the selection reads comes out
+    of the tile budget (Quest's bounds: 1/16 with 16-token tiles; SparQ: r / (2 D)); a ratio of
+    1 reads every tile; max_tokens stays an absolute tile budget."""
+    from prescore_backend.decode import ratio_tiles, side_read_fraction
+
+    nt = torch.tensor([256, 100])
+    quest = side_read_fraction(PrescoreConfig(), 64)
+    sparq = side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64)
+    assert quest == pytest.approx(1 / 16 + 4 / 4096) and sparq == pytest.approx(1 / 32 + 4 / 4096)
+    assert side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64, 4) \
+        == pytest.approx(1 / 32 + 4 / 8192)  # fp32 cache: pre-scores are a smaller share
+    assert ratio_tiles(nt, 0.125, quest).tolist() == [16, 7]  # ceil(256 * 0.0615...)
+    assert ratio_tiles(nt, 0.125, 0.0).tolist() == [32, 13]
+    assert ratio_tiles(nt, 1.0, quest).tolist() == [256, 100]
+    assert ratio_tiles(nt, 0.05, quest).tolist() == [0, 0]  # the floor adds sinks + window
+    cfg = PrescoreConfig(max_tokens=320)
+    assert config_budget(cfg, nt, quest).tolist() == [20, 20]

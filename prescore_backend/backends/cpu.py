@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -70,6 +69,8 @@ from prescore_backend.decode import (
     SideData,
     config_budget,
     floor_budget,
+    ratio_tiles,
+    side_read_fraction,
     gather_tile_scores,
     query_caps,
     record_decode_tokens,
@@ -157,8 +158,9 @@ class PrescorePlan:
     sparse_block_table: Tensor  # [Rs, max_blocks] int32
     sparse_bt64: Tensor  # [Rs, max_blocks] int64 (the same, for indexing side data)
     num_tiles: Tensor  # [Rs] int64
-    # [3] int64 what each layer adds to PrescoreStats.layer_counts: context tokens of the
-    # sparse rows times the KV heads, sparse rows, exact decode rows
+    # [4] int64 what each layer adds to PrescoreStats.layer_counts: context tokens of the
+    # sparse rows times the KV heads, sparse rows, exact decode rows, side data the selection
+    # reads (in KV tokens, times the KV heads)
     layer_counts: Tensor
     budget: Tensor  # [Rs] int64 tiles per (row, KV head)
     query_caps: Tensor  # [Rs] int64 query-aware tiles per (row, KV head) at most
@@ -198,6 +200,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.isa = _FALLBACK_ISA
             self._set_isa_to_layers(layer_names)
         logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
+        # what the selection reads besides the tiles, per KV byte (funded from keep_ratio)
+        self.side_fraction = side_read_fraction(self.config, self.head_dim, self.dtype.itemsize)
         if self.block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
@@ -207,11 +211,6 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 f"prescore window_tokens={self.config.window_tokens} must be at least the KV "
                 f"block size plus one tile ({self.block_size + self.config.tile_size}): set "
                 "PRESCORE_WINDOW_TOKENS / --prescore-window-tokens, or a smaller --block-size")
-        if self.config.compensation != "none":
-            raise ValueError(
-                "prescore compensation (PRESCORE_COMPENSATION / --prescore-compensation) is "
-                "available in prescore_backend.kernels but not wired into the backend yet; "
-                "use 'none'")
         # Decode rows first: the dense subset is then mostly one contiguous prefill run.
         self._init_reorder_batch_threshold(1)
 
@@ -274,6 +273,10 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
 
         sp_budget = budget[sparse_rows]
         sp_lens, sp_tiles = seq_lens[sparse_rows], num_tiles[sparse_rows]
+        # the selection's own reads, in KV tokens (rows whose budget covers the context have
+        # nothing to choose and are not charged)
+        side_tokens = (sp_lens[sp_budget < sp_tiles].double()
+                       * self.side_fraction).round().long().sum()
         sp_bt = block_table[sparse_rows]
         return PrescorePlan(
             sparse_tok=first_tok[sparse_rows],
@@ -283,7 +286,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_tiles=sp_tiles,
             layer_counts=torch.stack([sp_lens.long().sum() * self.num_kv_heads,
                                       torch.tensor(int(sparse_rows.numel())),
-                                      (is_decode & ~sparse).sum()]),
+                                      (is_decode & ~sparse).sum(),
+                                      side_tokens * self.num_kv_heads]),
             budget=sp_budget,
             query_caps=query_caps(cfg, sp_budget),
             dense_tok=dense_tok,
@@ -296,22 +300,23 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
     def _budgets(self, num_tiles: Tensor) -> Tensor:
-        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64."""
-        return config_budget(self.config, num_tiles)
+        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64 (keep_ratio
+        counts the side data the selection reads)."""
+        return config_budget(self.config, num_tiles, self.side_fraction)
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
         """Budgets honouring per-request controls; also the rows that asked for exact decode."""
         T = self.config.tile_size
         budget = self._budgets(num_tiles)  # [R]
         dense = torch.zeros(num_reqs, dtype=torch.bool)
-        nt = num_tiles.tolist()
         for r, c in ROWS.rows.items():  # only the rows that sent controls
             if r >= num_reqs:
                 continue
             if c.max_tokens is not None:
                 budget[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
-                budget[r] = math.ceil(nt[r] * c.keep_ratio)
+                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio,
+                                            self.side_fraction))
             dense[r] = c.dense
         return budget, dense
 
