@@ -662,6 +662,10 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     tile_ratio = [r if r >= 1.0 else max(r - float(f), 1e-9)
                   for r, f in zip(ratio_of_row, side_frac)]
     groups = _groups(ms, row_method)
+    by_cfg: dict[PrescoreConfig, list[int]] = {}
+    for i, m in enumerate(row_method):
+        by_cfg.setdefault(getattr(m, "cfg", base), []).append(i)
+    budget_groups = [(c, torch.tensor(ix)) for c, ix in by_cfg.items()]
     side_bt = state.side_bt(row_method, state.block_table)
 
     # ---- exact prefill (+ open-loop fidelity per layer)
@@ -697,7 +701,10 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     for step in range(new_tokens):
         pos = context + step
         seq = torch.full((R,), pos + 1, dtype=torch.int64)
-        budget = budgets(base, tile_ratio, (seq + TILE - 1) // TILE)
+        budget = torch.empty(R, dtype=torch.int64)
+        for cfg, idx in budget_groups:  # each method's budget floored at its sinks + window
+            budget[idx] = budgets(cfg, [tile_ratio[i] for i in idx.tolist()],
+                                  (seq[idx] + TILE - 1) // TILE)
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             state.write_decode(layer, pos, k, v, rows_of_scorer)

@@ -563,11 +563,19 @@ static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1
           }
         }
       };
+      // the first line of each channel run kQuestTouch blocks ahead: starts the L2 streamer
+      // on the runs before the next block's full prefetch (as the Quest ranking does)
+      auto touch_block = [&](int64_t lb) {
+        const scalar_t* nb = block_base(lb);
+        for (int64_t j = 0; j < NC; j += 2) __builtin_prefetch(run_of(nb, chr[j]), 0, 2);
+      };
       int64_t k = 0;
       const int64_t b_end = (hi + tpb - 1) / tpb;
       if (lo / tpb < b_end) prefetch_block(lo / tpb);
+      for (int64_t i = 1; i <= kQuestTouch && lo / tpb + i < b_end; ++i) touch_block(lo / tpb + i);
       for (int64_t b = lo / tpb; b < b_end; ++b) {
         if (b + 1 < b_end) prefetch_block(b + 1);
+        if (b + kQuestTouch < b_end) touch_block(b + kQuestTouch);
         const scalar_t* base = block_base(b);
         const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
         const int64_t x0 = t0 * T, x1 = t1 * T;  // tokens of the block ranked here

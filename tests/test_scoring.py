@@ -209,3 +209,19 @@ def test_leverage_survives_non_finite_or_degenerate_keys():
     torch.testing.assert_close(out[0], good[0])
     torch.testing.assert_close(out[2], good[2])
     assert torch.isfinite(ridge_leverage(torch.zeros(2, 16, 8))).all()  # all-zero keys too
+
+
+def test_recency_scores_positions_across_blocks():
+    """recency: later keys always score higher, also across blocks scored with prefix fits of
+    different lengths (score_prefixes keeps absolute positions), so pre-score ranking fills the
+    budget with the most recent tiles."""
+    from prescore_backend.selection import aggregate_tiles
+
+    s = get_scorer("recency")
+    keys = torch.randn(2, 384, 8)
+    full = s.score(keys)
+    assert torch.equal(full[0], torch.arange(1, 385, dtype=torch.float32))
+    pre = s.score_prefixes(keys, 128, [256, 384], grain=128)
+    assert torch.equal(pre, full[:, 128:])
+    tiles = aggregate_tiles(pre, 16, "max")
+    assert bool((tiles[:, 1:] > tiles[:, :-1]).all())

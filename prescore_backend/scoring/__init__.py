@@ -8,6 +8,7 @@ from .base import SCORERS, Scorer, available_scorers, get_scorer, register_score
 from .kmeans import KernelKMeansScorer, KMeansScorer, KMedianScorer
 from .leverage import KeyNormScorer, LeverageScorer
 from .random import RandomScorer
+from .recency import RecencyScorer
 
 __all__ = [
     "SCORERS",
@@ -21,4 +22,5 @@ __all__ = [
     "LeverageScorer",
     "KeyNormScorer",
     "RandomScorer",
+    "RecencyScorer",
 ]
