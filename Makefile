@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model kvpress-venv serve test results results-tuning results-tile32 results-expensive results-serving results-kernels clean help
+.PHONY: setup model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -19,6 +19,7 @@ help:
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
+	@echo "make results-selection  selection quality at equal bytes, 3 texts + calibration -> docs/results/selection.{json,md} (~40 min)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~10 min)"
 	@echo "make results-tile32   quality with 32-token tiles -> docs/results/tuning_tile32.json (~9 min)"
@@ -57,6 +58,11 @@ results: model
 	KVPRESS_VENV=$$(bench/kvpress_venv.sh) && "$$KVPRESS_VENV/bin/python" bench/eval_kvpress.py \
 		--spec docs/results/quality.json --out docs/results/kvpress.json
 	$(BIN)/python bench/eval_report.py
+
+# Selection quality at equal bytes read (side data included), play / prose / code texts with
+# paired intervals vs dense and StreamingLLM, the calibration text apart: docs/results/selection.*
+results-selection: model
+	$(BIN)/python bench/eval_selection.py --out docs/results/selection.json
 
 # Config variants at 4k and 8k (docs/results/tuning.json, shown in the report when present).
 results-tuning: model

@@ -421,7 +421,8 @@ def method(spec: str) -> EvalMethod:
 def _register_defaults() -> None:
     register(DenseMethod("dense", "dense (exact)"))
     for s in available_scorers():
-        register(PrescoreMethod(f"prescore_{s}", f"prescore {s} + quest", scorer=s))
+        register(PrescoreMethod(f"prescore_{s}", f"prescore {s} + {BASE.query_aware}",
+                                scorer=s))
     for s in available_scorers():
         if s != "random":
             register(PrescoreMethod(f"scores_only_{s}", f"pre-scores only ({s})", scorer=s,
@@ -429,7 +430,7 @@ def _register_defaults() -> None:
     register(PrescoreMethod("random_tiles", "random tiles", scorer="random",
                             changes={"query_aware": "none"}))
     register(PrescoreMethod("quest", "Quest (query-aware only)", scorer="random",
-                            changes={"query_cap_ratio": 1.0}))
+                            changes={"query_aware": "quest", "query_cap_ratio": 1.0}))
     register(PrescoreMethod("sparq", "SparQ tiles (query-aware only)",
                             scorer="random", changes={"query_aware": "sparq",
                                                       "query_cap_ratio": 1.0}))

@@ -46,8 +46,12 @@ from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXTS = ("play", "prose", "code")
-DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage", "quest", "sparq",
-                   "sparq@query_channels=8", "prescore_leverage@query_aware=sparq"]
+#: The default configuration (prescore_recency: the server's defaults), the previous default
+#: (leverage pre-scores + Quest bounds), the paper's methods and the baselines.
+DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_recency",
+                   "prescore_leverage@query_aware=quest+query_cap_ratio=0.5",
+                   "quest", "sparq@query_channels=2+window_tokens=320",
+                   "scores_only_leverage", "hyper_lsh"]
 
 
 def _tokenize(model_path: Path, text: str):

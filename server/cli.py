@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         except ModelPrepError as e:
             print(f"prescore-serve: error: {e}", file=sys.stderr)
             sys.exit(2)
-    if _is_cpu() and argv[:1] not in (["-h"], ["--help"]) and not _has_flag(argv, "--dtype"):
+    helping = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+    if _is_cpu() and not helping and not _has_flag(argv, "--dtype"):
         dtype, why = cpu_default_dtype()
         print(f"prescore-serve: dtype {dtype or 'auto (vLLM: bf16 for fp32 and bf16 models)'}: "
               f"{why}; pass --dtype to choose", file=sys.stderr)

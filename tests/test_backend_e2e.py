@@ -93,7 +93,7 @@ def reference(model_path):
 @pytest.fixture(scope="module")
 def keep_all(model_path, reference):
     # Every long decode row goes through the sparse kernel, selecting every tile. The
-    # query-aware part is HyperAttention's LSH (the default, Quest, runs in sparse8): with the
+    # query-aware part is HyperAttention's LSH (the default, SparQ, runs in sparse8): with the
     # fused C++ call it is computed inside that call (lsh_in_place).
     return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", "PRESCORE_EXACT_VIA_SPARSE": "1",
                           "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})

@@ -246,7 +246,7 @@ def test_keep_ratio_funds_the_selections_side_data() -> None:
     from prescore_backend.decode import ratio_tiles, side_read_fraction
 
     nt = torch.tensor([256, 100])
-    quest = side_read_fraction(PrescoreConfig(), 64)
+    quest = side_read_fraction(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64)
     sparq = side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64)
     assert quest == pytest.approx(1 / 16 + 4 / 4096) and sparq == pytest.approx(1 / 32 + 4 / 4096)
     assert side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64, 4) \
@@ -255,5 +255,5 @@ def test_keep_ratio_funds_the_selections_side_data() -> None:
     assert ratio_tiles(nt, 0.125, 0.0).tolist() == [32, 13]
     assert ratio_tiles(nt, 1.0, quest).tolist() == [256, 100]
     assert ratio_tiles(nt, 0.05, quest).tolist() == [0, 0]  # the floor adds sinks + window
-    cfg = PrescoreConfig(max_tokens=320)
+    cfg = PrescoreConfig(max_tokens=320, query_aware="quest")
     assert config_budget(cfg, nt, quest).tolist() == [20, 20]

@@ -98,7 +98,7 @@ def test_smoke_quality_and_report(tmp_path: Path) -> None:
                              "--tuning", str(tmp_path / "none.json"),
                              "--out-dir", str(tmp_path)]) == 0
     report = (tmp_path / "quality.md").read_text()
-    assert "prescore leverage + quest" in report and "1 thread" in report
+    assert eval_core.method("prescore_leverage").label in report and "1 thread" in report
     for png in ("quality_ppl.png", "quality_fidelity.png", "quality_fidelity_layers.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
@@ -151,11 +151,12 @@ def test_side_read_fraction_counts_each_estimator() -> None:
 
     f = eval_core.side_read_fraction
     score = 4 / (2 * 16 * 64 * 2)
-    assert f(PrescoreConfig(), 64) == pytest.approx(1 / 16 + score)
+    assert f(PrescoreConfig(query_aware="quest"), 64) == pytest.approx(1 / 16 + score)
+    assert f(PrescoreConfig(), 64) == pytest.approx(2 / 128 + score)  # the default: SparQ, r=2
     assert f(PrescoreConfig(query_aware="sparq", query_channels=4), 64) == pytest.approx(
         4 / 128 + score)
-    assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0), 64) == pytest.approx(
-        16 / 128)
+    assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0, query_channels=16),
+             64) == pytest.approx(16 / 128)
     assert f(PrescoreConfig(query_aware="none"), 64) == pytest.approx(score)
     assert eval_core.method("streaming").side_read_fraction(64) == 0.0
 
