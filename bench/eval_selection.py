@@ -46,10 +46,10 @@ from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXTS = ("play", "prose", "code")
-#: The default configuration (prescore_recency: the server's defaults), the previous default
-#: (leverage pre-scores + Quest bounds), the paper's methods and the baselines.
-DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_recency",
-                   "prescore_leverage@query_aware=quest+query_cap_ratio=0.5",
+#: The server's default (leverage pre-scores + Quest bounds), the best configuration on the
+#: calibration text (recency fill + SparQ on 2 channels), the paper's methods and baselines.
+DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage",
+                   "prescore_recency@query_aware=sparq+query_channels=2+query_cap_ratio=0.25",
                    "quest", "sparq@query_channels=2+window_tokens=320",
                    "scores_only_leverage", "hyper_lsh"]
 
@@ -146,7 +146,8 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
                 vd = "{:+.1f} [{:+.1f}, {:+.1f}]".format(*c["vs_dense_pct"])
                 vs = ("{:+.1f} [{:+.1f}, {:+.1f}]".format(*c["vs_streaming_pct"])
                       if "vs_streaming_pct" in c else "-")
-                lines.append(f"| {method(m).label} | 1/{round(1 / r)} | {c['read_fraction']:.3f} "
+                label = meta.get("labels", {}).get(m) or method(m).label
+                lines.append(f"| {label} | 1/{round(1 / r)} | {c['read_fraction']:.3f} "
                              f"| {c['ppl']:.3f} | {vd} | {vs} |")
         lines.append("")
     return "\n".join(lines)
@@ -167,7 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="tests: 512-token context, one window of 32 tokens, 2 texts")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "selection.json"))
     p.add_argument("--md", default=None, help="markdown report (default: --out with .md)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the markdown report of an earlier run's JSON")
     args = p.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        m = data["meta"]
+        md = Path(args.md) if args.md else Path(args.render).with_suffix(".md")
+        md.write_text(markdown(data["summary"], m, m["texts"], m["methods"], m["ratios"]) + "\n")
+        print(md.read_text())
+        return 0
     if args.smoke:
         args.context, args.windows, args.new_tokens = 512, 1, 32
         args.texts, args.ratios = "prose,code", "0.25"

@@ -38,18 +38,17 @@ def _doc(text: str) -> dict[str, Any]:
 class PrescoreConfig:
     """Settings of the PRESCORE attention backend (validated on construction)."""
 
-    method: str = field(default="recency", metadata=_doc(
+    method: str = field(default="leverage", metadata=_doc(
         "Query-independent key scorer run at prefill (see `prescore_backend.scoring`): "
-        "recency (score = position: the budget beyond sinks, window and the query-aware "
-        "picks extends the recent window; the default, the best at equal bytes read in "
-        "docs/results/selection.md), kmeans, kernel_kmeans, kmedian, leverage, key_norm, "
-        "random (the clustering scorers refit per KV block and cost far more than leverage)."))
+        "leverage (the default), recency (score = position: the budget beyond sinks, window "
+        "and the query-aware picks extends the recent window), kmeans, kernel_kmeans, "
+        "kmedian, key_norm, random (the clustering scorers refit per KV block and cost far "
+        "more than leverage)."))
     keep_ratio: float = field(default=0.125, metadata=_doc(
-        "Fraction of a sequence's KV bytes read per decode step, in (0, 1]: the tiles read "
-        "(sinks, window and query-aware picks included) plus the side data the selection "
-        "reads to choose them (Quest bounds: 1/tile_size; SparQ: query_channels / "
-        "(2 x head_dim); pre-scores: 4 bytes per tile), taken out of the tile budget. 1 = read "
-        "everything (exact)."))
+        "Fraction of a sequence's KV tiles read per decode step (sinks, window and "
+        "query-aware picks included), in (0, 1]; 1 = exact. The query-aware ranking reads "
+        "side data on top (Quest bounds: 1/tile_size of the KV; SparQ: query_channels / "
+        "(2 x head_dim)), counted in prescore_decode_side_tokens_total."))
     max_tokens: int = field(default=0, metadata=_doc(
         "If > 0, an absolute decode budget in tokens per (sequence, KV head) instead of "
         "keep_ratio (rounded up to whole tiles)."))
@@ -62,17 +61,17 @@ class PrescoreConfig:
         "Most recent tokens always attended; a multiple of tile_size and at least one KV "
         "block plus one tile (a block's tiles are scored when the block is full, so the "
         "unscored tail must stay inside the window)."))
-    query_aware: str = field(default="sparq", metadata=_doc(
+    query_aware: str = field(default="quest", metadata=_doc(
         "The query-aware part of the selection, recomputed for every decode step: "
         "'lsh' = tiles whose LSH bucket set holds the query's bucket (HyperAttention), ranked "
         "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "
         "min/max (Quest); 'lsh_quest' = LSH matches ranked by that bound; 'sparq' = tiles "
         "ranked by max q.k over the tile estimated on the query's largest channels "
         "(query_channels of them, exact key values; SparQ); 'none'."))
-    query_channels: int = field(default=2, metadata=_doc(
+    query_channels: int = field(default=8, metadata=_doc(
         "Key channels read per token by query_aware='sparq': the query group's largest "
         "|q| channels, taken in adjacent pairs; an even number."))
-    query_cap_ratio: float = field(default=0.25, metadata=_doc(
+    query_cap_ratio: float = field(default=0.5, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles; the rest is "
         "filled by the highest pre-scores."))
     lsh_bits: int = field(default=7, metadata=_doc(

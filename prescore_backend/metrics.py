@@ -5,7 +5,8 @@ written here in the worker appear on the API server's ``/metrics`` beside ``vllm
 
 Units: token counts are summed over (decode row, layer, KV head), so
 ``prescore_decode_read_tokens_total / prescore_decode_context_tokens_total`` is the fraction of
-the KV cache's bytes the sparse decode reads (the selection's side data included).
+the KV cache the sparse decode reads; ``prescore_decode_side_tokens_total`` adds, in the same
+units, the side data the selection reads to choose the tiles.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from prescore_backend.selection import SOURCES
 # Counter slots accumulated in a tensor during a step (see PrescoreStats): first those a layer
 # adds from the step's plan, then those the sparse decode call adds (tokens read, tiles chosen
 # per source), each group contiguous so one in-place add per layer fills it.
-CONTEXT, SPARSE_ROWS, DENSE_ROWS = 0, 1, 2
-READ = 3
-SRC0 = 4  # then one slot per selection source, in SOURCES order
+CONTEXT, SPARSE_ROWS, DENSE_ROWS, SIDE = 0, 1, 2, 3
+READ = 4
+SRC0 = 5  # then one slot per selection source, in SOURCES order
 NUM_SLOTS = SRC0 + len(SOURCES)
 # selection.SOURCES calls the query-aware slot "lsh"; in the backend it also holds Quest picks.
 _SOURCE_LABELS = tuple("query" if s == "lsh" else s for s in SOURCES)
@@ -30,6 +31,7 @@ _SOURCE_LABELS = tuple("query" if s == "lsh" else s for s in SOURCES)
 class Metrics:
     context_tokens: object
     read_tokens: object
+    side_tokens: object
     sparse_rows: object
     dense_rows: object
     selected_tiles: object
@@ -48,9 +50,12 @@ def get_metrics() -> Metrics:
             "prescore_decode_context_tokens", "Context tokens of sparse-decoded rows, summed "
             "over (row, layer, KV head)."),
         read_tokens=Counter(
-            "prescore_decode_read_tokens", "KV bytes the sparse decode read, in tokens: the "
-            "selected tiles plus the side data the selection read (pre-scores, Quest bounds, "
-            "LSH bits, SparQ channels), summed over (row, layer, KV head)."),
+            "prescore_decode_read_tokens", "Tokens the sparse decode read (selected tiles), "
+            "summed over (row, layer, KV head)."),
+        side_tokens=Counter(
+            "prescore_decode_side_tokens", "Side data the query-aware selection read (Quest "
+            "bounds, SparQ key channels, pre-scores, LSH bits), in KV-token equivalents "
+            "(bytes / bytes of one token's K and V), summed over (row, layer, KV head)."),
         sparse_rows=Counter(
             "prescore_sparse_decode_rows", "Decode rows (per layer) served by the sparse path."),
         dense_rows=Counter(
@@ -84,7 +89,7 @@ class PrescoreStats:
 
         self.counts = torch.zeros(NUM_SLOTS, dtype=torch.int64)
         # [4] context tokens, sparse rows, dense rows, side data read (in KV tokens)
-        self.layer_counts = self.counts[:READ + 1]
+        self.layer_counts = self.counts[:READ]
         self.decode_counts = self.counts[READ:]  # [5] tokens read, then tiles per source
         self.scoring_s = 0.0
         self.selection_s = 0.0
@@ -96,6 +101,7 @@ class PrescoreStats:
             if vals[CONTEXT]:
                 m.context_tokens.inc(vals[CONTEXT])
                 m.read_tokens.inc(vals[READ])
+                m.side_tokens.inc(vals[SIDE])
             if vals[SPARSE_ROWS]:
                 m.sparse_rows.inc(vals[SPARSE_ROWS])
             if vals[DENSE_ROWS]:

@@ -36,6 +36,9 @@ class PrescoreStatsResponse(BaseModel):
         description="Context tokens of sparse-decoded rows, summed over (row, layer, KV head).")
     decode_read_tokens: float = Field(description="Tokens the sparse decode read, same units.")
     keep_ratio: float | None = Field(description="read / context; null before any sparse step.")
+    decode_side_tokens: float = Field(
+        description="Side data the selection read (Quest bounds, SparQ channels, pre-scores), "
+        "in KV-token equivalents, same units.")
     sparse_decode_rows: float = Field(description="Decode rows (per layer) served sparsely.")
     dense_fallback_rows: float = Field(description="Decode rows (per layer) served exactly.")
     selected_tiles: dict[str, float] = Field(description="Tiles selected, by source.")
@@ -68,6 +71,7 @@ def collect_stats() -> PrescoreStatsResponse:
     return PrescoreStatsResponse(
         decode_context_tokens=ctx, decode_read_tokens=read,
         keep_ratio=read / ctx if ctx else None,
+        decode_side_tokens=values.get("prescore_decode_side_tokens_total", 0.0),
         sparse_decode_rows=values.get("prescore_sparse_decode_rows_total", 0.0),
         dense_fallback_rows=values.get("prescore_dense_fallback_rows_total", 0.0),
         selected_tiles=tiles,

@@ -93,7 +93,7 @@ def reference(model_path):
 @pytest.fixture(scope="module")
 def keep_all(model_path, reference):
     # Every long decode row goes through the sparse kernel, selecting every tile. The
-    # query-aware part is HyperAttention's LSH (the default, SparQ, runs in sparse8): with the
+    # query-aware part is HyperAttention's LSH (the default, Quest, runs in sparse8): with the
     # fused C++ call it is computed inside that call (lsh_in_place).
     return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", "PRESCORE_EXACT_VIA_SPARSE": "1",
                           "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})
@@ -151,6 +151,10 @@ def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
     assert 0.10 <= ratio <= 0.16, ratio
     for src in ("sink", "window", "query", "prescore"):
         assert d.get(f'prescore_selected_tiles_total{{source="{src}"}}', 0) > 0, src
+    # Quest's per-tile key bounds are read on top: 1/16 of the KV (16-token tiles), in
+    # KV-token equivalents, plus 4 bytes of pre-score per tile
+    side = d["prescore_decode_side_tokens_total"] / ctx
+    assert 0.06 <= side <= 0.066, side
     assert d.get("prescore_scoring_seconds_count", 0) > 0
     # the fused select+decode call reports its selection time (plus the query-aware pick)
     assert d.get("prescore_selection_seconds_count", 0) > 0

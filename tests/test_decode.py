@@ -239,10 +239,11 @@ def test_sparq_pick_cpp_and_torch_match_the_oracle(layout, dtype, group) -> None
             assert set(top.tolist()) == set(picks["cpp"][r, h].nonzero().flatten().tolist())
 
 
-def test_keep_ratio_funds_the_selections_side_data() -> None:
-    """keep_ratio is a fraction of the KV bytes: the side data the selection reads comes out
-    of the tile budget (Quest's bounds: 1/16 with 16-token tiles; SparQ: r / (2 D)); a ratio of
-    1 reads every tile; max_tokens stays an absolute tile budget."""
+def test_ratio_tiles_can_fund_the_selections_side_data() -> None:
+    """The side data a selection reads per KV byte (Quest's bounds: 1/16 with 16-token tiles;
+    SparQ: r / (2 D); pre-scores 4 bytes per tile), and budgets that fund it from the ratio
+    (the evaluation's equal-bytes mode; the backend counts it on top of keep_ratio): a ratio
+    of 1 reads every tile; max_tokens stays an absolute tile budget."""
     from prescore_backend.decode import ratio_tiles, side_read_fraction
 
     nt = torch.tensor([256, 100])

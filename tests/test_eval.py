@@ -152,7 +152,7 @@ def test_side_read_fraction_counts_each_estimator() -> None:
     f = eval_core.side_read_fraction
     score = 4 / (2 * 16 * 64 * 2)
     assert f(PrescoreConfig(query_aware="quest"), 64) == pytest.approx(1 / 16 + score)
-    assert f(PrescoreConfig(), 64) == pytest.approx(2 / 128 + score)  # the default: SparQ, r=2
+    assert f(PrescoreConfig(), 64) == pytest.approx(1 / 16 + score)  # the default: Quest
     assert f(PrescoreConfig(query_aware="sparq", query_channels=4), 64) == pytest.approx(
         4 / 128 + score)
     assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0, query_channels=16),

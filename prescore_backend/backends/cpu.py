@@ -200,7 +200,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.isa = _FALLBACK_ISA
             self._set_isa_to_layers(layer_names)
         logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
-        # what the selection reads besides the tiles, per KV byte (funded from keep_ratio)
+        # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
         self.side_fraction = side_read_fraction(self.config, self.head_dim, self.dtype.itemsize)
         if self.block_size % self.config.tile_size:
             raise ValueError(
@@ -300,9 +300,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
     def _budgets(self, num_tiles: Tensor) -> Tensor:
-        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64 (keep_ratio
-        counts the side data the selection reads)."""
-        return config_budget(self.config, num_tiles, self.side_fraction)
+        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64."""
+        return config_budget(self.config, num_tiles)
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
         """Budgets honouring per-request controls; also the rows that asked for exact decode."""
@@ -315,8 +314,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             if c.max_tokens is not None:
                 budget[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
-                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio,
-                                            self.side_fraction))
+                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio))
             dense[r] = c.dense
         return budget, dense
 
