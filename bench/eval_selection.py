@@ -127,8 +127,10 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
              f"Model {meta['model']}, context {meta['context']} tokens, {meta['windows']} "
              f"windows x {meta['new_tokens']} teacher-forced tokens per text; budgets are "
              "fractions of the KV bytes read per decode step *including side data*. "
-             f"Host: {meta['machine']['cpu']}. Command: `{meta['command']}` (commit "
-             f"{meta['git_commit']}).", "",
+             f"Host: {meta['machine']['cpu']} ({meta['machine'].get('isa', '?')}), "
+             f"{meta['machine'].get('threads', 1)} thread, {meta.get('wall_s', 0) / 60:.0f} min. "
+             f"Command: `{meta['command']}` (commit {meta['git_commit']})."
+             + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
              "Texts: " + "; ".join(f"**{t}**: {meta['sources'][t]}" for t in texts) + ". "
              "The calibration text is reported apart and not pooled.", "",
              "Cells: perplexity change vs dense [95% block-bootstrap interval], then vs "
