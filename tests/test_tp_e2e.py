@@ -15,8 +15,11 @@ from conftest import Server, doc_text
 
 pytestmark = pytest.mark.e2e
 
+# The query-aware part is SparQ here (the default, Quest, is served in the other e2e modules):
+# its key channels are read from each rank's own KV-cache shard in the real engine.
 ARGS = ["smollm2-135m", "--dtype", "float32", "--max-model-len", "4096",
-        "--prescore-min-seq-len", "256", "--prescore-keep-ratio", "0.125"]
+        "--prescore-min-seq-len", "256", "--prescore-keep-ratio", "0.125",
+        "--prescore-query-aware", "sparq"]
 PROMPTS = [doc_text(5200, topic="specialnames"),  # ~1.2k tokens: sparse decode at 1/8
            doc_text(4000, topic="compound", offset=2000),
            "The capital of France is"]
@@ -41,6 +44,7 @@ def test_tensor_parallel_3_matches_one_rank():
     one, sparse_one, _ = _serve_and_generate([])
     tp, sparse_tp, log = _serve_and_generate(["--tensor-parallel-size", "3"])
     assert sparse_one > 0 and sparse_tp > 0  # the sparse path ran in both
+    assert "'query_aware': 'sparq'" in log  # the SparQ ranking served both
     for rank in (0, 1, 2):
         assert f"Worker_TP{rank}" in log and "Using PRESCORE attention backend" in log
     assert tp == one
