@@ -36,7 +36,7 @@ from prescore_backend.kernels.cpu_select import cpu_quest_pick, cpu_sparq_pick
 from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
-from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect
+from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import (  # tokens_read: re-exported
     Selection,
@@ -133,7 +133,7 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) ->
     if cfg.uses_bounds:
         f += 1 / cfg.tile_size
     if cfg.uses_lsh:
-        f += 8 * -(-(1 << cfg.lsh_bits) // 64) / tile_kv
+        f += 8 * num_words(cfg.lsh_bits) / tile_kv
     if cfg.uses_keys:
         f += cfg.query_channels / (2 * head_dim)
     return f
