@@ -42,7 +42,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor
 
-from llama_ref import Llama
+from prescore_backend.llama_ref import Llama
 from prescore_backend.config import PrescoreConfig, cache_dir
 from prescore_backend.decode import (
     ScoreJob,
@@ -50,6 +50,7 @@ from prescore_backend.decode import (
     config_budget,
     floor_budget,
     query_caps,
+    record_codes,
     record_decode_tokens,
     run_score_jobs,
     select_decode_tiles,
@@ -57,6 +58,7 @@ from prescore_backend.decode import (
     tokens_read,
 )
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
+from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.scoring import Scorer, available_scorers, get_scorer
@@ -204,6 +206,7 @@ class EvalMethod:
     scorer: str | None = None  # whose side data it reads (None: none)
     needs_lsh: ClassVar[bool] = False
     needs_bounds: ClassVar[bool] = False
+    pq_subspaces: ClassVar[int] = 0  # > 0: reads PQ codes of this many subspaces
     exact_reference: ClassVar[bool] = False  # dense: the reference itself
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
@@ -298,6 +301,10 @@ class PrescoreMethod(EvalMethod):
     @property
     def needs_bounds(self) -> bool:  # type: ignore[override]
         return self.cfg.uses_bounds
+
+    @property
+    def pq_subspaces(self) -> int:  # type: ignore[override]
+        return self.cfg.pq_subspaces if self.cfg.uses_codes else 0
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         cfg = self.cfg
@@ -434,6 +441,8 @@ def _register_defaults() -> None:
     register(PrescoreMethod("sparq", "SparQ tiles (query-aware only)",
                             scorer="random", changes={"query_aware": "sparq",
                                                       "query_cap_ratio": 1.0}))
+    register(PrescoreMethod("pq", "PQ codes (query-aware only)", scorer="random",
+                            changes={"query_aware": "pq", "query_cap_ratio": 1.0}))
     register(HyperMethod("hyper_lsh", "HyperAttention (LSH + residual)", scorer="random",
                          changes={"query_aware": "lsh", "query_cap_ratio": 1.0}))
     register(StreamingMethod("streaming", "StreamingLLM (sink + window)"))
@@ -473,13 +482,22 @@ class PagedState:
         tpb = B // base.tile_size
         lsh = any(sp.lsh for sp in specs.values())
         bounds = any(sp.bounds for sp in specs.values())
+        pq = {sp.pq for sp in specs.values()} - {0}
+        if len(pq) > 1:
+            raise ValueError(f"one pq_subspaces per run, got {sorted(pq)}")
+        books = None
+        if pq:  # the codebooks the backend would load (prescore-models calibrate)
+            books = PQCodebooks.load(codebook_path(model.path, pq.pop()))
+            books.check(s.layers, s.kv_heads, s.head_dim, str(model.path))
         names = sorted(specs)
         self.specs = specs
         self.offset = {n: i * nb for i, n in enumerate(names)}
         self.side_all = [SideData.allocate(max(1, len(names)) * nb, s.kv_heads, tpb,
                                            lsh_words=num_words(base.lsh_bits) if lsh else 0,
-                                           head_dim=s.head_dim if bounds else 0)
-                         for _ in range(s.layers)]
+                                           head_dim=s.head_dim if bounds else 0,
+                                           block_size=B,
+                                           codebook=books.layer(i) if books else None)
+                         for i in range(s.layers)]
         self.side = [{n: _slice_side(sd, self.offset[n], nb) for n in names} for sd in self.side_all]
         self.scorers: dict[str, Scorer] = {n: get_scorer(specs[n].scorer, seed=base.seed)
                                            for n in names}
@@ -500,6 +518,9 @@ class PagedState:
         kc[: self.P] = k.reshape(h, self.P, BLOCK_SIZE, d).transpose(0, 1)
         vc[: self.P] = v.reshape(h, self.P, BLOCK_SIZE, d).transpose(0, 1)
         self.prefix[layer] = (k.contiguous(), v.contiguous())
+        pos = torch.arange(n)
+        for sd in self.side[layer].values():  # every scorer's range reads its own codes
+            record_codes(sd, k.transpose(0, 1), pos // BLOCK_SIZE, pos % BLOCK_SIZE)
         job = ScoreJob(block_ids=torch.arange(self.P), seq_len=n, first_pos=0, per_token=True,
                        blocks_done=(0, self.P))
         self._jobs(layer, list(self.side[layer]), [job])
@@ -526,6 +547,8 @@ class PagedState:
         vc[blk, :, off] = v
         tile = torch.full_like(blk, off // T)
         reset = torch.full_like(blk, off % T == 0, dtype=torch.bool)
+        for sd in self.side[layer].values():
+            record_codes(sd, k, blk, torch.full_like(blk, off))
         for name, rows in rows_of.items():
             i = torch.tensor(rows)
             record_decode_tokens(self.side[layer][name], k[i], blk[i], tile[i], reset[i],
@@ -547,7 +570,8 @@ def _slice_side(sd: SideData, start: int, n: int) -> SideData:
     def cut(t: Tensor | None) -> Tensor | None:
         return None if t is None else t[start:start + n]
 
-    return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax))
+    return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax), cut(sd.codes),
+                    sd.codebook)
 
 
 @dataclass(frozen=True)
@@ -559,6 +583,7 @@ class SideSpec:
     aggregate: str
     lsh: bool
     bounds: bool
+    pq: int = 0
 
 
 def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
@@ -570,7 +595,8 @@ def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
         old = out.get(m.side_key)
         out[m.side_key] = SideSpec(m.scorer, m.aggregate,
                                    (old is not None and old.lsh) or m.needs_lsh,
-                                   (old is not None and old.bounds) or m.needs_bounds)
+                                   (old is not None and old.bounds) or m.needs_bounds,
+                                   max(old.pq if old is not None else 0, m.pq_subspaces))
     return out
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_quest_pick", "cpu_select_tiles", "cpu_sparq_pick"]
+__all__ = ["cpu_pq_pick", "cpu_quest_pick", "cpu_select_tiles", "cpu_sparq_pick"]
 
 SRC = r"""
 #include <cfloat>
@@ -658,6 +658,72 @@ torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt
   return pick;
 }
 
+// PQ pick (query_aware="pq", prescore_backend.pq.pq_tile_rank): per (row, KV head) a lookup
+// table of the group's summed query against each subspace's centroids, then per token the sum
+// of its m table entries (codes read in place through the block table), max per tile, and the
+// best caps[r] eligible tiles marked (ties to the lower index, as the torch ranking + topk).
+torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt,
+                          torch::Tensor book, torch::Tensor num_tiles, torch::Tensor caps,
+                          int64_t M, int64_t T, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, C, d] fp32
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && book.dim() == 4,
+              "pq_pick_cpu: codes [NB, Hkv, B, m] uint8, codebook [Hkv, m, C, d]");
+  const auto qc = as_contig(q, at::kFloat), cc = codes.contiguous(), bk = as_contig(book, at::kFloat);
+  const auto btc = as_contig(bt, at::kLong), ntc = as_contig(num_tiles, at::kLong),
+             cpc = as_contig(caps, at::kLong);
+  const int64_t R = qc.size(0), Hq = qc.size(1), D = qc.size(2);
+  const int64_t Hkv = cc.size(1), B = cc.size(2), m = cc.size(3), C = bk.size(2), d = bk.size(3);
+  TORCH_CHECK(bk.size(0) == Hkv && bk.size(1) == m && m * d == D && C <= 256 && Hq % Hkv == 0 &&
+              B % T == 0, "pq_pick_cpu: shapes of q, codes and codebook do not match");
+  const int64_t G = Hq / Hkv, tpb = B / T, MB = btc.size(1);
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  const float* qp = qc.data_ptr<float>();
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const float* bp = bk.data_ptr<float>();
+  const int64_t* btp = btc.data_ptr<int64_t>();
+  const int64_t* nt = ntc.data_ptr<int64_t>();
+  const int64_t* cap = cpc.data_ptr<int64_t>();
+  bool* pk = pick.data_ptr<bool>();
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    std::vector<float> lut(m * C), qs(D);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      std::fill(qs.begin(), qs.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) qs[i] += qp[(r * Hq + h * G + g) * D + i];
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t c = 0; c < C; ++c) {
+          const float* cen = bp + ((h * m + j) * C + c) * d;
+          float acc = 0.f;
+          for (int64_t i = 0; i < d; ++i) acc += qs[j * d + i] * cen[i];
+          lut[j * C + c] = acc;
+        }
+      int64_t k = 0;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t lb = (t * T) / B;
+        if (lb >= MB) break;
+        const uint8_t* tok = cp + ((btp[r * MB + lb] * Hkv + h) * B + (t % tpb) * T) * m;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < T; ++i) {
+          float e = 0.f;
+          for (int64_t j = 0; j < m; ++j) e += lut[j * C + tok[i * m + j]];
+          best = std::max(best, e);
+        }
+        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
+      }
+      const int64_t take = std::min(k, std::max<int64_t>(cap[r], 0));
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pk + rh * M), 1);
+    }
+  });
+  return pick;
+}
+
 // In-place LSH inputs (lsh_proj [D, r] fp32, lsh_masks [NB, Hkv, B / T, W] int64, lsh_caps [R]
 // int64) checked and converted, and the query group (qf [R, Hq, D] fp32) hashed into qmask:
 // instead of a [R, Hkv, M] bool match built by ~15 torch ops per layer. nullptr without LSH.
@@ -864,6 +930,20 @@ def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles
         key_cache, _i64(block_tables),
         _i64(num_tiles), _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
         int(window_tiles), kv_layout == "amx")
+
+
+def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, codebook: Tensor,
+                num_tiles: Tensor, caps: Tensor, *, num_tile_slots: int, tile_size: int,
+                sink_tiles: int, window_tiles: int) -> Tensor:
+    """PQ pick per (row, KV head): ``[R, Hkv, M]`` bool, at most ``caps[r]`` per row.
+
+    q ``[R, Hq, D]``; codes ``[NB, Hkv, B, m]`` uint8; block_tables ``[R, MB]``; codebook
+    ``[Hkv, m, C, D / m]``; num_tiles, caps ``[R]``. The same picks as ranking with
+    ``prescore_backend.pq.pq_tile_rank`` (ties to the lower index); eligible: index in
+    [sink_tiles, num_tiles - window_tiles)."""
+    return _ext().pq_pick_cpu(q, codes, block_tables, codebook, num_tiles, caps,
+                              int(num_tile_slots), int(tile_size), int(sink_tiles),
+                              int(window_tiles))
 
 
 def cpu_quest_pick(q: Tensor, kmin: Tensor, kmax: Tensor, block_tables: Tensor,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "PRESCORE_"
-QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq")
+QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq", "pq")
 
 
 class ConfigError(ValueError):
@@ -67,10 +67,19 @@ class PrescoreConfig:
         "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "
         "min/max (Quest); 'lsh_quest' = LSH matches ranked by that bound; 'sparq' = tiles "
         "ranked by max q.k over the tile estimated on the query's largest channels "
-        "(query_channels of them, exact key values; SparQ); 'none'."))
+        "(query_channels of them, exact key values; SparQ); 'pq' = tiles ranked by max q.k "
+        "estimated from product-quantized key codes (pq_subspaces bytes per token and KV "
+        "head; codebooks from `prescore-models calibrate`, see pq_codebook); 'none'."))
     query_channels: int = field(default=8, metadata=_doc(
         "Key channels read per token by query_aware='sparq': the query group's largest "
         "|q| channels, taken in adjacent pairs; an even number."))
+    pq_subspaces: int = field(default=4, metadata=_doc(
+        "Subspaces of query_aware='pq': each cached key gets this many one-byte codes per KV "
+        "head (256 centroids per subspace); must divide the head dim."))
+    pq_codebook: str = field(default="", metadata=_doc(
+        "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
+        "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
+        "none, the backend logs a warning and ranks with 'quest' instead."))
     query_cap_ratio: float = field(default=0.5, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles; the rest is "
         "filled by the highest pre-scores."))
@@ -117,6 +126,8 @@ class PrescoreConfig:
             raise bad("query_cap_ratio", "must be in [0, 1]")
         if self.query_channels < 2 or self.query_channels % 2:
             raise bad("query_channels", "must be an even number >= 2")
+        if self.pq_subspaces < 1 or self.pq_subspaces > 64:
+            raise bad("pq_subspaces", "must be in [1, 64] (and divide the head dim)")
         if not 1 <= self.lsh_bits <= 10:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
@@ -139,6 +150,11 @@ class PrescoreConfig:
     def uses_keys(self) -> bool:
         """The query-aware part reads key channels from the KV cache (SparQ)."""
         return self.query_aware == "sparq"
+
+    @property
+    def uses_codes(self) -> bool:
+        """The query-aware part reads per-token product-quantized key codes (PQ)."""
+        return self.query_aware == "pq"
 
     @property
     def sink_tiles(self) -> int:

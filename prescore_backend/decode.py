@@ -32,11 +32,12 @@ from torch import Tensor
 from torch.nn.functional import pad
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.kernels.cpu_select import cpu_quest_pick, cpu_sparq_pick
+from prescore_backend.kernels.cpu_select import cpu_pq_pick, cpu_quest_pick, cpu_sparq_pick
 from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
+from prescore_backend.pq import pq_encode, pq_tile_rank
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import (  # tokens_read: re-exported
     Selection,
@@ -55,6 +56,7 @@ __all__ = [
     "floor_budget",
     "query_caps",
     "record_decode_tokens",
+    "record_codes",
     "run_score_jobs",
     "record_chunk_tokens",
     "query_aware_pick",
@@ -81,21 +83,31 @@ class SideData:
     masks: Tensor | None  # [num_blocks, Hkv, tiles_per_block, W] int64 LSH bucket bitmask
     kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
     kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
+    codes: Tensor | None = None  # [num_blocks, Hkv, B, m] uint8 per-token PQ codes
+    codebook: Tensor | None = None  # [Hkv, m, C, D / m] fp32: this layer's PQ codebook
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
-                 dtype: torch.dtype = torch.float32) -> "SideData":
+                 dtype: torch.dtype = torch.float32, block_size: int = 0,
+                 codebook: Tensor | None = None) -> "SideData":
+        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
+        codes = None
+        if codebook is not None:
+            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.shape[1]),
+                                dtype=torch.uint8)
         return cls(
             scores=torch.full(shape, float("-inf")),
             masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
             kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
-            kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None)
+            kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
+            codes=codes, codebook=codebook)
 
     def bytes_per_token(self, block_size: int) -> float:
-        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax) if t is not None]
+        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes)
+                 if t is not None]
         return sum(t[0].numel() * t.element_size() for t in parts) / block_size
 
     @property
@@ -136,6 +148,8 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) ->
         f += 8 * num_words(cfg.lsh_bits) / tile_kv
     if cfg.uses_keys:
         f += cfg.query_channels / (2 * head_dim)
+    if cfg.uses_codes:
+        f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
     return f
 
 
@@ -204,6 +218,15 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
         kk = keys.to(side.kmin.dtype)
         side.kmin[block, :, tile] = torch.where(r3, kk, torch.minimum(side.kmin[block, :, tile], kk))
         side.kmax[block, :, tile] = torch.where(r3, kk, torch.maximum(side.kmax[block, :, tile], kk))
+
+
+def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor) -> None:
+    """PQ codes of keys just written (prefill and decode alike): keys ``[N, Hkv, D]`` at
+    physical block ``[N]`` int64, offset in the block ``[N]`` int64. A code depends on its key
+    only, so this is the whole life cycle of the codes."""
+    if side.codes is None or keys.shape[0] == 0:
+        return
+    side.codes[block, :, offset] = pq_encode(keys, side.codebook)
 
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
@@ -328,7 +351,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     group's buckets; ``quest``/``lsh_quest``: ranked by the Quest upper bound of q.k (max over
     the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
     ``sparq``: ranked by :func:`sparq_tile_rank` on the KV cache (key_cache ``[NB, Hkv, B, D]``
-    in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt).
+    in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt). ``pq``: ranked by
+    :func:`prescore_backend.pq.pq_tile_rank` on the side data's per-token codes.
     ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
     matmuls, "auto" picks cpp on CPU when it compiles.
     """
@@ -357,6 +381,12 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                                   window_tiles=cfg.window_tiles, kv_layout=kv_layout)
         rank = sparq_tile_rank(q, key_cache, kbt, cfg.query_channels, cfg.tile_size,
                                kv_layout=kv_layout)
+    elif cfg.uses_codes:
+        if impl == "cpp":
+            return cpu_pq_pick(q, side.codes, bt, side.codebook, num_tiles, caps,
+                               num_tile_slots=M, tile_size=cfg.tile_size,
+                               sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
+        rank = pq_tile_rank(q, side.codes, bt, side.codebook, cfg.tile_size)
     elif cfg.uses_bounds:  # Quest: upper bound of q.k over the tile, max over the group
         d = q.shape[-1]
         qg = q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]

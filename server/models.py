@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,12 +205,81 @@ def prepare(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     return out_dir
 
 
+#: Standard-library modules whose source is the default calibration text: always installed, and
+#: none of the texts the quality evaluation reports (docs/results/selection.md).
+CALIBRATION_MODULES = ("argparse", "difflib", "email.message", "textwrap")
+
+
+def calibration_tokens(model_path: Path, tokens: int) -> "torch.Tensor":
+    """The first ``tokens`` token ids of the default calibration text (CALIBRATION_MODULES'
+    source, concatenated), tokenized with the model's tokenizer."""
+    import importlib
+
+    import torch
+    from tokenizers import Tokenizer
+
+    text = "\n\n".join(Path(importlib.import_module(m).__file__).read_text(encoding="utf-8")
+                        for m in CALIBRATION_MODULES)
+    tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids, dtype=torch.int64)
+    return ids[:tokens]
+
+
+def calibrate(name_or_path: str, subspaces: int = 4, tokens: int = 0, seed: int = 0,
+              force: bool = False) -> Path:
+    """Fit the PQ codebooks of ``query_aware="pq"`` for a Llama-architecture model directory
+    (an embedded name or a path): one exact reference forward over the calibration text, then
+    k-means per (layer, KV head, subspace). Idempotent; returns the codebook file."""
+    from prescore_backend.llama_ref import Llama
+    from prescore_backend.pq import PQCodebooks, codebook_path
+
+    path = Path(resolve_model(name_or_path))
+    out = codebook_path(path, subspaces)
+    if out.is_file() and not force:
+        print(f"[prescore-models] codebooks already at {out}", flush=True)
+        return out
+    try:
+        model = Llama(path)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ModelPrepError(f"{path}: not a Llama-architecture safetensors directory "
+                             f"({type(e).__name__}: {e}); calibrate supports Llama models") from e
+    s = model.spec
+    if s.head_dim % subspaces:
+        raise ModelPrepError(f"--subspaces {subspaces} must divide the head dim {s.head_dim}")
+    n = tokens or s.max_positions
+    ids = calibration_tokens(path, n)
+    t0 = time.perf_counter()
+
+    def progress(i: int) -> None:
+        done = i + 1
+        bar = "#" * (20 * done // s.layers)
+        print(f"\r[prescore-models] calibrating {path.name}: [{bar:<20}] layer {done}/{s.layers}"
+              f" ({time.perf_counter() - t0:.0f}s)", end="\n" if done == s.layers else "",
+              flush=True)
+
+    books = PQCodebooks.fit(
+        lambda on_keys: model.prefill(ids, on_kv=lambda i, k, v: on_keys(i, k), logits="none"),
+        s.layers, subspaces, seed=seed, progress=progress,
+        meta={"model": path.name, "text": "CPython stdlib source: " + ", ".join(CALIBRATION_MODULES),
+              "tokens": int(ids.numel())})
+    books.save(out)
+    print(f"[prescore-models] wrote {out}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prescore-models", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="download and convert an embedded model (idempotent)")
     pp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS))
     pp.add_argument("--force", action="store_true", help="convert again even if prepared")
+    cp = sub.add_parser("calibrate", help="fit the PQ codebooks of query_aware='pq' (idempotent)")
+    cp.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                    help="an embedded model name or a Llama-architecture safetensors directory")
+    cp.add_argument("--subspaces", type=int, default=4, help="one-byte codes per token and KV head")
+    cp.add_argument("--tokens", type=int, default=0,
+                    help="calibration tokens (default: the model's max positions)")
+    cp.add_argument("--force", action="store_true", help="fit again even if the file exists")
     sub.add_parser("list", help="list embedded models and whether they are prepared")
     wp = sub.add_parser("path", help="print the directory of a prepared model")
     wp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS))
@@ -217,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "prepare":
             prepare(args.name, force=args.force)
+            calibrate(args.name)
+        elif args.cmd == "calibrate":
+            calibrate(args.name, args.subspaces, args.tokens, force=args.force)
         elif args.cmd == "list":
             for name in sorted(EMBEDDED_MODELS):
                 state = "prepared" if is_prepared(name) else "not prepared"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import eval_core  # noqa: E402
 import eval_quality  # noqa: E402
 import eval_report  # noqa: E402
-from llama_ref import Llama  # noqa: E402
+from prescore_backend.llama_ref import Llama  # noqa: E402
 
 CTX = 512  # a multiple of the KV block (128)
 

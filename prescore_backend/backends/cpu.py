@@ -53,6 +53,8 @@ import torch
 from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm import envs
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -73,6 +75,7 @@ from prescore_backend.decode import (
     side_read_fraction,
     gather_tile_scores,
     query_caps,
+    record_codes,
     record_decode_tokens,
     run_score_jobs,
     scores_and_pick,
@@ -81,6 +84,7 @@ from prescore_backend.decode import (
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import PrescoreStats, get_metrics
+from prescore_backend.pq import PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
 from prescore_backend.selection import select_and_decode_into, tokens_read
 from prescore_backend.scoring import Scorer, get_scorer
@@ -107,6 +111,7 @@ class _Runtime:
     lsh: AngularLSH | None
     stats: PrescoreStats
     generator: torch.Generator
+    pq: PQCodebooks | None = None  # per-layer PQ codebooks (query_aware="pq")
     logged_side: bool = False
     num_layers: int = 0  # attention layers run per step (set by the builder)
     layers_done: int = 0  # layers run so far in this step
@@ -115,6 +120,11 @@ class _Runtime:
 @functools.lru_cache(maxsize=1)
 def runtime() -> _Runtime:
     cfg = PrescoreConfig.from_env()
+    # built inside vLLM's model construction (first attention impl), where the config is set
+    model_config = get_current_vllm_config().model_config
+    books, cfg, msg = resolve_codebooks(cfg, getattr(model_config, "model", None))
+    if msg:
+        (logger.info if books is not None else logger.warning)(msg)
     logger.info("prescore settings: %s", cfg.to_dict())
     try:
         get_metrics().config_info.labels(method=cfg.method, keep_ratio=str(cfg.keep_ratio),
@@ -124,7 +134,7 @@ def runtime() -> _Runtime:
         logger.exception("prescore: could not publish prescore_config_info")
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Runtime(config=cfg, scorer=get_scorer(cfg.method, seed=cfg.seed), lsh=None,
-                    stats=PrescoreStats(), generator=gen)
+                    stats=PrescoreStats(), generator=gen, pq=books)
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,6 +183,9 @@ class PrescorePlan:
     dec_tile: Tensor  # [Nk] int64 tile within the block
     dec_reset: Tensor  # [Nk] bool: the token starts its tile
     score_jobs: list[ScoreJob]
+    # Every token written this step (query_aware="pq" codes them), else None.
+    write_block: Tensor | None = None  # [N] int64 physical block
+    write_off: Tensor | None = None  # [N] int64 offset in the block
 
     @property
     def num_sparse(self) -> int:
@@ -297,6 +310,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             dec_tile=dec_off // T,
             dec_reset=dec_off % T == 0,
             score_jobs=jobs,
+            write_block=slots // B if cfg.uses_codes else None,
+            write_off=slots % B if cfg.uses_codes else None,
         )
 
     def _budgets(self, num_tiles: Tensor) -> Tensor:
@@ -395,14 +410,20 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                          "fused C++" if self.fused else "torch")
 
     # --------------------------------------------------------------------- side data
-    def _side(self, kv_cache: Tensor) -> SideData:
+    def _side(self, kv_cache: Tensor, layer) -> SideData:
         if self.side is None:
             cfg = self.rt.config
             nb, _, bs, _ = kv_cache.shape
+            books = None
+            if cfg.uses_codes:
+                self.rt.pq.check(self.rt.num_layers, self.num_kv_heads, self.head_size,
+                                 "prescore pq_codebook")
+                books = self.rt.pq.layer(extract_layer_index(layer.layer_name))
             self.side = SideData.allocate(
                 nb, self.num_kv_heads, bs // cfg.tile_size,
                 lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
-                head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype)
+                head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype,
+                block_size=bs, codebook=books)
             if not self.rt.logged_side:
                 self.rt.logged_side = True
                 logger.info("prescore side data: %.2f bytes per token per layer",
@@ -443,13 +464,15 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
 
     def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
                  output):
-        side = self._side(kv_cache)
+        side = self._side(kv_cache, layer)
         views, kv_layout = VLLM_CPU_ISA_VIEWS[layer.isa]  # the ISA the builder settled on
         key_cache, value_cache = views(kv_cache)  # [nb, Hkv, B, D] each (packed order for amx)
         stats = self.rt.stats
 
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
+        if plan.write_block is not None:  # PQ codes of every key written this step
+            record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off)
         if plan.score_jobs:
             self._run_score_jobs(plan, key_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""A small torch Llama forward over a safetensors directory, for the quality evaluation.
+"""A small torch Llama forward over a safetensors directory (quality evaluation, PQ calibration).
 
 Exact prefill (causal SDPA) and one-token decode steps whose attention is delegated to a
 callback, so the evaluation can run it through prescore's own decode path
@@ -41,6 +41,7 @@ class LlamaSpec:
     rope_theta: float
     vocab: int
     tied: bool
+    max_positions: int = 8192
 
     @classmethod
     def from_config(cls, cfg: dict) -> "LlamaSpec":
@@ -54,7 +55,8 @@ class LlamaSpec:
                    kv_heads=cfg.get("num_key_value_heads", heads),
                    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    eps=cfg["rms_norm_eps"], rope_theta=float(theta), vocab=cfg["vocab_size"],
-                   tied=bool(cfg.get("tie_word_embeddings", False)))
+                   tied=bool(cfg.get("tie_word_embeddings", False)),
+                   max_positions=int(cfg.get("max_position_embeddings", 8192)))
 
 
 class Llama:
@@ -64,6 +66,7 @@ class Llama:
         from safetensors.torch import load_file
 
         path = Path(path)
+        self.path = path
         self.spec = LlamaSpec.from_config(json.loads((path / "config.json").read_text()))
         w: dict[str, Tensor] = {}
         for f in sorted(path.glob("*.safetensors")):

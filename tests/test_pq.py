@@ -1,0 +1,174 @@
+"""Product-quantized key codes (query_aware="pq"): codebooks, codes, ranking, C++ pick,
+the codebook file's life cycle and how a serving process finds it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from prescore_backend.config import PrescoreConfig
+from prescore_backend.decode import SideData, query_aware_pick, record_codes, side_read_fraction
+from prescore_backend.pq import (
+    PQCodebooks,
+    codebook_path,
+    fit_codebook,
+    pq_encode,
+    pq_tile_rank,
+    resolve_codebooks,
+)
+
+
+def _book(hkv: int, d: int, m: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return fit_codebook(torch.randn(hkv, 600, d, generator=g), m, iters=3, seed=seed)
+
+
+def test_fit_codebook_places_centroids_on_the_clusters() -> None:
+    """k-means per (KV head, subspace): keys drawn around 16 known points per subspace are
+    coded back to within the noise, and a fit is deterministic for its seed."""
+    g = torch.Generator().manual_seed(1)
+    hkv, d, m = 2, 8, 2
+    centers = torch.randn(hkv, m, 16, d // m, generator=g) * 10
+    pick = torch.randint(0, 16, (hkv, 4000, m), generator=g)
+    keys = torch.stack([torch.cat([centers[h, j, pick[h, :, j]] for j in range(m)], -1)
+                        for h in range(hkv)]) + 0.01 * torch.randn(hkv, 4000, d, generator=g)
+    book = fit_codebook(keys, m, iters=30, seed=0)
+    assert book.shape == (hkv, m, 256, d // m)
+    assert torch.equal(book, fit_codebook(keys, m, iters=30, seed=0))
+    codes = pq_encode(keys.transpose(0, 1), book)  # [N, Hkv, m]
+    recon = torch.stack([torch.cat([book[h, j, codes[:, h, j].long()] for j in range(m)], -1)
+                         for h in range(hkv)])  # [Hkv, N, d]
+    err = (recon - keys).norm(dim=-1).median()
+    assert err < 0.1, err  # every cluster holds initial centroids: keys land in their own
+    with pytest.raises(ValueError, match="divide the head dim"):
+        fit_codebook(keys, 3)
+    with pytest.raises(ValueError, match="fewer than 256"):
+        fit_codebook(keys[:, :100], 2)
+
+
+def test_pq_encode_is_the_nearest_centroid() -> None:
+    book = _book(2, 16, 4)
+    keys = torch.randn(50, 2, 16)
+    codes = pq_encode(keys, book)
+    assert codes.dtype == torch.uint8 and codes.shape == (50, 2, 4)
+    for h in range(2):
+        for j in range(4):
+            dist = ((keys[:, h, None, 4 * j:4 * j + 4] - book[h, j][None]) ** 2).sum(-1)
+            assert torch.equal(codes[:, h, j].long(), dist.argmin(-1))
+
+
+def _paged_codes(lens, hkv, d, m, B, seed):
+    """Per-row keys written through record_codes into shuffled blocks -> side, bt, keys."""
+    g = torch.Generator().manual_seed(seed)
+    mb = max(-(-n // B) for n in lens)
+    nb = len(lens) * mb + 3
+    perm = torch.randperm(nb, generator=g)
+    bt = perm[: len(lens) * mb].view(len(lens), mb)
+    book = _book(hkv, d, m, seed)
+    side = SideData.allocate(nb, hkv, B // 16, block_size=B, codebook=book)
+    keys = []
+    for r, n in enumerate(lens):
+        k = torch.randn(n, hkv, d, generator=g)
+        pos = torch.arange(n)
+        record_codes(side, k, bt[r, pos // B], pos % B)
+        keys.append(k)
+    return side, bt, keys, book
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_pq_rank_and_cpp_pick_match_the_decoded_keys(group) -> None:
+    """pq_tile_rank = max over the tile of (the group's summed query) . (the key rebuilt from
+    its codes), per row through a shuffled block table (MHA and GQA, ragged rows); the C++
+    pick marks the same tiles as ranking it, per-row caps, sinks and window left out."""
+    lens, hkv, d, m, B = [1500, 700, 1100], 2, 64, 4, 128
+    side, bt, keys, book = _paged_codes(lens, hkv, d, m, B, seed=3)
+    q = torch.randn(len(lens), hkv * group, d)
+    rank = pq_tile_rank(q, side.codes, bt, book, 16)
+    M = bt.shape[1] * B // 16
+    assert rank.shape == (len(lens), hkv, M)
+    for r, n in enumerate(lens):
+        codes = pq_encode(keys[r], book)  # [n, Hkv, m]
+        for h in range(hkv):
+            rec = torch.cat([book[h, j, codes[:, h, j].long()] for j in range(m)], -1)  # [n, d]
+            est = rec @ q[r, h * group:(h + 1) * group].sum(0)
+            full = n // 16
+            want = est[: full * 16].view(full, 16).amax(-1)
+            torch.testing.assert_close(rank[r, h, :full], want, rtol=1e-5, atol=1e-4)
+    cfg = PrescoreConfig(query_aware="pq", query_cap_ratio=1.0)
+    nt = torch.tensor([-(-n // 16) for n in lens])
+    caps = torch.tensor([7, 3, 5])
+    scores = torch.zeros(len(lens), hkv, M)
+    picks = {impl: query_aware_pick(cfg, q, side, bt, scores, nt, caps, lsh=None, impl=impl)
+             for impl in ("torch", "cpp")}
+    assert torch.equal(picks["torch"], picks["cpp"])
+    assert torch.equal(picks["cpp"].sum(-1), caps.view(-1, 1).expand(-1, hkv))
+    for r, n in enumerate(nt.tolist()):
+        idx = picks["cpp"][r].nonzero()[:, 1]
+        assert bool((idx >= cfg.sink_tiles).all()) and bool((idx < n - cfg.window_tiles).all())
+
+
+def test_pq_side_data_and_read_fraction() -> None:
+    """Codes cost pq_subspaces bytes per token and KV head: 4 / (2 x 64 x 2) = 1/64 of a bf16
+    K+V (plus the pre-scores when they fill part of the budget)."""
+    f = side_read_fraction(PrescoreConfig(query_aware="pq", query_cap_ratio=1.0), 64)
+    assert f == pytest.approx(1 / 64)
+    f8 = side_read_fraction(PrescoreConfig(query_aware="pq", pq_subspaces=8,
+                                           query_cap_ratio=1.0), 64, 4)
+    assert f8 == pytest.approx(8 / 512)
+    side = SideData.allocate(4, 3, 8, block_size=128, codebook=_book(3, 64, 4))
+    assert side.codes.shape == (4, 3, 128, 4) and side.codes.dtype == torch.uint8
+    assert side.bytes_per_token(128) == pytest.approx((3 * 8 * 4 + 3 * 128 * 4) / 128)
+
+
+def test_codebook_file_round_trip_and_shape_check(tmp_path) -> None:
+    books = PQCodebooks(torch.randn(2, 3, 4, 256, 16), {"text": "x"})
+    path = codebook_path(tmp_path, 4)
+    books.save(path)
+    back = PQCodebooks.load(path)
+    assert torch.equal(back.centroids, books.centroids) and back.meta == {"text": "x"}
+    assert back.subspaces == 4 and back.layer(1).shape == (3, 4, 256, 16)
+    back.check(2, 3, 64, "here")
+    with pytest.raises(ValueError, match="prescore-models calibrate"):
+        back.check(30, 3, 64, "here")
+
+
+def test_resolve_codebooks_finds_falls_back_or_names_the_setting(tmp_path) -> None:
+    """The model directory's codebooks are used; a model without any falls back to Quest with a
+    warning line; an explicit pq_codebook that is missing, or has other subspaces, is an error
+    naming the setting."""
+    cfg = PrescoreConfig(query_aware="pq")
+    assert resolve_codebooks(PrescoreConfig(query_aware="quest"), tmp_path)[0] is None
+    books, used, msg = resolve_codebooks(cfg, tmp_path)
+    assert books is None and used.query_aware == "quest" and "prescore-models calibrate" in msg
+    PQCodebooks(torch.randn(1, 1, 4, 256, 16), {}).save(codebook_path(tmp_path, 4))
+    books, used, msg = resolve_codebooks(cfg, tmp_path)
+    assert books is not None and used.query_aware == "pq" and str(tmp_path) in msg
+    with pytest.raises(ValueError, match="PRESCORE_PQ_CODEBOOK"):
+        resolve_codebooks(cfg.replace(pq_codebook=str(tmp_path / "nope.pt")), tmp_path)
+    with pytest.raises(ValueError, match="PRESCORE_PQ_SUBSPACES"):
+        resolve_codebooks(cfg.replace(pq_codebook=str(codebook_path(tmp_path, 4)),
+                                      pq_subspaces=8), tmp_path)
+
+
+def test_prepared_model_ships_codebooks_that_fit_it(model_path) -> None:
+    """`prescore-models prepare` (make model) calibrates the embedded model: its codebooks
+    exist, fit its attention shapes, and say what they were fitted on."""
+    from prescore_backend.llama_ref import LlamaSpec
+    import json
+    from pathlib import Path
+
+    spec = LlamaSpec.from_config(json.loads((Path(model_path) / "config.json").read_text()))
+    books = PQCodebooks.load(codebook_path(model_path, 4))
+    books.check(spec.layers, spec.kv_heads, spec.head_dim, model_path)
+    assert "stdlib" in books.meta["text"] and books.meta["tokens"] >= 4096
+    assert bool(torch.isfinite(books.centroids).all())
+
+
+def test_calibrate_rejects_a_non_llama_directory(tmp_path, capsys) -> None:
+    from prescore_backend.server.models import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    assert main(["calibrate", str(tmp_path)]) == 1
+    assert "Llama" in capsys.readouterr().err
