@@ -663,9 +663,10 @@ torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt
 // of its m table entries (codes read in place through the block table), max per tile, and the
 // best caps[r] eligible tiles marked (ties to the lower index, as the torch ranking + topk).
 torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt,
-                          torch::Tensor book, torch::Tensor num_tiles, torch::Tensor caps,
-                          int64_t M, int64_t T, int64_t sink, int64_t window) {
-  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, C, d] fp32
+                          torch::Tensor book, torch::Tensor dims, torch::Tensor num_tiles,
+                          torch::Tensor caps, int64_t M, int64_t T, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, C, d]
+  // fp32 over the channels dims [m, d] int64 of each subspace
   TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && book.dim() == 4,
               "pq_pick_cpu: codes [NB, Hkv, B, m] uint8, codebook [Hkv, m, C, d]");
   const auto qc = as_contig(q, at::kFloat), cc = codes.contiguous(), bk = as_contig(book, at::kFloat);
@@ -673,8 +674,10 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
              cpc = as_contig(caps, at::kLong);
   const int64_t R = qc.size(0), Hq = qc.size(1), D = qc.size(2);
   const int64_t Hkv = cc.size(1), B = cc.size(2), m = cc.size(3), C = bk.size(2), d = bk.size(3);
+  const auto dm = as_contig(dims, at::kLong);
   TORCH_CHECK(bk.size(0) == Hkv && bk.size(1) == m && m * d == D && C <= 256 && Hq % Hkv == 0 &&
-              B % T == 0, "pq_pick_cpu: shapes of q, codes and codebook do not match");
+              B % T == 0 && dm.numel() == D, "pq_pick_cpu: shapes of q, codes and codebook do not match");
+  const int64_t* dp = dm.data_ptr<int64_t>();
   const int64_t G = Hq / Hkv, tpb = B / T, MB = btc.size(1);
   auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
   const float* qp = qc.data_ptr<float>();
@@ -701,7 +704,7 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
         for (int64_t c = 0; c < C; ++c) {
           const float* cen = bp + ((h * m + j) * C + c) * d;
           float acc = 0.f;
-          for (int64_t i = 0; i < d; ++i) acc += qs[j * d + i] * cen[i];
+          for (int64_t i = 0; i < d; ++i) acc += qs[dp[j * d + i]] * cen[i];
           lut[j * C + c] = acc;
         }
       int64_t k = 0;
@@ -932,16 +935,17 @@ def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles
         int(window_tiles), kv_layout == "amx")
 
 
-def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, codebook: Tensor,
-                num_tiles: Tensor, caps: Tensor, *, num_tile_slots: int, tile_size: int,
-                sink_tiles: int, window_tiles: int) -> Tensor:
+def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, centroids: Tensor,
+                dims: Tensor, num_tiles: Tensor, caps: Tensor, *, num_tile_slots: int,
+                tile_size: int, sink_tiles: int, window_tiles: int) -> Tensor:
     """PQ pick per (row, KV head): ``[R, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
-    q ``[R, Hq, D]``; codes ``[NB, Hkv, B, m]`` uint8; block_tables ``[R, MB]``; codebook
-    ``[Hkv, m, C, D / m]``; num_tiles, caps ``[R]``. The same picks as ranking with
+    q ``[R, Hq, D]``; codes ``[NB, Hkv, B, m]`` uint8; block_tables ``[R, MB]``; centroids
+    ``[Hkv, m, C, d]`` over the channels ``dims [m, d]`` of each subspace; num_tiles, caps
+    ``[R]``. The same picks as ranking with
     ``prescore_backend.pq.pq_tile_rank`` (ties to the lower index); eligible: index in
     [sink_tiles, num_tiles - window_tiles)."""
-    return _ext().pq_pick_cpu(q, codes, block_tables, codebook, num_tiles, caps,
+    return _ext().pq_pick_cpu(q, codes, block_tables, centroids, dims, num_tiles, caps,
                               int(num_tile_slots), int(tile_size), int(sink_tiles),
                               int(window_tiles))
 

@@ -756,7 +756,7 @@ def _module():
     from .cpu_select import SRC as select_src  # one extension: one compile on first use
     from .cpu_side import SRC as side_src
 
-    return load_inline(name="prescore_cpu_kernels_v22", cpp_sources=_SRC + select_src + side_src,
+    return load_inline(name="prescore_cpu_kernels_v23", cpp_sources=_SRC + select_src + side_src,
                        functions=["sparse_decode_cpu", "select_tiles_cpu", "quest_pick_cpu",
                                   "sparq_pick_cpu", "pq_pick_cpu", "record_bounds_cpu", "select_decode_cpu",
                                   "select_decode_into_cpu"],

@@ -37,7 +37,7 @@ from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
-from prescore_backend.pq import pq_encode, pq_tile_rank
+from prescore_backend.pq import LayerCodebook, pq_encode, pq_tile_rank
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import (  # tokens_read: re-exported
     Selection,
@@ -84,19 +84,19 @@ class SideData:
     kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
     kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
     codes: Tensor | None = None  # [num_blocks, Hkv, B, m] uint8 per-token PQ codes
-    codebook: Tensor | None = None  # [Hkv, m, C, D / m] fp32: this layer's PQ codebook
+    codebook: LayerCodebook | None = None  # this layer's PQ codebook
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
-                 codebook: Tensor | None = None) -> "SideData":
+                 codebook: LayerCodebook | None = None) -> "SideData":
         """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
         codes = None
         if codebook is not None:
-            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.shape[1]),
+            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces),
                                 dtype=torch.uint8)
         return cls(
             scores=torch.full(shape, float("-inf")),
@@ -383,7 +383,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                                kv_layout=kv_layout)
     elif cfg.uses_codes:
         if impl == "cpp":
-            return cpu_pq_pick(q, side.codes, bt, side.codebook, num_tiles, caps,
+            return cpu_pq_pick(q, side.codes, bt, side.codebook.centroids, side.codebook.dims,
+                               num_tiles, caps,
                                num_tile_slots=M, tile_size=cfg.tile_size,
                                sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
         rank = pq_tile_rank(q, side.codes, bt, side.codebook, cfg.tile_size)

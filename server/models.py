@@ -244,8 +244,9 @@ def calibrate(name_or_path: str, subspaces: int = 4, tokens: int = 0, seed: int 
         raise ModelPrepError(f"{path}: not a Llama-architecture safetensors directory "
                              f"({type(e).__name__}: {e}); calibrate supports Llama models") from e
     s = model.spec
-    if s.head_dim % subspaces:
-        raise ModelPrepError(f"--subspaces {subspaces} must divide the head dim {s.head_dim}")
+    if s.head_dim % (2 * subspaces):
+        raise ModelPrepError(f"--subspaces {subspaces}: twice it must divide the head dim "
+                             f"{s.head_dim}")
     n = tokens or s.max_positions
     ids = calibration_tokens(path, n)
     t0 = time.perf_counter()
@@ -257,9 +258,16 @@ def calibrate(name_or_path: str, subspaces: int = 4, tokens: int = 0, seed: int 
               f" ({time.perf_counter() - t0:.0f}s)", end="\n" if done == s.layers else "",
               flush=True)
 
-    books = PQCodebooks.fit(
-        lambda on_keys: model.prefill(ids, on_kv=lambda i, k, v: on_keys(i, k), logits="none"),
-        s.layers, subspaces, seed=seed, progress=progress,
+    g = s.heads // s.kv_heads
+    keys: dict[int, "torch.Tensor"] = {}
+
+    def forward(on_layer) -> None:  # keys arrive before the layer's queries
+        model.prefill(ids, on_kv=lambda i, k, v: keys.__setitem__(i, k),
+                      on_q=lambda i, q: on_layer(i, keys.pop(i),
+                                                 q.view(s.kv_heads, g, *q.shape[1:]).sum(1)),
+                      logits="none")
+
+    books = PQCodebooks.fit(forward, s.layers, subspaces, seed=seed, progress=progress,
         meta={"model": path.name, "text": "CPython stdlib source: " + ", ".join(CALIBRATION_MODULES),
               "tokens": int(ids.numel())})
     books.save(out)

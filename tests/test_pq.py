@@ -11,51 +11,81 @@ import torch
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.decode import SideData, query_aware_pick, record_codes, side_read_fraction
 from prescore_backend.pq import (
+    LayerCodebook,
     PQCodebooks,
     codebook_path,
     fit_codebook,
     pq_encode,
     pq_tile_rank,
     resolve_codebooks,
+    rotary_pair_dims,
 )
 
 
-def _book(hkv: int, d: int, m: int, seed: int = 0) -> torch.Tensor:
+def _book(hkv: int, d: int, m: int, seed: int = 0) -> LayerCodebook:
     g = torch.Generator().manual_seed(seed)
-    return fit_codebook(torch.randn(hkv, 600, d, generator=g), m, iters=3, seed=seed)
+    return fit_codebook(torch.randn(hkv, 600, d, generator=g), m, iters=3, seed=seed,
+                        queries=torch.randn(hkv, 50, d, generator=g) * torch.linspace(0.1, 3, d))
+
+
+def _decode(book: LayerCodebook, codes: torch.Tensor, h: int) -> torch.Tensor:
+    """Keys rebuilt from their codes ``[N, m]`` (KV head h), channels in model order."""
+    out = torch.zeros(codes.shape[0], book.weights.shape[1])
+    for j in range(book.subspaces):
+        out[:, book.dims[j]] = book.centroids[h, j, codes[:, j].long()]
+    return out
+
+
+def test_rotary_pair_dims_keep_rotated_channels_together() -> None:
+    dims = rotary_pair_dims(64, 4)
+    assert dims.shape == (4, 16)
+    assert sorted(dims.flatten().tolist()) == list(range(64))
+    for j in range(4):
+        lo = dims[j, :8]
+        assert torch.equal(dims[j, 8:], lo + 32)  # (i, i + D/2): one rotary pair
+    with pytest.raises(ValueError, match="must divide the head dim"):
+        rotary_pair_dims(64, 3)
 
 
 def test_fit_codebook_places_centroids_on_the_clusters() -> None:
     """k-means per (KV head, subspace): keys drawn around 16 known points per subspace are
-    coded back to within the noise, and a fit is deterministic for its seed."""
+    coded back to within the noise, with or without query weights, and a fit is
+    deterministic for its seed."""
     g = torch.Generator().manual_seed(1)
     hkv, d, m = 2, 8, 2
+    dims = rotary_pair_dims(d, m)
     centers = torch.randn(hkv, m, 16, d // m, generator=g) * 10
     pick = torch.randint(0, 16, (hkv, 4000, m), generator=g)
-    keys = torch.stack([torch.cat([centers[h, j, pick[h, :, j]] for j in range(m)], -1)
-                        for h in range(hkv)]) + 0.01 * torch.randn(hkv, 4000, d, generator=g)
-    book = fit_codebook(keys, m, iters=30, seed=0)
-    assert book.shape == (hkv, m, 256, d // m)
-    assert torch.equal(book, fit_codebook(keys, m, iters=30, seed=0))
-    codes = pq_encode(keys.transpose(0, 1), book)  # [N, Hkv, m]
-    recon = torch.stack([torch.cat([book[h, j, codes[:, h, j].long()] for j in range(m)], -1)
-                         for h in range(hkv)])  # [Hkv, N, d]
-    err = (recon - keys).norm(dim=-1).median()
-    assert err < 0.1, err  # every cluster holds initial centroids: keys land in their own
-    with pytest.raises(ValueError, match="divide the head dim"):
-        fit_codebook(keys, 3)
+    keys = torch.zeros(hkv, 4000, d)
+    for h in range(hkv):
+        for j in range(m):
+            keys[h][:, dims[j]] = centers[h, j, pick[h, :, j]]
+    keys += 0.01 * torch.randn(hkv, 4000, d, generator=g)
+    queries = torch.randn(hkv, 100, d, generator=g) * torch.tensor([1.0, 5, 1, 1, 0.2, 1, 1, 1])
+    for qs in (None, queries):
+        book = fit_codebook(keys, m, iters=30, seed=0, queries=qs)
+        assert book.centroids.shape == (hkv, m, 256, d // m) and torch.equal(book.dims, dims)
+        again = fit_codebook(keys, m, iters=30, seed=0, queries=qs)
+        assert torch.equal(book.centroids, again.centroids)
+        codes = pq_encode(keys.transpose(0, 1), book)  # [N, Hkv, m]
+        for h in range(hkv):
+            err = (_decode(book, codes[:, h], h) - keys[h]).norm(dim=-1).median()
+            assert err < 0.1, err  # every cluster holds initial centroids: keys land in their own
+    assert book.weights[0, 1] > 3 * book.weights[0, 0] > 9 * book.weights[0, 4]
     with pytest.raises(ValueError, match="fewer than 256"):
         fit_codebook(keys[:, :100], 2)
 
 
-def test_pq_encode_is_the_nearest_centroid() -> None:
+def test_pq_encode_is_the_nearest_centroid_under_the_query_weights() -> None:
     book = _book(2, 16, 4)
     keys = torch.randn(50, 2, 16)
     codes = pq_encode(keys, book)
     assert codes.dtype == torch.uint8 and codes.shape == (50, 2, 4)
     for h in range(2):
         for j in range(4):
-            dist = ((keys[:, h, None, 4 * j:4 * j + 4] - book[h, j][None]) ** 2).sum(-1)
+            c = book.dims[j]
+            w = book.weights[h, c]
+            dist = (((keys[:, h, None, c] - book.centroids[h, j][None]) * w) ** 2).sum(-1)
             assert torch.equal(codes[:, h, j].long(), dist.argmin(-1))
 
 
@@ -91,8 +121,7 @@ def test_pq_rank_and_cpp_pick_match_the_decoded_keys(group) -> None:
     for r, n in enumerate(lens):
         codes = pq_encode(keys[r], book)  # [n, Hkv, m]
         for h in range(hkv):
-            rec = torch.cat([book[h, j, codes[:, h, j].long()] for j in range(m)], -1)  # [n, d]
-            est = rec @ q[r, h * group:(h + 1) * group].sum(0)
+            est = _decode(book, codes[:, h], h) @ q[r, h * group:(h + 1) * group].sum(0)
             full = n // 16
             want = est[: full * 16].view(full, 16).amax(-1)
             torch.testing.assert_close(rank[r, h, :full], want, rtol=1e-5, atol=1e-4)
@@ -122,13 +151,19 @@ def test_pq_side_data_and_read_fraction() -> None:
     assert side.bytes_per_token(128) == pytest.approx((3 * 8 * 4 + 3 * 128 * 4) / 128)
 
 
+def _books(L: int, hkv: int, m: int, d: int) -> PQCodebooks:
+    return PQCodebooks(torch.randn(L, hkv, m, 256, d // m), torch.rand(L, hkv, d),
+                       rotary_pair_dims(d, m), {"text": "x"})
+
+
 def test_codebook_file_round_trip_and_shape_check(tmp_path) -> None:
-    books = PQCodebooks(torch.randn(2, 3, 4, 256, 16), {"text": "x"})
+    books = _books(2, 3, 4, 64)
     path = codebook_path(tmp_path, 4)
     books.save(path)
     back = PQCodebooks.load(path)
     assert torch.equal(back.centroids, books.centroids) and back.meta == {"text": "x"}
-    assert back.subspaces == 4 and back.layer(1).shape == (3, 4, 256, 16)
+    assert torch.equal(back.weights, books.weights) and torch.equal(back.dims, books.dims)
+    assert back.subspaces == 4 and back.layer(1).centroids.shape == (3, 4, 256, 16)
     back.check(2, 3, 64, "here")
     with pytest.raises(ValueError, match="prescore-models calibrate"):
         back.check(30, 3, 64, "here")
@@ -142,7 +177,7 @@ def test_resolve_codebooks_finds_falls_back_or_names_the_setting(tmp_path) -> No
     assert resolve_codebooks(PrescoreConfig(query_aware="quest"), tmp_path)[0] is None
     books, used, msg = resolve_codebooks(cfg, tmp_path)
     assert books is None and used.query_aware == "quest" and "prescore-models calibrate" in msg
-    PQCodebooks(torch.randn(1, 1, 4, 256, 16), {}).save(codebook_path(tmp_path, 4))
+    _books(1, 1, 4, 64).save(codebook_path(tmp_path, 4))
     books, used, msg = resolve_codebooks(cfg, tmp_path)
     assert books is not None and used.query_aware == "pq" and str(tmp_path) in msg
     with pytest.raises(ValueError, match="PRESCORE_PQ_CODEBOOK"):
