@@ -312,7 +312,8 @@ def test_dockerignore():
         assert ignored(rel), rel
     # What the builds need stays in the context.
     for rel in ("pyproject.toml", "README.md", "Makefile", "prescore_backend/__init__.py",
-                "kernels/sparse_decode.py", "server/cli.py", ENTRYPOINT_SRC):
+                "kernels/sparse_decode.py", "kernels/csrc/bindings.cpp", "server/cli.py",
+                ENTRYPOINT_SRC):
         assert (REPO / rel).exists() and not ignored(rel), rel
 
 

@@ -1,0 +1,57 @@
+"""The CPU kernels' C++ extension: sources in ``kernels/csrc/``, compiled on first use.
+
+:func:`extension` builds ``csrc/bindings.cpp`` (which includes the other files: one
+translation unit) with torch's JIT extension loader, once per process, cached on disk under
+``TORCH_EXTENSIONS_DIR``. The code is built with ``-march=native``, so it runs only on CPUs
+with the instruction set it was built for: the extension's name is keyed by a hash of the
+sources, the compiler flags, torch's version and this CPU's model and feature flags
+(:func:`ext_name`). Hosts sharing a cache directory never load each other's build, and an
+edit of any csrc file builds anew. :mod:`.cpu_sparse_decode`, :mod:`.cpu_select` and
+:mod:`.cpu_side` call through here; this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+from .host import cpu_flags, cpu_model
+
+__all__ = ["CSRC", "ext_name", "extension", "sources"]
+
+#: The C++ sources, shipped as package data of ``prescore_backend.kernels``.
+CSRC = Path(__file__).resolve().parent / "csrc"
+_MAIN = "bindings.cpp"
+_CFLAGS = ["-O3", "-march=native"]
+
+
+def sources() -> list[Path]:
+    """Every C++ file of the extension (the headers too: they are part of its one unit)."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".h", ".cpp") and p.is_file())
+
+
+@functools.lru_cache(maxsize=1)
+def ext_name() -> str:
+    """``prescore_cpu_kernels_<16 hex>``: sha256 of the sources (names and bytes), the
+    compiler flags, torch's version, the CPU model and its sorted feature flags."""
+    import torch
+
+    h = hashlib.sha256()
+    for p in sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for part in (" ".join(_CFLAGS), torch.__version__, cpu_model(), " ".join(sorted(cpu_flags()))):
+        h.update(part.encode() + b"\0")
+    return f"prescore_cpu_kernels_{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=1)
+def extension():
+    """The compiled module (compiles on the first call in a machine's cache; raises when it
+    cannot: no compiler, no Python headers). Entry points: ``sparse_decode_cpu``,
+    ``select_tiles_cpu``, ``quest_pick_cpu``, ``sparq_pick_cpu``, ``pq_pick_cpu``,
+    ``record_bounds_cpu``, ``select_decode_cpu``, ``select_decode_into_cpu``."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=ext_name(), sources=[str(CSRC / _MAIN)], extra_cflags=_CFLAGS,
+                verbose=False)

@@ -1,0 +1,419 @@
+// Query-aware picks (kernels/cpu_select.py): Quest, SparQ and PQ ranking of each row's eligible
+// tiles, read through the block table in place. Part of the one translation unit bindings.cpp.
+#pragma once
+
+#include "common.h"
+#include "select.h"
+
+// x[0..16) -> one vector whose lane i is the sum of x[i]'s 16 lanes: four levels of pairwise
+// combines (15 adds of two two-source permutes) instead of 16 horizontal reductions, each a
+// chain of ~4 shuffle-add steps: what the Quest ranking spends per tile beyond its FMAs.
+static inline v16f sum_lanes16(const v16f* x) {
+#ifdef __AVX512F__
+  auto comb = [](v16f a, v16f b, const __m512i& i1, const __m512i& i2) {
+    __m512 x1, x2;
+    std::memcpy(&x1, &a, 64);
+    std::memcpy(&x2, &b, 64);
+    const __m512 r = _mm512_add_ps(_mm512_permutex2var_ps(x1, i1, x2),
+                                   _mm512_permutex2var_ps(x1, i2, x2));
+    v16f o;
+    std::memcpy(&o, &r, 64);
+    return o;
+  };
+  // lane indices: 0..15 from the first operand, 16..31 from the second
+  const __m512i a1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i a2 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i b1 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i b2 = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i c1 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+  const __m512i c2 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const __m512i d1 = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i d2 = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  v16f a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) a[i] = comb(x[i], x[i + 8], a1, a2);  // 8-lane halves: x_i, x_i+8
+  for (int i = 0; i < 4; ++i) b[i] = comb(a[i], a[i + 4], b1, b2);  // quarters: i, i+4, i+8, i+12
+  for (int i = 0; i < 2; ++i) c[i] = comb(b[i], b[i + 2], c1, c2);  // pairs: i, i+2, .., i+14
+  return comb(c[0], c[1], d1, d2);                                   // lanes: 0, 1, .., 15
+#else
+  v16f o;
+  for (int i = 0; i < 16; ++i) o[i] = hsum(x[i]);
+  return o;
+#endif
+}
+
+constexpr int64_t kQuestTouch = 4;  // blocks ahead whose bound runs get their L2 streamer started
+
+template <typename scalar_t>
+static void quest_run(const float* q, const scalar_t* kmin, const scalar_t* kmax, int64_t s0,
+                      int64_t s1, int64_t s2, const int64_t* bt, int64_t bt_stride,
+                      const int64_t* nt, const int64_t* caps, const bool* cand, bool* pick,
+                      int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t M, int64_t tpb,
+                      int64_t sink, int64_t window) {
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);  // candidate keys (0: not a candidate), padded
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    std::vector<float> qp(G * D), qn(G * D);
+    std::vector<v16f> qpv(D % 16 == 0 ? G * D / 16 : 0), qnv(qpv.size());  // the same, as vectors
+    // Vector path: tiles ranked 16 at a time. Slot j holds tile ts[j]'s G per-lane partial
+    // sums (part[g * 16 + j]); a full batch (or the last) is reduced by sum_lanes16 per head,
+    // max over the group lane-wise.
+    std::vector<v16f> part(qpv.empty() ? 0 : 16 * G, v16f{});
+    int64_t ts[16];
+    int slots = 0;
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      const float* qg = q + rh * G * D;
+      for (int64_t i = 0; i < G * D; ++i) {
+        qp[i] = std::max(qg[i], 0.f);
+        qn[i] = std::min(qg[i], 0.f);
+      }
+      if (!qpv.empty()) {
+        std::memcpy(qpv.data(), qp.data(), G * D * sizeof(float));
+        std::memcpy(qnv.data(), qn.data(), G * D * sizeof(float));
+      }
+      int64_t k = 0;
+      auto flush = [&] {  // rank the batch's tiles
+        v16f best = sum_lanes16(part.data());
+        for (int64_t g = 1; g < G; ++g) {
+          const v16f sg = sum_lanes16(part.data() + g * 16);
+          best = best > sg ? best : sg;
+        }
+        for (int j = 0; j < slots; ++j)
+          if (std::isfinite(best[j])) { u[ts[j]] = order_bits(best[j]); ++k; }
+        slots = 0;
+      };
+      // Block by block (no division per tile); a tile's bounds are loaded once for the G heads.
+      const bool vec = D % 16 == 0 && D <= 256;
+      const int64_t nd = D / 16;
+      // The blocks sit at random places, so the bounds are cold runs of tpb * s2 elements (per
+      // array) read one after the other: the next block's runs are prefetched whole, and
+      // kQuestTouch blocks ahead the first two lines of each (which starts the L2 streamer on
+      // them, as in the decode kernels). Without it the loop waited on memory for every block.
+      const int64_t run_bytes = tpb * s2 * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t b_end = (hi + tpb - 1) / tpb;
+      auto block_base = [&](int64_t lb) { return bt[r * bt_stride + lb] * s0 + h * s1; };
+      for (int64_t i = 1; i <= kQuestTouch && lo / tpb + i < b_end; ++i) {
+        const int64_t nb = block_base(lo / tpb + i);
+        for (const scalar_t* a : {kmin + nb, kmax + nb}) {
+          __builtin_prefetch(a, 0, 2);
+          __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
+        }
+      }
+      // D / 16 fixed at compile time (one dispatch per (row, KV head)): the bounds stay in
+      // registers (with a runtime count they went through the stack). With the batched
+      // reduction: 7-10% less time with the bounds in cache, 3-4% cold (16k, b1 and b8)
+      with_const<16>(vec ? nd : 1, [&](auto ndc) {
+        constexpr int ND = decltype(ndc)::value;
+        for (int64_t b = lo / tpb; b * tpb < hi; ++b) {
+          const int64_t base = block_base(b);
+          if (b + 1 < b_end) {
+            const int64_t nb = block_base(b + 1);
+            prefetch_span(kmin + nb, run_bytes);
+            prefetch_span(kmax + nb, run_bytes);
+          }
+          if (b + kQuestTouch < b_end) {
+            const int64_t nb = block_base(b + kQuestTouch);
+            for (const scalar_t* a : {kmin + nb, kmax + nb}) {
+              __builtin_prefetch(a, 0, 2);
+              __builtin_prefetch(reinterpret_cast<const char*>(a) + 64, 0, 2);
+            }
+          }
+          const int64_t t0 = std::max(lo, b * tpb), t1 = std::min(hi, (b + 1) * tpb);
+          for (int64_t t = t0; t < t1; ++t) {
+            if (cand && !cand[rh * M + t]) continue;
+            const scalar_t* mn = kmin + base + (t - b * tpb) * s2;
+            const scalar_t* mx = kmax + base + (t - b * tpb) * s2;
+            float best = -std::numeric_limits<float>::infinity();
+            if (vec) {  // 16 lanes at a time (a float sum does not auto-vectorize)
+              v16f vmx[ND], vmn[ND];
+              for (int d = 0; d < ND; ++d) {
+                vmx[d] = load16(mx + 16 * d);
+                vmn[d] = load16(mn + 16 * d);
+              }
+              for (int64_t g = 0; g < G; ++g) {
+                const v16f* a = qpv.data() + g * ND;
+                const v16f* bq = qnv.data() + g * ND;
+                v16f acc0 = a[0] * vmx[0] + bq[0] * vmn[0], acc1 = v16f{};
+                for (int d = 1; d < ND; d += 2) {  // two chains: FMA latency
+                  acc1 += a[d] * vmx[d] + bq[d] * vmn[d];
+                  if (d + 1 < ND) acc0 += a[d + 1] * vmx[d + 1] + bq[d + 1] * vmn[d + 1];
+                }
+                part[g * 16 + slots] = acc0 + acc1;  // reduced with 15 other tiles in flush
+              }
+              ts[slots] = t;
+              if (++slots == 16) flush();
+              continue;
+            } else {
+              for (int64_t g = 0; g < G; ++g) {
+                const float* a = qp.data() + g * D;
+                const float* bq = qn.data() + g * D;
+                float acc = 0.f;
+                for (int64_t d = 0; d < D; ++d) acc += a[d] * ld(mx + d) + bq[d] * ld(mn + d);
+                best = std::max(best, acc);
+              }
+            }
+            if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
+          }
+        }
+      });
+      if (slots) flush();
+      const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
+      static_assert(sizeof(bool) == 1, "pick is written as bytes");
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
+    }
+  });
+}
+
+torch::Tensor quest_pick_cpu(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax,
+                             torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
+                             torch::Tensor cand, int64_t M, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32 contiguous; kmin/kmax [num_blocks, Hkv, tpb, D] (last dim contiguous);
+  // bt [R, MB] int64; num_tiles, caps [R] int64; cand [R, Hkv, M] bool or empty.
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kmin.size(1), tpb = kmin.size(2), G = Hq / Hkv;
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  const bool* cp = cand.numel() > 0 ? cand.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kmin.scalar_type(), "quest_pick_cpu", [&] {
+    quest_run<scalar_t>(q.data_ptr<float>(), kmin.data_ptr<scalar_t>(), kmax.data_ptr<scalar_t>(),
+                        kmin.stride(0), kmin.stride(1), kmin.stride(2), bt.data_ptr<int64_t>(),
+                        bt.stride(0), num_tiles.data_ptr<int64_t>(), caps.data_ptr<int64_t>(),
+                        cp, pick.data_ptr<bool>(), R, Hkv, G, D, M, tpb, sink, window);
+  });
+  return pick;
+}
+
+// SparQ pick: tiles ranked by max over the tile's tokens and the group's heads of q.k on the
+// chosen key channels, read from the KV cache in place, block by block: for each chosen
+// channel, the block's tokens of that channel are one contiguous run in vLLM's "vec" layout
+// (K^T: B values) and 16-token lines of channel pairs in the packed "amx" layout, so the
+// partial products of all the block's tokens accumulate in unit-stride loops that vectorize.
+// The next block's runs are prefetched (the blocks sit at random places).
+template <typename T> static inline v16f gather16(const T* p, int64_t stride) {
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(p[i * stride]);
+  v16f x;
+  std::memcpy(&x, t, 64);
+  return x;
+}
+
+template <typename scalar_t>
+static void sparq_run(const float* q, const scalar_t* kc, int64_t s0, int64_t s1, int64_t s2,
+                      int64_t s3, bool amx, const int64_t* bt,
+                      int64_t bt_stride, const int64_t* nt, const int64_t* caps, bool* pick,
+                      int64_t R, int64_t Hkv, int64_t G, int64_t D, int64_t NC, int64_t M,
+                      int64_t T, int64_t B, int64_t sink, int64_t window) {
+  const int64_t tpb = B / T;
+  const int64_t es = static_cast<int64_t>(sizeof(scalar_t));
+  amx = amx && std::is_same_v<scalar_t, c10::BFloat16>;
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    const int64_t NB16 = B / 16;
+    std::vector<v16f> accv(G * NB16);
+    std::vector<float> qs(G * NC), mag(D / 2);
+    std::vector<int64_t> chr(NC), pairs(D / 2);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      // The channels: the NC / 2 pairs (2p, 2p+1) of largest |q| summed over the group (the
+      // rule of decode.sparq_channels; ties to the lower pair), in ascending order.
+      const float* qg = q + rh * G * D;
+      for (int64_t p = 0; p < D / 2; ++p) {
+        float m = 0.f;
+        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + 2 * p]) + std::abs(qg[g * D + 2 * p + 1]);
+        mag[p] = m;
+        pairs[p] = p;
+      }
+      std::partial_sort(pairs.begin(), pairs.begin() + NC / 2, pairs.end(),
+                        [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
+      std::sort(pairs.begin(), pairs.begin() + NC / 2);
+      for (int64_t j = 0; j < NC / 2; ++j) { chr[2 * j] = 2 * pairs[j]; chr[2 * j + 1] = 2 * pairs[j] + 1; }
+      for (int64_t j = 0; j < NC; ++j)
+        for (int64_t g = 0; g < G; ++g) qs[g * NC + j] = q[(rh * G + g) * D + chr[j]];
+      // where channel c's run starts in a (block, head) region, and its element stride
+      auto run_of = [&](const scalar_t* base, int64_t c) {
+        return amx ? base + (c / 2) * 32 + c % 2 : base + c * s3;
+      };
+      auto block_base = [&](int64_t lb) { return kc + bt[r * bt_stride + lb] * s0 + h * s1; };
+      auto prefetch_block = [&](int64_t lb) {
+        const scalar_t* nb = block_base(lb);
+        for (int64_t j = 0; j < NC; ++j) {
+          if (amx) {
+            for (int64_t c16 = 0; c16 < B / 16; ++c16)
+              __builtin_prefetch(run_of(nb, chr[j]) + c16 * 16 * D, 0, 3);
+          } else if (s2 == 1) {
+            prefetch_span(run_of(nb, chr[j]), B * es);
+          }
+        }
+      };
+      // the first line of each channel run kQuestTouch blocks ahead: starts the L2 streamer
+      // on the runs before the next block's full prefetch (as the Quest ranking does)
+      auto touch_block = [&](int64_t lb) {
+        const scalar_t* nb = block_base(lb);
+        for (int64_t j = 0; j < NC; j += 2) __builtin_prefetch(run_of(nb, chr[j]), 0, 2);
+      };
+      int64_t k = 0;
+      const int64_t b_end = (hi + tpb - 1) / tpb;
+      if (lo / tpb < b_end) prefetch_block(lo / tpb);
+      for (int64_t i = 1; i <= kQuestTouch && lo / tpb + i < b_end; ++i) touch_block(lo / tpb + i);
+      for (int64_t b = lo / tpb; b < b_end; ++b) {
+        if (b + 1 < b_end) prefetch_block(b + 1);
+        if (b + kQuestTouch < b_end) touch_block(b + kQuestTouch);
+        const scalar_t* base = block_base(b);
+        const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
+        const int64_t x0 = t0 * T, x1 = t1 * T;  // tokens of the block ranked here
+        // 16 tokens at a time over the 16-token chunks that hold the ranked tiles, a channel
+        // pair per step: acc[g * NB16 + c] = partial q.k of head g, chunk c.
+        const int64_t c0 = x0 / 16, c1 = (x1 + 15) / 16;
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t g = 0; g < G; ++g) accv[g * NB16 + c] = v16f{};
+        for (int64_t j = 0; j < NC; j += 2) {
+          const int64_t c_lo = chr[j];
+          for (int64_t c = c0; c < c1; ++c) {
+            v16f k0, k1;
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              if (amx) {
+                split_pairs(base + c * 16 * D + (c_lo / 2) * 32, k0, k1);
+              } else if (s2 == 1) {
+                k0 = load16(base + c_lo * s3 + c * 16);
+                k1 = load16(base + (c_lo + 1) * s3 + c * 16);
+              } else {
+                k0 = gather16(base + c_lo * s3 + c * 16 * s2, s2);
+                k1 = gather16(base + (c_lo + 1) * s3 + c * 16 * s2, s2);
+              }
+            } else if (s2 == 1) {
+              k0 = load16(base + c_lo * s3 + c * 16);
+              k1 = load16(base + (c_lo + 1) * s3 + c * 16);
+            } else {
+              k0 = gather16(base + c_lo * s3 + c * 16 * s2, s2);
+              k1 = gather16(base + (c_lo + 1) * s3 + c * 16 * s2, s2);
+            }
+            for (int64_t g = 0; g < G; ++g)
+              accv[g * NB16 + c] += qs[g * NC + j] * k0 + qs[g * NC + j + 1] * k1;
+          }
+        }
+        const float* acc = reinterpret_cast<const float*>(accv.data());
+        for (int64_t t = t0; t < t1; ++t) {
+          float best = -std::numeric_limits<float>::infinity();
+          if (T % 16 == 0) {
+            v16f m = accv[t * T / 16];
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t c = t * T / 16; c < (t + 1) * T / 16; ++c) {
+                const v16f v = accv[g * NB16 + c];
+                m = m > v ? m : v;
+              }
+            best = hmax(m);
+          } else {
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t i = t * T; i < (t + 1) * T; ++i) best = std::max(best, acc[g * B + i]);
+          }
+          if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
+        }
+      }
+      const int64_t take = std::min(k, std::max<int64_t>(caps[r], 0));
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pick + rh * M), 1);
+    }
+  });
+}
+
+torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt,
+                             torch::Tensor num_tiles, torch::Tensor caps, int64_t NC,
+                             int64_t M, int64_t T, int64_t sink, int64_t window, bool amx) {
+  // q [R, Hq, D] fp32 contiguous; kc [NB, Hkv, B, D] K view (any strides) or the packed "amx"
+  // K region; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels (even, <= D).
+  TORCH_CHECK(!kc.is_cuda() && kc.dim() == 4, "sparq_pick_cpu: CPU key cache [NB, Hkv, B, D]");
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kc.size(1), B = kc.size(2), G = Hq / Hkv;
+  NC = std::min<int64_t>(NC - NC % 2, D - D % 2);
+  TORCH_CHECK(NC >= 2, "sparq_pick_cpu: at least one channel pair");
+  TORCH_CHECK(B % T == 0 && B % 16 == 0 && kc.size(3) == D,
+              "sparq_pick_cpu: tile must divide the block, a multiple of 16 tokens");
+  if (amx)
+    TORCH_CHECK(kc.scalar_type() == at::kBFloat16 && B % 16 == 0 && D % 2 == 0 && kc.stride(3) == 1 && kc.stride(2) == D,
+                "sparq_pick_cpu: packed amx region must be contiguous per (block, head)");
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kc.scalar_type(), "sparq_pick_cpu", [&] {
+    sparq_run<scalar_t>(q.data_ptr<float>(), kc.data_ptr<scalar_t>(), kc.stride(0), kc.stride(1),
+                        kc.stride(2), kc.stride(3), amx, bt.data_ptr<int64_t>(), bt.stride(0), num_tiles.data_ptr<int64_t>(),
+                        caps.data_ptr<int64_t>(), pick.data_ptr<bool>(), R, Hkv, G, D, NC, M, T,
+                        B, sink, window);
+  });
+  return pick;
+}
+
+// PQ pick (query_aware="pq", prescore_backend.pq.pq_tile_rank): per (row, KV head) a lookup
+// table of the group's summed query against each subspace's centroids, then per token the sum
+// of its m table entries (codes read in place through the block table), max per tile, and the
+// best caps[r] eligible tiles marked (ties to the lower index, as the torch ranking + topk).
+torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt,
+                          torch::Tensor book, torch::Tensor dims, torch::Tensor num_tiles,
+                          torch::Tensor caps, int64_t M, int64_t T, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, C, d]
+  // fp32 over the channels dims [m, d] int64 of each subspace
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && book.dim() == 4,
+              "pq_pick_cpu: codes [NB, Hkv, B, m] uint8, codebook [Hkv, m, C, d]");
+  const auto qc = as_contig(q, at::kFloat), cc = codes.contiguous(), bk = as_contig(book, at::kFloat);
+  const auto btc = as_contig(bt, at::kLong), ntc = as_contig(num_tiles, at::kLong),
+             cpc = as_contig(caps, at::kLong);
+  const int64_t R = qc.size(0), Hq = qc.size(1), D = qc.size(2);
+  const int64_t Hkv = cc.size(1), B = cc.size(2), m = cc.size(3), C = bk.size(2), d = bk.size(3);
+  const auto dm = as_contig(dims, at::kLong);
+  TORCH_CHECK(bk.size(0) == Hkv && bk.size(1) == m && m * d == D && C <= 256 && Hq % Hkv == 0 &&
+              B % T == 0 && dm.numel() == D, "pq_pick_cpu: shapes of q, codes and codebook do not match");
+  const int64_t* dp = dm.data_ptr<int64_t>();
+  const int64_t G = Hq / Hkv, tpb = B / T, MB = btc.size(1);
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  const float* qp = qc.data_ptr<float>();
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const float* bp = bk.data_ptr<float>();
+  const int64_t* btp = btc.data_ptr<int64_t>();
+  const int64_t* nt = ntc.data_ptr<int64_t>();
+  const int64_t* cap = cpc.data_ptr<int64_t>();
+  bool* pk = pick.data_ptr<bool>();
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    std::vector<float> lut(m * C), qs(D);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      std::fill(qs.begin(), qs.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) qs[i] += qp[(r * Hq + h * G + g) * D + i];
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t c = 0; c < C; ++c) {
+          const float* cen = bp + ((h * m + j) * C + c) * d;
+          float acc = 0.f;
+          for (int64_t i = 0; i < d; ++i) acc += qs[dp[j * d + i]] * cen[i];
+          lut[j * C + c] = acc;
+        }
+      int64_t k = 0;
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t lb = (t * T) / B;
+        if (lb >= MB) break;
+        const uint8_t* tok = cp + ((btp[r * MB + lb] * Hkv + h) * B + (t % tpb) * T) * m;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < T; ++i) {
+          float e = 0.f;
+          for (int64_t j = 0; j < m; ++j) e += lut[j * C + tok[i * m + j]];
+          best = std::max(best, e);
+        }
+        if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
+      }
+      const int64_t take = std::min(k, std::max<int64_t>(cap[r], 0));
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pk + rh * M), 1);
+    }
+  });
+  return pick;
+}
+
