@@ -179,12 +179,15 @@ def floor_budget(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
 
 
 def query_caps(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
-    """Query-aware tiles per (row, KV head) at most: floor(query_cap_ratio * budget), ``[R]``.
+    """Query-aware tiles per (row, KV head) at most, ``[R]``: floor(query_cap_ratio * budget),
+    and never more than the budget left after sinks and window (picks beyond it could not be
+    kept, and the selection would then choose among them by pre-score, not by their rank).
 
     Per row, so a request's split between query-aware and pre-scored tiles does not depend on
     the budgets of the other rows of its batch.
     """
-    return (budget.double() * cfg.query_cap_ratio).floor().long()
+    cap = (budget.double() * cfg.query_cap_ratio).floor().long()
+    return torch.minimum(cap, (budget - cfg.sink_tiles - cfg.window_tiles).clamp_min(0))
 
 
 # ----------------------------------------------------------------------------- recording
