@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .host import cpu_flags, cpu_model
 
-__all__ = ["CSRC", "ext_name", "extension", "sources"]
+__all__ = ["CSRC", "build", "ext_name", "extension", "sources"]
 
 #: The C++ sources, shipped as package data of ``prescore_backend.kernels``.
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -31,8 +31,8 @@ def sources() -> list[Path]:
     return sorted(p for p in CSRC.iterdir() if p.suffix in (".h", ".cpp") and p.is_file())
 
 
-@functools.lru_cache(maxsize=1)
-def ext_name() -> str:
+@functools.lru_cache(maxsize=None)
+def ext_name(extra_cflags: tuple[str, ...] = ()) -> str:
     """``prescore_cpu_kernels_<16 hex>``: sha256 of the sources (names and bytes), the
     compiler flags, torch's version, the CPU model and its sorted feature flags."""
     import torch
@@ -40,9 +40,20 @@ def ext_name() -> str:
     h = hashlib.sha256()
     for p in sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    for part in (" ".join(_CFLAGS), torch.__version__, cpu_model(), " ".join(sorted(cpu_flags()))):
+    for part in (" ".join([*_CFLAGS, *extra_cflags]), torch.__version__, cpu_model(),
+                 " ".join(sorted(cpu_flags()))):
         h.update(part.encode() + b"\0")
     return f"prescore_cpu_kernels_{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def build(extra_cflags: tuple[str, ...] = ()):
+    """The extension built with ``extra_cflags`` after the defaults, e.g. ``("-mno-avx512f",)``
+    for the AVX2 code paths on an AVX-512 host (tests). Same caching as :func:`extension`."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=ext_name(extra_cflags), sources=[str(CSRC / _MAIN)],
+                extra_cflags=[*_CFLAGS, *extra_cflags], verbose=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,7 +62,4 @@ def extension():
     cannot: no compiler, no Python headers). Entry points: ``sparse_decode_cpu``,
     ``select_tiles_cpu``, ``quest_pick_cpu``, ``sparq_pick_cpu``, ``pq_pick_cpu``,
     ``record_bounds_cpu``, ``select_decode_cpu``, ``select_decode_into_cpu``."""
-    from torch.utils.cpp_extension import load
-
-    return load(name=ext_name(), sources=[str(CSRC / _MAIN)], extra_cflags=_CFLAGS,
-                verbose=False)
+    return build()

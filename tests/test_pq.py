@@ -207,3 +207,39 @@ def test_calibrate_rejects_a_non_llama_directory(tmp_path, capsys) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     assert main(["calibrate", str(tmp_path)]) == 1
     assert "Llama" in capsys.readouterr().err
+
+
+#: Flags that turn an AVX-512 (or AMX) host's -march=native build into its AVX2 code paths.
+AVX2_ONLY = ("-mno-avx512f", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
+
+
+@pytest.mark.skipif("avx512f" not in __import__("prescore_backend.kernels.host",
+                                               fromlist=["cpu_flags"]).cpu_flags(),
+                    reason="needs AVX-512F (an AVX2-only host builds these paths by default)")
+def test_avx2_build_picks_the_same_tiles() -> None:
+    """The C++ built without AVX-512 (the code AVX2-only hosts run) ranks with PQ codes and
+    Quest bounds exactly as the host's own build and the torch ranking do."""
+    from prescore_backend.kernels.cpu_ext import build
+
+    avx2 = build(AVX2_ONLY)
+    lens, hkv, d, m, B, group = [1500, 700, 1100], 3, 64, 4, 128, 3
+    side, bt, _, book = _paged_codes(lens, hkv, d, m, B, seed=7)
+    q = torch.randn(len(lens), hkv * group, d)
+    nt = torch.tensor([-(-n // 16) for n in lens])
+    caps = torch.tensor([9, 4, 6])
+    M = bt.shape[1] * B // 16
+    cfg = PrescoreConfig(query_aware="pq", query_cap_ratio=1.0)
+    want = query_aware_pick(cfg, q, side, bt, torch.zeros(len(lens), hkv, M), nt, caps,
+                            lsh=None, impl="torch")
+    got = avx2.pq_pick_cpu(q, side.codes, bt, book.centroids, book.dims, nt, caps, M, 16,
+                           cfg.sink_tiles, cfg.window_tiles)
+    assert torch.equal(got, want)
+    nb = side.codes.shape[0]
+    kmin, kmax = torch.randn(nb, hkv, 8, d), torch.randn(nb, hkv, 8, d)
+    kmin, kmax = torch.minimum(kmin, kmax), torch.maximum(kmin, kmax)
+    from prescore_backend.kernels.cpu_select import cpu_quest_pick
+
+    host = cpu_quest_pick(q, kmin, kmax, bt, nt, caps, num_tile_slots=M, sink_tiles=2,
+                          window_tiles=10)
+    cand = torch.empty(0, dtype=torch.bool)
+    assert torch.equal(avx2.quest_pick_cpu(q, kmin, kmax, bt, nt, caps, cand, M, 2, 10), host)

@@ -403,10 +403,48 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
         if (lb >= MB) break;
         const uint8_t* tok = cp + ((btp[r * MB + lb] * Hkv + h) * B + (t % tpb) * T) * m;
         float best = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < T; ++i) {
-          float e = 0.f;
-          for (int64_t j = 0; j < m; ++j) e += lut[j * C + tok[i * m + j]];
-          best = std::max(best, e);
+        if (m == 4 && C == 256) {
+          // 4 codes per token are one 32-bit lane: a gather per subspace for a vector of
+          // tokens, summed in the scalar loop's order (the same floats)
+          const float* L = lut.data();
+          int64_t i = 0;
+#if defined(__AVX512F__)
+          const __m512i lo8 = _mm512_set1_epi32(255);
+          __m512 bv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+          for (; i + 16 <= T; i += 16) {
+            const __m512i v = _mm512_loadu_si512(tok + i * 4);
+            __m512 e = _mm512_i32gather_ps(_mm512_and_si512(v, lo8), L, 4);
+            e = _mm512_add_ps(e, _mm512_i32gather_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), lo8), L + 256, 4));
+            e = _mm512_add_ps(e, _mm512_i32gather_ps(_mm512_and_si512(_mm512_srli_epi32(v, 16), lo8), L + 512, 4));
+            e = _mm512_add_ps(e, _mm512_i32gather_ps(_mm512_srli_epi32(v, 24), L + 768, 4));
+            bv = _mm512_max_ps(bv, e);
+          }
+          best = _mm512_reduce_max_ps(bv);
+#elif defined(__AVX2__)
+          const __m256i lo8 = _mm256_set1_epi32(255);
+          __m256 bv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+          for (; i + 8 <= T; i += 8) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok + i * 4));
+            __m256 e = _mm256_i32gather_ps(L, _mm256_and_si256(v, lo8), 4);
+            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 256, _mm256_and_si256(_mm256_srli_epi32(v, 8), lo8), 4));
+            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 512, _mm256_and_si256(_mm256_srli_epi32(v, 16), lo8), 4));
+            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 768, _mm256_srli_epi32(v, 24), 4));
+            bv = _mm256_max_ps(bv, e);
+          }
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, bv);
+          for (float x : tmp) best = std::max(best, x);
+#endif
+          for (; i < T; ++i) {
+            const uint8_t* c4 = tok + i * 4;
+            best = std::max(best, L[c4[0]] + L[256 + c4[1]] + L[512 + c4[2]] + L[768 + c4[3]]);
+          }
+        } else {
+          for (int64_t i = 0; i < T; ++i) {
+            float e = 0.f;
+            for (int64_t j = 0; j < m; ++j) e += lut[j * C + tok[i * m + j]];
+            best = std::max(best, e);
+          }
         }
         if (std::isfinite(best)) { u[t] = order_bits(best); ++k; }
       }
