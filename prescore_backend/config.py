@@ -38,12 +38,13 @@ def _doc(text: str) -> dict[str, Any]:
 class PrescoreConfig:
     """Settings of the PRESCORE attention backend (validated on construction)."""
 
-    method: str = field(default="leverage", metadata=_doc(
-        "Query-independent key scorer run at prefill (see `prescore_backend.scoring`): "
-        "leverage (the default), recency (score = position: the budget beyond sinks, window "
-        "and the query-aware picks extends the recent window), kmeans, kernel_kmeans, "
-        "kmedian, key_norm, random (the clustering scorers refit per KV block and cost far "
-        "more than leverage)."))
+    method: str = field(default="recency", metadata=_doc(
+        "Query-independent key scorer run at prefill (see `prescore_backend.scoring`); its "
+        "scores fill the budget the query-aware part leaves (none with the default "
+        "query_cap_ratio=1): recency (the default; score = position, so the fill extends "
+        "the recent window; costs nothing), leverage, kmeans, kernel_kmeans, kmedian, "
+        "key_norm, random (the clustering scorers refit per KV block and cost far more than "
+        "leverage)."))
     keep_ratio: float = field(default=0.125, metadata=_doc(
         "Fraction of a sequence's KV tiles read per decode step (sinks, window and "
         "query-aware picks included), in (0, 1]; 1 = exact. The query-aware ranking reads "
@@ -61,7 +62,7 @@ class PrescoreConfig:
         "Most recent tokens always attended; a multiple of tile_size and at least one KV "
         "block plus one tile (a block's tiles are scored when the block is full, so the "
         "unscored tail must stay inside the window)."))
-    query_aware: str = field(default="quest", metadata=_doc(
+    query_aware: str = field(default="pq", metadata=_doc(
         "The query-aware part of the selection, recomputed for every decode step: "
         "'lsh' = tiles whose LSH bucket set holds the query's bucket (HyperAttention), ranked "
         "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "
@@ -80,9 +81,11 @@ class PrescoreConfig:
         "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
         "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
         "none, the backend logs a warning and ranks with 'quest' instead."))
-    query_cap_ratio: float = field(default=0.5, metadata=_doc(
-        "At most this fraction of a row's budget goes to query-aware tiles; the rest is "
-        "filled by the highest pre-scores."))
+    query_cap_ratio: float = field(default=1.0, metadata=_doc(
+        "At most this fraction of a row's budget goes to query-aware tiles (never more than "
+        "the budget left after sinks and window); the rest is filled by the highest "
+        "pre-scores. 1 = the query-aware ranking alone picks every tile beyond sinks and "
+        "window."))
     lsh_bits: int = field(default=7, metadata=_doc(
         "Bits of the angular LSH (HyperAttention); 2^bits buckets."))
     residual_tiles: int = field(default=0, metadata=_doc(

@@ -248,9 +248,11 @@ def test_ratio_tiles_can_fund_the_selections_side_data() -> None:
 
     nt = torch.tensor([256, 100])
     quest = side_read_fraction(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64)
-    sparq = side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64)
+    sparq = side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4,
+                                              query_cap_ratio=0.5), 64)
     assert quest == pytest.approx(1 / 16 + 4 / 4096) and sparq == pytest.approx(1 / 32 + 4 / 4096)
-    assert side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4), 64, 4) \
+    assert side_read_fraction(PrescoreConfig(query_aware="sparq", query_channels=4,
+                                             query_cap_ratio=0.5), 64, 4) \
         == pytest.approx(1 / 32 + 4 / 8192)  # fp32 cache: pre-scores are a smaller share
     assert ratio_tiles(nt, 0.125, quest).tolist() == [16, 7]  # ceil(256 * 0.0615...)
     assert ratio_tiles(nt, 0.125, 0.0).tolist() == [32, 13]
