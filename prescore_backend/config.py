@@ -38,13 +38,12 @@ def _doc(text: str) -> dict[str, Any]:
 class PrescoreConfig:
     """Settings of the PRESCORE attention backend (validated on construction)."""
 
-    method: str = field(default="recency", metadata=_doc(
+    method: str = field(default="leverage", metadata=_doc(
         "Query-independent key scorer run at prefill (see `prescore_backend.scoring`); its "
-        "scores fill the budget the query-aware part leaves (none with the default "
-        "query_cap_ratio=1): recency (the default; score = position, so the fill extends "
-        "the recent window; costs nothing), leverage, kmeans, kernel_kmeans, kmedian, "
-        "key_norm, random (the clustering scorers refit per KV block and cost far more than "
-        "leverage)."))
+        "scores fill the budget the query-aware part leaves: leverage (the default), "
+        "recency (score = position: the fill extends the recent window), kmeans, "
+        "kernel_kmeans, kmedian, key_norm, random (the clustering scorers refit per KV block "
+        "and cost far more than leverage)."))
     keep_ratio: float = field(default=0.125, metadata=_doc(
         "Fraction of a sequence's KV tiles read per decode step (sinks, window and "
         "query-aware picks included), in (0, 1]; 1 = exact. The query-aware ranking reads "
@@ -81,11 +80,12 @@ class PrescoreConfig:
         "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
         "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
         "none, the backend logs a warning and ranks with 'quest' instead."))
-    query_cap_ratio: float = field(default=1.0, metadata=_doc(
+    query_cap_ratio: float = field(default=0.5, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles (never more than "
         "the budget left after sinks and window); the rest is filled by the highest "
         "pre-scores. 1 = the query-aware ranking alone picks every tile beyond sinks and "
-        "window."))
+        "window (with 'pq' that looped in greedy generation at 4k tokens; see "
+        "docs/results/selection.md)."))
     lsh_bits: int = field(default=7, metadata=_doc(
         "Bits of the angular LSH (HyperAttention); 2^bits buckets."))
     residual_tiles: int = field(default=0, metadata=_doc(

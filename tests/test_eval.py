@@ -154,7 +154,7 @@ def test_side_read_fraction_counts_each_estimator() -> None:
     assert f(PrescoreConfig(query_aware="quest"), 64) == pytest.approx(1 / 16)  # no fill
     assert f(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64) == pytest.approx(
         1 / 16 + score)
-    assert f(PrescoreConfig(), 64) == pytest.approx(4 / 256)  # the default: 4 PQ codes per token
+    assert f(PrescoreConfig(), 64) == pytest.approx(4 / 256 + score)  # default: 4 PQ codes
     assert f(PrescoreConfig(query_aware="sparq", query_channels=4, query_cap_ratio=0.5),
              64) == pytest.approx(4 / 128 + score)
     assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0, query_channels=16),
