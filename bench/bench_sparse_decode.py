@@ -187,7 +187,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     if args.pq:
         c0 = torch.randint(0, 256, (blocks, Hkv, B, args.pq), generator=gen, dtype=torch.uint8)
         pq_codes = [c0] + [c0.clone() for _ in range(layers - 1)]
-        pq_book = torch.randn(Hkv, args.pq, 256, D // args.pq, generator=gen)
+        pq_book = torch.randn(Hkv, args.pq, D // args.pq, 256, generator=gen)  # transposed
         pq_dims = rotary_pair_dims(D, args.pq)
     tile_masks = block_masks = None
     if args.lsh:

@@ -68,8 +68,8 @@ def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, centroids: Tenso
     """PQ pick per (row, KV head): ``[R, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
     q ``[R, Hq, D]``; codes ``[NB, Hkv, B, m]`` uint8; block_tables ``[R, MB]``; centroids
-    ``[Hkv, m, C, d]`` over the channels ``dims [m, d]`` of each subspace; num_tiles, caps
-    ``[R]``. The same picks as ranking with
+    transposed ``[Hkv, m, d, C]`` (``LayerCodebook.centroids_t``) over the channels ``dims
+    [m, d]`` of each subspace; num_tiles, caps ``[R]``. The same picks as ranking with
     ``prescore_backend.pq.pq_tile_rank`` (ties to the lower index); eligible: index in
     [sink_tiles, num_tiles - window_tiles)."""
     return _ext().pq_pick_cpu(q, codes, block_tables, centroids, dims, num_tiles, caps,

@@ -386,7 +386,7 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                                kv_layout=kv_layout)
     elif cfg.uses_codes:
         if impl == "cpp":
-            return cpu_pq_pick(q, side.codes, bt, side.codebook.centroids, side.codebook.dims,
+            return cpu_pq_pick(q, side.codes, bt, side.codebook.centroids_t, side.codebook.dims,
                                num_tiles, caps,
                                num_tile_slots=M, tile_size=cfg.tile_size,
                                sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)

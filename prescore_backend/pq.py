@@ -62,6 +62,10 @@ class LayerCodebook:
     dims: Tensor
     weights: Tensor
 
+    def __post_init__(self) -> None:
+        # [Hkv, m, d, C]: what the C++ pick reads (one contiguous pass per channel)
+        self.centroids_t = self.centroids.transpose(-1, -2).contiguous()
+
     @property
     def subspaces(self) -> int:
         return self.centroids.shape[1]

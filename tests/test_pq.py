@@ -231,7 +231,7 @@ def test_avx2_build_picks_the_same_tiles() -> None:
     cfg = PrescoreConfig(query_aware="pq", query_cap_ratio=1.0)
     want = query_aware_pick(cfg, q, side, bt, torch.zeros(len(lens), hkv, M), nt, caps,
                             lsh=None, impl="torch")
-    got = avx2.pq_pick_cpu(q, side.codes, bt, book.centroids, book.dims, nt, caps, M, 16,
+    got = avx2.pq_pick_cpu(q, side.codes, bt, book.centroids_t, book.dims, nt, caps, M, 16,
                            cfg.sink_tiles, cfg.window_tiles)
     assert torch.equal(got, want)
     nb = side.codes.shape[0]

@@ -355,15 +355,16 @@ torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt
 torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt,
                           torch::Tensor book, torch::Tensor dims, torch::Tensor num_tiles,
                           torch::Tensor caps, int64_t M, int64_t T, int64_t sink, int64_t window) {
-  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, C, d]
-  // fp32 over the channels dims [m, d] int64 of each subspace
+  // q [R, Hq, D] fp32; codes [NB, Hkv, B, m] uint8; bt [R, MB] int64; book [Hkv, m, d, C]
+  // fp32 (centroids transposed: a lookup table row is one contiguous pass per channel) over
+  // the channels dims [m, d] int64 of each subspace
   TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && book.dim() == 4,
-              "pq_pick_cpu: codes [NB, Hkv, B, m] uint8, codebook [Hkv, m, C, d]");
+              "pq_pick_cpu: codes [NB, Hkv, B, m] uint8, codebook [Hkv, m, d, C]");
   const auto qc = as_contig(q, at::kFloat), cc = codes.contiguous(), bk = as_contig(book, at::kFloat);
   const auto btc = as_contig(bt, at::kLong), ntc = as_contig(num_tiles, at::kLong),
              cpc = as_contig(caps, at::kLong);
   const int64_t R = qc.size(0), Hq = qc.size(1), D = qc.size(2);
-  const int64_t Hkv = cc.size(1), B = cc.size(2), m = cc.size(3), C = bk.size(2), d = bk.size(3);
+  const int64_t Hkv = cc.size(1), B = cc.size(2), m = cc.size(3), C = bk.size(3), d = bk.size(2);
   const auto dm = as_contig(dims, at::kLong);
   TORCH_CHECK(bk.size(0) == Hkv && bk.size(1) == m && m * d == D && C <= 256 && Hq % Hkv == 0 &&
               B % T == 0 && dm.numel() == D, "pq_pick_cpu: shapes of q, codes and codebook do not match");
@@ -390,12 +391,14 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
       std::fill(qs.begin(), qs.end(), 0.f);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < D; ++i) qs[i] += qp[(r * Hq + h * G + g) * D + i];
+      // lut[j, c] = sum_i q[dims[j, i]] * centroid[j, c, i], i ascending for every c
+      std::fill(lut.begin(), lut.end(), 0.f);
       for (int64_t j = 0; j < m; ++j)
-        for (int64_t c = 0; c < C; ++c) {
-          const float* cen = bp + ((h * m + j) * C + c) * d;
-          float acc = 0.f;
-          for (int64_t i = 0; i < d; ++i) acc += qs[dp[j * d + i]] * cen[i];
-          lut[j * C + c] = acc;
+        for (int64_t i = 0; i < d; ++i) {
+          const float qv = qs[dp[j * d + i]];
+          const float* cen = bp + ((h * m + j) * d + i) * C;
+          float* row = lut.data() + j * C;
+          for (int64_t c = 0; c < C; ++c) row[c] += qv * cen[c];
         }
       int64_t k = 0;
       for (int64_t t = lo; t < hi; ++t) {
