@@ -46,12 +46,11 @@ from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXTS = ("play", "prose", "code")
-#: The server's default (leverage pre-scores + Quest bounds), the best configuration on the
-#: calibration text (recency fill + SparQ on 2 channels), the paper's methods and baselines.
+#: The server's default (leverage fill + PQ ranking), the previous default (leverage fill +
+#: Quest bounds), PQ alone and with a recency fill, and the baselines.
 DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage",
-                   "prescore_recency@query_aware=sparq+query_channels=2+query_cap_ratio=0.25",
-                   "quest", "sparq@query_channels=2+window_tokens=320",
-                   "scores_only_leverage", "hyper_lsh"]
+                   "prescore_leverage@query_aware=quest", "pq",
+                   "prescore_recency@query_aware=pq+query_cap_ratio=0.5"]
 
 
 def _tokenize(model_path: Path, text: str):
