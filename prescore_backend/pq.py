@@ -14,7 +14,7 @@ estimate over its tokens. Departures from the paper, and why:
   rotate-half convention) of neighbouring frequencies, not D/m consecutive channels, and the
   k-means distance weighs each channel by the calibration queries' RMS on it (the error of
   q.k is sum_i q_i (k_i - c_i), so channels the queries load heavily need finer centroids);
-  both raised the recall of the ranking on the evaluation texts;
+  both raised the attention mass the ranking recalls (docs/results/selection-recall.md);
 * the estimate is made for the GQA group's **summed** query (one lookup table per KV head,
   not one per query head): it ranked tiles as well as the max over the group's heads, for
   1/G of the lookups;
