@@ -70,6 +70,11 @@ class LayerCodebook:
     def subspaces(self) -> int:
         return self.centroids.shape[1]
 
+    def heads(self, first: int, n: int) -> "LayerCodebook":
+        """The codebook of KV heads [first, first + n) (a tensor-parallel rank's heads)."""
+        return LayerCodebook(self.centroids[first:first + n], self.dims,
+                             self.weights[first:first + n])
+
 
 def fit_codebook(keys: Tensor, subspaces: int, *, queries: Tensor | None = None,
                  centroids: int = CENTROIDS, iters: int = 16, seed: int = 0) -> LayerCodebook:
@@ -164,7 +169,8 @@ class PQCodebooks:
                    json.loads(blob["meta"]))
 
     def check(self, num_layers: int, num_kv_heads: int, head_dim: int, where: str) -> None:
-        """Raise ValueError unless the codebooks fit this model's attention shapes."""
+        """Raise ValueError unless the codebooks fit this model's attention shapes (all its KV
+        heads, not one tensor-parallel rank's)."""
         L, hkv, m, _, d = self.centroids.shape
         if (L, hkv, m * d) != (num_layers, num_kv_heads, head_dim):
             raise ValueError(

@@ -84,7 +84,7 @@ from prescore_backend.decode import (
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.metrics import PrescoreStats, get_metrics
-from prescore_backend.pq import PQCodebooks, resolve_codebooks
+from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
 from prescore_backend.selection import select_and_decode_into, tokens_read
 from prescore_backend.scoring import Scorer, get_scorer
@@ -112,6 +112,7 @@ class _Runtime:
     stats: PrescoreStats
     generator: torch.Generator
     pq: PQCodebooks | None = None  # per-layer PQ codebooks (query_aware="pq")
+    total_kv_heads: int = 0  # the model's KV heads over all tensor-parallel ranks
     logged_side: bool = False
     num_layers: int = 0  # attention layers run per step (set by the builder)
     layers_done: int = 0  # layers run so far in this step
@@ -134,7 +135,8 @@ def runtime() -> _Runtime:
         logger.exception("prescore: could not publish prescore_config_info")
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Runtime(config=cfg, scorer=get_scorer(cfg.method, seed=cfg.seed), lsh=None,
-                    stats=PrescoreStats(), generator=gen, pq=books)
+                    stats=PrescoreStats(), generator=gen, pq=books,
+                    total_kv_heads=model_config.get_total_num_kv_heads() if books else 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,9 +418,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             nb, _, bs, _ = kv_cache.shape
             books = None
             if cfg.uses_codes:
-                self.rt.pq.check(self.rt.num_layers, self.num_kv_heads, self.head_size,
-                                 "prescore pq_codebook")
-                books = self.rt.pq.layer(extract_layer_index(layer.layer_name))
+                books = self._rank_codebook(layer)
             self.side = SideData.allocate(
                 nb, self.num_kv_heads, bs // cfg.tile_size,
                 lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
@@ -429,6 +429,19 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
                 logger.info("prescore side data: %.2f bytes per token per layer",
                             self.side.bytes_per_token(bs))
         return self.side
+
+    def _rank_codebook(self, layer) -> LayerCodebook:
+        """This layer's PQ codebook for the KV heads of this tensor-parallel rank (vLLM's
+        split: contiguous heads per rank, or one replicated head when ranks outnumber them)."""
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
+
+        total = self.rt.total_kv_heads
+        self.rt.pq.check(self.rt.num_layers, total, self.head_size, "prescore pq_codebook")
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        first = rank // (tp // total) if tp >= total else rank * self.num_kv_heads
+        return self.rt.pq.layer(extract_layer_index(layer.layer_name)).heads(
+            first, self.num_kv_heads)
 
     def _record_decode_tokens(self, plan: PrescorePlan, key: Tensor, side: SideData) -> None:
         """Per-token side data of decode keys just written (one token per row and tile)."""
