@@ -151,7 +151,8 @@ def test_side_read_fraction_counts_each_estimator() -> None:
 
     f = eval_core.side_read_fraction
     score = 4 / (2 * 16 * 64 * 2)
-    assert f(PrescoreConfig(query_aware="quest"), 64) == pytest.approx(1 / 16)  # no fill
+    assert f(PrescoreConfig(query_aware="quest", query_cap_ratio=1.0), 64) == pytest.approx(
+        1 / 16)  # no pre-scored fill: no pre-scores read
     assert f(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64) == pytest.approx(
         1 / 16 + score)
     assert f(PrescoreConfig(), 64) == pytest.approx(4 / 256 + score)  # default: 4 PQ codes
