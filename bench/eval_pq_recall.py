@@ -19,25 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_core import Llama
 from eval_selection import load_text
 from prescore_backend.server.models import resolve_model, calibration_tokens
+from prescore_backend.pq import kmeans
 from prescore_backend.selection import select_tiles
 
-# Plain k-means on D/m consecutive channels of already permuted/weighted keys: the variants
-# that prescore_backend.pq.fit_codebook (pairs, query weights always) does not offer.
+# k-means on D/m consecutive channels of already permuted/weighted keys: the variants that
+# prescore_backend.pq.fit_codebook (pairs, query weights always) does not offer.
 def fit_codebook(keys, m, iters=12, seed=0, centroids=256):
     hkv, n, dim = keys.shape
     d = dim // m
     x = keys.float().reshape(hkv, n, m, d).permute(0, 2, 1, 3).reshape(-1, n, d)
-    g = torch.Generator().manual_seed(seed)
-    h = x.shape[0]
-    init = torch.stack([torch.randperm(n, generator=g)[:centroids] for _ in range(h)])
-    c = torch.gather(x, 1, init.unsqueeze(-1).expand(h, centroids, d)).clone()
-    ones = torch.ones(h, n)
-    for _ in range(iters):
-        a = torch.cdist(x, c).argmin(-1)
-        s_ = torch.zeros(h, centroids, d).scatter_add_(1, a.unsqueeze(-1).expand(h, n, d), x)
-        cnt = torch.zeros(h, centroids).scatter_add_(1, a, ones).unsqueeze(-1)
-        c = torch.where(cnt > 0, s_ / cnt.clamp_min(1), c)
-    return c.view(hkv, m, centroids, d)
+    return kmeans(x, centroids, iters=iters, seed=seed).view(hkv, m, centroids, d)
 torch.set_num_threads(2)
 mp = Path(resolve_model("smollm2-135m"))
 model = Llama(mp)

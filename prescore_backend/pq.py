@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CENTROIDS", "LayerCodebook", "PQCodebooks", "codebook_path", "fit_codebook",
-           "pq_encode", "pq_tile_rank", "rotary_pair_dims"]
+           "kmeans", "pq_encode", "pq_tile_rank", "rotary_pair_dims"]
 
 CENTROIDS = 256  # one uint8 code per subspace
 
@@ -76,6 +76,24 @@ class LayerCodebook:
                              self.weights[first:first + n])
 
 
+def kmeans(x: Tensor, centroids: int, *, iters: int, seed: int) -> Tensor:
+    """Lloyd's k-means, one problem per leading index: x ``[h, n, d]`` -> ``[h, C, d]``.
+
+    Starts from ``centroids`` distinct points drawn at random; an empty cluster keeps its
+    previous centroid."""
+    h, n, d = x.shape
+    g = torch.Generator().manual_seed(seed)
+    init = torch.stack([torch.randperm(n, generator=g)[:centroids] for _ in range(h)])
+    c = torch.gather(x, 1, init.unsqueeze(-1).expand(h, centroids, d)).clone()
+    ones = torch.ones(h, n)
+    for _ in range(iters):
+        a = torch.cdist(x, c).argmin(-1)  # [h, n]
+        s = torch.zeros(h, centroids, d).scatter_add_(1, a.unsqueeze(-1).expand(h, n, d), x)
+        cnt = torch.zeros(h, centroids).scatter_add_(1, a, ones).unsqueeze(-1)
+        c = torch.where(cnt > 0, s / cnt.clamp_min(1), c)
+    return c
+
+
 def fit_codebook(keys: Tensor, subspaces: int, *, queries: Tensor | None = None,
                  centroids: int = CENTROIDS, iters: int = 16, seed: int = 0) -> LayerCodebook:
     """k-means per (KV head, subspace) on the calibration keys ``[Hkv, n, D]``.
@@ -93,16 +111,7 @@ def fit_codebook(keys: Tensor, subspaces: int, *, queries: Tensor | None = None,
          else torch.ones(hkv, dim))  # [Hkv, D]
     xw = keys.float() * w.unsqueeze(1)
     x = xw[:, :, dims.flatten()].view(hkv, n, subspaces, d).permute(0, 2, 1, 3).reshape(-1, n, d)
-    g = torch.Generator().manual_seed(seed)
-    h = x.shape[0]
-    init = torch.stack([torch.randperm(n, generator=g)[:centroids] for _ in range(h)])
-    c = torch.gather(x, 1, init.unsqueeze(-1).expand(h, centroids, d)).clone()
-    ones = torch.ones(h, n)
-    for _ in range(iters):
-        a = torch.cdist(x, c).argmin(-1)  # [h, n]
-        s = torch.zeros(h, centroids, d).scatter_add_(1, a.unsqueeze(-1).expand(h, n, d), x)
-        cnt = torch.zeros(h, centroids).scatter_add_(1, a, ones).unsqueeze(-1)
-        c = torch.where(cnt > 0, s / cnt.clamp_min(1), c)
+    c = kmeans(x, centroids, iters=iters, seed=seed)
     ws = w[:, dims]  # [Hkv, m, d]
     return LayerCodebook(c.view(hkv, subspaces, centroids, d) / ws.unsqueeze(2), dims, w)
 
