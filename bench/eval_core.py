@@ -395,6 +395,124 @@ class OracleMethod(EvalMethod):
         return Chosen(sel.tiles)
 
 
+@dataclass
+class EstimatorProbe(EvalMethod):
+    """Diagnostic (not a servable method): sinks + window forced and the rest of the budget
+    ranked by one estimate of each tile's importance, at the bytes PQ codes of
+    ``BASE.pq_subspaces`` subspaces cost. ``exact_*`` use the exact logits (the limit an
+    estimator of that quantity can reach), ``pq_*`` the PQ codes:
+
+    * ``*_maxprob``: max over the tile's tokens and the group's heads of the per-head
+      softmax-normalised logit (log probability);
+    * ``*_sumq``: max over the tile of the group's summed query . key (what ``pq`` ranks);
+    * ``*_maxlogit``: max over tokens and heads of the raw logit."""
+
+    estimator: str = "exact_maxprob"
+
+    @property
+    def pq_subspaces(self) -> int:  # type: ignore[override]
+        return BASE.pq_subspaces
+
+    def fuse_key(self) -> object:
+        return self.name
+
+    def side_read_fraction(self, head_dim: int) -> float:
+        if self.estimator.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
+            spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
+            r, _, bits = spec.partition("b")
+            return int(r) * int(bits or 16) / 8 / (2 * head_dim * 2)
+        return side_read_fraction(BASE.replace(query_aware="pq", query_cap_ratio=1.0), head_dim)
+
+    def _logits(self, env: LayerEnv, rows: RowBatch) -> Tensor:
+        """``[R, Hkv, G, n]`` scaled q.k, exact or estimated (-inf past seq_len)."""
+        if self.estimator.startswith("exact_"):
+            return exact_logits(rows.q, env, rows.bt, rows.seq_lens)
+        if self.estimator.startswith(("chan", "sparq")):
+            return self._logits_chan(env, rows)
+        return self._logits_pq(env, rows)
+
+    def _logits_chan(self, env: LayerEnv, rows: RowBatch) -> Tensor:
+        """Double Sparsity's label cache: per KV head the r channels the calibration queries
+        load most (the PQ codebook's channel weights), key values quantized to ``bits`` with
+        a per-(head, channel) scale over the prefix."""
+        dynamic = self.estimator.startswith("sparq")
+        spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
+        r, _, bits = spec.partition("b")
+        r, bits = int(r), int(bits or 16)
+        R, Hq, D = rows.q.shape
+        w = env.side.codebook.weights  # [Hkv, D]
+        hkv = w.shape[0]
+        qg = rows.q.float().view(R, hkv, Hq // hkv, D)
+        if dynamic:  # SparQ: the group's largest |q| channels, per row
+            ch = qg.abs().sum(2).topk(r, dim=-1).indices  # [R, Hkv, r]
+        else:
+            ch = w.topk(r, dim=-1).indices.expand(R, hkv, r)  # [R, Hkv, r]
+        k = _gather_rows(env.key_cache, rows.bt, rows.bt.shape[1] * BLOCK_SIZE)  # [R, Hkv, n, D]
+        if bits < 16:  # every channel quantized with a per-(head, channel) scale
+            top = 2 ** (bits - 1) - 1
+            sc = env.prefix_k.abs().amax(1).clamp_min(1e-6) / top  # [Hkv, D]
+            k = (k / sc.view(1, hkv, 1, D)).round().clamp(-top - 1, top) * sc.view(1, hkv, 1, D)
+        kc = torch.gather(k, 3, ch.unsqueeze(2).expand(R, hkv, k.shape[2], r))
+        qc = torch.gather(qg, 3, ch.unsqueeze(2).expand(R, hkv, Hq // hkv, r))
+        est = torch.matmul(qc, kc.transpose(-1, -2)) * env.scale  # [R, Hkv, G, n]
+        mask = torch.arange(est.shape[-1]) >= rows.seq_lens.view(R, 1, 1, 1)
+        return est.masked_fill_(mask, float("-inf"))
+
+    def _logits_pq(self, env: LayerEnv, rows: RowBatch) -> Tensor:
+        book = env.side.codebook
+        R, Hq, D = rows.q.shape
+        hkv, m = book.centroids.shape[:2]
+        qg = rows.q.float().view(R, hkv, Hq // hkv, D)[..., book.dims]  # [R, Hkv, G, m, d]
+        lut = torch.einsum("rhgmd,hmcd->rhgmc", qg, book.centroids)  # [R, Hkv, G, m, C]
+        cd = env.side.codes[rows.side_bt].permute(0, 2, 1, 3, 4).reshape(R, hkv, -1, m).long()
+        n = cd.shape[2]
+        idx = cd.transpose(2, 3).unsqueeze(2).expand(R, hkv, Hq // hkv, m, n)
+        est = torch.gather(lut, 4, idx).sum(3) * env.scale  # [R, Hkv, G, n]
+        mask = torch.arange(n) >= rows.seq_lens.view(R, 1, 1, 1)
+        return est.masked_fill_(mask, float("-inf"))
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        if self.estimator.startswith("rescore_"):
+            return self._rescore(env, rows)
+        lg = self._logits(env, rows)
+        kind = self.estimator.split("_", 1)[1]
+        if kind == "maxprob":
+            s = (lg - lg.logsumexp(-1, keepdim=True)).amax(2)
+        elif kind == "sumq":
+            s = lg.sum(2)
+        elif kind == "maxlogit":
+            s = lg.amax(2)
+        else:
+            raise ValueError(self.estimator)
+        R, hkv, n = s.shape
+        tile = s.view(R, hkv, n // TILE, TILE).amax(-1)
+        cfg = env.base
+        sel = select_tiles(tile.contiguous(), rows.num_tiles, rows.budget,
+                           sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
+        return Chosen(sel.tiles)
+
+    def _rescore(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        """PQ (max over heads) picks 2P candidate tiles, the exact max logit keeps P of them:
+        the candidates' keys are read (half a tile each), so forced + 1.5 P = the budget."""
+        cfg = env.base
+        forced = cfg.sink_tiles + cfg.window_tiles
+        P = ((rows.budget - forced).clamp_min(0).double() / 1.5).floor().long()
+        lgp = self._logits_pq(env, rows).amax(2)
+        R, hkv, n = lgp.shape
+        est = lgp.view(R, hkv, n // TILE, TILE).amax(-1)
+        cand = select_tiles(est.contiguous(), rows.num_tiles, forced + 2 * P,
+                            sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
+        ex = exact_logits(rows.q, env, rows.bt, rows.seq_lens).amax(2)
+        ext = ex.view(R, hkv, n // TILE, TILE).amax(-1)
+        mask = torch.zeros(R, hkv, n // TILE + 1, dtype=torch.bool)
+        t = cand.tiles.long()
+        mask.scatter_(-1, torch.where(t >= 0, t, n // TILE), True)
+        ext = ext.masked_fill(~mask[..., :-1], float("-inf"))
+        sel = select_tiles(ext.contiguous(), rows.num_tiles, forced + P,
+                           sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
+        return Chosen(sel.tiles)
+
+
 def _gather_rows(cache: Tensor, bt: Tensor, n: int) -> Tensor:
     """Per-row contiguous copy of a paged cache view: ``[NB, Hkv, B, D]`` -> ``[R, Hkv, n, D]``."""
     g = cache[bt]  # [R, MB, Hkv, B, D]
@@ -447,6 +565,15 @@ def _register_defaults() -> None:
                          changes={"query_aware": "lsh", "query_cap_ratio": 1.0}))
     register(StreamingMethod("streaming", "StreamingLLM (sink + window)"))
     register(OracleMethod("oracle", "oracle tiles (true attention mass)"))
+    for est in ("exact_maxprob", "exact_sumq", "exact_maxlogit", "pq_maxprob", "pq_sumq",
+                "pq_maxlogit", "rescore_pq", "chan8_maxlogit", "chan16_maxlogit",
+                "chan8b8_maxlogit", "chan16b8_maxlogit", "chan16b4_maxlogit",
+                "chan32b4_maxlogit", "chan32b2_maxlogit", "sparq8_maxlogit", "sparq16_maxlogit",
+                "sparq8b4_maxlogit", "sparq16b4_maxlogit", "sparq16b2_maxlogit",
+                "sparq32b2_maxlogit", "sparq32b4_maxlogit", "sparq64b4_maxlogit",
+                "sparq64b2_maxlogit"):
+        register(EstimatorProbe(f"probe_{est}", f"probe: tiles ranked by {est}",
+                                scorer="random", estimator=est))
 
 
 _register_defaults()
@@ -465,7 +592,8 @@ class PagedState:
     """
 
     def __init__(self, model: Llama, prefix_len: int, rows: int, new_tokens: int,
-                 specs: dict[str, "SideSpec"], base: PrescoreConfig) -> None:
+                 specs: dict[str, "SideSpec"], base: PrescoreConfig,
+                 prefix_codebook: int = 0) -> None:
         s = model.spec
         B = BLOCK_SIZE
         if prefix_len % B:
@@ -505,6 +633,7 @@ class PagedState:
         self.base = base
         self.scale = model.scale
         self.score_s: dict[str, float] = {n: 0.0 for n in names}
+        self.prefix_codebook = prefix_codebook
 
     def env(self, layer: int) -> LayerEnv:
         k, v = self.views[layer]
@@ -519,6 +648,12 @@ class PagedState:
         vc[: self.P] = v.reshape(h, self.P, BLOCK_SIZE, d).transpose(0, 1)
         self.prefix[layer] = (k.contiguous(), v.contiguous())
         pos = torch.arange(n)
+        if self.prefix_codebook and self.side_all[layer].codebook is not None:
+            book = prefix_codebook(k, self.side_all[layer].codebook, self.prefix_codebook,
+                                   seed=self.base.seed + layer)
+            self.side_all[layer].codebook = book
+            for sd in self.side[layer].values():
+                sd.codebook = book
         for sd in self.side[layer].values():  # every scorer's range reads its own codes
             record_codes(sd, k.transpose(0, 1), pos // BLOCK_SIZE, pos % BLOCK_SIZE)
         job = ScoreJob(block_ids=torch.arange(self.P), seq_len=n, first_pos=0, per_token=True,
@@ -566,6 +701,21 @@ class PagedState:
         return bt + off.view(-1, 1)
 
 
+def prefix_codebook(keys: Tensor, book: "LayerCodebook", centroids: int, *, seed: int,
+                    iters: int = 8) -> "LayerCodebook":
+    """An experiment, not what the backend does: PQCache's per-request codebook, k-means of
+    ``centroids`` per subspace on the prefix's own keys ``[Hkv, n, D]`` (the calibrated
+    subspaces and channel weights kept)."""
+    from prescore_backend.pq import LayerCodebook, kmeans
+
+    hkv, n, _ = keys.shape
+    m, d = book.dims.shape
+    w = book.weights
+    x = (keys.float() * w.unsqueeze(1))[:, :, book.dims.flatten()].view(hkv, n, m, d)
+    c = kmeans(x.permute(0, 2, 1, 3).reshape(-1, n, d), centroids, iters=iters, seed=seed)
+    return LayerCodebook(c.view(hkv, m, centroids, d) / w[:, book.dims].unsqueeze(2), book.dims, w)
+
+
 def _slice_side(sd: SideData, start: int, n: int) -> SideData:
     def cut(t: Tensor | None) -> Tensor | None:
         return None if t is None else t[start:start + n]
@@ -610,6 +760,12 @@ def exact_probs(q: Tensor, env: LayerEnv, bt: Tensor, seq_lens: Tensor) -> Tenso
     keys are read from ``env.prefix_k``); seq_lens ``[R]`` -> ``[R, Hq, MB * B]`` (0 at
     positions >= seq_len).
     """
+    return torch.softmax(exact_logits(q, env, bt, seq_lens), -1).flatten(1, 2)
+
+
+def exact_logits(q: Tensor, env: LayerEnv, bt: Tensor, seq_lens: Tensor) -> Tensor:
+    """Scaled q.k of decode rows over their paged context: ``[R, Hkv, G, MB * B]`` (-inf at
+    positions >= seq_len); arguments as :func:`exact_probs`."""
     R, Hq, D = q.shape
     hkv, lp = env.prefix_k.shape[0], env.prefix_k.shape[1]
     g = Hq // hkv
@@ -621,7 +777,7 @@ def exact_probs(q: Tensor, env: LayerEnv, bt: Tensor, seq_lens: Tensor) -> Tenso
         tail = _gather_rows(env.key_cache, bt[:, lp // BLOCK_SIZE:], n - lp)  # [R, Hkv, nt, D]
         logits = torch.cat([logits, torch.matmul(qs, tail.transpose(-1, -2))], -1)
     mask = torch.arange(n) >= seq_lens.view(R, 1, 1, 1)
-    return torch.softmax(logits.masked_fill_(mask, float("-inf")), -1).view(R, Hq, n)
+    return logits.masked_fill_(mask, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- runner
@@ -657,7 +813,7 @@ def _groups(methods: list[EvalMethod], row_method: list[EvalMethod]) -> list[lis
 def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
                 methods: list[str], ratios: list[float], *, text: str = "",
                 fid_queries: int = 0, fid_stride: int = 4, base: PrescoreConfig | None = None,
-                equal_bytes: bool = False,
+                equal_bytes: bool = False, prefix_codebook: int = 0,
                 log: Callable[[str], None] = print) -> ContextResult:
     """Prefill ``tokens[:context]`` exactly, then teacher-force ``tokens[context:context+n]``
     (predicting ``tokens[context+1 : context+n+1]``) through every (method, ratio) row.
@@ -677,7 +833,8 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
             rows.append((m, r))
     R = len(rows)
     res = ContextResult(text=text, context=context, new_tokens=new_tokens)
-    state = PagedState(model, context, R, new_tokens, side_specs(ms), base)
+    state = PagedState(model, context, R, new_tokens, side_specs(ms), base,
+                       prefix_codebook=prefix_codebook)
     rows_of_scorer: dict[str, list[int]] = {}
     for i, (m, _) in enumerate(rows):
         if m.side_key is not None:

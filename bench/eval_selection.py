@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", default="0.125,0.0625")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefix-codebook", type=int, default=0, metavar="C",
+                   help="experiment: PQ codebooks of C centroids refitted on each context's "
+                        "prefix keys (PQCache's per-request codebook; the backend uses the "
+                        "calibrated ones; the codebook's own bytes are not counted)")
     p.add_argument("--smoke", action="store_true",
                    help="tests: 512-token context, one window of 32 tokens, 2 texts")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "selection.json"))
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t} window {w} (tokens {s}..{s + span})", file=sys.stderr, flush=True)
             res = run_context(model, toks[s:s + span], args.context, args.new_tokens, methods,
                               ratios, text=t, equal_bytes=True,
+                              prefix_codebook=args.prefix_codebook,
                               log=lambda x: print(x, file=sys.stderr, flush=True))
             for (m, r), nll in res.token_nll.items():
                 cell = rows.setdefault((t, m, r), {"nll": [], "read": 0.0, "total": 0.0})
