@@ -398,9 +398,12 @@ class OracleMethod(EvalMethod):
 @dataclass
 class EstimatorProbe(EvalMethod):
     """Diagnostic (not a servable method): sinks + window forced and the rest of the budget
-    ranked by one estimate of each tile's importance, at the bytes PQ codes of
-    ``BASE.pq_subspaces`` subspaces cost. ``exact_*`` use the exact logits (the limit an
-    estimator of that quantity can reach), ``pq_*`` the PQ codes:
+    ranked by one estimate of each tile's importance, charged the estimate's bytes
+    (docs/results/selection-probes.md). ``exact_*`` use the exact logits (the limit an
+    estimator of that quantity can reach), ``pq_*`` the PQ codes (charged as
+    ``BASE.pq_subspaces`` codes), ``chan<r>[b<bits>]_*`` / ``sparq<r>[b<bits>]_*`` r key
+    channels (static / the query group's largest) at ``bits`` (default 16), ``rescore_pq`` a
+    PQ shortlist rescored exactly (:meth:`_rescore`). The tile score:
 
     * ``*_maxprob``: max over the tile's tokens and the group's heads of the per-head
       softmax-normalised logit (log probability);
@@ -416,11 +419,16 @@ class EstimatorProbe(EvalMethod):
     def fuse_key(self) -> object:
         return self.name
 
+    def _channels(self) -> tuple[int, int]:
+        """(r, bits) of a ``chan`` / ``sparq`` estimator."""
+        spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
+        r, _, bits = spec.partition("b")
+        return int(r), int(bits or 16)
+
     def side_read_fraction(self, head_dim: int) -> float:
         if self.estimator.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
-            spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
-            r, _, bits = spec.partition("b")
-            return int(r) * int(bits or 16) / 8 / (2 * head_dim * 2)
+            r, bits = self._channels()
+            return r * bits / 8 / (2 * head_dim * 2)
         return side_read_fraction(BASE.replace(query_aware="pq", query_cap_ratio=1.0), head_dim)
 
     def _logits(self, env: LayerEnv, rows: RowBatch) -> Tensor:
@@ -432,13 +440,12 @@ class EstimatorProbe(EvalMethod):
         return self._logits_pq(env, rows)
 
     def _logits_chan(self, env: LayerEnv, rows: RowBatch) -> Tensor:
-        """Double Sparsity's label cache: per KV head the r channels the calibration queries
-        load most (the PQ codebook's channel weights), key values quantized to ``bits`` with
-        a per-(head, channel) scale over the prefix."""
+        """q.k on r channels, key values quantized to ``bits`` with a per-(head, channel)
+        scale over the prefix: ``chan`` = Double Sparsity's label cache (per KV head the r
+        channels the calibration queries load most: the PQ codebook's channel weights),
+        ``sparq`` = SparQ (the query group's r largest |q| channels, per row)."""
         dynamic = self.estimator.startswith("sparq")
-        spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
-        r, _, bits = spec.partition("b")
-        r, bits = int(r), int(bits or 16)
+        r, bits = self._channels()
         R, Hq, D = rows.q.shape
         w = env.side.codebook.weights  # [Hkv, D]
         hkv = w.shape[0]
