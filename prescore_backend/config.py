@@ -97,10 +97,6 @@ class PrescoreConfig:
     aggregate: str = field(default="max", metadata=_doc(
         "How key scores become a tile score: max, sum, mean, topk_count."))
     seed: int = field(default=0, metadata=_doc("Seed of the scorers, LSH projections and sampling."))
-    exact_via_sparse: bool = field(default=False, metadata=_doc(
-        "Route long rows whose budget covers the whole context through the sparse kernel "
-        "instead of vLLM's (for validating the sparse path end to end)."))
-
     def __post_init__(self) -> None:
         from prescore_backend.scoring import available_scorers
         from prescore_backend.selection import AGGREGATORS
@@ -184,6 +180,21 @@ class PrescoreConfig:
 
     def replace(self, **changes: Any) -> "PrescoreConfig":
         return dataclasses.replace(self, **changes)
+
+
+#: Not a setting: the end-to-end tests set it to route long rows whose budget covers the whole
+#: context through the sparse kernel instead of vLLM's (validating the sparse path against
+#: CPU_ATTN token for token). Not a ``PrescoreConfig`` field, so it has no flag and no docs.
+TESTING_EXACT_VIA_SPARSE_ENV = "_PRESCORE_TESTING_EXACT_VIA_SPARSE"
+
+
+def testing_exact_via_sparse(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the validation switch :data:`TESTING_EXACT_VIA_SPARSE_ENV` is on."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(TESTING_EXACT_VIA_SPARSE_ENV, "").strip().lower()
+    if raw not in ("", "0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ConfigError(f"{TESTING_EXACT_VIA_SPARSE_ENV}={raw!r}: expected bool")
+    return raw in ("1", "true", "yes", "on")
 
 
 def env_name(field_name: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import Server, doc_text
+from prescore_backend.config import TESTING_EXACT_VIA_SPARSE_ENV
 
 MODEL = "smollm2-135m"
 # 1024-token steps: prompts over 1024 tokens are prefilled in several chunks.
@@ -95,7 +96,7 @@ def keep_all(model_path, reference):
     # Every long decode row goes through the sparse kernel, selecting every tile. The
     # query-aware part is HyperAttention's LSH (the default, PQ codes, runs in sparse8): with
     # the fused C++ call it is computed inside that call (lsh_in_place).
-    return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", "PRESCORE_EXACT_VIA_SPARSE": "1",
+    return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", TESTING_EXACT_VIA_SPARSE_ENV: "1",
                           "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})
 
 

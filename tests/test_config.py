@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prescore_backend.config import ConfigError, PrescoreConfig, field_docs
+from prescore_backend.config import (TESTING_EXACT_VIA_SPARSE_ENV, ConfigError, PrescoreConfig,
+                                     field_docs, testing_exact_via_sparse)
 
 
 def test_defaults_are_valid_and_documented():
@@ -18,9 +19,18 @@ def test_defaults_are_valid_and_documented():
 def test_from_env_parses_types():
     cfg = PrescoreConfig.from_env({"PRESCORE_KEEP_RATIO": "0.25", "PRESCORE_TILE_SIZE": "32",
                                    "PRESCORE_SINK_TOKENS": "32", "PRESCORE_WINDOW_TOKENS": "128",
-                                   "PRESCORE_METHOD": "kmeans", "PRESCORE_EXACT_VIA_SPARSE": "yes",
+                                   "PRESCORE_METHOD": "kmeans",
                                    "UNRELATED": "x"})
-    assert (cfg.keep_ratio, cfg.tile_size, cfg.method, cfg.exact_via_sparse) == (0.25, 32, "kmeans", True)
+    assert (cfg.keep_ratio, cfg.tile_size, cfg.method) == (0.25, 32, "kmeans")
+
+
+def test_validation_switch_is_not_a_setting():
+    """The tests' exact-via-sparse switch has no field, flag or docs; it parses as a bool."""
+    assert "exact_via_sparse" not in PrescoreConfig().to_dict()
+    assert testing_exact_via_sparse({TESTING_EXACT_VIA_SPARSE_ENV: "yes"})
+    assert not testing_exact_via_sparse({})
+    with pytest.raises(ConfigError, match="expected bool"):
+        testing_exact_via_sparse({TESTING_EXACT_VIA_SPARSE_ENV: "maybe"})
 
 
 @pytest.mark.parametrize("env,needle", [
@@ -37,7 +47,6 @@ def test_from_env_parses_types():
     ({"PRESCORE_QUERY_CHANNELS": "3"}, "PRESCORE_QUERY_CHANNELS"),
     ({"PRESCORE_QUERY_CHANNELS": "0"}, "even number"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
-    ({"PRESCORE_EXACT_VIA_SPARSE": "maybe"}, "expected bool"),
 ])
 def test_invalid_values_name_the_setting(env, needle):
     with pytest.raises(ConfigError) as e:

@@ -63,7 +63,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from prescore_backend.config import PrescoreConfig
+from prescore_backend.config import PrescoreConfig, testing_exact_via_sparse
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
 from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.decode import (
@@ -116,6 +116,7 @@ class _Runtime:
     logged_side: bool = False
     num_layers: int = 0  # attention layers run per step (set by the builder)
     layers_done: int = 0  # layers run so far in this step
+    exact_via_sparse: bool = False  # tests only: config.testing_exact_via_sparse()
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,7 +137,8 @@ def runtime() -> _Runtime:
     gen = torch.Generator().manual_seed(cfg.seed)
     return _Runtime(config=cfg, scorer=get_scorer(cfg.method, seed=cfg.seed), lsh=None,
                     stats=PrescoreStats(), generator=gen, pq=books,
-                    total_kv_heads=model_config.get_total_num_kv_heads() if books else 0)
+                    total_kv_heads=model_config.get_total_num_kv_heads() if books else 0,
+                    exact_via_sparse=testing_exact_via_sparse())
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,7 +259,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             budget, forced_dense = self._budgets(num_tiles), None
         budget = floor_budget(cfg, budget)
         covers = budget >= num_tiles
-        sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | cfg.exact_via_sparse)
+        sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.rt.exact_via_sparse)
         if forced_dense is not None:
             sparse &= ~forced_dense
         sparse_rows = sparse.nonzero().flatten()  # [Rs]
