@@ -207,6 +207,7 @@ class EvalMethod:
     needs_lsh: ClassVar[bool] = False
     needs_bounds: ClassVar[bool] = False
     pq_subspaces: ClassVar[int] = 0  # > 0: reads PQ codes of this many subspaces
+    key_copy: ClassVar[bool] = False  # reads the 4-bit key copy (scales from the same file)
     exact_reference: ClassVar[bool] = False  # dense: the reference itself
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
@@ -305,6 +306,10 @@ class PrescoreMethod(EvalMethod):
     @property
     def pq_subspaces(self) -> int:  # type: ignore[override]
         return self.cfg.pq_subspaces if self.cfg.uses_codes else 0
+
+    @property
+    def key_copy(self) -> bool:  # type: ignore[override]
+        return self.cfg.uses_key_copy
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         cfg = self.cfg
@@ -566,6 +571,9 @@ def _register_defaults() -> None:
     register(PrescoreMethod("sparq", "SparQ tiles (query-aware only)",
                             scorer="random", changes={"query_aware": "sparq",
                                                       "query_cap_ratio": 1.0}))
+    register(PrescoreMethod("sparq4", "SparQ on the 4-bit key copy (query-aware only)",
+                            scorer="random", changes={"query_aware": "sparq4",
+                                                      "query_cap_ratio": 1.0}))
     register(PrescoreMethod("pq", "PQ codes (query-aware only)", scorer="random",
                             changes={"query_aware": "pq", "query_cap_ratio": 1.0}))
     register(HyperMethod("hyper_lsh", "HyperAttention (LSH + residual)", scorer="random",
@@ -620,9 +628,12 @@ class PagedState:
         pq = {sp.pq for sp in specs.values()} - {0}
         if len(pq) > 1:
             raise ValueError(f"one pq_subspaces per run, got {sorted(pq)}")
+        key_copy = any(sp.key_copy for sp in specs.values())
+        codes = bool(pq)
         books = None
-        if pq:  # the codebooks the backend would load (prescore-models calibrate)
-            books = PQCodebooks.load(codebook_path(model.path, pq.pop()))
+        if pq or key_copy:  # the calibration file the backend would load
+            books = PQCodebooks.load(codebook_path(model.path, pq.pop() if pq else
+                                                   base.pq_subspaces))
             books.check(s.layers, s.kv_heads, s.head_dim, str(model.path))
         names = sorted(specs)
         self.specs = specs
@@ -631,7 +642,8 @@ class PagedState:
                                            lsh_words=num_words(base.lsh_bits) if lsh else 0,
                                            head_dim=s.head_dim if bounds else 0,
                                            block_size=B,
-                                           codebook=books.layer(i) if books else None)
+                                           codebook=books.layer(i) if books else None,
+                                           pq_codes=codes, key_copy=key_copy)
                          for i in range(s.layers)]
         self.side = [{n: _slice_side(sd, self.offset[n], nb) for n in names} for sd in self.side_all]
         self.scorers: dict[str, Scorer] = {n: get_scorer(specs[n].scorer, seed=base.seed)
@@ -728,7 +740,7 @@ def _slice_side(sd: SideData, start: int, n: int) -> SideData:
         return None if t is None else t[start:start + n]
 
     return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax), cut(sd.codes),
-                    sd.codebook)
+                    sd.codebook, cut(sd.kq), sd.kscale)
 
 
 @dataclass(frozen=True)
@@ -741,6 +753,7 @@ class SideSpec:
     lsh: bool
     bounds: bool
     pq: int = 0
+    key_copy: bool = False
 
 
 def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
@@ -753,7 +766,8 @@ def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
         out[m.side_key] = SideSpec(m.scorer, m.aggregate,
                                    (old is not None and old.lsh) or m.needs_lsh,
                                    (old is not None and old.bounds) or m.needs_bounds,
-                                   max(old.pq if old is not None else 0, m.pq_subspaces))
+                                   max(old.pq if old is not None else 0, m.pq_subspaces),
+                                   (old is not None and old.key_copy) or m.key_copy)
     return out
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .cpu_ext import extension as _ext
 
-__all__ = ["cpu_pq_pick", "cpu_quest_pick", "cpu_select_tiles", "cpu_sparq_pick"]
+__all__ = ["cpu_pq_pick", "cpu_quest_pick", "cpu_select_tiles", "cpu_sparq4_pick",
+           "cpu_sparq_pick"]
 
 
 def cpu_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
@@ -60,6 +61,26 @@ def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles
         key_cache, _i64(block_tables),
         _i64(num_tiles), _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
         int(window_tiles), kv_layout == "amx")
+
+
+def cpu_sparq4_pick(q: Tensor, kq: Tensor, scale: Tensor, block_tables: Tensor,
+                    num_tiles: Tensor, caps: Tensor, *, num_tile_slots: int, channels: int,
+                    tile_size: int, sink_tiles: int, window_tiles: int) -> Tensor:
+    """SparQ pick on the 4-bit key copy per (row, KV head): ``[R, Hkv, M]`` bool, at most
+    ``caps[r]`` per row.
+
+    q ``[R, Hq, D]``; kq ``[NB, Hkv, D/2, B]`` uint8 (pair-major: one run of B bytes per
+    rotary pair (i, i + D/2), low nibble channel i); scale ``[Hkv, D]`` fp32 (a code c stands
+    for (c - 8) * scale); block_tables ``[R, MB]``; num_tiles, caps ``[R]``; channels: how
+    many (channels / 2 rotary pairs of largest |q| summed over the group, chosen in the call).
+    A tile's estimate is the max over its tokens and the group's heads; eligible: index in
+    [sink_tiles, num_tiles - window_tiles). The same picks as ranking with
+    ``prescore_backend.keycopy.sparq4_tile_rank`` (ties to the lower index)."""
+    return _ext().sparq4_pick_cpu(
+        q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous(),
+        kq.contiguous(), scale.float().contiguous(), _i64(block_tables), _i64(num_tiles),
+        _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
+        int(window_tiles))
 
 
 def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, centroids: Tensor,

@@ -32,11 +32,13 @@ from torch import Tensor
 from torch.nn.functional import pad
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.kernels.cpu_select import cpu_pq_pick, cpu_quest_pick, cpu_sparq_pick
+from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick, cpu_sparq4_pick,
+                                                 cpu_sparq_pick)
 from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
+from prescore_backend.keycopy import key_scale, pack_keys, sparq4_tile_rank
 from prescore_backend.pq import LayerCodebook, pq_encode, pq_tile_rank
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import (  # tokens_read: re-exported
@@ -84,29 +86,40 @@ class SideData:
     kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
     kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
     codes: Tensor | None = None  # [num_blocks, Hkv, B, m] uint8 per-token PQ codes
-    codebook: LayerCodebook | None = None  # this layer's PQ codebook
+    codebook: LayerCodebook | None = None  # this layer's PQ codebook / key scales
+    kq: Tensor | None = None  # [num_blocks, Hkv, D/2, B] uint8 4-bit key copy (keycopy.py)
+    kscale: Tensor | None = None  # [Hkv, D] fp32 its quantization step
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
-                 codebook: LayerCodebook | None = None) -> "SideData":
-        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes."""
+                 codebook: LayerCodebook | None = None, pq_codes: bool = True,
+                 key_copy: bool = False) -> "SideData":
+        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes (if
+        ``pq_codes``) and the 4-bit key copy (if ``key_copy``; needs the codebook's
+        ``key_absmax``)."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
-        codes = None
-        if codebook is not None:
+        codes = kq = kscale = None
+        if codebook is not None and pq_codes:
             codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces),
                                 dtype=torch.uint8)
+        if codebook is not None and key_copy:
+            if codebook.key_absmax is None:
+                raise ValueError("the 4-bit key copy needs the calibration file's key scales")
+            kscale = key_scale(codebook.key_absmax)
+            kq = torch.zeros((num_blocks, num_kv_heads, kscale.shape[1] // 2, block_size),
+                             dtype=torch.uint8)
         return cls(
             scores=torch.full(shape, float("-inf")),
             masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
             kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
             kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
-            codes=codes, codebook=codebook)
+            codes=codes, codebook=codebook, kq=kq, kscale=kscale)
 
     def bytes_per_token(self, block_size: int) -> float:
-        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes)
+        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes, self.kq)
                  if t is not None]
         return sum(t[0].numel() * t.element_size() for t in parts) / block_size
 
@@ -136,7 +149,8 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) ->
     Every tile's side data is read each step: the pre-scores (4 bytes per tile and KV head,
     unless the query-aware part takes the whole budget), Quest's key bounds (2 x D per tile in
     the cache dtype: 1 / tile_size of the KV), the LSH bucket sets (8 bytes per mask word and
-    tile), SparQ's key channels (query_channels of the 2 x D values per token). ``kv_bytes``:
+    tile), SparQ's key channels (query_channels of the 2 x D values per token), the 4-bit key copy
+    (query_channels / 2 bytes per token). ``kv_bytes``:
     bytes per cached element."""
     tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
     f = 0.0
@@ -150,6 +164,8 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) ->
         f += cfg.query_channels / (2 * head_dim)
     if cfg.uses_codes:
         f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
+    if cfg.uses_key_copy:  # query_channels / 2 bytes (pairs of 4-bit codes) per token
+        f += cfg.query_channels / 2 / (2 * head_dim * kv_bytes)
     return f
 
 
@@ -224,12 +240,15 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
 
 
 def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor) -> None:
-    """PQ codes of keys just written (prefill and decode alike): keys ``[N, Hkv, D]`` at
-    physical block ``[N]`` int64, offset in the block ``[N]`` int64. A code depends on its key
-    only, so this is the whole life cycle of the codes."""
-    if side.codes is None or keys.shape[0] == 0:
+    """PQ codes and/or the 4-bit key copy of keys just written (prefill and decode alike):
+    keys ``[N, Hkv, D]`` at physical block ``[N]`` int64, offset in the block ``[N]`` int64.
+    Both depend on the key only, so this is their whole life cycle."""
+    if keys.shape[0] == 0:
         return
-    side.codes[block, :, offset] = pq_encode(keys, side.codebook)
+    if side.codes is not None:
+        side.codes[block, :, offset] = pq_encode(keys, side.codebook)
+    if side.kq is not None:
+        side.kq[block, :, :, offset] = pack_keys(keys, side.kscale)
 
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
@@ -355,7 +374,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
     ``sparq``: ranked by :func:`sparq_tile_rank` on the KV cache (key_cache ``[NB, Hkv, B, D]``
     in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt). ``pq``: ranked by
-    :func:`prescore_backend.pq.pq_tile_rank` on the side data's per-token codes.
+    :func:`prescore_backend.pq.pq_tile_rank` on the side data's per-token codes. ``sparq4``:
+    :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy.
     ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
     matmuls, "auto" picks cpp on CPU when it compiles.
     """
@@ -384,6 +404,13 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                                   window_tiles=cfg.window_tiles, kv_layout=kv_layout)
         rank = sparq_tile_rank(q, key_cache, kbt, cfg.query_channels, cfg.tile_size,
                                kv_layout=kv_layout)
+    elif cfg.uses_key_copy:
+        if impl == "cpp":
+            return cpu_sparq4_pick(q, side.kq, side.kscale, bt, num_tiles, caps,
+                                   num_tile_slots=M, channels=cfg.query_channels,
+                                   tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
+                                   window_tiles=cfg.window_tiles)
+        rank = sparq4_tile_rank(q, side.kq, side.kscale, bt, cfg.query_channels, cfg.tile_size)
     elif cfg.uses_codes:
         if impl == "cpp":
             return cpu_pq_pick(q, side.codes, bt, side.codebook.centroids_t, side.codebook.dims,

@@ -65,8 +65,8 @@ def test_decode_steps_keep_all_and_equal_budgets(model: Llama, tokens: torch.Ten
     """
     n = 4
     seq = tokens[2000:2000 + CTX + n + 1]
-    methods = ["dense", "prescore_leverage", "quest", "pq", "hyper_lsh", "streaming", "oracle",
-               "random_tiles"]
+    methods = ["dense", "prescore_leverage", "quest", "pq", "sparq4", "hyper_lsh", "streaming",
+               "oracle", "random_tiles"]
     res = eval_core.run_context(model, seq, CTX, n, methods, [1.0, 0.5], log=lambda s: None)
     logits = model.prefill(seq[: CTX + n], logits="all")[CTX:]  # predicts tokens CTX+1 ..
     ref = -torch.log_softmax(logits.double(), -1).gather(1, seq[CTX + 1: CTX + n + 1, None])[:, 0]

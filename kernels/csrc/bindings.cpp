@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_tiles_cpu", torch::wrap_pybind_function(select_tiles_cpu), "select_tiles_cpu");
   m.def("quest_pick_cpu", torch::wrap_pybind_function(quest_pick_cpu), "quest_pick_cpu");
   m.def("sparq_pick_cpu", torch::wrap_pybind_function(sparq_pick_cpu), "sparq_pick_cpu");
+  m.def("sparq4_pick_cpu", torch::wrap_pybind_function(sparq4_pick_cpu), "sparq4_pick_cpu");
   m.def("pq_pick_cpu", torch::wrap_pybind_function(pq_pick_cpu), "pq_pick_cpu");
   m.def("record_bounds_cpu", torch::wrap_pybind_function(record_bounds_cpu), "record_bounds_cpu");
   m.def("select_decode_cpu", torch::wrap_pybind_function(select_decode_cpu), "select_decode_cpu");

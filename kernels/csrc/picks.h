@@ -348,6 +348,131 @@ torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt
   return pick;
 }
 
+// SparQ pick on the 4-bit key copy (query_aware="sparq4", prescore_backend/keycopy.py): per
+// (row, KV head) the NC / 2 rotary pairs (i, i + D/2) of largest |q| summed over the group, then
+// block by block the pairs' runs of B bytes (low nibble channel i, high nibble i + D/2; code c
+// stands for (c - 8) * scale), 16 tokens per step: q * scale is folded per channel and the -8
+// offset is a per-head constant added once. Max over the tile's tokens and the group's heads;
+// the best caps[r] eligible tiles are marked (ties to the lower index).
+static inline void nibbles16(const uint8_t* p, v16f& lo, v16f& hi) {
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15)));
+  const __m512 b = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
+  std::memcpy(&lo, &a, 64);
+  std::memcpy(&hi, &b, 64);
+#else
+  float a[16], b[16];
+  for (int i = 0; i < 16; ++i) {
+    a[i] = static_cast<float>(p[i] & 15);
+    b[i] = static_cast<float>(p[i] >> 4);
+  }
+  std::memcpy(&lo, a, 64);
+  std::memcpy(&hi, b, 64);
+#endif
+}
+
+torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor scale,
+                              torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
+                              int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D/2, B] uint8 contiguous; scale [Hkv, D] fp32;
+  // bt [R, MB] int64; num_tiles, caps [R] int64; NC channels (even).
+  TORCH_CHECK(kq.dim() == 4 && kq.scalar_type() == at::kByte && kq.is_contiguous() && !kq.is_cuda(),
+              "sparq4_pick_cpu: key copy [NB, Hkv, D/2, B] uint8, contiguous, on the CPU");
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kq.size(1), B = kq.size(3), half = kq.size(2);
+  TORCH_CHECK(half * 2 == D && Hq % Hkv == 0 && scale.size(0) == Hkv && scale.size(1) == D,
+              "sparq4_pick_cpu: shapes of q, the key copy and the scales do not match");
+  TORCH_CHECK(B % T == 0 && B % 16 == 0 && T % 16 == 0,
+              "sparq4_pick_cpu: 16 | tile, tile | block");
+  const int64_t NP = std::clamp<int64_t>(NC / 2, 1, half);
+  const int64_t G = Hq / Hkv, tpb = B / T, MB = bt.size(1), NB16 = B / 16;
+  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
+  const float* qp = q.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const uint8_t* kp = kq.data_ptr<uint8_t>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t bts = bt.stride(0);
+  const int64_t* nt = num_tiles.data_ptr<int64_t>();
+  const int64_t* cap = caps.data_ptr<int64_t>();
+  bool* pk = pick.data_ptr<bool>();
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<v16u_t> uv((M + 15) / 16);
+    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
+    std::vector<v16f> accv(G * NB16);
+    std::vector<float> mag(half), qa(G * NP), qb(G * NP), base0(G);
+    std::vector<int64_t> pairs(half);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
+      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
+      const int64_t nv = (n + 15) / 16;
+      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
+      const float* qg = qp + rh * G * D;
+      for (int64_t i = 0; i < half; ++i) {
+        float m = 0.f;
+        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + i]) + std::abs(qg[g * D + half + i]);
+        mag[i] = m;
+        pairs[i] = i;
+      }
+      std::partial_sort(pairs.begin(), pairs.begin() + NP, pairs.end(),
+                        [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
+      std::sort(pairs.begin(), pairs.begin() + NP);
+      const float* sh = sp + h * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float c = 0.f;
+        for (int64_t j = 0; j < NP; ++j) {
+          const int64_t i = pairs[j];
+          qa[g * NP + j] = qg[g * D + i] * sh[i];
+          qb[g * NP + j] = qg[g * D + half + i] * sh[half + i];
+          c -= 8.f * (qa[g * NP + j] + qb[g * NP + j]);
+        }
+        base0[g] = c;
+      }
+      auto block_base = [&](int64_t lb) { return kp + (btp[r * bts + lb] * Hkv + h) * half * B; };
+      int64_t k = 0;
+      const int64_t b_end = std::min<int64_t>((hi + tpb - 1) / tpb, MB);
+      auto prefetch_block = [&](int64_t lb) {
+        const uint8_t* nb = block_base(lb);
+        for (int64_t j = 0; j < NP; ++j) prefetch_span(nb + pairs[j] * B, B);
+      };
+      if (lo / tpb < b_end) prefetch_block(lo / tpb);
+      for (int64_t b = lo / tpb; b < b_end; ++b) {
+        if (b + 1 < b_end) prefetch_block(b + 1);
+        const uint8_t* base = block_base(b);
+        const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
+        const int64_t c0 = t0 * T / 16, c1 = t1 * T / 16;
+        for (int64_t g = 0; g < G; ++g) {
+          const v16f init = v16f{} + base0[g];
+          for (int64_t c = c0; c < c1; ++c) accv[g * NB16 + c] = init;
+        }
+        for (int64_t j = 0; j < NP; ++j) {
+          const uint8_t* run = base + pairs[j] * B;
+          for (int64_t c = c0; c < c1; ++c) {
+            v16f k0, k1;
+            nibbles16(run + c * 16, k0, k1);
+            for (int64_t g = 0; g < G; ++g)
+              accv[g * NB16 + c] += qa[g * NP + j] * k0 + qb[g * NP + j] * k1;
+          }
+        }
+        for (int64_t t = t0; t < t1; ++t) {
+          v16f m = accv[t * T / 16];
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t c = t * T / 16; c < (t + 1) * T / 16; ++c) {
+              const v16f v = accv[g * NB16 + c];
+              m = m > v ? m : v;
+            }
+          const float best = hmax(m);
+          if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
+        }
+      }
+      const int64_t take = std::min(k, std::max<int64_t>(cap[r], 0));
+      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pk + rh * M), 1);
+    }
+  });
+  return pick;
+}
+
 // PQ pick (query_aware="pq", prescore_backend.pq.pq_tile_rank): per (row, KV head) a lookup
 // table of the group's summed query against each subspace's centroids, then per token the sum
 // of its m table entries (codes read in place through the block table), max per tile, and the
