@@ -73,7 +73,8 @@ from prescore_backend.kernels import (  # noqa: E402
     sparse_decode,
     vllm_cpu_kv_views,
 )
-from prescore_backend.kernels.cpu_select import cpu_pq_pick, cpu_quest_pick, cpu_sparq_pick  # noqa: E402
+from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick,  # noqa: E402
+                                                 cpu_sparq4_pick, cpu_sparq_pick)
 from prescore_backend.pq import rotary_pair_dims  # noqa: E402
 from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_k,
@@ -157,6 +158,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
     n_fns = 1 + args.floor_column + len(keeps) * (
         2 + (args.impl != "torch") + args.lsh + args.quest + bool(args.sparq) + bool(args.pq)
+        + bool(args.sparq4)
         + args.kernel_column
         + args.returning_column + args.floor_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
@@ -189,6 +191,12 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         pq_codes = [c0] + [c0.clone() for _ in range(layers - 1)]
         pq_book = torch.randn(Hkv, args.pq, D // args.pq, 256, generator=gen)  # transposed
         pq_dims = rotary_pair_dims(D, args.pq)
+    # the 4-bit key copy per layer [blocks, Hkv, D/2, B] uint8 and its scales (random codes:
+    # the ranking's cost, not its quality)
+    kq_copy, kq_scale = [], torch.rand(Hkv, D, generator=gen) + 0.5
+    if args.sparq4:
+        q0 = torch.randint(0, 256, (blocks, Hkv, D // 2, B), generator=gen, dtype=torch.uint8)
+        kq_copy = [q0] + [q0.clone() for _ in range(layers - 1)]
     tile_masks = block_masks = None
     if args.lsh:
         tm0 = bucket_masks(lsh.hash(plain_k(views[0][0][perm.long()].flatten(0, 1)).reshape(
@@ -252,7 +260,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     stats = torch.zeros(8, dtype=torch.int64)  # the backend's counters
 
     def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False,
-                    returning: bool = False, sparq: int = 0, pq: int = 0):
+                    returning: bool = False, sparq: int = 0, pq: int = 0, sparq4: int = 0):
         budget = torch.full((batch,), max(1, M // keep))
         if sparq:  # keep_ratio counts the channels SparQ reads: fewer tiles for the same bytes
             budget = torch.full((batch,), max(1, math.ceil(M * (1 / keep - sparq / (2 * D)))))
@@ -270,6 +278,11 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 match = cpu_sparq_pick(query, views[li][0], bt64, num_tiles, caps,
                                        num_tile_slots=M, channels=sparq,
                                        tile_size=T, sink_tiles=1, window_tiles=2, kv_layout=kvl)
+                cap_i = int(caps.max())
+            elif sparq4:  # SparQ on the 4-bit key copy, up to half the budget
+                match = cpu_sparq4_pick(query, kq_copy[li], kq_scale, bt64, num_tiles, caps,
+                                        num_tile_slots=M, channels=sparq4, tile_size=T,
+                                        sink_tiles=1, window_tiles=2)
                 cap_i = int(caps.max())
             elif pq:  # PQ-ranked tiles up to half the budget, codes read in place
                 match = cpu_pq_pick(query, pq_codes[li], bt64, pq_book, pq_dims, num_tiles, caps,
@@ -315,6 +328,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_sparq_ms/{keep}"] = make_sparse(keep, False, sparq=args.sparq)[0]
         if args.pq:
             fns[f"sparse_pq_ms/{keep}"] = make_sparse(keep, False, pq=args.pq)[0]
+        if args.sparq4:
+            fns[f"sparse_sparq4_ms/{keep}"] = make_sparse(keep, False, sparq4=args.sparq4)[0]
         if args.returning_column:
             fns[f"sparse_ret_ms/{keep}"] = make_sparse(keep, False, returning=True)[0]
         if args.kernel_column:  # the kernel alone, on the same selection made ahead
@@ -349,7 +364,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             if k in med:
                 r[k] = med[k]
         for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
-                  "sparse_quest_ms", "sparse_sparq_ms", "sparse_pq_ms", "kernel_ms", "floor_ms"):
+                  "sparse_quest_ms", "sparse_sparq_ms", "sparse_pq_ms", "sparse_sparq4_ms",
+                  "kernel_ms", "floor_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -362,6 +378,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             r["sparq_over_quest"] = r["sparse_sparq_ms"] / r["sparse_quest_ms"]
         if "sparse_pq_ms" in r and "sparse_quest_ms" in r:
             r["pq_over_quest"] = r["sparse_pq_ms"] / r["sparse_quest_ms"]
+        if "sparse_sparq4_ms" in r and "sparse_quest_ms" in r:
+            r["sparq4_over_quest"] = r["sparse_sparq4_ms"] / r["sparse_quest_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -375,6 +393,7 @@ _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{
          ("sparse_lsh_ms", "{:>13.3f}"), ("sparse_quest_ms", "{:>15.3f}"),
          ("sparse_sparq_ms", "{:>15.3f}"), ("sparq_over_quest", "{:>16.2f}"),
          ("sparse_pq_ms", "{:>12.3f}"), ("pq_over_quest", "{:>13.2f}"),
+         ("sparse_sparq4_ms", "{:>16.3f}"), ("sparq4_over_quest", "{:>17.2f}"),
          ("floor_ms", "{:>8.3f}"), ("readall_ms", "{:>10.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("floor_speedup_vs_vllm", "{:>21.2f}"),
@@ -468,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse_pq column: PQ ranking on M one-byte codes per token (random "
                         "codes and codebook: the cost, not the quality) + selection + decode, "
                         "the same tile budget as sparse_quest (0 = skip)")
+    p.add_argument("--sparq4", type=int, default=8, metavar="R",
+                   help="sparse_sparq4 column: SparQ ranking on R channels of the 4-bit key copy "
+                        "(random codes: the cost, not the quality) + selection + decode, the "
+                        "same tile budget as sparse_quest (0 = skip)")
     p.add_argument("--no-quest", dest="quest", action="store_false",
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")

@@ -207,7 +207,7 @@ class EvalMethod:
     needs_lsh: ClassVar[bool] = False
     needs_bounds: ClassVar[bool] = False
     pq_subspaces: ClassVar[int] = 0  # > 0: reads PQ codes of this many subspaces
-    key_copy: ClassVar[bool] = False  # reads the 4-bit key copy (scales from the same file)
+    key_copy: ClassVar[bool] = False  # reads the 4-bit key copy
     exact_reference: ClassVar[bool] = False  # dense: the reference itself
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
@@ -293,7 +293,7 @@ class PrescoreMethod(EvalMethod):
         return (type(self), self.cfg.replace(method="random")) if not self.cfg.residual_tiles else self.name
 
     def side_read_fraction(self, head_dim: int) -> float:
-        return side_read_fraction(self.cfg, head_dim)
+        return side_read_fraction(self.cfg, head_dim, block_size=BLOCK_SIZE)
 
     @property
     def needs_lsh(self) -> bool:  # type: ignore[override]
@@ -629,11 +629,9 @@ class PagedState:
         if len(pq) > 1:
             raise ValueError(f"one pq_subspaces per run, got {sorted(pq)}")
         key_copy = any(sp.key_copy for sp in specs.values())
-        codes = bool(pq)
         books = None
-        if pq or key_copy:  # the calibration file the backend would load
-            books = PQCodebooks.load(codebook_path(model.path, pq.pop() if pq else
-                                                   base.pq_subspaces))
+        if pq:  # the codebooks the backend would load (prescore-models calibrate)
+            books = PQCodebooks.load(codebook_path(model.path, pq.pop()))
             books.check(s.layers, s.kv_heads, s.head_dim, str(model.path))
         names = sorted(specs)
         self.specs = specs
@@ -643,7 +641,7 @@ class PagedState:
                                            head_dim=s.head_dim if bounds else 0,
                                            block_size=B,
                                            codebook=books.layer(i) if books else None,
-                                           pq_codes=codes, key_copy=key_copy)
+                                           key_copy_dim=s.head_dim if key_copy else 0)
                          for i in range(s.layers)]
         self.side = [{n: _slice_side(sd, self.offset[n], nb) for n in names} for sd in self.side_all]
         self.scorers: dict[str, Scorer] = {n: get_scorer(specs[n].scorer, seed=base.seed)
@@ -740,7 +738,7 @@ def _slice_side(sd: SideData, start: int, n: int) -> SideData:
         return None if t is None else t[start:start + n]
 
     return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax), cut(sd.codes),
-                    sd.codebook, cut(sd.kq), sd.kscale)
+                    sd.codebook, cut(sd.kq), cut(sd.kz))
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,51 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
     return "\n".join(lines)
 
 
+def merge_runs(paths: list[str], out: Path, md: Path | None) -> int:
+    """One report from several runs of one protocol (methods run at different times): token
+    NLLs and read fractions per (text, method, budget), paired intervals recomputed. The runs
+    must have scored the same tokens: their dense NLLs agree to 1e-6."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    m0 = runs[0]["meta"]
+    proto = ("model", "context", "windows", "new_tokens", "texts", "ratios")
+    rows: dict = {}
+    methods: list[str] = []
+    labels: dict = {}
+    for p, run in zip(paths, runs):
+        m = run["meta"]
+        if any(m[k] != m0[k] for k in proto):
+            raise SystemExit(f"{p}: not the protocol of {paths[0]} ({', '.join(proto)})")
+        for key, nll in run["token_nll"].items():
+            t, meth, r = key.split("|")
+            r = float(r)
+            cell = {"nll": nll, "total": 1.0,
+                    "read": run["summary"][f"{t}|{meth}|{r:g}"]["read_fraction"]}
+            old = rows.get((t, meth, r))
+            if old is not None:
+                if meth != "dense" or max(abs(a - b) for a, b in zip(old["nll"], nll)) > 1e-6:
+                    raise SystemExit(f"{p}: {t} {meth} {r:g} twice, or other tokens than "
+                                     f"{paths[0]}")
+                continue
+            rows[(t, meth, r)] = cell
+        methods += [x for x in m["methods"] if x not in methods]
+        labels.update(m.get("labels", {}))
+    summary = summarize(rows, m0["texts"], methods, m0["ratios"])
+    meta = dict(m0, methods=methods, labels=labels,
+                command=" + ".join(r["meta"]["command"] for r in runs),
+                git_commit=", ".join(dict.fromkeys(r["meta"]["git_commit"] for r in runs)),
+                wall_s=sum(r["meta"].get("wall_s", 0) for r in runs),
+                note=f"merged from {len(runs)} runs of the same tokens (bench/eval_selection.py "
+                     "--merge)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "summary": summary,
+                               "token_nll": {"|".join(map(str, k)): v["nll"]
+                                             for k, v in rows.items()}}) + "\n")
+    md = md or out.with_suffix(".md")
+    md.write_text(markdown(summary, meta, m0["texts"], methods, m0["ratios"]) + "\n")
+    print(md.read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", default=None, help="markdown report (default: --out with .md)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown report of an earlier run's JSON")
+    p.add_argument("--merge", default=None, metavar="JSON,JSON[,..]",
+                   help="combine runs of the same texts, windows and budgets made with different "
+                        "methods (their dense tokens must agree) into --out, recomputing the "
+                        "paired intervals")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge.split(","), Path(args.out),
+                          Path(args.md) if args.md else None)
     if args.render:
         data = json.loads(Path(args.render).read_text())
         m = data["meta"]

@@ -63,22 +63,22 @@ def cpu_sparq_pick(q: Tensor, key_cache: Tensor, block_tables: Tensor, num_tiles
         int(window_tiles), kv_layout == "amx")
 
 
-def cpu_sparq4_pick(q: Tensor, kq: Tensor, scale: Tensor, block_tables: Tensor,
+def cpu_sparq4_pick(q: Tensor, kq: Tensor, kz: Tensor, block_tables: Tensor,
                     num_tiles: Tensor, caps: Tensor, *, num_tile_slots: int, channels: int,
                     tile_size: int, sink_tiles: int, window_tiles: int) -> Tensor:
     """SparQ pick on the 4-bit key copy per (row, KV head): ``[R, Hkv, M]`` bool, at most
     ``caps[r]`` per row.
 
-    q ``[R, Hq, D]``; kq ``[NB, Hkv, D/2, B]`` uint8 (pair-major: one run of B bytes per
-    rotary pair (i, i + D/2), low nibble channel i); scale ``[Hkv, D]`` fp32 (a code c stands
-    for (c - 8) * scale); block_tables ``[R, MB]``; num_tiles, caps ``[R]``; channels: how
-    many (channels / 2 rotary pairs of largest |q| summed over the group, chosen in the call).
-    A tile's estimate is the max over its tokens and the group's heads; eligible: index in
-    [sink_tiles, num_tiles - window_tiles). The same picks as ranking with
+    q ``[R, Hq, D]``; kq ``[NB, Hkv, D, B/2]`` uint8 (one run of B/2 bytes per channel; in a
+    16-token chunk byte i holds token i low and token i + 8 high) and kz ``[NB, Hkv, 2, D]``
+    fp32 (each block's min and step: code c stands for min + c * step); block_tables
+    ``[R, MB]``; num_tiles, caps ``[R]``; channels: how many (the group's largest |q|, chosen in
+    the call). A tile's estimate is the max over its tokens and the group's heads; eligible:
+    index in [sink_tiles, num_tiles - window_tiles). The same picks as ranking with
     ``prescore_backend.keycopy.sparq4_tile_rank`` (ties to the lower index)."""
     return _ext().sparq4_pick_cpu(
         q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous(),
-        kq.contiguous(), scale.float().contiguous(), _i64(block_tables), _i64(num_tiles),
+        kq.contiguous(), kz.float().contiguous(), _i64(block_tables), _i64(num_tiles),
         _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
         int(window_tiles))
 

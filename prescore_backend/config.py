@@ -69,22 +69,20 @@ class PrescoreConfig:
         "ranked by max q.k over the tile estimated on the query's largest channels "
         "(query_channels of them, exact key values; SparQ); 'sparq4' = the same estimate, max "
         "over the GQA group's heads, on a 4-bit copy of the keys kept beside the cache "
-        "(query_channels / 2 bytes per token and KV head read per step; scales from "
-        "`prescore-models calibrate`, see pq_codebook); 'pq' = tiles ranked by max q.k "
+        "(query_channels / 2 bytes per token and KV head read per step, plus each block's "
+        "scales; head_dim / 2 bytes per token held); 'pq' = tiles ranked by max q.k "
         "estimated from product-quantized key codes (pq_subspaces bytes per token and KV "
         "head; codebooks from `prescore-models calibrate`, see pq_codebook); 'none'."))
     query_channels: int = field(default=8, metadata=_doc(
         "Key channels read per token by query_aware='sparq' / 'sparq4': the query group's "
-        "largest |q| channels, taken in pairs (adjacent channels for 'sparq', rotary pairs "
-        "(i, i + head_dim/2) for 'sparq4'); an even number."))
+        "largest |q| channels (in adjacent pairs for 'sparq'); an even number."))
     pq_subspaces: int = field(default=4, metadata=_doc(
         "Subspaces of query_aware='pq': each cached key gets this many one-byte codes per KV "
         "head (256 centroids per subspace); must divide the head dim."))
     pq_codebook: str = field(default="", metadata=_doc(
-        "Calibration file of query_aware='pq' (codebooks) and 'sparq4' (key scales), written "
-        "by `prescore-models calibrate MODEL`. Empty: prescore_pq<pq_subspaces>.pt in the "
-        "model's directory, and if the model has none, the backend logs a warning and ranks "
-        "with 'quest' ('pq') or 'sparq' ('sparq4') instead."))
+        "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
+        "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
+        "none, the backend logs a warning and ranks with 'quest' instead."))
     query_cap_ratio: float = field(default=0.5, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles (never more than "
         "the budget left after sinks and window); the rest is filled by the highest "

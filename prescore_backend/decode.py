@@ -38,7 +38,7 @@ from prescore_backend.kernels.cpu_side import cpu_record_bounds
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
-from prescore_backend.keycopy import key_scale, pack_keys, sparq4_tile_rank
+from prescore_backend.keycopy import pack_blocks, scale_bytes_per_token, sparq4_tile_rank
 from prescore_backend.pq import LayerCodebook, pq_encode, pq_tile_rank
 from prescore_backend.scoring import Scorer
 from prescore_backend.selection import (  # tokens_read: re-exported
@@ -86,41 +86,37 @@ class SideData:
     kmin: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key min
     kmax: Tensor | None  # [num_blocks, Hkv, tiles_per_block, D] cache dtype, per-tile key max
     codes: Tensor | None = None  # [num_blocks, Hkv, B, m] uint8 per-token PQ codes
-    codebook: LayerCodebook | None = None  # this layer's PQ codebook / key scales
-    kq: Tensor | None = None  # [num_blocks, Hkv, D/2, B] uint8 4-bit key copy (keycopy.py)
-    kscale: Tensor | None = None  # [Hkv, D] fp32 its quantization step
+    codebook: LayerCodebook | None = None  # this layer's PQ codebook
+    kq: Tensor | None = None  # [num_blocks, Hkv, D, B/2] uint8 4-bit key copy (keycopy.py)
+    kz: Tensor | None = None  # [num_blocks, Hkv, 2, D] fp32 its per-block min and step
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
-                 codebook: LayerCodebook | None = None, pq_codes: bool = True,
-                 key_copy: bool = False) -> "SideData":
-        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes (if
-        ``pq_codes``) and the 4-bit key copy (if ``key_copy``; needs the codebook's
-        ``key_absmax``)."""
+                 codebook: LayerCodebook | None = None, key_copy_dim: int = 0) -> "SideData":
+        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes;
+        ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key copy."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
-        codes = kq = kscale = None
-        if codebook is not None and pq_codes:
+        codes = kq = kz = None
+        if codebook is not None:
             codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces),
                                 dtype=torch.uint8)
-        if codebook is not None and key_copy:
-            if codebook.key_absmax is None:
-                raise ValueError("the 4-bit key copy needs the calibration file's key scales")
-            kscale = key_scale(codebook.key_absmax)
-            kq = torch.zeros((num_blocks, num_kv_heads, kscale.shape[1] // 2, block_size),
+        if key_copy_dim:
+            kq = torch.zeros((num_blocks, num_kv_heads, key_copy_dim, block_size // 2),
                              dtype=torch.uint8)
+            kz = torch.zeros((num_blocks, num_kv_heads, 2, key_copy_dim))
         return cls(
             scores=torch.full(shape, float("-inf")),
             masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
             kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
             kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
-            codes=codes, codebook=codebook, kq=kq, kscale=kscale)
+            codes=codes, codebook=codebook, kq=kq, kz=kz)
 
     def bytes_per_token(self, block_size: int) -> float:
-        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes, self.kq)
-                 if t is not None]
+        parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes, self.kq,
+                             self.kz) if t is not None]
         return sum(t[0].numel() * t.element_size() for t in parts) / block_size
 
     @property
@@ -143,15 +139,16 @@ class ScoreJob:
 # ----------------------------------------------------------------------------- budgets
 
 
-def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) -> float:
+def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
+                       block_size: int = 128) -> float:
     """Bytes of side data one decode step reads, per KV byte of the context, under ``cfg``.
 
     Every tile's side data is read each step: the pre-scores (4 bytes per tile and KV head,
     unless the query-aware part takes the whole budget), Quest's key bounds (2 x D per tile in
     the cache dtype: 1 / tile_size of the KV), the LSH bucket sets (8 bytes per mask word and
     tile), SparQ's key channels (query_channels of the 2 x D values per token), the 4-bit key copy
-    (query_channels / 2 bytes per token). ``kv_bytes``:
-    bytes per cached element."""
+    (query_channels / 2 bytes per token, and each block's min and step of those channels).
+    ``kv_bytes``: bytes per cached element; ``block_size``: tokens per KV block."""
     tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
     f = 0.0
     if cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none":
@@ -164,8 +161,9 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2) ->
         f += cfg.query_channels / (2 * head_dim)
     if cfg.uses_codes:
         f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
-    if cfg.uses_key_copy:  # query_channels / 2 bytes (pairs of 4-bit codes) per token
-        f += cfg.query_channels / 2 / (2 * head_dim * kv_bytes)
+    if cfg.uses_key_copy:  # 4-bit codes of query_channels channels, their blocks' scales
+        per_token = cfg.query_channels / 2 + scale_bytes_per_token(cfg.query_channels, block_size)
+        f += per_token / (2 * head_dim * kv_bytes)
     return f
 
 
@@ -240,21 +238,19 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
 
 
 def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor) -> None:
-    """PQ codes and/or the 4-bit key copy of keys just written (prefill and decode alike):
-    keys ``[N, Hkv, D]`` at physical block ``[N]`` int64, offset in the block ``[N]`` int64.
-    Both depend on the key only, so this is their whole life cycle."""
-    if keys.shape[0] == 0:
+    """PQ codes of keys just written (prefill and decode alike): keys ``[N, Hkv, D]`` at
+    physical block ``[N]`` int64, offset in the block ``[N]`` int64. A code depends on its key
+    only, so this is the whole life cycle of the codes."""
+    if side.codes is None or keys.shape[0] == 0:
         return
-    if side.codes is not None:
-        side.codes[block, :, offset] = pq_encode(keys, side.codebook)
-    if side.kq is not None:
-        side.kq[block, :, :, offset] = pack_keys(keys, side.kscale)
+    side.codes[block, :, offset] = pq_encode(keys, side.codebook)
 
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                    scorer_for: Callable[[str | None], Scorer], tile_size: int, aggregate: str,
                    lsh: AngularLSH | None, lsh_bits: int, kv_layout: str = "strided") -> None:
-    """Score the blocks each job filled and record its per-token data.
+    """Score the blocks each job filled (and write their 4-bit key copy) and record its
+    per-token data.
 
     key_cache ``[num_blocks, Hkv, B, D]`` (any strides; with ``kv_layout="amx"`` vLLM's packed K
     region, unpacked per job). ``scorer_for(job.method)`` gives the
@@ -277,6 +273,9 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
             ks = scorer_for(job.method).score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
             tiles = aggregate_tiles(ks, T, aggregate)  # [Hkv, (b1 - b0) * tpb]
             side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
+            if side.kq is not None:  # the 4-bit key copy: per block, once it is full
+                full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
+                side.kq[job.block_ids[b0:b1]], side.kz[job.block_ids[b0:b1]] = pack_blocks(full)
         if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
             t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T)
             side.scores[job.block_ids[(t * T) // bs], :, t % tpb] = float("-inf")
@@ -375,7 +374,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     ``sparq``: ranked by :func:`sparq_tile_rank` on the KV cache (key_cache ``[NB, Hkv, B, D]``
     in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt). ``pq``: ranked by
     :func:`prescore_backend.pq.pq_tile_rank` on the side data's per-token codes. ``sparq4``:
-    :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy.
+    :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy of the
+    full blocks.
     ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
     matmuls, "auto" picks cpp on CPU when it compiles.
     """
@@ -406,11 +406,11 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                                kv_layout=kv_layout)
     elif cfg.uses_key_copy:
         if impl == "cpp":
-            return cpu_sparq4_pick(q, side.kq, side.kscale, bt, num_tiles, caps,
+            return cpu_sparq4_pick(q, side.kq, side.kz, bt, num_tiles, caps,
                                    num_tile_slots=M, channels=cfg.query_channels,
                                    tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
                                    window_tiles=cfg.window_tiles)
-        rank = sparq4_tile_rank(q, side.kq, side.kscale, bt, cfg.query_channels, cfg.tile_size)
+        rank = sparq4_tile_rank(q, side.kq, side.kz, bt, cfg.query_channels, cfg.tile_size)
     elif cfg.uses_codes:
         if impl == "cpp":
             return cpu_pq_pick(q, side.codes, bt, side.codebook.centroids_t, side.codebook.dims,

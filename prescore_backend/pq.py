@@ -56,14 +56,11 @@ def rotary_pair_dims(head_dim: int, subspaces: int) -> Tensor:
 class LayerCodebook:
     """One layer's codebook: centroids ``[Hkv, m, C, d]`` fp32 in key units, the channels of
     each subspace ``dims [m, d]`` int64, and the per-channel weights of the encoding distance
-    ``weights [Hkv, D]`` fp32; ``key_absmax [Hkv, D]`` fp32: the calibration keys' largest
-    magnitude per channel (the scale of ``query_aware="sparq4"``'s 4-bit key copy; None in
-    files written before it existed)."""
+    ``weights [Hkv, D]`` fp32."""
 
     centroids: Tensor
     dims: Tensor
     weights: Tensor
-    key_absmax: Tensor | None = None
 
     def __post_init__(self) -> None:
         # [Hkv, m, d, C]: what the C++ pick reads (one contiguous pass per channel)
@@ -75,9 +72,8 @@ class LayerCodebook:
 
     def heads(self, first: int, n: int) -> "LayerCodebook":
         """The codebook of KV heads [first, first + n) (a tensor-parallel rank's heads)."""
-        amax = None if self.key_absmax is None else self.key_absmax[first:first + n]
         return LayerCodebook(self.centroids[first:first + n], self.dims,
-                             self.weights[first:first + n], amax)
+                             self.weights[first:first + n])
 
 
 def kmeans(x: Tensor, centroids: int, *, iters: int, seed: int) -> Tensor:
@@ -117,8 +113,7 @@ def fit_codebook(keys: Tensor, subspaces: int, *, queries: Tensor | None = None,
     x = xw[:, :, dims.flatten()].view(hkv, n, subspaces, d).permute(0, 2, 1, 3).reshape(-1, n, d)
     c = kmeans(x, centroids, iters=iters, seed=seed)
     ws = w[:, dims]  # [Hkv, m, d]
-    return LayerCodebook(c.view(hkv, subspaces, centroids, d) / ws.unsqueeze(2), dims, w,
-                         keys.float().abs().amax(1))
+    return LayerCodebook(c.view(hkv, subspaces, centroids, d) / ws.unsqueeze(2), dims, w)
 
 
 def pq_encode(keys: Tensor, book: LayerCodebook) -> Tensor:
@@ -155,40 +150,32 @@ def codebook_path(model_dir: str | Path, subspaces: int) -> Path:
 @dataclass
 class PQCodebooks:
     """One :class:`LayerCodebook` per attention layer, stacked: centroids ``[L, Hkv, m, C, d]``,
-    weights ``[L, Hkv, D]``, dims ``[m, d]``, key_absmax ``[L, Hkv, D]`` (None in older
-    files); ``meta``: calibration text, tokens, seed. The model's calibration file: what
-    ``query_aware="pq"`` and ``"sparq4"`` read."""
+    weights ``[L, Hkv, D]``, dims ``[m, d]``; ``meta``: calibration text, tokens, seed."""
 
     centroids: Tensor
     weights: Tensor
     dims: Tensor
     meta: dict
-    key_absmax: Tensor | None = None
 
     @property
     def subspaces(self) -> int:
         return self.centroids.shape[2]
 
     def layer(self, i: int) -> LayerCodebook:
-        amax = None if self.key_absmax is None else self.key_absmax[i]
-        return LayerCodebook(self.centroids[i], self.dims, self.weights[i], amax)
+        return LayerCodebook(self.centroids[i], self.dims, self.weights[i])
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_suffix(".partial")
-        blob = {"centroids": self.centroids.contiguous(), "weights": self.weights.contiguous(),
-                "dims": self.dims.contiguous(), "meta": json.dumps(self.meta)}
-        if self.key_absmax is not None:
-            blob["key_absmax"] = self.key_absmax.contiguous()
-        torch.save(blob, tmp)
+        torch.save({"centroids": self.centroids.contiguous(), "weights": self.weights.contiguous(),
+                    "dims": self.dims.contiguous(), "meta": json.dumps(self.meta)}, tmp)
         tmp.rename(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PQCodebooks":
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        amax = blob.get("key_absmax")
         return cls(blob["centroids"].float(), blob["weights"].float(), blob["dims"].long(),
-                   json.loads(blob["meta"]), None if amax is None else amax.float())
+                   json.loads(blob["meta"]))
 
     def check(self, num_layers: int, num_kv_heads: int, head_dim: int, where: str) -> None:
         """Raise ValueError unless the codebooks fit this model's attention shapes (all its KV
@@ -219,23 +206,18 @@ class PQCodebooks:
             raise ValueError("the calibration forward did not visit every layer")
         return cls(torch.stack([b.centroids for b in books]),
                    torch.stack([b.weights for b in books]), books[0].dims,
-                   dict(meta or {}, subspaces=subspaces, seed=seed),
-                   torch.stack([b.key_absmax for b in books]))
+                   dict(meta or {}, subspaces=subspaces, seed=seed))
 
 
 def resolve_codebooks(cfg, model_dir: str | Path | None) -> tuple["PQCodebooks | None", object, str]:
-    """The calibration file a serving process uses under ``cfg`` (a PrescoreConfig), once at
-    start.
+    """The codebooks a serving process uses under ``cfg`` (a PrescoreConfig), once at start.
 
     Returns (codebooks or None, the config to serve with, a log line or ""). Only for
-    ``query_aware="pq"`` and ``"sparq4"``: ``cfg.pq_codebook`` names the file (missing, or
-    without the key scales sparq4 needs: ValueError naming the setting); unset, the model
-    directory's ``prescore_pq<m>.pt`` is used, and where the model has none (or an older one
-    without key scales, for sparq4) the config falls back with a warning line: ``pq`` to
-    ``quest``, ``sparq4`` to ``sparq`` (the same channels read exactly from the KV cache)."""
-    if not (cfg.uses_codes or cfg.uses_key_copy):
+    ``query_aware="pq"``: ``cfg.pq_codebook`` names the file (missing: ValueError naming the
+    setting); unset, the model directory's ``prescore_pq<m>.pt`` is used, and where the model
+    has none the config falls back to ``query_aware="quest"`` with a warning line."""
+    if not cfg.uses_codes:
         return None, cfg, ""
-    fallback = "quest" if cfg.uses_codes else "sparq"
     if cfg.pq_codebook:
         path = Path(cfg.pq_codebook)
         if not path.is_file():
@@ -245,20 +227,12 @@ def resolve_codebooks(cfg, model_dir: str | Path | None) -> tuple["PQCodebooks |
     else:
         path = codebook_path(model_dir, cfg.pq_subspaces) if model_dir else None
         if path is None or not path.is_file():
-            return None, cfg.replace(query_aware=fallback), (
-                f"prescore: query_aware={cfg.query_aware!r} needs the model's calibration file "
-                f"and {model_dir} has no prescore_pq{cfg.pq_subspaces}.pt; ranking with "
-                f"{fallback!r} instead (run `prescore-models calibrate MODEL` or set pq_codebook)")
+            return None, cfg.replace(query_aware="quest"), (
+                f"prescore: query_aware='pq' needs PQ codebooks and {model_dir} has no "
+                f"prescore_pq{cfg.pq_subspaces}.pt; ranking with 'quest' instead (run "
+                "`prescore-models calibrate MODEL` or set pq_codebook)")
     books = PQCodebooks.load(path)
-    if cfg.uses_codes and books.subspaces != cfg.pq_subspaces:
+    if books.subspaces != cfg.pq_subspaces:
         raise ValueError(f"prescore: {path} has {books.subspaces} subspaces but pq_subspaces="
                          f"{cfg.pq_subspaces} (PRESCORE_PQ_SUBSPACES / --prescore-pq-subspaces)")
-    if cfg.uses_key_copy and books.key_absmax is None:
-        why = (f"{path} predates the key scales of query_aware='sparq4'; rewrite it with "
-               "`prescore-models calibrate MODEL --force`")
-        if cfg.pq_codebook:
-            raise ValueError(f"prescore pq_codebook={cfg.pq_codebook!r} (PRESCORE_PQ_CODEBOOK / "
-                             f"--prescore-pq-codebook): {why}")
-        return None, cfg.replace(query_aware=fallback), (
-            f"prescore: {why}; ranking with {fallback!r} instead")
     return books, cfg, f"prescore: PQ codebooks from {path}"

@@ -227,21 +227,17 @@ def calibration_tokens(model_path: Path, tokens: int) -> "torch.Tensor":
 
 def calibrate(name_or_path: str, subspaces: int = 4, tokens: int = 0, seed: int = 0,
               force: bool = False) -> Path:
-    """Fit the calibration file of ``query_aware="pq"`` and ``"sparq4"`` for a
-    Llama-architecture model directory (an embedded name or a path): one exact reference
-    forward over the calibration text, then k-means per (layer, KV head, subspace) and the
-    keys' largest magnitude per channel. Idempotent (a file written before the key scales
-    existed is refitted); returns the file."""
+    """Fit the PQ codebooks of ``query_aware="pq"`` for a Llama-architecture model directory
+    (an embedded name or a path): one exact reference forward over the calibration text, then
+    k-means per (layer, KV head, subspace). Idempotent; returns the codebook file."""
     from prescore_backend.llama_ref import Llama
     from prescore_backend.pq import PQCodebooks, codebook_path
 
     path = Path(resolve_model(name_or_path))
     out = codebook_path(path, subspaces)
     if out.is_file() and not force:
-        if PQCodebooks.load(out).key_absmax is not None:
-            print(f"[prescore-models] codebooks already at {out}", flush=True)
-            return out
-        print(f"[prescore-models] {out} predates the key scales: refitting", flush=True)
+        print(f"[prescore-models] codebooks already at {out}", flush=True)
+        return out
     try:
         model = Llama(path)
     except (KeyError, ValueError, FileNotFoundError) as e:
@@ -285,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("prepare", help="download and convert an embedded model (idempotent)")
     pp.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(EMBEDDED_MODELS))
     pp.add_argument("--force", action="store_true", help="convert again even if prepared")
-    cp = sub.add_parser("calibrate", help="fit the calibration file of query_aware='pq' and 'sparq4' (idempotent)")
+    cp = sub.add_parser("calibrate", help="fit the PQ codebooks of query_aware='pq' (idempotent)")
     cp.add_argument("name", nargs="?", default=DEFAULT_MODEL,
                     help="an embedded model name or a Llama-architecture safetensors directory")
     cp.add_argument("--subspaces", type=int, default=4, help="one-byte codes per token and KV head")

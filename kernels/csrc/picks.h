@@ -349,48 +349,53 @@ torch::Tensor sparq_pick_cpu(torch::Tensor q, torch::Tensor kc, torch::Tensor bt
 }
 
 // SparQ pick on the 4-bit key copy (query_aware="sparq4", prescore_backend/keycopy.py): per
-// (row, KV head) the NC / 2 rotary pairs (i, i + D/2) of largest |q| summed over the group, then
-// block by block the pairs' runs of B bytes (low nibble channel i, high nibble i + D/2; code c
-// stands for (c - 8) * scale), 16 tokens per step: q * scale is folded per channel and the -8
-// offset is a per-head constant added once. Max over the tile's tokens and the group's heads;
-// the best caps[r] eligible tiles are marked (ties to the lower index).
-static inline void nibbles16(const uint8_t* p, v16f& lo, v16f& hi) {
+// (row, KV head) the NC channels of largest |q| summed over the group, then block by block each
+// channel's run of B/2 bytes (a 16-token chunk is 8 bytes: token i in the low nibble of byte
+// i, token i + 8 in the high one) against q * step, the block's q . min added once per head.
+// Max over the tile's tokens and the group's heads; the best caps[r] eligible tiles are marked
+// (ties to the lower index). Blocks are full when ranked (the window holds the last one).
+static inline v16f nibbles16(const uint8_t* p) {
+  uint64_t x;
+  std::memcpy(&x, p, 8);
+  const uint64_t lo = x & 0x0F0F0F0F0F0F0F0FULL, hi = (x >> 4) & 0x0F0F0F0F0F0F0F0FULL;
 #if defined(__AVX512F__)
-  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 a = _mm512_cvtepi32_ps(_mm512_and_si512(x, _mm512_set1_epi32(15)));
-  const __m512 b = _mm512_cvtepi32_ps(_mm512_srli_epi32(x, 4));
-  std::memcpy(&lo, &a, 64);
-  std::memcpy(&hi, &b, 64);
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(
+      static_cast<long long>(hi), static_cast<long long>(lo))));
+  v16f o;
+  std::memcpy(&o, &f, 64);
+  return o;
 #else
-  float a[16], b[16];
-  for (int i = 0; i < 16; ++i) {
-    a[i] = static_cast<float>(p[i] & 15);
-    b[i] = static_cast<float>(p[i] >> 4);
-  }
-  std::memcpy(&lo, a, 64);
-  std::memcpy(&hi, b, 64);
+  uint8_t b[16];
+  std::memcpy(b, &lo, 8);
+  std::memcpy(b + 8, &hi, 8);
+  float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<float>(b[i]);
+  v16f o;
+  std::memcpy(&o, t, 64);
+  return o;
 #endif
 }
 
-torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor scale,
+torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor kz,
                               torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
                               int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
-  // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D/2, B] uint8 contiguous; scale [Hkv, D] fp32;
-  // bt [R, MB] int64; num_tiles, caps [R] int64; NC channels (even).
-  TORCH_CHECK(kq.dim() == 4 && kq.scalar_type() == at::kByte && kq.is_contiguous() && !kq.is_cuda(),
-              "sparq4_pick_cpu: key copy [NB, Hkv, D/2, B] uint8, contiguous, on the CPU");
+  // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D, B/2] uint8 and kz [NB, Hkv, 2, D] fp32
+  // (min, step), both contiguous; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels.
+  TORCH_CHECK(kq.dim() == 4 && kq.scalar_type() == at::kByte && kq.is_contiguous() && !kq.is_cuda() &&
+              kz.dim() == 4 && kz.scalar_type() == at::kFloat && kz.is_contiguous(),
+              "sparq4_pick_cpu: key copy [NB, Hkv, D, B/2] uint8 and scales [NB, Hkv, 2, D] fp32, "
+              "contiguous, on the CPU");
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = kq.size(1), B = kq.size(3), half = kq.size(2);
-  TORCH_CHECK(half * 2 == D && Hq % Hkv == 0 && scale.size(0) == Hkv && scale.size(1) == D,
-              "sparq4_pick_cpu: shapes of q, the key copy and the scales do not match");
-  TORCH_CHECK(B % T == 0 && B % 16 == 0 && T % 16 == 0,
-              "sparq4_pick_cpu: 16 | tile, tile | block");
-  const int64_t NP = std::clamp<int64_t>(NC / 2, 1, half);
+  const int64_t Hkv = kq.size(1), B = kq.size(3) * 2;
+  TORCH_CHECK(kq.size(2) == D && Hq % Hkv == 0 && kz.size(1) == Hkv && kz.size(2) == 2 &&
+              kz.size(3) == D, "sparq4_pick_cpu: shapes of q, the key copy and the scales do not match");
+  TORCH_CHECK(B % T == 0 && B % 16 == 0 && T % 16 == 0, "sparq4_pick_cpu: 16 | tile, tile | block");
+  const int64_t NCc = std::clamp<int64_t>(NC, 1, D);
   const int64_t G = Hq / Hkv, tpb = B / T, MB = bt.size(1), NB16 = B / 16;
   auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
   const float* qp = q.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
   const uint8_t* kp = kq.data_ptr<uint8_t>();
+  const float* zp = kz.data_ptr<float>();
   const int64_t* btp = bt.data_ptr<int64_t>();
   const int64_t bts = bt.stride(0);
   const int64_t* nt = num_tiles.data_ptr<int64_t>();
@@ -400,8 +405,8 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor s
     std::vector<v16u_t> uv((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     std::vector<v16f> accv(G * NB16);
-    std::vector<float> mag(half), qa(G * NP), qb(G * NP), base0(G);
-    std::vector<int64_t> pairs(half);
+    std::vector<float> mag(D), qc(G * NCc), coef(G * NCc);
+    std::vector<int64_t> chs(D);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
@@ -409,50 +414,47 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor s
       const int64_t nv = (n + 15) / 16;
       std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
       const float* qg = qp + rh * G * D;
-      for (int64_t i = 0; i < half; ++i) {
+      for (int64_t i = 0; i < D; ++i) {
         float m = 0.f;
-        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + i]) + std::abs(qg[g * D + half + i]);
+        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + i]);
         mag[i] = m;
-        pairs[i] = i;
+        chs[i] = i;
       }
-      std::partial_sort(pairs.begin(), pairs.begin() + NP, pairs.end(),
+      std::partial_sort(chs.begin(), chs.begin() + NCc, chs.end(),
                         [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
-      std::sort(pairs.begin(), pairs.begin() + NP);
-      const float* sh = sp + h * D;
-      for (int64_t g = 0; g < G; ++g) {
-        float c = 0.f;
-        for (int64_t j = 0; j < NP; ++j) {
-          const int64_t i = pairs[j];
-          qa[g * NP + j] = qg[g * D + i] * sh[i];
-          qb[g * NP + j] = qg[g * D + half + i] * sh[half + i];
-          c -= 8.f * (qa[g * NP + j] + qb[g * NP + j]);
-        }
-        base0[g] = c;
-      }
-      auto block_base = [&](int64_t lb) { return kp + (btp[r * bts + lb] * Hkv + h) * half * B; };
+      std::sort(chs.begin(), chs.begin() + NCc);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t j = 0; j < NCc; ++j) qc[g * NCc + j] = qg[g * D + chs[j]];
+      auto block_id = [&](int64_t lb) { return btp[r * bts + lb]; };
+      auto prefetch_block = [&](int64_t lb) {
+        const uint8_t* nb = kp + (block_id(lb) * Hkv + h) * D * (B / 2);
+        for (int64_t j = 0; j < NCc; ++j) prefetch_span(nb + chs[j] * (B / 2), B / 2);
+      };
       int64_t k = 0;
       const int64_t b_end = std::min<int64_t>((hi + tpb - 1) / tpb, MB);
-      auto prefetch_block = [&](int64_t lb) {
-        const uint8_t* nb = block_base(lb);
-        for (int64_t j = 0; j < NP; ++j) prefetch_span(nb + pairs[j] * B, B);
-      };
       if (lo / tpb < b_end) prefetch_block(lo / tpb);
       for (int64_t b = lo / tpb; b < b_end; ++b) {
         if (b + 1 < b_end) prefetch_block(b + 1);
-        const uint8_t* base = block_base(b);
+        const int64_t blk = block_id(b);
+        const uint8_t* base = kp + (blk * Hkv + h) * D * (B / 2);
+        const float* zmin = zp + (blk * Hkv + h) * 2 * D;
+        const float* zstep = zmin + D;
         const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
         const int64_t c0 = t0 * T / 16, c1 = t1 * T / 16;
         for (int64_t g = 0; g < G; ++g) {
-          const v16f init = v16f{} + base0[g];
+          float off = 0.f;
+          for (int64_t j = 0; j < NCc; ++j) {
+            off += qc[g * NCc + j] * zmin[chs[j]];
+            coef[g * NCc + j] = qc[g * NCc + j] * zstep[chs[j]];
+          }
+          const v16f init = v16f{} + off;
           for (int64_t c = c0; c < c1; ++c) accv[g * NB16 + c] = init;
         }
-        for (int64_t j = 0; j < NP; ++j) {
-          const uint8_t* run = base + pairs[j] * B;
+        for (int64_t j = 0; j < NCc; ++j) {
+          const uint8_t* run = base + chs[j] * (B / 2);
           for (int64_t c = c0; c < c1; ++c) {
-            v16f k0, k1;
-            nibbles16(run + c * 16, k0, k1);
-            for (int64_t g = 0; g < G; ++g)
-              accv[g * NB16 + c] += qa[g * NP + j] * k0 + qb[g * NP + j] * k1;
+            const v16f kv = nibbles16(run + c * 8);
+            for (int64_t g = 0; g < G; ++g) accv[g * NB16 + c] += coef[g * NCc + j] * kv;
           }
         }
         for (int64_t t = t0; t < t1; ++t) {

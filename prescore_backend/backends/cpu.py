@@ -111,7 +111,7 @@ class _Runtime:
     lsh: AngularLSH | None
     stats: PrescoreStats
     generator: torch.Generator
-    pq: PQCodebooks | None = None  # the calibration file (query_aware="pq" / "sparq4")
+    pq: PQCodebooks | None = None  # per-layer PQ codebooks (query_aware="pq")
     total_kv_heads: int = 0  # the model's KV heads over all tensor-parallel ranks
     logged_side: bool = False
     num_layers: int = 0  # attention layers run per step (set by the builder)
@@ -218,7 +218,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self._set_isa_to_layers(layer_names)
         logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
         # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
-        self.side_fraction = side_read_fraction(self.config, self.head_dim, self.dtype.itemsize)
+        self.side_fraction = side_read_fraction(self.config, self.head_dim, self.dtype.itemsize,
+                                                self.block_size)
         if self.block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
@@ -314,8 +315,8 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             dec_tile=dec_off // T,
             dec_reset=dec_off % T == 0,
             score_jobs=jobs,
-            write_block=slots // B if cfg.uses_codes or cfg.uses_key_copy else None,
-            write_off=slots % B if cfg.uses_codes or cfg.uses_key_copy else None,
+            write_block=slots // B if cfg.uses_codes else None,
+            write_off=slots % B if cfg.uses_codes else None,
         )
 
     def _budgets(self, num_tiles: Tensor) -> Tensor:
@@ -419,14 +420,14 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
             cfg = self.rt.config
             nb, _, bs, _ = kv_cache.shape
             books = None
-            if cfg.uses_codes or cfg.uses_key_copy:
+            if cfg.uses_codes:
                 books = self._rank_codebook(layer)
             self.side = SideData.allocate(
                 nb, self.num_kv_heads, bs // cfg.tile_size,
                 lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
                 head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype,
-                block_size=bs, codebook=books, pq_codes=cfg.uses_codes,
-                key_copy=cfg.uses_key_copy)
+                block_size=bs, codebook=books,
+                key_copy_dim=self.head_size if cfg.uses_key_copy else 0)
             if not self.rt.logged_side:
                 self.rt.logged_side = True
                 logger.info("prescore side data: %.2f bytes per token per layer",
@@ -434,7 +435,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         return self.side
 
     def _rank_codebook(self, layer) -> LayerCodebook:
-        """This layer's PQ codebook and key scales for the KV heads of this tensor-parallel rank (vLLM's
+        """This layer's PQ codebook for the KV heads of this tensor-parallel rank (vLLM's
         split: contiguous heads per rank, or one replicated head when ranks outnumber them)."""
         from vllm.distributed import (get_tensor_model_parallel_rank,
                                       get_tensor_model_parallel_world_size)
@@ -487,7 +488,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
 
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
-        if plan.write_block is not None:  # PQ codes / key copy of every key written this step
+        if plan.write_block is not None:  # PQ codes of every key written this step
             record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off)
         if plan.score_jobs:
             self._run_score_jobs(plan, key_cache, side, kv_layout)
