@@ -152,3 +152,27 @@ def test_copy_is_written_when_a_block_fills_and_only_then() -> None:
     kq, kz = pack_blocks(cache[[0]])
     assert torch.equal(side.kq[0], kq[0]) and torch.equal(side.kz[0], kz[0])
     assert int(side.kq[[1, 2]].count_nonzero()) == 0  # block 2 was done in an earlier job
+
+
+@pytest.mark.skipif("avx512f" not in __import__("prescore_backend.kernels.host",
+                                               fromlist=["cpu_flags"]).cpu_flags(),
+                    reason="needs AVX-512F (an AVX2-only host builds these paths by default)")
+def test_avx2_build_picks_the_same_tiles() -> None:
+    """The C++ built without AVX-512 (the code AVX2-only hosts run: the nibbles widened in
+    plain C++) picks the tiles the torch ranking does."""
+    from prescore_backend.kernels.cpu_ext import build
+    from test_pq import AVX2_ONLY
+
+    avx2 = build(AVX2_ONLY)
+    lens, hkv, d, B, group = [1500, 700, 1100], 3, 64, 128, 3
+    side, bt, _, _ = _paged_copy(lens, hkv, d, B, seed=11)
+    q = torch.randn(len(lens), hkv * group, d)
+    nt = torch.tensor([-(-n // 16) for n in lens])
+    caps = torch.tensor([9, 4, 6])
+    M = bt.shape[1] * B // 16
+    cfg = PrescoreConfig(query_aware="sparq4", query_cap_ratio=1.0)
+    want = query_aware_pick(cfg, q, side, bt, torch.zeros(len(lens), hkv, M), nt, caps,
+                            lsh=None, impl="torch")
+    got = avx2.sparq4_pick_cpu(q, side.kq, side.kz, bt, nt, caps, 8, M, 16, cfg.sink_tiles,
+                               cfg.window_tiles)
+    assert torch.equal(got, want)
