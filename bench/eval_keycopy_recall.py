@@ -1,0 +1,124 @@
+"""How the 4-bit key copy's design choices rank tiles: recall of the exact top tiles.
+
+    .venv/bin/python bench/eval_keycopy_recall.py                 # calibration text
+    .venv/bin/python bench/eval_keycopy_recall.py --text play --out /tmp/r.json
+
+For 64 consecutive queries after ``--context`` tokens of a text (Macbeth, the calibration
+text, by default), every ``--layer-step``-th layer: the tiles beyond sinks (2) and window (10)
+ranked by the exact max over the tile and the GQA group's heads of q.k (the ranking the probes
+in docs/results/selection-probes.md found within 1 point of the oracle), and the share of its
+top tiles (the keep-1/8 budget) that each estimate's ranking also picks. Estimates: q.k on the
+query group's r largest-|q| channels, with exact keys or a quantized copy (``b4``: 4 bits),
+channels chosen one by one or as rotary pairs (i, i + D/2), quantized per (128-token block,
+channel) with the block's min and step (``block``, what ``prescore_backend.keycopy`` does) or
+per channel with the context's absmax (``context``, one symmetric scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_core import Llama  # noqa: E402
+from eval_quality import machine  # noqa: E402
+from eval_selection import load_text  # noqa: E402
+from prescore_backend.keycopy import pack_blocks, unpack_blocks  # noqa: E402
+from prescore_backend.server.models import resolve_model  # noqa: E402
+
+T, B, SINK, WINDOW = 16, 128, 2, 10
+
+
+def quant_context(k: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """One symmetric scale per (head, channel) over the context: k ``[Hkv, n, D]``."""
+    top = 2 ** (bits - 1) - 1
+    s = (k.abs().amax(1, keepdim=True) / top).clamp_min(1e-8)
+    return (k / s).round().clamp(-top - 1, top) * s
+
+
+def quant_block(k: torch.Tensor) -> torch.Tensor:
+    """prescore's copy: per (128-token block, head, channel) min and step, 16 levels."""
+    h, n, d = k.shape
+    blocks = k.view(h, n // B, B, d).transpose(0, 1)  # [nblk, Hkv, B, D]
+    return unpack_blocks(*pack_blocks(blocks)).transpose(0, 1).reshape(h, n, d)
+
+
+def recall(q: torch.Tensor, k: torch.Tensor, est_keys: torch.Tensor, r: int, pairs: bool,
+           g: int) -> float:
+    """q ``[Hq, nq, D]``, k / est_keys ``[Hkv, n, D]``: the share of the exact top tiles
+    (max over tile and group) that the r-channel estimate also ranks in its top."""
+    hkv, n, d = k.shape
+    mt = n // T
+    budget = mt // 8 - SINK - WINDOW
+    qg = q.view(hkv, g, -1, d)
+    exact = torch.einsum("hgqd,hnd->hgqn", qg, k).amax(1).view(hkv, -1, mt, T).amax(-1)
+    mag = qg.abs().sum(1)  # [Hkv, nq, D]
+    if pairs:
+        top = (mag[..., : d // 2] + mag[..., d // 2:]).topk(r // 2, -1).indices
+        ch = torch.cat([top, top + d // 2], -1)
+    else:
+        ch = mag.topk(r, -1).indices
+    mask = torch.zeros_like(mag).scatter_(-1, ch, 1.0).unsqueeze(1)
+    est = torch.einsum("hgqd,hnd->hgqn", qg * mask, est_keys).amax(1).view(hkv, -1, mt, T).amax(-1)
+    exact, est = exact[..., SINK:mt - WINDOW], est[..., SINK:mt - WINDOW]
+    truth = exact.topk(budget, -1).indices
+    picked = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, est.topk(budget, -1).indices, True)
+    return float(picked.gather(-1, truth).float().mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", default="calibration")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--start", type=int, default=10000, help="first token of the window")
+    p.add_argument("--layer-step", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON with the table")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    mp = Path(resolve_model("smollm2-135m"))
+    model = Llama(mp)
+    toks, source = load_text(mp, a.text)
+    ids = toks[a.start:a.start + a.context + 64]
+    keys, queries = {}, {}
+    model.prefill(ids, on_kv=lambda i, k, v: keys.__setitem__(i, k.float()),
+                  on_q=lambda i, q: queries.__setitem__(i, q[:, a.context:].float()),
+                  logits="none")
+    g = model.spec.heads // model.spec.kv_heads
+    variants = {  # name -> (channels, rotary pairs, key copy)
+        "exact r=8": (8, False, "exact"), "exact r=8 rotary pairs": (8, True, "exact"),
+        "4-bit per block r=8 (prescore)": (8, False, "block"),
+        "4-bit per block r=8 rotary pairs": (8, True, "block"),
+        "4-bit per context r=8": (8, False, "context"),
+        "exact r=16": (16, False, "exact"), "4-bit per block r=16": (16, False, "block"),
+        "exact r=4": (4, False, "exact"),
+    }
+    layers = list(range(0, model.spec.layers, a.layer_step))
+    rows = {}
+    for name, (r, pairs, kind) in variants.items():
+        per = []
+        for L in layers:
+            k = keys[L][:, : a.context]
+            kk = {"exact": k, "block": quant_block(k), "context": quant_context(k)}[kind]
+            per.append(recall(queries[L], k, kk, r, pairs, g))
+        rows[name] = {"bytes_per_token": r * (4 if kind != "exact" else 16) / 8,
+                      "mean": sum(per) / len(per), "per_layer": per}
+    print(f"{a.text} ({source}), context {a.context}, 64 queries, layers {layers}; "
+          f"host {machine()['cpu']}")
+    print(f"{'estimate':36s} {'bytes/token':>11s} {'recall':>7s}")
+    for name, row in rows.items():
+        print(f"{name:36s} {row['bytes_per_token']:>11.1f} {row['mean']:>7.3f}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"text": a.text, "source": source,
+                                           "context": a.context, "layers": layers,
+                                           "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
