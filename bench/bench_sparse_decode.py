@@ -17,8 +17,12 @@ bfloat16``) is timed with:
               GQA group, intersect with per-tile bucket masks, LSH priority capped at budget/4
               (with the fused C++ path all inside the call, the masks read through the block
               table: ``lsh_in_place``, as the backend's "lsh" mode; torch ops otherwise);
-  * sp+quest: the backend's default selection: Quest bounds of q.k ranked over per-tile key
-              min/max (read through the block table), up to half the budget, then pre-scores;
+  * sp+quest: Quest bounds of q.k ranked over per-tile key min/max (read through the block
+              table), up to half the budget, then pre-scores; ``sparse_sparq`` /
+              ``sparse_pq`` / ``sparse_sparq4`` the same with SparQ on the KV cache's
+              channels, PQ codes, or SparQ on the 4-bit key copy (``--sparq``, ``--pq``,
+              ``--sparq4``; random codes: the cost, not the quality), each ``*_over_quest``
+              the ratio of the per-layer call to Quest's, side by side;
   * kernel:   (``--kernel-column``) the sparse kernel alone on the same selection made ahead:
               sparse minus kernel is what the selection costs inside the fused call;
   * floor:    (``--floor-column``, bf16 "amx") ``read_floor.py`` reading the selection's K and V
@@ -191,12 +195,14 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         pq_codes = [c0] + [c0.clone() for _ in range(layers - 1)]
         pq_book = torch.randn(Hkv, args.pq, D // args.pq, 256, generator=gen)  # transposed
         pq_dims = rotary_pair_dims(D, args.pq)
-    # the 4-bit key copy per layer [blocks, Hkv, D/2, B] uint8 and its scales (random codes:
-    # the ranking's cost, not its quality)
-    kq_copy, kq_scale = [], torch.rand(Hkv, D, generator=gen) + 0.5
+    # the 4-bit key copy per layer [blocks, Hkv, D, B/2] uint8 and its per-block (min, step)
+    # [blocks, Hkv, 2, D] (random codes: the ranking's cost, not its quality)
+    kq_copy, kq_scale = [], []
     if args.sparq4:
-        q0 = torch.randint(0, 256, (blocks, Hkv, D // 2, B), generator=gen, dtype=torch.uint8)
+        q0 = torch.randint(0, 256, (blocks, Hkv, D, B // 2), generator=gen, dtype=torch.uint8)
+        z0 = torch.rand(blocks, Hkv, 2, D, generator=gen)
         kq_copy = [q0] + [q0.clone() for _ in range(layers - 1)]
+        kq_scale = [z0] + [z0.clone() for _ in range(layers - 1)]
     tile_masks = block_masks = None
     if args.lsh:
         tm0 = bucket_masks(lsh.hash(plain_k(views[0][0][perm.long()].flatten(0, 1)).reshape(
@@ -280,7 +286,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                                        tile_size=T, sink_tiles=1, window_tiles=2, kv_layout=kvl)
                 cap_i = int(caps.max())
             elif sparq4:  # SparQ on the 4-bit key copy, up to half the budget
-                match = cpu_sparq4_pick(query, kq_copy[li], kq_scale, bt64, num_tiles, caps,
+                match = cpu_sparq4_pick(query, kq_copy[li], kq_scale[li], bt64, num_tiles, caps,
                                         num_tile_slots=M, channels=sparq4, tile_size=T,
                                         sink_tiles=1, window_tiles=2)
                 cap_i = int(caps.max())
