@@ -157,7 +157,8 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
 def merge_runs(paths: list[str], out: Path, md: Path | None) -> int:
     """One report from several runs of one protocol (methods run at different times): token
     NLLs and read fractions per (text, method, budget), paired intervals recomputed. The runs
-    must have scored the same tokens: their dense NLLs agree to 1e-6."""
+    must have scored the same tokens: a method in several runs (dense at least) agrees to
+    1e-6."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     m0 = runs[0]["meta"]
     proto = ("model", "context", "windows", "new_tokens", "texts", "ratios")
@@ -174,10 +175,11 @@ def merge_runs(paths: list[str], out: Path, md: Path | None) -> int:
             cell = {"nll": nll, "total": 1.0,
                     "read": run["summary"][f"{t}|{meth}|{r:g}"]["read_fraction"]}
             old = rows.get((t, meth, r))
-            if old is not None:
-                if meth != "dense" or max(abs(a - b) for a, b in zip(old["nll"], nll)) > 1e-6:
-                    raise SystemExit(f"{p}: {t} {meth} {r:g} twice, or other tokens than "
-                                     f"{paths[0]}")
+            if old is not None:  # in several runs (dense, StreamingLLM): must agree
+                if len(old["nll"]) != len(nll) or max(
+                        abs(a - b) for a, b in zip(old["nll"], nll)) > 1e-6:
+                    raise SystemExit(f"{p}: {t} {meth} {r:g} differs from an earlier run "
+                                     "(other tokens or another code version)")
                 continue
             rows[(t, meth, r)] = cell
         methods += [x for x in m["methods"] if x not in methods]

@@ -196,3 +196,19 @@ def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
 
     mean, lo, hi = eval_selection.block_bootstrap(torch.full((64,), 0.1))
     assert mean == pytest.approx(100 * (2.718281828 ** 0.1 - 1), rel=1e-6) and lo == hi == mean
+    # --merge: a run merged with itself is the run (paired intervals recomputed alike); a run
+    # whose tokens differ is refused
+    merged = tmp_path / "m.json"
+    assert eval_selection.main(["--merge", f"{out},{out}", "--out", str(merged)]) == 0
+    m = json.loads(merged.read_text())
+    assert m["summary"].keys() == data["summary"].keys()
+    for key, c in data["summary"].items():
+        assert m["summary"][key]["ppl"] == pytest.approx(c["ppl"])
+        assert m["summary"][key]["read_fraction"] == pytest.approx(c["read_fraction"])
+    other = json.loads(out.read_text())
+    key = next(k for k in other["token_nll"] if "|dense|" in k)
+    other["token_nll"][key][0] += 0.5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differs"):
+        eval_selection.main(["--merge", f"{out},{bad}", "--out", str(tmp_path / "x.json")])
