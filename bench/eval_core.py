@@ -552,7 +552,12 @@ def method(spec: str) -> EvalMethod:
         if key not in types:
             raise KeyError(f"{spec!r}: {key!r} is not a PrescoreConfig field")
         changes[key] = _parse(key, types[key], val)
-    return register(replace(base, name=spec, label=f"{base.label} [{rest}]", changes=changes))
+    label = f"{base.label} [{rest}]"
+    if base_name.startswith("prescore_"):  # "prescore <scorer> + <its query_aware>" [others]
+        others = [i for i in rest.split("+") if not i.startswith("query_aware=")]
+        label = (f"prescore {base.scorer} + {changes.get('query_aware', BASE.query_aware)}"
+                 + (f" [{'+'.join(others)}]" if others else ""))
+    return register(replace(base, name=spec, label=label, changes=changes))
 
 
 def _register_defaults() -> None:

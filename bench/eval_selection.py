@@ -46,11 +46,12 @@ from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXTS = ("play", "prose", "code")
-#: The server's default (leverage fill + PQ ranking), the previous default (leverage fill +
-#: Quest bounds), PQ alone and with a recency fill, and the baselines.
+#: The server's default (leverage fill + PQ codes), the same fill with SparQ on the 4-bit key
+#: copy and with the previous default's Quest bounds, the 4-bit SparQ and PQ rankings alone,
+#: and the baselines.
 DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage",
-                   "prescore_leverage@query_aware=quest", "pq",
-                   "prescore_recency@query_aware=pq+query_cap_ratio=0.5"]
+                   "prescore_leverage@query_aware=sparq4", "prescore_leverage@query_aware=quest",
+                   "sparq4", "pq"]
 
 
 def _tokenize(model_path: Path, text: str):
@@ -154,49 +155,62 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
     return "\n".join(lines)
 
 
-def merge_runs(paths: list[str], out: Path, md: Path | None) -> int:
-    """One report from several runs of one protocol (methods run at different times): token
-    NLLs and read fractions per (text, method, budget), paired intervals recomputed. The runs
-    must have scored the same tokens: a method in several runs (dense at least) agrees to
-    1e-6."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    m0 = runs[0]["meta"]
-    proto = ("model", "context", "windows", "new_tokens", "texts", "ratios")
+def merge_runs(specs: list[str], out: Path, md: Path | None) -> int:
+    """One report from several runs of one protocol (methods or texts run at different
+    times): token NLLs and read fractions per (text, method, budget), paired intervals
+    recomputed, labels from the current code. A spec is ``PATH[:OLD=>NEW[;OLD=>NEW..]]``: a
+    run's method OLD is reported as NEW (e.g.
+    ``prescore_leverage=>prescore_leverage@query_aware=pq`` for a run made when that was the
+    default). The runs must have scored the same tokens: a
+    method in several runs (dense at least) agrees to 1e-6; every method needs every text."""
+    proto = ("model", "context", "windows", "new_tokens", "ratios")
     rows: dict = {}
     methods: list[str] = []
-    labels: dict = {}
-    for p, run in zip(paths, runs):
+    texts: list[str] = []
+    runs = []
+    for spec in specs:
+        path, _, ren = spec.partition(":")
+        rename = dict(x.split("=>", 1) for x in ren.split(";") if x)
+        run = json.loads(Path(path).read_text())
+        runs.append(run)
         m = run["meta"]
-        if any(m[k] != m0[k] for k in proto):
-            raise SystemExit(f"{p}: not the protocol of {paths[0]} ({', '.join(proto)})")
+        if any(m[k] != runs[0]["meta"][k] for k in proto):
+            raise SystemExit(f"{path}: not the protocol of {specs[0]} ({', '.join(proto)})")
         for key, nll in run["token_nll"].items():
             t, meth, r = key.split("|")
             r = float(r)
             cell = {"nll": nll, "total": 1.0,
                     "read": run["summary"][f"{t}|{meth}|{r:g}"]["read_fraction"]}
+            meth = rename.get(meth, meth)
             old = rows.get((t, meth, r))
             if old is not None:  # in several runs (dense, StreamingLLM): must agree
                 if len(old["nll"]) != len(nll) or max(
                         abs(a - b) for a, b in zip(old["nll"], nll)) > 1e-6:
-                    raise SystemExit(f"{p}: {t} {meth} {r:g} differs from an earlier run "
+                    raise SystemExit(f"{path}: {t} {meth} {r:g} differs from an earlier run "
                                      "(other tokens or another code version)")
                 continue
             rows[(t, meth, r)] = cell
-        methods += [x for x in m["methods"] if x not in methods]
-        labels.update(m.get("labels", {}))
-    summary = summarize(rows, m0["texts"], methods, m0["ratios"])
-    meta = dict(m0, methods=methods, labels=labels,
+        methods += [x for x in (rename.get(y, y) for y in m["methods"]) if x not in methods]
+        texts += [t for t in m["texts"] if t not in texts]
+    m0 = runs[0]["meta"]
+    missing = [f"{t}/{x}" for t in texts for x in methods
+               if any((t, x, r) not in rows for r in ([1.0] if x == "dense" else m0["ratios"]))]
+    if missing:
+        raise SystemExit(f"no run has {', '.join(missing)}")
+    summary = summarize(rows, texts, methods, m0["ratios"])
+    meta = dict(m0, texts=texts, methods=methods, labels={x: method(x).label for x in methods},
+                sources={k: v for r in runs for k, v in r["meta"]["sources"].items()},
                 command=" + ".join(r["meta"]["command"] for r in runs),
                 git_commit=", ".join(dict.fromkeys(r["meta"]["git_commit"] for r in runs)),
                 wall_s=sum(r["meta"].get("wall_s", 0) for r in runs),
                 note=f"merged from {len(runs)} runs of the same tokens (bench/eval_selection.py "
-                     "--merge)")
+                     f"--merge {','.join(specs)})")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "summary": summary,
                                "token_nll": {"|".join(map(str, k)): v["nll"]
                                              for k, v in rows.items()}}) + "\n")
     md = md or out.with_suffix(".md")
-    md.write_text(markdown(summary, meta, m0["texts"], methods, m0["ratios"]) + "\n")
+    md.write_text(markdown(summary, meta, texts, methods, m0["ratios"]) + "\n")
     print(md.read_text())
     return 0
 
@@ -222,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", default=None, help="markdown report (default: --out with .md)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown report of an earlier run's JSON")
-    p.add_argument("--merge", default=None, metavar="JSON,JSON[,..]",
-                   help="combine runs of the same texts, windows and budgets made with different "
-                        "methods (their dense tokens must agree) into --out, recomputing the "
-                        "paired intervals")
+    p.add_argument("--merge", default=None, metavar="JSON[:OLD=>NEW],JSON[,..]",
+                   help="combine runs of the same windows and budgets made with different "
+                        "methods or texts (tokens scored by several runs must agree) into --out, "
+                        "recomputing the paired intervals; OLD=>NEW reports a run's method OLD "
+                        "as NEW (a run made under an earlier default)")
     args = p.parse_args(argv)
     if args.merge:
         return merge_runs(args.merge.split(","), Path(args.out),

@@ -208,6 +208,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = runtime().config
+        self.exact_via_sparse = runtime().exact_via_sparse  # tests only
         runtime().num_layers = len(layer_names)
         if self.isa == "vec16":
             raise ValueError(
@@ -260,7 +261,7 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             budget, forced_dense = self._budgets(num_tiles), None
         budget = floor_budget(cfg, budget)
         covers = budget >= num_tiles
-        sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.rt.exact_via_sparse)
+        sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.exact_via_sparse)
         if forced_dense is not None:
             sparse &= ~forced_dense
         sparse_rows = sparse.nonzero().flatten()  # [Rs]
