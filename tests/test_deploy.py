@@ -759,3 +759,31 @@ def test_readme_deploy_section():
                  "deploy/k8s/", "deploy/compose.yaml", "deploy/grafana/", "deploy/prometheus/",
                  "tests/test_deploy.py"):
         assert f"`{path}" in arch, path
+
+
+def test_docs_links_and_architecture_files_exist():
+    """Every relative link in the README and docs/ resolves, and every file the architecture
+    page's tables name (first column) exists: the page stays true as files move."""
+    bad = []
+    for md in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", md.read_text()):
+            if not re.match(r"^[a-z]+:", target) and not (md.parent / target).exists():
+                bad.append(f"{md.relative_to(REPO)} -> {target}")
+    arch = (REPO / "docs/architecture.md").read_text()
+    for cell in re.findall(r"^\| ([^|]*`[^|]*) \|", arch, re.M):
+        folder = ""
+        for tok in re.findall(r"`([^`]+)`", cell):
+            if "/" in tok:  # names after a path in the same cell are in its folder
+                folder = tok.rsplit("/", 1)[0] + "/" if not tok.endswith("/") else tok
+            else:
+                tok = folder + tok
+            if "{" in tok:
+                base, rest = tok.split("{", 1)
+                names, suffix = rest.split("}", 1)
+                paths = [base + n + suffix for n in names.split(",")]
+            else:
+                paths = [tok]
+            for p in paths:
+                if not (list(REPO.glob(p)) if "*" in p else (REPO / p).exists()):
+                    bad.append(f"docs/architecture.md names {p}")
+    assert not bad, bad
