@@ -86,11 +86,14 @@ results-expensive: model
 	$(BIN)/python bench/eval_report.py
 
 # Through real vLLM engines (one at a time): passkey retrieval prescore vs exact, and decode
-# speed PRESCORE vs CPU_ATTN -> docs/results/retrieval.{json,md}, docs/results/speed_amx/.
+# speed PRESCORE vs CPU_ATTN, engines alternated over 2 rounds -> docs/results/retrieval.*,
+# docs/results/speed_<isa>/ (one folder per kind of host: amx, avx-512, avx2).
+HOST_ISA = $(shell $(BIN)/python -c "from prescore_backend.kernels import host; print(host.isa().lower())" 2>/dev/null)
 results-serving: model
 	$(BIN)/python bench/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
 	$(BIN)/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
-		--keep-ratios 0.125 --max-batch-tokens 70000 --report docs/results/speed_amx
+		--keep-ratios 0.125 --max-batch-tokens 70000 --rounds 2 \
+		--report docs/results/speed_$(HOST_ISA)
 
 results-kernels: setup
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \

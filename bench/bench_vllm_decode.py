@@ -1,13 +1,19 @@
 """Decode speed through vLLM: PRESCORE vs CPU_ATTN, side by side in one run.
 
-For each backend (one engine each, started one after the other in a child process) and each
-(prompt length, batch): time to first token (prefill of the whole batch) and decode time per
-step, from vLLM's per-request timestamps (``ignore_eos``), plus the greedy agreement of
-PRESCORE's tokens with CPU_ATTN's. Prompts are real English text (CPython's reference
-topics, shipped with every Python). Prints a table and writes JSON.
+For each backend (one engine each, in a child process) and each (prompt length, batch): time
+to first token (prefill of the whole batch) and decode time per step, from vLLM's per-request
+timestamps (``ignore_eos``), plus the greedy agreement of PRESCORE's tokens with CPU_ATTN's.
+Prompts are real English text (CPython's reference topics, shipped with every Python). Prints
+a table and writes JSON; every table names the host's CPU and instruction set.
+
+The engines alternate over ``--rounds`` rounds (A B, then B A, ...: these machines drift 2x
+within an hour), and each cell reports the median and the range over rounds. Prefill is
+chunked (``--prefill-chunk`` tokens per step, so no step of a long batch can run past vLLM's
+RPC timeout): each batch is first prefilled with ``max_tokens=1`` (its TTFT), then decoded
+from the prefix cache, so every timed step is a pure decode step for all rows.
 
     .venv/bin/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
-        --keep-ratios 0.125,0.0625 --report docs/results
+        --keep-ratios 0.125,0.0625 --rounds 2 --report docs/results
 
 Environment: PRESCORE_* settings apply to the PRESCORE engines; ``--keep-ratios`` runs one
 PRESCORE engine per keep ratio (labelled ``PRESCORE@r``). ``--report DIR`` also writes
@@ -52,11 +58,11 @@ def _worker(label: str, args: dict, q) -> None:
     tok = AutoTokenizer.from_pretrained(args["model"])
     llm = LLM(args["model"], attention_backend=backend, enforce_eager=True, dtype=args["dtype"],
               max_model_len=args["max_model_len"], kv_cache_memory_bytes=args["kv_bytes"],
-              max_num_seqs=max(args["batches"]), enable_prefix_caching=False,
-              # One step prefills the whole batch, so every later step is a pure decode step
-              # for all rows and the per-request timestamps measure decode alone.
-              max_num_batched_tokens=max(args["contexts"]) * max(args["batches"]) + 64,
-              disable_log_stats=False)
+              max_num_seqs=max(args["batches"]),
+              # Chunked prefill (no step past the RPC timeout); the prefix cache lets the timed
+              # call start from the prefilled batch, so its steps are pure decode steps.
+              enable_prefix_caching=True, enable_chunked_prefill=True,
+              max_num_batched_tokens=args["prefill_chunk"], disable_log_stats=False)
     llm.generate([TokensPrompt(prompt_token_ids=_prompts(tok, 256, 1)[0])],
                  SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     rows = []
@@ -65,12 +71,17 @@ def _worker(label: str, args: dict, q) -> None:
             if ctx * batch > args["max_batch_tokens"]:
                 continue
             prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts(tok, ctx, batch)]
+            llm.reset_prefix_cache()  # each cell prefills from scratch
+            # The batch's prefill, in chunks: time to first token of its last row.
+            pre = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                               use_tqdm=False)
+            ttft = [o.metrics.first_token_latency for o in pre]
+            # The same prompts again: prefix-cache hits but for each row's last partial
+            # block, recomputed in one step; then the mean time per later token (one decode
+            # step for the whole batch).
             params = SamplingParams(temperature=0, max_tokens=args["decode_tokens"],
                                     ignore_eos=True)
             outs = llm.generate(prompts, params, use_tqdm=False)
-            # vLLM's per-request timestamps: time to first token (the batch's prefill step) and
-            # the mean time per later token (one decode step for the whole batch).
-            ttft = [o.metrics.first_token_latency for o in outs]
             step = [(o.metrics.last_token_ts - o.metrics.first_token_ts)
                     / max(1, len(o.outputs[0].token_ids) - 1) for o in outs]
             per_tok = sum(step) / len(step)
@@ -113,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated keep ratios: one PRESCORE engine each")
     p.add_argument("--max-batch-tokens", type=int, default=40000,
                    help="skip (context, batch) pairs whose prefill exceeds this many tokens")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="engine runs per backend, alternating the order (A B, B A, ...)")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="tokens per prefill step (vLLM's max_num_batched_tokens)")
     p.add_argument("--out", default=None)
     p.add_argument("--report", default=None, help="directory for speed.{json,md,png}")
     a = p.parse_args(argv)
@@ -126,49 +141,43 @@ def main(argv: list[str] | None = None) -> int:
                 batches=[int(x) for x in a.batches.split(",")], decode_tokens=a.decode_tokens,
                 dtype=a.dtype, threads=a.threads, kv_bytes=int(a.kv_gib * 1024**3),
                 max_model_len=max(contexts) + a.decode_tokens + 8,
-                max_batch_tokens=a.max_batch_tokens)
-    results: dict[str, list[dict]] = {}
+                max_batch_tokens=a.max_batch_tokens, prefill_chunk=a.prefill_chunk)
     ctx_mp = mp.get_context("spawn")
     labels = a.backends.split(",")
     if a.keep_ratios:
         labels = [b for b in labels if b != "PRESCORE"] + [
             f"PRESCORE@{r}" for r in a.keep_ratios.split(",")]
-    for backend in labels:
-        print(f"# {backend}", flush=True)
-        q = ctx_mp.Queue()
-        proc = ctx_mp.Process(target=_worker, args=(backend, args, q))
-        proc.start()
-        results[backend] = q.get()
-        proc.join()
-
-    base = {(r["ctx"], r["batch"]): r for r in results.get("CPU_ATTN", [])}
-    print("\n| ctx | batch | backend | TTFT s | decode ms/step | tok/s | speedup | greedy agreement |")
+    runs: dict[str, list[list[dict]]] = {b: [] for b in labels}  # backend -> rounds -> rows
+    for rnd in range(a.rounds):
+        for backend in (labels if rnd % 2 == 0 else labels[::-1]):
+            print(f"# round {rnd + 1}/{a.rounds}: {backend}", flush=True)
+            q = ctx_mp.Queue()
+            proc = ctx_mp.Process(target=_worker, args=(backend, args, q))
+            proc.start()
+            runs[backend].append(q.get())
+            proc.join()
+    table = aggregate(runs)
+    print(f"\nHost: {host_line(a.threads)}; medians [range] over {a.rounds} rounds")
+    print("| ctx | batch | backend | TTFT s | decode ms/step | tok/s | speedup | greedy agreement |")
     print("|---|---|---|---|---|---|---|---|")
-    table = []
-    for backend, rows in results.items():
-        for r in rows:
-            b = base.get((r["ctx"], r["batch"]))
-            r["speedup_vs_cpu_attn"] = b["decode_ms_per_step"] / r["decode_ms_per_step"] if b else None
-            if b and backend != "CPU_ATTN":
-                agree = [_agreement(x, y) for x, y in zip(r["tokens"], b["tokens"])]
-                r["greedy_agreement_min"] = min(agree)
-                r["greedy_agreement_mean"] = sum(agree) / len(agree)
-            table.append(r)
-            sp = f"{r['speedup_vs_cpu_attn']:.2f}x" if r["speedup_vs_cpu_attn"] else "-"
-            ag = (f"{r['greedy_agreement_mean']:.1f} of {len(r['tokens'][0])} (min "
-                  f"{r['greedy_agreement_min']})") if "greedy_agreement_min" in r else "-"
-            print(f"| {r['ctx']} | {r['batch']} | {backend} | {r['ttft_s']:.2f} | "
-                  f"{r['decode_ms_per_step']:.1f} | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
+    for r in table:
+        sp = (f"{r['speedup_vs_cpu_attn']:.2f}x [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}]"
+              if r.get("speedup_vs_cpu_attn") else "-")
+        ag = (f"{r['greedy_agreement_mean']:.1f} of {len(r['tokens'][0])} (min "
+              f"{r['greedy_agreement_min']})") if "greedy_agreement_min" in r else "-"
+        print(f"| {r['ctx']} | {r['batch']} | {r['backend']} | {r['ttft_s']:.2f} | "
+              f"{r['decode_ms_per_step']:.1f} [{r['decode_ms_min']:.1f}, "
+              f"{r['decode_ms_max']:.1f}] | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
     out = Path(a.out or f"bench/out/vllm_decode_{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items()
            if k.startswith("PRESCORE_") or k == "THP_MEM_ALLOC_ENABLE"}
     from prescore_backend.kernels import host
 
-    data = dict(machine=host.describe(), cpus=os.cpu_count(),
+    data = dict(machine=host.describe(), cpus=os.cpu_count(), rounds=a.rounds,
                 args=args, prescore_env=env, command="python bench/bench_vllm_decode.py "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-                date=time.strftime("%Y-%m-%d"), rows=table)
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=table)
     out.write_text(json.dumps(data, indent=1))
     print(f"# wrote {out}")
     if a.report:
@@ -176,12 +185,76 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def side_data_bytes_per_token(num_kv_heads: int, head_dim: int, tile: int, elt: int,
-                              bounds: bool = True, lsh_words: int = 0) -> float:
-    """Side data per token and layer (as ``SideData.bytes_per_token``): an fp32 score per tile
-    and KV head, plus Quest key min/max per tile in the cache dtype, plus LSH bitmask words."""
-    per_tile = 4 + (2 * head_dim * elt if bounds else 0) + 8 * lsh_words
-    return num_kv_heads * per_tile / tile
+def host_line(threads: int) -> str:
+    from prescore_backend.kernels import host
+
+    return f"{host.describe()}, {threads} thread(s) per engine"
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def aggregate(runs: dict[str, list[list[dict]]]) -> list[dict]:
+    """Per (backend, context, batch) over the rounds: median TTFT and decode ms/step with
+    their ranges, the speedup of medians against CPU_ATTN and its range over the rounds'
+    paired ratios (round i of both), and the greedy agreement of round 1's tokens."""
+    cells: dict[tuple, list[dict]] = {}
+    for backend, rounds in runs.items():
+        for rows in rounds:
+            for r in rows:
+                cells.setdefault((backend, r["ctx"], r["batch"]), []).append(r)
+    table = []
+    for (backend, ctx, batch), rs in cells.items():
+        ms = [r["decode_ms_per_step"] for r in rs]
+        row = dict(backend=backend, ctx=ctx, batch=batch, rounds=len(rs),
+                   ttft_s=_median([r["ttft_s"] for r in rs]),
+                   ttft_min=min(r["ttft_s"] for r in rs), ttft_max=max(r["ttft_s"] for r in rs),
+                   decode_ms_per_step=_median(ms), decode_ms_min=min(ms), decode_ms_max=max(ms),
+                   decode_ms_rounds=ms, tokens=rs[0]["tokens"])
+        row["decode_tok_s"] = batch / (row["decode_ms_per_step"] / 1e3)
+        base = cells.get(("CPU_ATTN", ctx, batch))
+        if base:
+            bm = [r["decode_ms_per_step"] for r in base]
+            row["speedup_vs_cpu_attn"] = _median(bm) / row["decode_ms_per_step"]
+            paired = [x / y for x, y in zip(bm, ms)]
+            row["speedup_min"], row["speedup_max"] = min(paired), max(paired)
+            row["ttft_vs_cpu_attn"] = row["ttft_s"] / _median([r["ttft_s"] for r in base])
+            if backend != "CPU_ATTN":
+                agree = [_agreement(x, y) for x, y in zip(row["tokens"], base[0]["tokens"])]
+                row["greedy_agreement_min"] = min(agree)
+                row["greedy_agreement_mean"] = sum(agree) / len(agree)
+        table.append(row)
+    return table
+
+
+def side_data_bytes_per_token(env: dict, num_kv_heads: int = 3, head_dim: int = 64,
+                              elt: int = 4, block: int = 128) -> tuple[float, str]:
+    """Side data per token and layer held beside the cache under the run's PRESCORE_*
+    settings (as ``SideData.bytes_per_token``), and what it holds: an fp32 score per tile and
+    KV head, plus the query-aware part's data (Quest key bounds in the cache dtype, PQ codes,
+    the 4-bit key copy with its per-block scales, LSH bitmask words)."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.kernels.lsh import num_words
+
+    cfg = PrescoreConfig.from_env(env)
+    t = cfg.tile_size
+    per_head, parts = 4 / t, ["scores"]
+    if cfg.uses_bounds:
+        per_head += 2 * head_dim * elt / t
+        parts.append("Quest key bounds")
+    if cfg.uses_codes:
+        per_head += cfg.pq_subspaces
+        parts.append("PQ codes")
+    if cfg.uses_key_copy:
+        per_head += head_dim / 2 + 2 * head_dim * 4 / block
+        parts.append("4-bit key copy")
+    if cfg.uses_lsh:
+        per_head += 8 * num_words(cfg.lsh_bits) / t
+        parts.append("LSH bits")
+    return num_kv_heads * per_head, " + ".join(parts)
 
 
 def write_report(data: dict, out_dir: Path) -> Path:
@@ -195,26 +268,30 @@ def write_report(data: dict, out_dir: Path) -> Path:
     rows = data["rows"]
     slim = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
     (out_dir / "speed.json").write_text(json.dumps({**data, "rows": slim}, indent=1))
-    base = {(r["ctx"], r["batch"]): r for r in rows if r["backend"] == "CPU_ATTN"}
     elt = 2 if data["args"]["dtype"] in ("bfloat16", "float16") else 4
-    side = side_data_bytes_per_token(3, 64, 16, elt)
+    side, what = side_data_bytes_per_token(data.get("prescore_env", {}), elt=elt)
     kv = 2 * 3 * 64 * elt
-    machine = f"{data['machine']} CPU, {data['cpus']} cores, {data['args']['threads']} thread(s)"
+    machine = f"{data['machine']}, {data['args']['threads']} thread(s) per engine"
+    rounds = data.get("rounds", 1)
     lines = ["# Decode speed through vLLM: PRESCORE vs CPU_ATTN", "",
-             f"Machine: {machine}, no GPU. Model: SmolLM2-135M-Instruct (embedded), "
+             f"Host: {machine}, no GPU. Model: SmolLM2-135M-Instruct (embedded), "
              f"{data['args']['dtype']}, eager. Prompts: CPython's reference text. "
-             f"{data['args']['decode_tokens']} decode tokens per request, ignore_eos, one step "
-             f"prefills the whole batch. Date {data['date']}. Command: `{data['command']}`.", "",
+             f"{data['args']['decode_tokens']} decode tokens per request, ignore_eos; each batch "
+             f"prefilled in chunks of {data['args'].get('prefill_chunk', '-')} tokens, then "
+             f"decoded from the prefix cache. Engines alternated over {rounds} round(s) (A B, "
+             f"B A, ...): medians, [min, max] over rounds (speedup: paired per round). "
+             f"Date {data['date']}. Command: `{data['command']}`.", "",
              "| context | batch | backend | TTFT s | TTFT vs CPU_ATTN | decode ms/step | tokens/s "
              "| speedup vs CPU_ATTN | greedy agreement (tokens) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["batch"], r["ctx"], r["backend"])):
-        b = base.get((r["ctx"], r["batch"]))
-        ttft_x = f"{r['ttft_s'] / b['ttft_s']:.2f}x" if b else "-"
-        sp = f"{r['speedup_vs_cpu_attn']:.2f}x" if r.get("speedup_vs_cpu_attn") else "-"
+        ttft_x = f"{r['ttft_vs_cpu_attn']:.2f}x" if r.get("ttft_vs_cpu_attn") else "-"
+        sp = (f"{r['speedup_vs_cpu_attn']:.2f}x [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}]"
+              if r.get("speedup_vs_cpu_attn") else "-")
         ag = f"{r['greedy_agreement_mean']:.1f}" if "greedy_agreement_mean" in r else "-"
         lines.append(f"| {r['ctx']} | {r['batch']} | {r['backend']} | {r['ttft_s']:.2f} | {ttft_x} "
-                     f"| {r['decode_ms_per_step']:.1f} | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
-    lines += ["", f"Side data per token and layer (scores + Quest key bounds, {data['args']['dtype']}"
+                     f"| {r['decode_ms_per_step']:.1f} [{r['decode_ms_min']:.1f}, "
+                     f"{r['decode_ms_max']:.1f}] | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
+    lines += ["", f"Side data per token and layer ({what}, {data['args']['dtype']}"
               f" cache): {side:.2f} bytes, vs {kv} bytes of K and V ({100 * side / kv:.1f}%).",
               "TTFT vs CPU_ATTN is the cost of pre-scoring: prescore reads the cache layout vLLM "
               "picks (AMX-packed for bf16 on AMX CPUs), so both prefill with vLLM's kernels.", "",

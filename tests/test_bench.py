@@ -1,12 +1,17 @@
-"""Smoke run of the kernel micro-benchmark: it runs, writes its JSON, and on the same cache the
-fused kernel over every tile equals vLLM's own CPU attention op."""
+"""Smoke runs of the benchmarks: the kernel micro-benchmark runs, writes its JSON, and on the
+same cache the fused kernel over every tile equals vLLM's own CPU attention op; the engine
+breakdown and the end-to-end decode benchmark run real engines."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +90,37 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     assert n % layers == 0 and n >= 2 * layers
     ms = d["decode_ms_per_step"]
     assert ms["selection_inputs"] + ms["selection_and_decode"] < ms["attention_decode"]
+
+
+def test_bench_vllm_decode_alternates_engines_and_reports_ranges(tmp_path: Path,
+                                                                 model_path) -> None:
+    """The end-to-end benchmark runs real engines in A B, B A order, prefills in chunks, decodes
+    from the prefix cache, and reports per cell the median and range over rounds, the paired
+    speedup range, the greedy agreement and the host."""
+    out = tmp_path / "v.json"
+    env = dict(os.environ, PRESCORE_MIN_SEQ_LEN="256")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_vllm_decode.py"), "--contexts", "600",
+         "--batches", "1,2", "--decode-tokens", "6", "--rounds", "2", "--prefill-chunk", "256",
+         "--kv-gib", "0.5", "--dtype", "float32", "--out", str(out),
+         "--report", str(tmp_path / "rep")],
+        capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    order = re.findall(r"# round (\d)/2: (\w+)", proc.stdout)
+    assert order == [("1", "CPU_ATTN"), ("1", "PRESCORE"), ("2", "PRESCORE"), ("2", "CPU_ATTN")]
+    d = json.loads(out.read_text())
+    assert d["rounds"] == 2 and d["args"]["prefill_chunk"] == 256
+    rows = {(r["backend"], r["batch"]): r for r in d["rows"]}
+    assert set(rows) == {(b, n) for b in ("CPU_ATTN", "PRESCORE") for n in (1, 2)}
+    for r in rows.values():
+        assert r["rounds"] == 2 and len(r["decode_ms_rounds"]) == 2
+        assert r["decode_ms_min"] <= r["decode_ms_per_step"] <= r["decode_ms_max"]
+        assert r["speedup_min"] <= r["speedup_vs_cpu_attn"] * 1.0001
+        assert all(len(t) == 6 for t in r["tokens"])  # every row decoded its tokens
+    assert rows[("CPU_ATTN", 1)]["speedup_vs_cpu_attn"] == pytest.approx(1.0)
+    assert 0 <= rows[("PRESCORE", 2)]["greedy_agreement_min"] <= 6
+    md = (tmp_path / "rep" / "speed.md").read_text()
+    assert "round(s) (A B" in md and "CPUs" in md and "PQ codes" in md
 
 
 def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
