@@ -326,7 +326,7 @@ def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group
     budget = torch.tensor([9, 100, 5, 12])  # row 1 dense
     caps = torch.tensor([3, 2, 0, 6])
     cfg = SimpleNamespace(query_aware="lsh", uses_lsh=True, uses_bounds=False, uses_keys=False,
-                          uses_codes=False, lsh_bits=bits,
+                          uses_key_copy=False, uses_codes=False, lsh_bits=bits,
                           sink_tiles=1, window_tiles=2)
     pick = query_aware_pick(cfg, case.query, SimpleNamespace(masks=masks),
                             case.block_tables.long(), scores, num_tiles, caps, lsh=lsh,
