@@ -28,6 +28,7 @@ reads the backend's budget for r (ceil(r * tiles), at least sinks + window) in t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import subprocess
@@ -57,6 +58,7 @@ from prescore_backend.decode import (
     side_read_fraction,
     tokens_read,
 )
+from prescore_backend.head_budgets import BudgetProfile
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
 from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
@@ -158,6 +160,7 @@ class LayerEnv:
     scale: float
     prefix_k: Tensor
     prefix_v: Tensor
+    layer: int = -1
 
 
 @dataclass
@@ -317,7 +320,8 @@ class PrescoreMethod(EvalMethod):
                                           rows.num_tiles, rows.budget,
                                           query_caps(cfg, rows.budget), lsh=env.lsh,
                                           generator=self.gen, key_cache=env.key_cache,
-                                          key_bt=rows.bt)
+                                          key_bt=rows.bt,
+                                          impl="torch" if rows.budget.dim() == 2 else "auto")
         return Chosen(sel.tiles, res, w)
 
 
@@ -398,6 +402,71 @@ class OracleMethod(EvalMethod):
         mass = p.view(R, hkv, Hq // hkv, n // TILE, TILE).sum((2, 4))  # [R, Hkv, M]
         sel = select_tiles(mass, rows.num_tiles, rows.budget, sink_tiles=0, window_tiles=0)
         return Chosen(sel.tiles)
+
+
+#: The budget profile of ``heads:`` methods (:func:`set_budget_profile`).
+BUDGET_PROFILE: BudgetProfile | None = None
+
+
+def set_budget_profile(path: str | Path) -> None:
+    global BUDGET_PROFILE
+    BUDGET_PROFILE = BudgetProfile.load(path)
+
+
+@dataclass
+class HeadBudgetMethod(EvalMethod):
+    """``heads:<method>``: the method with its per-row budget split across layers and KV heads
+    by :data:`BUDGET_PROFILE` (:mod:`prescore_backend.head_budgets`): same total tiles per step
+    over all (layer, head) pairs, each pair's budget from the calibration curves."""
+
+    base: EvalMethod | None = None
+
+    @property
+    def side_key(self) -> str | None:
+        return self.base.side_key
+
+    @property
+    def aggregate(self) -> str:
+        return self.base.aggregate
+
+    @property
+    def needs_lsh(self) -> bool:  # type: ignore[override]
+        return self.base.needs_lsh
+
+    @property
+    def needs_bounds(self) -> bool:  # type: ignore[override]
+        return self.base.needs_bounds
+
+    @property
+    def pq_subspaces(self) -> int:  # type: ignore[override]
+        return self.base.pq_subspaces
+
+    @property
+    def key_copy(self) -> bool:  # type: ignore[override]
+        return self.base.key_copy
+
+    @property
+    def cfg(self) -> PrescoreConfig:
+        return getattr(self.base, "cfg", BASE)
+
+    def fuse_key(self) -> object:
+        return ("heads", self.base.fuse_key())
+
+    def side_read_fraction(self, head_dim: int) -> float:
+        return self.base.side_read_fraction(head_dim)
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        prof = BUDGET_PROFILE
+        if prof is None:
+            raise ValueError(f"{self.name}: no budget profile (--budget-profile)")
+        if env.layer >= prof.layers or env.key_cache.shape[1] != prof.kv_heads:
+            raise ValueError(f"budget profile is {prof.layers} layers x {prof.kv_heads} KV "
+                             f"heads; layer {env.layer} of a {env.key_cache.shape[1]}-head model")
+        cfg = self.cfg
+        floor = cfg.sink_tiles + cfg.window_tiles
+        per_head = torch.stack([prof.budgets(int(b), int(n), floor)[env.layer]
+                                for b, n in zip(rows.budget.tolist(), rows.num_tiles.tolist())])
+        return self.base.choose(env, dataclasses.replace(rows, budget=per_head))
 
 
 @dataclass
@@ -538,6 +607,10 @@ def method(spec: str) -> EvalMethod:
     ``prescore_leverage@query_cap_ratio=0.75+sink_tokens=16``."""
     if spec in METHODS:
         return METHODS[spec]
+    if spec.startswith("heads:"):
+        inner = method(spec[len("heads:"):])
+        return register(HeadBudgetMethod(spec, f"{inner.label} [per-head budgets]",
+                                         scorer=inner.scorer, base=inner))
     base_name, sep, rest = spec.partition("@")
     base = METHODS.get(base_name)
     if not sep or not isinstance(base, PrescoreMethod):
@@ -660,7 +733,7 @@ class PagedState:
     def env(self, layer: int) -> LayerEnv:
         k, v = self.views[layer]
         pk, pv = self.prefix[layer]
-        return LayerEnv(k, v, self.side_all[layer], self.lsh, self.base, self.scale, pk, pv)
+        return LayerEnv(k, v, self.side_all[layer], self.lsh, self.base, self.scale, pk, pv, layer)
 
     def write_prefix(self, layer: int, k: Tensor, v: Tensor) -> None:
         """k, v ``[Hkv, n, D]`` of the prefix -> blocks [0, P); then its side-data job."""

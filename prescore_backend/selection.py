@@ -165,8 +165,9 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
         tile_scores: ``[R, Hkv, M]`` float pre-scores of each row's logical tiles; entries at
             index >= num_tiles[r] are ignored whatever their value (NaN counts as -inf).
         num_tiles: ``[R]`` valid tiles per row, including the partial last one.
-        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included.
-            Rows with budget >= num_tiles take every tile (exact dense attention).
+        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included,
+            or ``[R, Hkv]`` one budget per (row, KV head) (the "torch" path only; "auto"
+            takes it there). Rows with budget >= num_tiles take every tile (exact attention).
         sink_tiles: the first tiles, always kept (StreamingLLM sinks).
         window_tiles: the last tiles (incl. the partial last one), always kept.
         lsh_match: optional ``[R, Hkv, M]`` bool, tiles whose bucket set holds the query's bucket.
@@ -190,9 +191,12 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     Returns:
         :class:`Selection`.
     """
+    per_head = budget.dim() == 2
     if impl == "auto":
-        impl = ("triton" if tile_scores.is_cuda
+        impl = ("torch" if per_head else "triton" if tile_scores.is_cuda
                 else "cpp" if cpu_kernels_available() else "torch")
+    if per_head and impl != "torch":
+        raise ValueError(f"per-head budgets [R, Hkv] need impl='torch', got {impl!r}")
     if impl == "cpp":
         tiles, num, counts = cpu_select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
                                               window_tiles=window_tiles, lsh_match=lsh_match,
@@ -215,7 +219,7 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     R, H, M = tile_scores.shape
     dev = tile_scores.device
     n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
-    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), n)  # [R, 1, 1]
+    keep = torch.minimum(budget.to(dev).long().view(R, -1, 1).clamp_min(0), n)  # [R, 1|H, 1]
     S = int(keep.max()) if R > 0 and M > 0 else 0
     idx = torch.arange(M, device=dev)  # [M]
     all_valid = R > 0 and int(n.min()) == M  # common: every row has M tiles
@@ -501,15 +505,17 @@ def _counts_fn(tiles: Tensor, chosen: Tensor | None, n: Tensor, sink_tiles: int,
 def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
                      window_tiles: int, lsh_match: Tensor | None = None,
                      lsh_cap: int = 0) -> Selection:
-    """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first)."""
+    """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first).
+    budget: ``[R]`` or ``[R, Hkv]``."""
     R, H, M = tile_scores.shape
+    budget = budget.view(R, -1).expand(R, H)
     rows: list[list[list[int]]] = []
     counts = [0, 0, 0, 0]
     for r in range(R):
         n = min(int(num_tiles[r]), M)
-        b = max(0, min(int(budget[r]), n))
         rows.append([])
         for h in range(H):
+            b = max(0, min(int(budget[r, h]), n))
             sc = [float(x) for x in tile_scores[r, h, :n].float().tolist()]
             sc = [float("-inf") if x != x else x for x in sc]  # NaN -> -inf
             window = list(range(n - 1, max(n - window_tiles, 0) - 1, -1))  # most recent first
