@@ -13,6 +13,13 @@ backend per process; compare two runs side by side:
     .venv/bin/python bench/bench_breakdown.py --backend CPU_ATTN --context 4096
 
 Wall-clock (the engine's threads share the process); a diagnostic, not a speed claim.
+
+``ledger_ms_per_step`` attributes 100% of a decode step's wall time (``LLMEngine.step``, decode
+steps only) to: the frontend (output processing), the scheduler and bookkeeping, the metadata
+builder (prescore's per-step plan), the model outside attention (embeddings, linear layers,
+norms, rotary, KV write), attention (for PRESCORE split into side-data upkeep, the selection's
+inputs, the fused selection + sparse attention and the forward's Python glue) and the sampler.
+``bench/bench_ledger.py`` runs both backends and adds each cell's Amdahl limit.
 """
 
 from __future__ import annotations
@@ -52,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     from prescore_backend.backends import cpu as pc
     from prescore_backend.server.models import resolve_model
 
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
     secs: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
+    step_secs: dict[str, float] = collections.defaultdict(float)  # decode steps only
+    phase = {"decode": False}  # set by the model runner from the step's scheduled tokens
 
     def timed(owner, name: str, key: str, by_phase: bool = False) -> None:
         fn = getattr(owner, name)
@@ -66,10 +79,29 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return fn(*args, **kw)
             finally:
-                secs[k] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                secs[k] += dt
                 calls[k] += 1
+                if phase["decode"]:
+                    step_secs[key] += dt
 
         setattr(owner, name, wrapper)
+
+    run_model = CPUModelRunner.execute_model
+
+    def execute_model(self, scheduler_output, *args, **kw):
+        # A decode step schedules one token per running request and nothing else.
+        phase["decode"] = 0 < scheduler_output.total_num_scheduled_tokens <= a.batch
+        if phase["decode"]:
+            step_secs["decode_steps"] += 1
+        return run_model(self, scheduler_output, *args, **kw)
+
+    CPUModelRunner.execute_model = execute_model
+    timed(LLMEngine, "step", "engine_step")
+    timed(EngineCore, "step", "engine_core_step")
+    timed(EngineCore, "step_with_batch_queue", "engine_core_step")
+    timed(CPUModelRunner, "execute_model", "model_execute")
+    timed(CPUModelRunner, "sample_tokens", "sample")
 
     if a.backend == "PRESCORE":
         timed(pc.PrescoreCPUImpl, "forward", "attention", by_phase=True)
@@ -80,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         # select_and_decode_into call; its inputs (pre-scores gathered, query-aware pick) before it.
         timed(pc, "scores_and_pick", "selection_inputs")
         timed(pc, "select_and_decode_into", "selection_and_decode")
+        timed(pc.PrescoreCPUMetadataBuilder, "build", "builder")
     else:
         timed(cpu_attn.CPUAttentionBackendImpl, "forward", "attention", by_phase=True)
+        timed(cpu_attn.CPUAttentionMetadataBuilder, "build", "builder")
 
     model = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -92,19 +126,28 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = a.dtype if a.dtype != "auto" else (
         "bfloat16" if host.has_native_bf16() else "float32")  # fp32 where bf16 is emulated
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model)
+    per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (
+        hf.hidden_size // hf.num_attention_heads) * (2 if dtype == "bfloat16" else 4)
+    kv_bytes = max(2 << 30, int(1.3 * a.batch * (a.context + a.decode_tokens + 64) * per_token))
     llm = LLM(model, attention_backend=a.backend, enforce_eager=True, dtype=dtype,
-              max_model_len=a.context + a.decode_tokens + 64, kv_cache_memory_bytes=2 << 30,
+              max_model_len=a.context + a.decode_tokens + 64, kv_cache_memory_bytes=kv_bytes,
               max_num_seqs=a.batch, enable_prefix_caching=False,
               max_num_batched_tokens=a.context * a.batch + 64)
     llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)  # warm-up
-    secs.clear(), calls.clear()
+    secs.clear(), calls.clear(), step_secs.clear()
     llm.generate(prompts, SamplingParams(max_tokens=a.decode_tokens + 1, ignore_eos=True),
                  use_tqdm=False)
     steps = a.decode_tokens
+    step_kinds = ("engine_step", "engine_core_step", "model_execute", "sample", "builder")
     out = dict(backend=a.backend, context=a.context, batch=a.batch, decode_steps=steps,
+               dtype=dtype, host=host.describe(),
                prefill_s={k: round(v, 3) for k, v in secs.items() if k in ("attention_prefill", "scoring_jobs")},
                decode_ms_per_step={k: round(1e3 * v / steps, 2) for k, v in secs.items()
-                                   if k not in ("attention_prefill", "scoring_jobs")},
+                                   if k not in ("attention_prefill", "scoring_jobs", *step_kinds)},
+               ledger_ms_per_step=ledger(step_secs, a.backend),
                calls=dict(calls))
     print(json.dumps(out, indent=1))
     path = Path(a.out or f"bench/out/breakdown_{a.backend}_{a.context}x{a.batch}.json")
@@ -112,6 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(out, indent=1))
     print(f"# wrote {path}", file=sys.stderr)
     return 0
+
+
+def ledger(t: dict[str, float], backend: str) -> dict[str, float]:
+    """Decode-step wall time by part, ms per step (the parts sum to ``step``): nested timers
+    (``LLMEngine.step`` > ``EngineCore.step`` > the model runner > attention > its parts)
+    differenced, so each part is its own time only."""
+    n = max(t.get("decode_steps", 0), 1)
+    ms = {k: 1e3 * v / n for k, v in t.items() if k != "decode_steps"}
+    g = lambda k: ms.get(k, 0.0)  # noqa: E731
+    attn = g("attention")
+    parts = {"frontend (output processing)": g("engine_step") - g("engine_core_step"),
+             "scheduler and bookkeeping": g("engine_core_step") - g("model_execute") - g("sample"),
+             "metadata builder (per-step plan)": g("builder"),
+             "model outside attention": g("model_execute") - g("builder") - attn,
+             "sampler": g("sample")}
+    if backend == "PRESCORE":
+        inner = {"attention: side-data upkeep": g("decode_side_data") + g("scoring_jobs"),
+                 "attention: selection inputs (query-aware pick)": g("selection_inputs"),
+                 "attention: fused selection + sparse attention": g("selection_and_decode")}
+        parts.update(inner)
+        parts["attention: forward glue (Python, dense rows)"] = attn - sum(inner.values())
+    else:
+        parts["attention (vLLM's CPU op)"] = attn
+    out = {k: round(v, 3) for k, v in parts.items()}
+    out["step"] = round(g("engine_step"), 3)
+    out["attention"] = round(attn, 3)
+    out["decode_steps"] = int(t.get("decode_steps", 0))
+    return out
 
 
 if __name__ == "__main__":

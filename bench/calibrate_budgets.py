@@ -1,7 +1,7 @@
 """Fit a per-(layer, KV head) budget profile on the calibration text (Macbeth), never on an
 evaluation text: exact prefills of ``--windows`` windows of ``--context`` tokens, the exact
 attention of ``--queries`` queries per window (the last positions, every ``--stride``-th) ->
-:class:`prescore_backend.head_budgets.BudgetProfile`.
+:class:`head_budgets.BudgetProfile` (bench/head_budgets.py).
 
     .venv/bin/python bench/calibrate_budgets.py --out /tmp/profile.pt
     .venv/bin/python bench/eval_selection.py --budget-profile /tmp/profile.pt \\
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_selection import load_text  # noqa: E402
 
 from prescore_backend.config import PrescoreConfig  # noqa: E402
-from prescore_backend.head_budgets import ProfileAccumulator  # noqa: E402
+from head_budgets import ProfileAccumulator  # noqa: E402
 from prescore_backend.llama_ref import Llama  # noqa: E402
 
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--free", action="store_true",
+                   help="curves of the free oracle (no forced sinks and window)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     model = Llama(model_path)
     s = model.spec
     toks, source = load_text(model_path, "calibration")
-    acc = ProfileAccumulator(s.layers, s.kv_heads, cfg.tile_size)
+    acc = ProfileAccumulator(s.layers, s.kv_heads, cfg.tile_size,
+                             sink_tiles=0 if args.free else cfg.sink_tiles,
+                             window_tiles=0 if args.free else cfg.window_tiles)
     step = (toks.numel() - args.context) // max(args.windows - 1, 1)
     pos = torch.arange(args.context - 1 - args.stride * (args.queries - 1), args.context,
                        args.stride)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                       logits="none")
     prof = acc.profile(model=args.model, text=source, context=args.context,
                        windows=args.windows, queries=args.queries, stride=args.stride,
-                       tile_size=cfg.tile_size)
+                       tile_size=cfg.tile_size, forced=not args.free)
     prof.save(args.out)
     n = args.context // cfg.tile_size
     b = prof.budgets(-(-n // 8), n, cfg.sink_tiles + cfg.window_tiles)

@@ -58,7 +58,7 @@ from prescore_backend.decode import (
     side_read_fraction,
     tokens_read,
 )
-from prescore_backend.head_budgets import BudgetProfile
+from head_budgets import BudgetProfile  # noqa: E402  (bench/)
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
 from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
@@ -415,11 +415,13 @@ def set_budget_profile(path: str | Path) -> None:
 
 @dataclass
 class HeadBudgetMethod(EvalMethod):
-    """``heads:<method>``: the method with its per-row budget split across layers and KV heads
-    by :data:`BUDGET_PROFILE` (:mod:`prescore_backend.head_budgets`): same total tiles per step
-    over all (layer, head) pairs, each pair's budget from the calibration curves."""
+    """``heads[P]:<method>``: the method with its per-row budget split across layers and KV
+    heads by :data:`BUDGET_PROFILE` (``bench/head_budgets.py``): same total tiles
+    per step over all (layer, head) pairs, each pair's budget from the calibration curves, at
+    least P% of the uniform budget (default: only the forced sinks + window)."""
 
     base: EvalMethod | None = None
+    min_share: float = 0.0  # every head keeps at least this share of the uniform budget
 
     @property
     def side_key(self) -> str | None:
@@ -450,7 +452,7 @@ class HeadBudgetMethod(EvalMethod):
         return getattr(self.base, "cfg", BASE)
 
     def fuse_key(self) -> object:
-        return ("heads", self.base.fuse_key())
+        return ("heads", self.min_share, self.base.fuse_key())
 
     def side_read_fraction(self, head_dim: int) -> float:
         return self.base.side_read_fraction(head_dim)
@@ -464,7 +466,7 @@ class HeadBudgetMethod(EvalMethod):
                              f"heads; layer {env.layer} of a {env.key_cache.shape[1]}-head model")
         cfg = self.cfg
         floor = cfg.sink_tiles + cfg.window_tiles
-        per_head = torch.stack([prof.budgets(int(b), int(n), floor)[env.layer]
+        per_head = torch.stack([prof.budgets(int(b), int(n), max(floor, math.ceil(self.min_share * b)))[env.layer]
                                 for b, n in zip(rows.budget.tolist(), rows.num_tiles.tolist())])
         return self.base.choose(env, dataclasses.replace(rows, budget=per_head))
 
@@ -607,10 +609,13 @@ def method(spec: str) -> EvalMethod:
     ``prescore_leverage@query_cap_ratio=0.75+sink_tokens=16``."""
     if spec in METHODS:
         return METHODS[spec]
-    if spec.startswith("heads:"):
-        inner = method(spec[len("heads:"):])
-        return register(HeadBudgetMethod(spec, f"{inner.label} [per-head budgets]",
-                                         scorer=inner.scorer, base=inner))
+    if spec.startswith("heads") and ":" in spec:  # heads[P]:<method>
+        head, _, inner_spec = spec.partition(":")
+        inner = method(inner_spec)
+        share = int(head[len("heads"):] or 0)
+        return register(HeadBudgetMethod(
+            spec, f"{inner.label} [per-head budgets" + (f", >= {share}%]" if share else "]"),
+            scorer=inner.scorer, base=inner, min_share=share / 100))
     base_name, sep, rest = spec.partition("@")
     base = METHODS.get(base_name)
     if not sep or not isinstance(base, PrescoreMethod):

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,6 +91,35 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     assert n % layers == 0 and n >= 2 * layers
     ms = d["decode_ms_per_step"]
     assert ms["selection_inputs"] + ms["selection_and_decode"] < ms["attention_decode"]
+    # The ledger: decode steps only, every part non-negative (nested timers differenced), the
+    # parts summing to the engine step, attention inside it.
+    led = d["ledger_ms_per_step"]
+    assert led["decode_steps"] == 2
+    parts = {k: v for k, v in led.items() if k not in ("step", "attention", "decode_steps")}
+    assert all(v >= -0.01 for v in parts.values()), parts
+    assert sum(parts.values()) == pytest.approx(led["step"], abs=0.05)
+    assert 0 < led["attention"] < led["step"]
+    assert led["attention: fused selection + sparse attention"] > 0
+
+
+def test_bench_ledger_amdahl_limit_and_table() -> None:
+    """The ledger's cell: the Amdahl limit is CPU_ATTN's step with its attention scaled to the
+    bytes PRESCORE reads; the share of the attainable gain and the table follow from it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_ledger
+
+    cpu = {"ledger_ms_per_step": {"step": 100.0, "attention": 60.0, "model outside attention": 40.0,
+                                  "decode_steps": 4}, "dtype": "float32", "host": "test host"}
+    pre = {"ledger_ms_per_step": {"step": 70.0, "attention": 30.0, "model outside attention": 40.0,
+                                  "decode_steps": 4}, "dtype": "float32", "host": "test host"}
+    row = bench_ledger.cell_row(8000, 8, cpu, pre, read=0.25)
+    assert row["amdahl_limit_ms"] == pytest.approx(55.0)  # 100 - 60 * 0.75
+    assert row["speedup"] == pytest.approx(100 / 70, abs=1e-3)
+    assert row["share_of_attainable_gain"] == pytest.approx(30 / 45, abs=1e-3)
+    tiles, side = bench_ledger.read_fraction(8000, "float32")
+    assert 0.1 < tiles < 0.2 and 0 < side < 0.05
+    md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4), "--cells 8000x8")
+    assert "test host" in md and "| 8000 | 8 | 100.0 (60.0) | 70.0 (30.0) | 1.43x" in md
 
 
 def test_bench_vllm_decode_alternates_engines_and_reports_ranges(tmp_path: Path,

@@ -1,4 +1,6 @@
-"""Per-(layer, KV head) decode budgets from a calibration profile (Ada-KV / PyramidKV style).
+"""Probe: per-(layer, KV head) decode budgets from a calibration profile (Ada-KV / PyramidKV
+style). Not in the backend: on SmolLM2-135M the split was worth under a point of perplexity
+(docs/results/selection-probes.md); the eval's ``heads:<method>`` variants use it.
 
 One keep ratio for every layer and KV head spends the same bytes on a head whose attention sits
 in a few tiles as on one that spreads it over the whole context. A *budget profile* records,
@@ -85,8 +87,10 @@ class BudgetProfile:
 class ProfileAccumulator:
     """Builds a :class:`BudgetProfile` from exact attention on calibration queries."""
 
-    def __init__(self, layers: int, kv_heads: int, tile_size: int, grid: int = 256) -> None:
+    def __init__(self, layers: int, kv_heads: int, tile_size: int, grid: int = 256, *,
+                 sink_tiles: int = 0, window_tiles: int = 0) -> None:
         self.T, self.K = tile_size, grid
+        self.sink, self.window = sink_tiles, window_tiles
         self.sum = torch.zeros(layers, kv_heads, grid + 1, dtype=torch.float64)
         self.count = torch.zeros(layers, dtype=torch.int64)
 
@@ -102,9 +106,15 @@ class ProfileAccumulator:
         M = -(-n // self.T)
         probs = torch.nn.functional.pad(probs, (0, M * self.T - n))
         mass = probs.view(hkv, g, nq, M, self.T).sum((1, 4)).double() / g  # [Hkv, Nq, M]
-        cum = torch.cat([torch.zeros(hkv, nq, 1, dtype=torch.float64),
-                         mass.sort(-1, descending=True).values.cumsum(-1)], -1)  # [Hkv, Nq, M+1]
         tiles = (pos + self.T) // self.T  # [Nq] valid tiles per query
+        # The selection's order: the forced sinks and window first, then the best other tiles
+        # (a perfect ranking): the curve's gains past the forced count are what extra tiles add.
+        idx = torch.arange(M).view(1, M)
+        forced = (idx < self.sink) | ((idx >= tiles.view(-1, 1) - self.window)
+                                      & (idx < tiles.view(-1, 1)))  # [Nq, M]
+        order = (mass + 2.0 * forced).argsort(-1, descending=True)
+        cum = torch.cat([torch.zeros(hkv, nq, 1, dtype=torch.float64),
+                         mass.gather(-1, order).cumsum(-1)], -1)  # [Hkv, Nq, M + 1]
         x = torch.arange(self.K + 1, dtype=torch.float64).view(1, -1) / self.K * tiles.view(-1, 1)
         lo = x.floor().long().clamp_max(M - 1)  # [Nq, K + 1]
         w = x - lo

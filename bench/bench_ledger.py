@@ -1,0 +1,137 @@
+"""Step-time ledger: where every millisecond of a decode step goes, PRESCORE vs CPU_ATTN, and
+each cell's Amdahl limit.
+
+For each (context, batch) cell the two backends run one after the other, in alternating order
+from cell to cell, each in its own process (``bench/bench_breakdown.py``: one in-process
+engine, timers around the engine step, the scheduler, the metadata builder, the model, the
+attention and its parts, and the sampler). The **Amdahl limit** of a cell is CPU_ATTN's step
+with its attention time scaled to the bytes PRESCORE reads (selected tiles + side data, as a
+fraction of the KV): what a sparse decode at vLLM's own bytes per second would reach if
+everything else stayed as it is.
+
+    .venv/bin/python bench/bench_ledger.py --cells 4096x1,8000x1,4096x8,8000x8 \\
+        --report docs/results/ledger_avx-512
+
+Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
+timers inside a 2-core engine: medians over the decode steps are not available per part, so
+run it on a quiet machine and compare cells within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_fraction(context: int, dtype: str) -> tuple[float, float]:
+    """(tile fraction, side-data fraction) of the KV bytes a PRESCORE decode step reads at
+    ``context`` tokens under the ``PRESCORE_*`` settings of this process (the backend counts
+    the side data on top of the tile budget)."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.decode import config_budget, floor_budget, side_read_fraction
+    import torch
+
+    cfg = PrescoreConfig.from_env()
+    n = -(-(context + 1) // cfg.tile_size)
+    tiles = int(floor_budget(cfg, config_budget(cfg, torch.tensor([n])))[0])
+    return min(tiles * cfg.tile_size, context + 1) / (context + 1), float(
+        side_read_fraction(cfg, 64, kv_bytes=2 if dtype == "bfloat16" else 4, block_size=128))
+
+
+def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) -> dict:
+    """One cell from the two backends' ``bench_breakdown.py`` results: ``read`` is the fraction
+    of the KV bytes PRESCORE reads; the Amdahl limit scales CPU_ATTN's attention by it."""
+    cpu, pre = cpu_run["ledger_ms_per_step"], pre_run["ledger_ms_per_step"]
+    limit = cpu["step"] - cpu["attention"] * (1 - read)
+    gain = cpu["step"] - limit
+    return dict(context=ctx, batch=batch, cpu_attn=cpu, prescore=pre,
+                read_fraction=round(read, 4), amdahl_limit_ms=round(limit, 2),
+                speedup=round(cpu["step"] / pre["step"], 3),
+                limit_speedup=round(cpu["step"] / limit, 3),
+                share_of_attainable_gain=round((cpu["step"] - pre["step"]) / gain, 3)
+                if gain > 0 else None,
+                dtype=pre_run["dtype"], host=pre_run["host"])
+
+
+def run_cell(backend: str, ctx: int, batch: int, a) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "b.json"
+        cmd = [sys.executable, str(REPO / "bench" / "bench_breakdown.py"), "--backend", backend,
+               "--context", str(ctx), "--batch", str(batch), "--decode-tokens",
+               str(a.decode_tokens), "--dtype", a.dtype, "--out", str(out)]
+        print(f"[ledger] {backend} {ctx}x{batch}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="2048x1,4096x1,8000x1,2048x4,4096x4,8000x4,"
+                                      "2048x8,4096x8,8000x8", help="CONTEXTxBATCH,...")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--report", default=None, metavar="DIR")
+    a = p.parse_args(argv)
+    cells = [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",") if c]
+    rows = []
+    for i, (ctx, batch) in enumerate(cells):
+        order = ["CPU_ATTN", "PRESCORE"] if i % 2 == 0 else ["PRESCORE", "CPU_ATTN"]
+        res = {b: run_cell(b, ctx, batch, a) for b in order}
+        rows.append(cell_row(ctx, batch, res["CPU_ATTN"], res["PRESCORE"],
+                             sum(read_fraction(ctx, res["PRESCORE"]["dtype"]))))
+    md = markdown(rows, a, " ".join(sys.argv[1:] if argv is None else argv))
+    print(md)
+    if a.report:
+        d = Path(a.report)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "ledger.json").write_text(json.dumps(dict(rows=rows, cmd=a.cells), indent=1) + "\n")
+        (d / "ledger.md").write_text(md + "\n")
+        print(f"# wrote {d}/ledger.{{json,md}}", file=sys.stderr)
+    return 0
+
+
+def markdown(rows: list[dict], a, args: str) -> str:
+    keep = os.environ.get("PRESCORE_KEEP_RATIO", "the default")
+    lines = [f"# Decode step ledger: PRESCORE vs CPU_ATTN "
+             f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d})", "",
+             f"Host: {rows[0]['host']}; {rows[0]['dtype']}; SmolLM2-135M, one thread per engine, "
+             f"eager; {a.decode_tokens} decode steps per cell; keep ratio: {keep}. Command: "
+             f"`python bench/bench_ledger.py {args}`.", "",
+             "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "
+             "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit).", "",
+             "| context | batch | CPU_ATTN ms/step (attention) | PRESCORE ms/step (attention) "
+             "| speedup | read | Amdahl limit ms | limit speedup | share of attainable gain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, p_ = r["cpu_attn"], r["prescore"]
+        share = "-" if r["share_of_attainable_gain"] is None else f"{r['share_of_attainable_gain']:.0%}"
+        lines.append(f"| {r['context']} | {r['batch']} | {c['step']:.1f} ({c['attention']:.1f}) "
+                     f"| {p_['step']:.1f} ({p_['attention']:.1f}) | {r['speedup']:.2f}x "
+                     f"| {r['read_fraction']:.3f} | {r['amdahl_limit_ms']:.1f} "
+                     f"| {r['limit_speedup']:.2f}x | {share} |")
+    lines += ["", "Where a decode step's time goes (ms per step; the parts sum to the step):", ""]
+    keys = [k for k in rows[0]["prescore"] if k not in ("step", "attention", "decode_steps")]
+    ckeys = [k for k in rows[0]["cpu_attn"] if k not in ("step", "attention", "decode_steps")]
+    lines += ["| part | " + " | ".join(f"{r['context']}x{r['batch']}" for r in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    for who, key, ks in (("CPU_ATTN", "cpu_attn", ckeys), ("PRESCORE", "prescore", keys)):
+        lines.append(f"| **{who}** step | " + " | ".join(
+            f"**{r[key]['step']:.1f}**" for r in rows) + " |")
+        for k in ks:
+            lines.append(f"| {who}: {k} | " + " | ".join(f"{r[key][k]:.1f}" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
