@@ -1,4 +1,5 @@
-"""Fused CPU upkeep of per-tile side data for decode tokens (C++: ``csrc/side.h``).
+"""Fused CPU upkeep of side data for new keys (C++: ``csrc/side.h``): per-tile data of decode
+tokens (:func:`cpu_record_bounds`) and the PQ codes of every key written (:func:`cpu_record_codes`).
 
 Each decode step writes one key per sequence; the tile it lands in must get its Quest key
 bounds widened (or reset when the key starts the tile) and its pre-score marked "unscored"
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .cpu_ext import extension as _ext
 
-__all__ = ["cpu_record_bounds"]
+__all__ = ["cpu_record_bounds", "cpu_record_codes"]
 
 
 def cpu_record_bounds(keys: Tensor, block: Tensor, tile: Tensor, reset: Tensor, scores: Tensor,
@@ -30,3 +31,16 @@ def cpu_record_bounds(keys: Tensor, block: Tensor, tile: Tensor, reset: Tensor, 
     _ext().record_bounds_cpu(keys, block.long(), tile.long(), reset.bool(), scores,
                              kmin if kmin is not None else empty,
                              kmax if kmax is not None else empty)
+
+
+def cpu_record_codes(keys: Tensor, block: Tensor, offset: Tensor, codes: Tensor, dims: Tensor,
+                     weights: Tensor, centroids_t: Tensor, norms: Tensor) -> None:
+    """In place: ``codes[block[i], h, offset[i], j]`` = the nearest weighted centroid of key i's
+    subspace j (``prescore_backend.pq.pq_encode``'s rule) for keys ``[N, Hkv, D]``; codes
+    ``[NB, Hkv, B, m]`` uint8; dims ``[m, d]``; weights ``[Hkv, m, d]``, centroids_t
+    ``[Hkv * m, d, C]`` and norms ``[Hkv * m, 1, C]`` fp32 (the codebook's encoder constants)."""
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    _ext().record_codes_cpu(keys, block.long(), offset.long(), codes, dims.long(),
+                            weights.float().contiguous(), centroids_t.float().contiguous(),
+                            norms.float().contiguous())

@@ -34,7 +34,7 @@ from torch.nn.functional import pad
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick, cpu_sparq4_pick,
                                                  cpu_sparq_pick)
-from prescore_backend.kernels.cpu_side import cpu_record_bounds
+from prescore_backend.kernels.cpu_side import cpu_record_bounds, cpu_record_codes
 from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
@@ -237,13 +237,23 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
         side.kmax[block, :, tile] = torch.where(r3, kk, torch.maximum(side.kmax[block, :, tile], kk))
 
 
-def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor) -> None:
+def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor, *,
+                 impl: str = "auto") -> None:
     """PQ codes of keys just written (prefill and decode alike): keys ``[N, Hkv, D]`` at
     physical block ``[N]`` int64, offset in the block ``[N]`` int64. A code depends on its key
-    only, so this is the whole life cycle of the codes."""
+    only, so this is the whole life cycle of the codes. ``impl``: "cpp" encodes and writes in
+    one C++ pass (CPU), "torch" with :func:`~prescore_backend.pq.pq_encode`, "auto" picks cpp
+    on CPU when it compiles."""
     if side.codes is None or keys.shape[0] == 0:
         return
-    side.codes[block, :, offset] = pq_encode(keys, side.codebook)
+    if impl == "auto":
+        impl = "cpp" if not keys.is_cuda and cpu_kernels_available() else "torch"
+    book = side.codebook
+    if impl == "cpp":
+        cpu_record_codes(keys, block, offset, side.codes, book.dims, book.enc_w, book.enc_ct,
+                         book.enc_cn)
+    else:
+        side.codes[block, :, offset] = pq_encode(keys, book)
 
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,

@@ -65,6 +65,13 @@ class LayerCodebook:
     def __post_init__(self) -> None:
         # [Hkv, m, d, C]: what the C++ pick reads (one contiguous pass per channel)
         self.centroids_t = self.centroids.transpose(-1, -2).contiguous()
+        # The encoder's constants (pq_encode): weights per subspace [Hkv, m, d], weighted
+        # centroids transposed [Hkv * m, d, C] and their squared norms [Hkv * m, 1, C].
+        hkv, m, c, d = self.centroids.shape
+        self.enc_w = self.weights[:, self.dims]
+        wc = self.centroids * self.enc_w.unsqueeze(2)  # [Hkv, m, C, d]
+        self.enc_ct = wc.transpose(-1, -2).reshape(hkv * m, d, c).contiguous()
+        self.enc_cn = (wc * wc).sum(-1).view(hkv * m, 1, c)
 
     @property
     def subspaces(self) -> int:
@@ -119,10 +126,13 @@ def fit_codebook(keys: Tensor, subspaces: int, *, queries: Tensor | None = None,
 def pq_encode(keys: Tensor, book: LayerCodebook) -> Tensor:
     """Nearest centroid per subspace under the weighted distance: keys ``[N, Hkv, D]`` ->
     codes ``[N, Hkv, m]`` uint8."""
-    ws = book.weights[:, book.dims]  # [Hkv, m, d]
-    sub = keys.float()[:, :, book.dims].permute(1, 2, 0, 3) * ws.unsqueeze(2)  # [Hkv, m, N, d]
-    return torch.cdist(sub, book.centroids * ws.unsqueeze(2)).argmin(-1).permute(2, 0, 1).to(
-        torch.uint8)
+    hkv, m, _, d = book.centroids.shape
+    n = keys.shape[0]
+    sub = keys.float()[:, :, book.dims].permute(1, 2, 0, 3) * book.enc_w.unsqueeze(2)
+    # argmin_c |x - c|^2 = argmin_c (|c|^2 - 2 x.c): one batched matmul, no square roots
+    # (torch.cdist costs ~3x as much per decode token)
+    dist = torch.baddbmm(book.enc_cn, sub.reshape(hkv * m, n, d), book.enc_ct, alpha=-2)
+    return dist.argmin(-1).view(hkv, m, n).permute(2, 0, 1).to(torch.uint8)
 
 
 def pq_tile_rank(q: Tensor, codes: Tensor, bt: Tensor, book: LayerCodebook,

@@ -119,7 +119,8 @@ def test_pq_rank_and_cpp_pick_match_the_decoded_keys(group) -> None:
     M = bt.shape[1] * B // 16
     assert rank.shape == (len(lens), hkv, M)
     for r, n in enumerate(lens):
-        codes = pq_encode(keys[r], book)  # [n, Hkv, m]
+        pos = torch.arange(n)
+        codes = side.codes[bt[r, pos // B], :, pos % B]  # [n, Hkv, m] as written
         for h in range(hkv):
             est = _decode(book, codes[:, h], h) @ q[r, h * group:(h + 1) * group].sum(0)
             full = n // 16
@@ -210,6 +211,43 @@ def test_calibrate_rejects_a_non_llama_directory(tmp_path, capsys) -> None:
 
 
 #: Flags that turn an AVX-512 (or AMX) host's -march=native build into its AVX2 code paths.
+def _assert_codes_match(got: torch.Tensor, want: torch.Tensor, keys: torch.Tensor,
+                        book: LayerCodebook) -> None:
+    """Codes ``[N, Hkv, m]`` equal, except where the two centroids are equally near (the C++
+    and the batched matmul sum in different orders)."""
+    diff = (got != want).nonzero().tolist()
+    assert len(diff) <= max(1, got.numel() // 1000), len(diff)
+    for n, h, j in diff:
+        x = keys[n, h, book.dims[j]].float() * book.weights[h, book.dims[j]]
+        c = book.centroids[h, j] * book.weights[h, book.dims[j]]
+        d2 = ((x - c) ** 2).sum(-1)
+        a, b = d2[int(got[n, h, j])], d2[int(want[n, h, j])]
+        assert abs(float(a - b)) <= 1e-5 * float(max(a, b)), (n, h, j, float(a), float(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_record_codes_writes_what_pq_encode_gives(dtype) -> None:
+    """The C++ encoder (decode.record_codes' CPU path) writes, at each key's shuffled block and
+    offset, the code pq_encode gives (torch), for fp32 and bf16 keys, GQA-sized heads."""
+    hkv, d, m, B, n = 3, 64, 4, 128, 900
+    book = _book(hkv, d, m, seed=11)
+    g = torch.Generator().manual_seed(11)
+    keys = (torch.randn(n, hkv, d, generator=g) * 2).to(dtype)
+    nb = 12
+    slots = torch.randperm(nb * B, generator=g)[:n]
+    block, off = slots // B, slots % B
+    side = {i: SideData.allocate(nb, hkv, B // 16, block_size=B, codebook=book)
+            for i in ("cpp", "torch")}
+    for impl, sd in side.items():
+        record_codes(sd, keys, block, off, impl=impl)
+    assert torch.equal(side["torch"].codes[block, :, off], pq_encode(keys, book))
+    _assert_codes_match(side["cpp"].codes[block, :, off], side["torch"].codes[block, :, off],
+                        keys, book)
+    untouched = torch.ones(nb, B, dtype=torch.bool)
+    untouched[block, off] = False
+    assert int(side["cpp"].codes.permute(0, 2, 1, 3)[untouched].abs().sum()) == 0
+
+
 AVX2_ONLY = ("-mno-avx512f", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 
 
@@ -243,3 +281,10 @@ def test_avx2_build_picks_the_same_tiles() -> None:
                           window_tiles=10)
     cand = torch.empty(0, dtype=torch.bool)
     assert torch.equal(avx2.quest_pick_cpu(q, kmin, kmax, bt, nt, caps, cand, M, 2, 10), host)
+    # the PQ encoder of new keys
+    keys = torch.randn(300, hkv, d).bfloat16()
+    block, off = torch.arange(300) // B, torch.arange(300) % B
+    codes = torch.zeros_like(side.codes)
+    avx2.record_codes_cpu(keys, block, off, codes, book.dims, book.enc_w, book.enc_ct,
+                          book.enc_cn)
+    _assert_codes_match(codes[block, :, off], pq_encode(keys, book), keys, book)

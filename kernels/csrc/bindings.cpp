@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparq4_pick_cpu", torch::wrap_pybind_function(sparq4_pick_cpu), "sparq4_pick_cpu");
   m.def("pq_pick_cpu", torch::wrap_pybind_function(pq_pick_cpu), "pq_pick_cpu");
   m.def("record_bounds_cpu", torch::wrap_pybind_function(record_bounds_cpu), "record_bounds_cpu");
+  m.def("record_codes_cpu", torch::wrap_pybind_function(record_codes_cpu), "record_codes_cpu");
   m.def("select_decode_cpu", torch::wrap_pybind_function(select_decode_cpu), "select_decode_cpu");
   m.def("select_decode_into_cpu", torch::wrap_pybind_function(select_decode_into_cpu),
         "select_decode_into_cpu");
