@@ -3,9 +3,9 @@ tokens (:func:`cpu_record_bounds`) and the PQ codes of every key written (:func:
 
 Each decode step writes one key per sequence; the tile it lands in must get its Quest key
 bounds widened (or reset when the key starts the tile) and its pre-score marked "unscored"
-(-inf) when the key starts a new tile. In torch that is ~12 small indexing ops per layer
-(~0.25 ms at batch 1, as much as the sparse read at 4k context); here it is one pass over the
-new keys. Tensors in, tensors out; nothing here imports vLLM.
+(-inf) when the key starts a new tile; every new key gets its PQ codes. In torch those are
+a dozen small ops per layer and step; here each is one pass over the new keys. Tensors in,
+tensors out; nothing here imports vLLM.
 """
 
 from __future__ import annotations
