@@ -447,7 +447,7 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, k], best first
     ok = torch.isfinite(top.values)
     if bool((caps != cap).any()):  # rows with a smaller cap keep only their best caps[r]
-        ok &= torch.arange(top.values.shape[-1]) < caps.view(rs, -1, 1)  # [Rs] or [Rs, Hkv]
+        ok &= torch.arange(top.values.shape[-1]) < caps.view(rs, hkv if caps.dim() == 2 else 1, 1)
     pick = torch.zeros(rs, hkv, M, dtype=torch.bool)
     return pick.scatter_(-1, top.indices, ok)
 

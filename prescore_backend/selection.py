@@ -219,7 +219,8 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     R, H, M = tile_scores.shape
     dev = tile_scores.device
     n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
-    keep = torch.minimum(budget.to(dev).long().view(R, -1, 1).clamp_min(0), n)  # [R, 1|H, 1]
+    b = budget.to(dev).long()
+    keep = torch.minimum(b.view(R, H if per_head else 1, 1).clamp_min(0), n)  # [R, 1|H, 1]
     S = int(keep.max()) if R > 0 and M > 0 else 0
     idx = torch.arange(M, device=dev)  # [M]
     all_valid = R > 0 and int(n.min()) == M  # common: every row has M tiles
@@ -508,7 +509,7 @@ def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, 
     """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first).
     budget: ``[R]`` or ``[R, Hkv]``."""
     R, H, M = tile_scores.shape
-    budget = budget.view(R, -1).expand(R, H)
+    budget = budget.view(R, H) if budget.dim() == 2 else budget.view(R, 1).expand(R, H)
     rows: list[list[list[int]]] = []
     counts = [0, 0, 0, 0]
     for r in range(R):
