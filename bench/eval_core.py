@@ -477,7 +477,8 @@ class EstimatorProbe(EvalMethod):
     ranked by one estimate of each tile's importance, charged the estimate's bytes
     (docs/results/selection-probes.md). ``exact_*`` use the exact logits (the limit an
     estimator of that quantity can reach), ``pq_*`` the PQ codes (charged as
-    ``BASE.pq_subspaces`` codes), ``chan<r>[b<bits>]_*`` / ``sparq<r>[b<bits>]_*`` r key
+    ``BASE.pq_subspaces`` codes), ``stale<N>_*`` the exact value rescanned every N steps,
+    ``chan<r>[b<bits>]_*`` / ``sparq<r>[b<bits>]_*`` r key
     channels (static / the query group's largest) at ``bits`` (default 16), ``rescore_pq`` a
     PQ shortlist rescored exactly (:meth:`_rescore`). The tile score:
 
@@ -505,6 +506,8 @@ class EstimatorProbe(EvalMethod):
         if self.estimator.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
             r, bits = self._channels()
             return r * bits / 8 / (2 * head_dim * 2)
+        if self.estimator.startswith("stale"):  # every key (half the KV) once per `every` steps
+            return 0.5 / self._every()
         return side_read_fraction(BASE.replace(query_aware="pq", query_cap_ratio=1.0), head_dim)
 
     def _logits(self, env: LayerEnv, rows: RowBatch) -> Tensor:
@@ -554,9 +557,32 @@ class EstimatorProbe(EvalMethod):
         mask = torch.arange(n) >= rows.seq_lens.view(R, 1, 1, 1)
         return est.masked_fill_(mask, float("-inf"))
 
+    def _every(self) -> int:
+        return int(self.estimator.split("_")[0].removeprefix("stale"))
+
+    def _stale_tiles(self, env: LayerEnv, rows: RowBatch) -> Tensor:
+        """``stale<N>_maxlogit``: the exact max logit per tile, computed from the query of
+        every N-th step and reused by the N-1 steps after it (LServe's reused page selector,
+        arXiv 2502.14866); tiles written since the scan are in the forced window."""
+        key = (self.name, env.layer)
+        prev = _STALE_SCANS.get(key)
+        seq = rows.seq_lens
+        if (prev is None or prev[0].shape != seq.shape or bool((seq < prev[0]).any())
+                or bool((seq - prev[0] >= self._every()).any())):
+            s = exact_logits(rows.q, env, rows.bt, rows.seq_lens).amax(2)
+            R, hkv, n = s.shape
+            _STALE_SCANS[key] = (seq.clone(), s.view(R, hkv, n // TILE, TILE).amax(-1))
+        return _STALE_SCANS[key][1]
+
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         if self.estimator.startswith("rescore_"):
             return self._rescore(env, rows)
+        if self.estimator.startswith("stale"):
+            cfg = env.base
+            sel = select_tiles(self._stale_tiles(env, rows).contiguous(), rows.num_tiles,
+                               rows.budget, sink_tiles=cfg.sink_tiles,
+                               window_tiles=cfg.window_tiles)
+            return Chosen(sel.tiles)
         lg = self._logits(env, rows)
         kind = self.estimator.split("_", 1)[1]
         if kind == "maxprob":
@@ -594,6 +620,9 @@ class EstimatorProbe(EvalMethod):
         sel = select_tiles(ext.contiguous(), rows.num_tiles, forced + P,
                            sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
         return Chosen(sel.tiles)
+
+
+_STALE_SCANS: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 
 
 def _gather_rows(cache: Tensor, bt: Tensor, n: int) -> Tensor:
@@ -669,7 +698,8 @@ def _register_defaults() -> None:
                 "chan32b4_maxlogit", "chan32b2_maxlogit", "sparq8_maxlogit", "sparq16_maxlogit",
                 "sparq8b4_maxlogit", "sparq16b4_maxlogit", "sparq16b2_maxlogit",
                 "sparq32b2_maxlogit", "sparq32b4_maxlogit", "sparq64b4_maxlogit",
-                "sparq64b2_maxlogit"):
+                "sparq64b2_maxlogit", "stale4_maxlogit", "stale8_maxlogit",
+                "stale16_maxlogit", "stale32_maxlogit", "stale64_maxlogit"):
         register(EstimatorProbe(f"probe_{est}", f"probe: tiles ranked by {est}",
                                 scorer="random", estimator=est))
 

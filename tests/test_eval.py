@@ -253,3 +253,21 @@ def test_head_budget_profile_splits_the_same_total(model: Llama, tokens: torch.T
     uniform, heads = res.read[("oracle", 0.5)], res.read[("heads:oracle", 0.5)]
     assert abs(heads - uniform) <= (cfg.tile_size - 1) * s.layers * s.kv_heads * steps
     assert res.token_nll[("heads:oracle", 0.5)] != res.token_nll[("oracle", 0.5)]
+
+
+def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
+                                                        tokens: torch.Tensor) -> None:
+    """``probe_stale<N>_maxlogit`` (docs/results/selection-probes.md): rescanned every step it
+    is the exact max-logit ranking; rescanned every N it picks at the scan step what the exact
+    ranking picks and is charged half the KV once per N steps."""
+    eval_core.register(eval_core.EstimatorProbe("probe_stale1_maxlogit", "stale1",
+                                                scorer="random", estimator="stale1_maxlogit"))
+    assert eval_core.method("probe_stale16_maxlogit").side_read_fraction(64) == 0.5 / 16
+    steps = 3
+    seq = tokens[5000:5000 + CTX + steps + 1]
+    ms = ["probe_exact_maxlogit", "probe_stale1_maxlogit", "probe_stale64_maxlogit"]
+    res = eval_core.run_context(model, seq, CTX, steps, ms, [0.25], log=lambda s: None)
+    exact = res.token_nll[("probe_exact_maxlogit", 0.25)]
+    assert res.token_nll[("probe_stale1_maxlogit", 0.25)] == exact
+    stale = res.token_nll[("probe_stale64_maxlogit", 0.25)]
+    assert stale[:1] == exact[:1] and stale != exact  # later steps reuse the first scan
