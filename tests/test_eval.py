@@ -263,10 +263,10 @@ def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
     eval_core.register(eval_core.EstimatorProbe("probe_stale1_maxlogit", "stale1",
                                                 scorer="random", estimator="stale1_maxlogit"))
     assert eval_core.method("probe_stale16_maxlogit").side_read_fraction(64) == 0.5 / 16
-    steps = 3
-    seq = tokens[5000:5000 + CTX + steps + 1]
+    steps, ctx = 3, 2048  # 128 tiles: 32 at 1/4, 20 of them picked beyond sinks + window
+    seq = tokens[5000:5000 + ctx + steps + 1]
     ms = ["probe_exact_maxlogit", "probe_stale1_maxlogit", "probe_stale64_maxlogit"]
-    res = eval_core.run_context(model, seq, CTX, steps, ms, [0.25], log=lambda s: None)
+    res = eval_core.run_context(model, seq, ctx, steps, ms, [0.25], log=lambda s: None)
     exact = res.token_nll[("probe_exact_maxlogit", 0.25)]
     assert res.token_nll[("probe_stale1_maxlogit", 0.25)] == exact
     stale = res.token_nll[("probe_stale64_maxlogit", 0.25)]
