@@ -18,7 +18,10 @@ No strided view expresses this, so :func:`vllm_cpu_amx_kv_views` returns the two
 ``[num_blocks, Hkv, B, D]`` tensors *in packed order*, and consumers take ``kv_layout="amx"``
 (:func:`amx_unpack` gives the plain layout, a copy; :func:`amx_pack` the inverse).
 
-vLLM Triton backend (GPU): ``[num_blocks, 2, B, Hkv, D]``.
+vLLM Triton backend (checked on vllm 0.32.0): the per-layer cache is the logical
+``[num_blocks, Hkv, B, 2 * D]`` (K then V in the last dim), with whatever physical strides
+the KV-cache layout gives it (:func:`vllm_triton_kv_views`). Older vLLM releases used
+``[num_blocks, 2, B, Hkv, D]`` ("gpu" in :data:`LAYOUTS`, kept for the kernel tests).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["vllm_cpu_kv_views", "vllm_cpu_amx_kv_views", "rowmajor_cpu_kv_views",
-           "vllm_gpu_kv_views", "amx_pack", "amx_unpack", "amx_unpack_k", "amx_unpack_v",
+           "vllm_gpu_kv_views", "vllm_triton_kv_views", "amx_pack", "amx_unpack", "amx_unpack_k", "amx_unpack_v",
            "amx_unpack_blocks", "LAYOUTS", "KV_LAYOUTS", "VLLM_CPU_ISA_VIEWS"]
 
 #: how a consumer must read the K/V tensors it is given: "strided" (any strided
@@ -57,6 +60,13 @@ def rowmajor_cpu_kv_views(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
 def vllm_gpu_kv_views(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
     """vLLM Triton cache ``[NB, 2, B, Hkv, D]`` -> K, V views ``[NB, Hkv, B, D]``."""
     return kv_cache[:, 0].permute(0, 2, 1, 3), kv_cache[:, 1].permute(0, 2, 1, 3)
+
+
+def vllm_triton_kv_views(kv_cache: Tensor, head_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """vLLM Triton cache, logical ``[NB, Hkv, B, 2D]`` (any strides) -> K, V views
+    ``[NB, Hkv, B, D]`` (no copy)."""
+    d = kv_cache.shape[-1] // 2 if head_size is None else head_size
+    return kv_cache[..., :d], kv_cache[..., d:2 * d]
 
 
 def vllm_cpu_amx_kv_views(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,6 +122,7 @@ LAYOUTS = {
     "cpu_amx": (lambda nb, h, b, d: (nb, h, b, 2 * d), vllm_cpu_amx_kv_views, "amx"),
     "cpu_rowmajor": (lambda nb, h, b, d: (nb, h, b, 2 * d), rowmajor_cpu_kv_views, "strided"),
     "gpu": (lambda nb, h, b, d: (nb, 2, b, h, d), vllm_gpu_kv_views, "strided"),
+    "triton": (lambda nb, h, b, d: (nb, h, b, 2 * d), vllm_triton_kv_views, "strided"),
 }
 
 #: vLLM CPU_ATTN ISA -> (views function, kv_layout) for the ISAs whose cache prescore reads

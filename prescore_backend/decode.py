@@ -94,24 +94,26 @@ class SideData:
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
-                 codebook: LayerCodebook | None = None, key_copy_dim: int = 0) -> "SideData":
-        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``): PQ codes;
-        ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key copy."""
+                 codebook: LayerCodebook | None = None, key_copy_dim: int = 0,
+                 device: torch.device | str = "cpu") -> "SideData":
+        """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``; on ``device``):
+        PQ codes; ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key
+        copy. Everything on ``device`` (the KV cache's)."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
         codes = kq = kz = None
+        u8 = dict(dtype=torch.uint8, device=device)
         if codebook is not None:
-            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces),
-                                dtype=torch.uint8)
+            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces), **u8)
         if key_copy_dim:
-            kq = torch.zeros((num_blocks, num_kv_heads, key_copy_dim, block_size // 2),
-                             dtype=torch.uint8)
-            kz = torch.zeros((num_blocks, num_kv_heads, 2, key_copy_dim))
+            kq = torch.zeros((num_blocks, num_kv_heads, key_copy_dim, block_size // 2), **u8)
+            kz = torch.zeros((num_blocks, num_kv_heads, 2, key_copy_dim), device=device)
         return cls(
-            scores=torch.full(shape, float("-inf")),
-            masks=torch.zeros((*shape, lsh_words), dtype=torch.int64) if lsh_words else None,
-            kmin=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
-            kmax=torch.zeros((*shape, head_dim), dtype=dtype) if bounds else None,
+            scores=torch.full(shape, float("-inf"), device=device),
+            masks=(torch.zeros((*shape, lsh_words), dtype=torch.int64, device=device)
+                   if lsh_words else None),
+            kmin=torch.zeros((*shape, head_dim), dtype=dtype, device=device) if bounds else None,
+            kmax=torch.zeros((*shape, head_dim), dtype=dtype, device=device) if bounds else None,
             codes=codes, codebook=codebook, kq=kq, kz=kz)
 
     def bytes_per_token(self, block_size: int) -> float:
@@ -287,7 +289,8 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                 full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
                 side.kq[job.block_ids[b0:b1]], side.kz[job.block_ids[b0:b1]] = pack_blocks(full)
         if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
-            t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T)
+            t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T,
+                             device=keys.device)
             side.scores[job.block_ids[(t * T) // bs], :, t % tpb] = float("-inf")
         if job.per_token:
             record_chunk_tokens(side, job, keys, tile_size=T, lsh=lsh, lsh_bits=lsh_bits)
@@ -305,10 +308,10 @@ def record_chunk_tokens(side: SideData, job: ScoreJob, keys: Tensor, *, tile_siz
     t_lo, t_hi = job.first_pos // T, (s + T - 1) // T
     seg = keys[:, t_lo * T:]  # [Hkv, L, D]
     npad = (t_hi - t_lo) * T - seg.shape[1]
-    t = torch.arange(t_lo, t_hi)
+    t = torch.arange(t_lo, t_hi, device=keys.device)
     bs = side.tiles_per_block * T
     blk, j = job.block_ids[(t * T) // bs], t % (bs // T)
-    valid = torch.ones(hkv, seg.shape[1], dtype=torch.bool)
+    valid = torch.ones(hkv, seg.shape[1], dtype=torch.bool, device=keys.device)
     valid = pad(valid, (0, npad)).view(hkv, -1, T)  # [Hkv, nt, T]
     if side.masks is not None:
         buckets = pad(lsh.hash(seg), (0, npad))  # [Hkv, nt*T]
@@ -356,12 +359,12 @@ def sparq_tile_rank(q: Tensor, key_cache: Tensor, bt: Tensor, channels: int, til
     qs = torch.gather(qg, 3, ch.unsqueeze(2).expand(-1, -1, hq // hkv, -1))  # [Rs, Hkv, G, r]
     if kv_layout == "amx":
         keys = amx_unpack_k(key_cache[bt.reshape(-1)]).view(rs, -1, hkv, bs, d)
-        blk = torch.arange(bt.shape[1]).view(1, -1, 1, 1, 1)
-        rix = torch.arange(rs).view(-1, 1, 1, 1, 1)
+        blk = torch.arange(bt.shape[1], device=q.device).view(1, -1, 1, 1, 1)
+        rix = torch.arange(rs, device=q.device).view(-1, 1, 1, 1, 1)
     else:
         keys, blk, rix = key_cache, bt.view(rs, -1, 1, 1, 1), None
-    h = torch.arange(hkv).view(1, 1, -1, 1, 1)
-    t = torch.arange(bs).view(1, 1, 1, -1, 1)
+    h = torch.arange(hkv, device=q.device).view(1, 1, -1, 1, 1)
+    t = torch.arange(bs, device=q.device).view(1, 1, 1, -1, 1)
     c = ch.view(rs, 1, hkv, 1, -1)
     idx = (blk, h, t, c) if rix is None else (rix, blk, h, t, c)
     ks = keys[idx].float()  # [Rs, MB, Hkv, B, r]: only the chosen channels are read
@@ -438,7 +441,7 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
         rank = bound.amax(1).view(rs, hkv, M)
     else:
         rank = tile_scores.clone()  # LSH matches ranked by pre-score
-    idx = torch.arange(M)
+    idx = torch.arange(M, device=q.device)
     n = num_tiles.view(rs, 1, 1)
     elig = (idx < n) & (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
     if cand is not None:
@@ -447,8 +450,9 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, k], best first
     ok = torch.isfinite(top.values)
     if bool((caps != cap).any()):  # rows with a smaller cap keep only their best caps[r]
-        ok &= torch.arange(top.values.shape[-1]) < caps.view(rs, hkv if caps.dim() == 2 else 1, 1)
-    pick = torch.zeros(rs, hkv, M, dtype=torch.bool)
+        ok &= (torch.arange(top.values.shape[-1], device=q.device)
+               < caps.view(rs, hkv if caps.dim() == 2 else 1, 1))
+    pick = torch.zeros(rs, hkv, M, dtype=torch.bool, device=q.device)
     return pick.scatter_(-1, top.indices, ok)
 
 

