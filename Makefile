@@ -11,7 +11,7 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels clean help
+.PHONY: setup model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels gpu-check clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
@@ -22,6 +22,7 @@ help:
 	@echo "make results-selection  selection quality at equal bytes, 3 texts + calibration -> docs/results/selection.{json,md} (~40 min)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~10 min)"
+	@echo "make gpu-check        on a GPU machine: Triton kernel + CUDA backend tests, kernel benchmark -> bench/out/gpu_check/"
 	@echo "make results-tile32   quality with 32-token tiles -> docs/results/tuning_tile32.json (~9 min)"
 	@echo "make results-expensive  clustering scorers at 8k -> docs/results/expensive.json (~25 min)"
 
@@ -106,6 +107,9 @@ results-kernels: setup
 	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --tile 32 --k-layout amx --dtype bfloat16 --floor-column \
 		--report docs/results --report-name kernels_amx_tile32
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

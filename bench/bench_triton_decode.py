@@ -4,8 +4,8 @@ Two parts, each optional:
 
 ``--check``: the Triton kernels against an independent float64 oracle (the contiguous keys and
 values that were written, masked to the selected tiles; not the paged cache), over MHA and
-GQA (G 1/4/8), head dims 64/128, fp32 and bf16, tiles of 16 and 32, vLLM's GPU and CPU cache
-layouts, shuffled block tables, ragged lengths with partial last blocks, NaN-poisoned unused
+GQA (G 1/4/8), head dims 64/128, fp32 and bf16, tiles of 16 and 32, vLLM's GPU cache
+layouts (before 0.32 and since), its CPU one, shuffled block tables, ragged lengths with partial last blocks, NaN-poisoned unused
 slots, random selections (an empty one included) and every-tile selections, with the launcher's
 own split plan and forced split counts. Fails (exit 1) on any mismatch.
 
@@ -145,12 +145,13 @@ def run_checks(quick: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     if quick:
         lens, cases = [70, 1, 33], [("gpu", 1, 64, torch.float32, 16, 32),
+                                    ("triton", 2, 64, torch.float32, 16, 32),
                                     ("cpu", 4, 64, torch.bfloat16, 32, 32)]
         splits = [None, 3]
     else:
         lens = [4100, 1, 777, 2048, 16]
         cases = [(layout, g, d, dt, t, b)
-                 for layout in ("gpu", "cpu")
+                 for layout in ("gpu", "triton", "cpu")
                  for g, d in ((1, 128), (4, 64), (8, 128))
                  for dt in (torch.float32, torch.bfloat16)
                  for t, b in ((16, 16), (32, 32))]

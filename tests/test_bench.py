@@ -223,3 +223,21 @@ def test_read_floor_reads_the_selected_lines() -> None:
     bogus = tiles.clone()
     bogus[0, 0, 0] = 1  # another tile: a different sum (catches reading the wrong lines)
     assert read_floor.read_selected_amx(kc, vc, bt, seq_lens, bogus, T) != wrap(want)
+
+
+def test_gpu_check_script_names_what_exists(tmp_path: Path) -> None:
+    """bench/gpu_check.sh (run on GPU machines only) parses, and every test file and script
+    its parts run exists in this checkout, each writing under the one output folder."""
+    script = REPO / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "--list", str(tmp_path / "g")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    parts = [ln.split(": ", 1) for ln in proc.stdout.splitlines() if ln.startswith("== ")]
+    assert [p[0] for p in parts] == ["== pytest_kernels", "== pytest_backend", "== triton_check",
+                                     "== triton_decode"]
+    for _, cmd in parts:
+        paths = [w for w in cmd.split() if w.startswith(("tests/", "bench/"))]
+        assert paths and all((REPO / p).exists() for p in paths), cmd
+        outs = [w for w in cmd.split() if w.endswith(".json")]
+        assert all(o.startswith(str(tmp_path / "g")) for o in outs), cmd
