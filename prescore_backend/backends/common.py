@@ -199,8 +199,9 @@ class StepPlanner:
         block_table = cm.block_table_tensor[:num_reqs]  # [R, max_blocks]
 
         num_tiles = (seq_lens + T - 1) // T  # [R]
-        if ROWS.rows:  # per-request controls (vllm_xargs) of some rows
-            budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs)
+        controls = ROWS.for_batch(num_reqs, getattr(cm, "req_idx", None))
+        if controls:  # per-request controls (vllm_xargs) of some rows
+            budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs, controls)
         else:
             budget, forced_dense = config_budget(cfg, num_tiles), None
         budget = floor_budget(cfg, budget)
@@ -229,7 +230,7 @@ class StepPlanner:
             sl_list, ql_list = seq_lens.tolist(), query_lens.tolist()
             for r in job_rows:  # a few rows per step, never on the per-layer path
                 s, first = sl_list[r], sl_list[r] - ql_list[r]
-                ctl = ROWS.get(r)
+                ctl = controls.get(r)
                 jobs.append(ScoreJob(block_ids=block_table[r, :(s + B - 1) // B].to(torch.int64),
                                      seq_len=s, first_pos=first, per_token=ql_list[r] > 1,
                                      blocks_done=(first // B, s // B),
@@ -270,14 +271,14 @@ class StepPlanner:
             max_cap=int(caps.max()) if num_sparse else 0,
         )
 
-    def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int) -> tuple[Tensor, Tensor]:
-        """Budgets honouring per-request controls; also the rows that asked for exact decode."""
+    def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int,
+                               controls: dict) -> tuple[Tensor, Tensor]:
+        """Budgets honouring per-request controls (batch row -> controls, only the rows that
+        sent some); also the rows that asked for exact decode."""
         T = self.config.tile_size
         budget = config_budget(self.config, num_tiles)  # [R]
         dense = torch.zeros(num_reqs, dtype=torch.bool)
-        for r, c in ROWS.rows.items():  # only the rows that sent controls
-            if r >= num_reqs:
-                continue
+        for r, c in controls.items():
             if c.max_tokens is not None:
                 budget[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
