@@ -167,7 +167,7 @@ def run_checks(quick: bool) -> list[dict]:
                                 ("all", all_tiles(case.seq_lens.cpu(), 2, t))):
             ro, rl = masked_ref(case, tiles, t, scale)
             for ns in splits:
-                o, lse = tsd._triton_core(case.query, case.key_cache, case.value_cache,
+                o, lse = tsd.triton_sparse_decode(case.query, case.key_cache, case.value_cache,
                                           case.block_tables, case.seq_lens, tiles.to(DEVICE), t,
                                           scale, out_dtype=dt, num_splits=ns)
                 o, lse = o.cpu().double(), lse.cpu().double()
@@ -265,7 +265,7 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
     q4 = q.unsqueeze(2)  # [R, Hq, 1, D]
 
     def run(tiles: torch.Tensor, li: int):
-        return tsd._triton_core(q, *views[li], bt, seq_lens, tiles, T, scale, out_dtype=dtype,
+        return tsd.triton_sparse_decode(q, *views[li], bt, seq_lens, tiles, T, scale, out_dtype=dtype,
                                 block_n=ARGS.block_n)
 
     fns = {

@@ -13,9 +13,9 @@ front; see :mod:`.layouts`):
     view expresses (:func:`~.layouts.vllm_cpu_amx_kv_views`): pass ``kv_layout="amx"``. The
     C++ kernel reads it in place (a 16-token K tile is one contiguous run there); the other
     paths unpack the batch's blocks first (:func:`~.layouts.amx_unpack_blocks`).
-  * GPU (vLLM Triton backend): ``cache[num_blocks, 2, B, Hkv, D]``;
-    ``key_cache = cache[:, 0].permute(0, 2, 1, 3)``, same with ``1`` for V (generic gather on
-    CPU tensors; the Triton kernel takes any strides).
+  * GPU (vLLM's Triton backend): the logical ``[num_blocks, Hkv, B, 2D]`` cache sliced into K
+    and V (:func:`~.layouts.vllm_triton_kv_views`; generic gather on CPU tensors, the Triton
+    kernel takes any strides).
 
 A logical tile t of a row covers token positions [t*T, t*T + T); it lives in physical block
 ``block_tables[row, t*T // B]`` at in-block rows ``(t*T) % B ...``. T must divide B.
@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .decode_inputs import check_decode_inputs
 from .layouts import KV_LAYOUTS, amx_unpack_blocks
 
 __all__ = [
@@ -67,25 +68,6 @@ def expand_kv_heads(x: Tensor, num_query_heads: int) -> Tensor:
     if num_query_heads % hkv:
         raise ValueError(f"{num_query_heads} query heads is not a multiple of {hkv} KV heads")
     return x.repeat_interleave(num_query_heads // hkv, dim=1)
-
-
-def _check_inputs(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
-                  seq_lens: Tensor, tiles: Tensor, tile_size: int) -> tuple[int, int, int, int, int]:
-    if query.dim() != 3 or key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise ValueError("expected query [R, Hq, D] and key/value caches [num_blocks, Hkv, B, D]")
-    R, Hq, D = query.shape
-    _, Hkv, B, Dk = key_cache.shape
-    if Dk != D:
-        raise ValueError(f"head dim mismatch: query {D}, cache {Dk}")
-    if Hq % Hkv:
-        raise ValueError(f"{Hq} query heads is not a multiple of {Hkv} KV heads")
-    if B % tile_size:
-        raise ValueError(f"tile size {tile_size} must divide block size {B}")
-    if tiles.dim() != 3 or tiles.shape[:2] != (R, Hkv):
-        raise ValueError(f"tiles must be [R={R}, Hkv={Hkv}, S], got {tuple(tiles.shape)}")
-    if block_tables.shape[0] != R or seq_lens.shape != (R,):
-        raise ValueError("block_tables must be [R, max_blocks] and seq_lens [R]")
-    return R, Hq, Hkv, D, B
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -190,7 +172,7 @@ def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tab
     (re-reads V once per query head of the group: 2x slower), ``torch.compile`` of the K
     gather-reduce (slower than eager here).
     """
-    R, Hq, Hkv, D, B = _check_inputs(query, key_cache, value_cache, block_tables, seq_lens,
+    R, Hq, Hkv, D, B = check_decode_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)
     G = Hq // Hkv
     S = tiles.shape[-1]
@@ -262,7 +244,7 @@ def sparse_decode_ref(query: Tensor, key_cache: Tensor, value_cache: Tensor, blo
     in ``dtype``. Tiles must be unique per (row, head) (select_tiles guarantees it); -1 entries
     are padding; positions >= seq_len are skipped. Empty selection: out 0, lse -inf.
     """
-    R, Hq, Hkv, D, B = _check_inputs(query, key_cache, value_cache, block_tables, seq_lens,
+    R, Hq, Hkv, D, B = check_decode_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)
     G = Hq // Hkv
     out = torch.zeros(R, Hq, D, dtype=dtype)
@@ -296,7 +278,7 @@ def _ref_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table
 
 
 def _triton_core(*args, **kw) -> tuple[Tensor, Tensor]:
-    from .triton_sparse_decode import _triton_core as core  # lazy: triton is optional on CPU
+    from .triton_sparse_decode import triton_sparse_decode as core  # lazy: triton is optional
 
     return core(*args, **kw)
 
@@ -305,7 +287,7 @@ def _cpp_core(*args, kv_layout: str = "strided",
               out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     from .cpu_sparse_decode import cpu_sparse_decode
 
-    _check_inputs(*args[:7])
+    check_decode_inputs(*args[:7])
     return cpu_sparse_decode(*args, kv_layout=kv_layout, out_dtype=out_dtype)
 
 

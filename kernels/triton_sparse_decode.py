@@ -19,8 +19,8 @@ dots (``input_precision="ieee"``, not TF32). Softmax state is fp32 throughout.
 
 Validated on an H100 (``docs/results/gpu/``, ``bench/bench_triton_decode.py --check``). The
 split count follows the step's selection length (a host-side int): a CUDA graph captures one
-plan per step shape, as vLLM's graphs do per batch size. Not yet done: the wiring into the CUDA
-backend (see ``prescore_backend/backends/cuda.py``).
+plan per step shape, as vLLM's graphs do per batch size. The CUDA backend
+(``prescore_backend/backends/cuda.py``) calls it through ``sparse_decode(impl="triton")``.
 
 Whether the kernels are interpreted is decided by triton when this module is imported: set
 ``TRITON_INTERPRET=1`` before the first import to run them on CPU tensors.
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparse_decode import _check_inputs, sparse_decode
+from .decode_inputs import check_decode_inputs
 
 __all__ = ["triton_sparse_decode", "plan_splits"]
 
@@ -187,17 +187,21 @@ def plan_splits(rows: int, num_kv_heads: int, num_tiles: int, tiles_per_iter: in
     return -(-num_tiles // per), per
 
 
-def _triton_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
-                 seq_lens: Tensor, tiles: Tensor, tile_size: int, scale: float, *,
-                 out_dtype: torch.dtype = torch.float32, num_splits: int | None = None,
-                 block_n: int | None = None) -> tuple[Tensor, Tensor]:
-    """Launch: returns out ``[R, Hq, D]`` in ``out_dtype``, lse ``[R, Hq]`` fp32.
+def triton_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                         seq_lens: Tensor, tiles: Tensor, tile_size: int, scale: float, *,
+                         out_dtype: torch.dtype = torch.float32, num_splits: int | None = None,
+                         block_n: int | None = None) -> tuple[Tensor, Tensor]:
+    """The typed launcher: query ``[R, Hq, D]``, caches ``[num_blocks, Hkv, B, D]`` (any
+    strides), block_tables ``[R, max_blocks]``, seq_lens ``[R]``, tiles ``[R, Hkv, S]`` (-1
+    padded) -> out ``[R, Hq, D]`` in ``out_dtype``, lse ``[R, Hq]`` fp32. The residual merge
+    and ``out=`` are :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`'s
+    (``impl="triton"``).
 
     ``num_splits`` forces the split count (tests); ``block_n``: tokens per iteration (whole
     tiles, at least one; default 8192 / D elements' worth: 128 tokens at D 64, 64 at D 128,
     the faster setting of each on an H100, ``docs/results/gpu/``).
     """
-    R, Hq, Hkv, D, B = _check_inputs(query, key_cache, value_cache, block_tables, seq_lens,
+    R, Hq, Hkv, D, B = check_decode_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)
     G = Hq // Hkv
     dev = query.device
@@ -246,18 +250,3 @@ def _triton_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_ta
             D=D, BLOCK_S=max(2, triton.next_power_of_2(ns)), BLOCK_D=block_d, num_warps=1,
         )
     return out, lse
-
-
-def triton_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                         block_tables: Tensor, seq_lens: Tensor, tiles: Tensor, tile_size: int,
-                         scale: float, *, residual_tiles: Tensor | None = None,
-                         residual_weight: Tensor | None = None,
-                         out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`~prescore_backend.kernels.sparse_decode.sparse_decode` with ``impl="triton"``.
-
-    Shapes: query ``[R, Hq, D]``, caches ``[num_blocks, Hkv, B, D]`` (any strides), block_tables
-    ``[R, max_blocks]``, seq_lens ``[R]``, tiles ``[R, Hkv, S]`` -> out ``[R, Hq, D]``, lse ``[R, Hq]``.
-    """
-    return sparse_decode(query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size,
-                         scale, impl="triton", residual_tiles=residual_tiles,
-                         residual_weight=residual_weight, out=out)

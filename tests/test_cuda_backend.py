@@ -83,9 +83,18 @@ class Engine:
             "num_key_value_heads": kv_heads, "intermediate_size": 128, "num_hidden_layers": 1,
             "vocab_size": 256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
             "torch_dtype": "float32"}))
+        if env.get("PRESCORE_QUERY_AWARE") == "pq":  # a codebook beside the model, as calibrate
+            from prescore_backend.pq import PQCodebooks, fit_codebook  # writes it
+
+            book = fit_codebook(torch.randn(kv_heads, 512, D), 4, seed=0)
+            PQCodebooks(book.centroids[None], book.weights[None], book.dims, {}).save(
+                tmp_path / "prescore_pq4.pt")
         self.mp = pytest.MonkeyPatch()
         if not ON_GPU:  # vLLM's KV-write launcher asks the GPU's generation for a tile size
             self.mp.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        # one process, no tensor parallelism: the rank's share of the codebook is all of it
+        self.mp.setattr("vllm.distributed.get_tensor_model_parallel_world_size", lambda: 1)
+        self.mp.setattr("vllm.distributed.get_tensor_model_parallel_rank", lambda: 0)
         for k, v in env.items():
             self.mp.setenv(k, v)
         common.runtime.cache_clear()
@@ -194,9 +203,12 @@ def test_full_budget_equals_vllm_triton(engine):
     torch.testing.assert_close(out, ref, **TOL)
 
 
-@pytest.mark.parametrize("engine", [(4, 2, _sparse_env())], ids=["gqa"], indirect=True)
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE=q))
+                                    for q in ("quest", "pq", "sparq4")],
+                         ids=["quest", "pq", "sparq4"], indirect=True)
 def test_sparse_decode_matches_the_oracles(engine):
-    """At keep 1/4: the side data holds pre-scores of the full blocks and Quest bounds; a
+    """At keep 1/4: the side data holds pre-scores of the full blocks and the query-aware
+    ranking's data (Quest bounds, PQ codes, the 4-bit key copy), written by the torch code; a
     long decode row attends exactly to the tiles the plain-torch oracles choose
     (select_tiles_ref on the same pre-scores and query-aware pick, sparse_decode_ref), reads
     about a quarter of its context, and differs from exact attention; a short row stays
@@ -207,11 +219,19 @@ def test_sparse_decode_matches_the_oracles(engine):
     from prescore_backend.selection import select_tiles_ref
 
     e = engine
+    assert e.rt.config.query_aware == os.environ["PRESCORE_QUERY_AWARE"]
     e.step([(0, 300, 300), (1, 40, 40)])
     side = e.impl.side
     blocks = e.bt[0, :300 // B]
     assert torch.isfinite(side.scores[blocks]).all()  # full blocks scored at prefill
     assert torch.isinf(side.scores[e.bt[0, 300 // B]]).all()  # the partial one is not
+    qa = e.rt.config.query_aware
+    if qa == "quest":
+        assert (side.kmin[blocks] <= side.kmax[blocks]).all()
+        assert (side.kmin[blocks] < side.kmax[blocks]).any()
+    else:  # PQ codes of every key written, the key copy of every full block
+        data = side.codes if qa == "pq" else side.kq
+        assert (data[blocks] != 0).any(dim=tuple(range(1, data.dim()))).all()
     out, ref, md = e.step([(0, 1, 301), (1, 1, 41)])
     plan, cfg = md.plan, e.rt.config
     assert plan.num_sparse == 1 and plan.dense_tok.tolist() == [1]

@@ -71,9 +71,9 @@ def test_triton_all_tiles_is_dense(layout, group, head_dim, dtype):
                            seed=head_dim, device=DEVICE)
     scale = head_dim ** -0.5
     out = torch.full_like(case.query, float("nan"))  # poisoned
-    o, lse = tsd.triton_sparse_decode(case.query, case.key_cache, case.value_cache,
-                                      case.block_tables, case.seq_lens,
-                                      all_tiles(case.seq_lens, HKV, T), T, scale, out=out)
+    o, lse = sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
+                           case.seq_lens, all_tiles(case.seq_lens, HKV, T), T, scale,
+                           impl="triton", out=out)
     assert o is out
     for r in range(len(SEQ_LENS)):
         ro, rl = dense_attention(case.query[r].cpu(), case.keys[r], case.values[r], scale)
@@ -134,7 +134,7 @@ def test_triton_splits_match_ref(num_splits):
     tiles = _random_selection(seq_lens, HKV, T, num_splits).to(DEVICE)
     args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
             tiles, T, 0.125)
-    o, lse = tsd._triton_core(*args, num_splits=num_splits)
+    o, lse = tsd.triton_sparse_decode(*args, num_splits=num_splits)
     ro, rl = sparse_decode_ref(*args)
     o, lse = o.cpu(), lse.cpu()
     torch.testing.assert_close(o.double(), ro, atol=2e-5, rtol=1e-4)
@@ -158,16 +158,16 @@ def test_triton_tile_and_iteration_sizes(tile, block_n, group, head_dim, dtype, 
     args = (case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
             tiles, tile, head_dim ** -0.5)
     out = torch.full_like(case.query, float("nan"))  # poisoned
-    o, lse = tsd._triton_core(*args, out_dtype=dtype, block_n=block_n)
+    o, lse = tsd.triton_sparse_decode(*args, out_dtype=dtype, block_n=block_n)
     assert o.dtype == dtype
     ro, rl = sparse_decode_ref(*args)
     torch.testing.assert_close(o.cpu().double(), ro.to(dtype).double(), **TOL[dtype])
     fin = torch.isfinite(rl)
     assert torch.equal(torch.isinf(lse.cpu()), ~fin)
     torch.testing.assert_close(lse.cpu()[fin].double(), rl[fin], atol=1e-4, rtol=1e-5)
-    # Every tile selected == dense attention, through the public launcher.
-    o2, _ = tsd.triton_sparse_decode(*args[:5], all_tiles(case.seq_lens, HKV, tile), tile,
-                                     head_dim ** -0.5, out=out)
+    # Every tile selected == dense attention, through sparse_decode(impl="triton").
+    o2, _ = sparse_decode(*args[:5], all_tiles(case.seq_lens, HKV, tile), tile,
+                          head_dim ** -0.5, impl="triton", out=out)
     for r in range(len(seq_lens)):
         ref, _ = dense_attention(case.query[r].cpu(), case.keys[r], case.values[r], head_dim ** -0.5)
         torch.testing.assert_close(o2[r].cpu().double(), ref.to(dtype).double(), **TOL[dtype])
@@ -290,7 +290,7 @@ def test_triton_decode_strided_seq_lens():
     case = make_paged_case(seq_lens, HKV, 2, 64, 32, seed=3, device=DEVICE)
     sl = torch.stack([case.seq_lens, torch.zeros_like(case.seq_lens)], 1)[:, 0]  # stride 2
     tiles = all_tiles(case.seq_lens, HKV, T)
-    o, lse = tsd._triton_core(case.query, case.key_cache, case.value_cache, case.block_tables,
+    o, lse = tsd.triton_sparse_decode(case.query, case.key_cache, case.value_cache, case.block_tables,
                               sl, tiles, T, 0.125)
     ro, rl = sparse_decode_ref(case.query, case.key_cache, case.value_cache, case.block_tables,
                                case.seq_lens, tiles, T, 0.125)

@@ -297,6 +297,9 @@ class SideDataUpkeep:
     Needs ``self.rt`` (:func:`runtime`), ``self.num_kv_heads``, ``self.head_size`` and
     ``self.side`` (None until the first step)."""
 
+    #: implementation of the per-token side-data writes ("auto": C++ on CPU when it compiles)
+    side_impl = "auto"
+
     def side_for(self, kv_cache: Tensor, layer) -> SideData:
         """The layer's side data; kv_cache ``[NB, Hkv, B, 2 * D]`` (logical shape)."""
         if self.side is None:
@@ -338,7 +341,7 @@ class SideDataUpkeep:
         cfg = self.rt.config
         record_decode_tokens(side, key[plan.dec_tok], plan.dec_block, plan.dec_tile,
                              plan.dec_reset, lsh=lsh_for(self.head_size) if cfg.uses_lsh else None,
-                             lsh_bits=cfg.lsh_bits)
+                             lsh_bits=cfg.lsh_bits, impl=self.side_impl)
 
     def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData,
                         kv_layout: str) -> None:
@@ -356,7 +359,8 @@ class SideDataUpkeep:
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
         if plan.write_block is not None:  # PQ codes of every key written this step
-            record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off)
+            record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off,
+                         impl=self.side_impl)
         if plan.score_jobs:
             self._run_score_jobs(plan, key_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0

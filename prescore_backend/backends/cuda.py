@@ -165,6 +165,8 @@ class PrescoreCUDABackend(TritonAttentionBackend):
 
 
 class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
+    side_impl = "torch"  # the same torch code on CUDA tensors and, in tests, on CPU ones
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None, use_alibi_sqrt=False,
