@@ -201,20 +201,21 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("prescore: fused output quantization is not supported")
         try:
-            return self._forward(layer, query, key, kv_cache, attn_metadata, plan, output)
+            return self._forward(layer, query, key, value, kv_cache, attn_metadata, plan, output)
         finally:
             self.end_layer()
 
-    def _forward(self, layer, query, key, kv_cache, attn_metadata, plan: PrescorePlan, output):
+    def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
+                 output):
         side = self.side_for(kv_cache, layer)
         key_cache, value_cache = vllm_triton_kv_views(kv_cache, self.head_size)  # [NB,Hkv,B,D]
         self.update_side_data(plan, key, key_cache, side, "strided")
         if plan.num_sparse == 0:
-            return super().forward(layer, query, key, None, kv_cache, attn_metadata, output)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         if plan.dense_tok is not None:
             q_dense = query[plan.dense_tok]  # [Nd, Hq, D]
             out_dense = torch.empty_like(q_dense)
-            super().forward(layer, q_dense, key, None, kv_cache, plan.dense_md, out_dense)
+            super().forward(layer, q_dense, key, value, kv_cache, plan.dense_md, out_dense)
             output.index_copy_(0, plan.dense_tok, out_dense.to(output.dtype))
         self._sparse_decode(plan, query, key_cache, value_cache, side, output)
         return output
