@@ -226,8 +226,9 @@ def record_decode_tokens(side: SideData, keys: Tensor, block: Tensor, tile: Tens
         impl = "cpp" if not keys.is_cuda and cpu_kernels_available() else "torch"
     if impl == "cpp":  # scores and Quest bounds in one C++ pass; LSH masks below in torch
         cpu_record_bounds(keys, block, tile, reset, side.scores, side.kmin, side.kmax)
-    else:
-        side.scores[block[reset], :, tile[reset]] = float("-inf")
+    else:  # where, not a boolean index: no host sync on a GPU
+        side.scores[block, :, tile] = side.scores[block, :, tile].masked_fill(
+            reset.view(-1, 1), float("-inf"))
     r3 = reset.view(-1, 1, 1)
     if side.masks is not None:
         new = bucket_masks(lsh.hash(keys).unsqueeze(-1), lsh_bits)  # [Nk, Hkv, W]
@@ -376,7 +377,8 @@ def sparq_tile_rank(q: Tensor, key_cache: Tensor, bt: Tensor, channels: int, til
 def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                      tile_scores: Tensor, num_tiles: Tensor, caps: Tensor, *,
                      lsh: AngularLSH | None, impl: str = "auto", key_cache: Tensor | None = None,
-                     key_bt: Tensor | None = None, kv_layout: str = "strided") -> Tensor | None:
+                     key_bt: Tensor | None = None, kv_layout: str = "strided",
+                     max_cap: int | None = None, caps_uniform: bool | None = None) -> Tensor | None:
     """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``caps[r]`` per row.
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; tile_scores ``[Rs, Hkv, M]``
@@ -390,12 +392,14 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy of the
     full blocks.
     ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
-    matmuls, "auto" picks cpp on CPU when it compiles.
+    matmuls, "auto" picks cpp on CPU when it compiles. ``max_cap`` (= caps.max()) and
+    ``caps_uniform`` (every cap equals it), when the caller knows them on the host, spare
+    the torch path two host syncs.
     """
     if impl == "auto":
         impl = "cpp" if not q.is_cuda and cpu_kernels_available() else "torch"
     rs, hkv, M = tile_scores.shape
-    cap = int(caps.max()) if rs else 0
+    cap = max_cap if max_cap is not None else int(caps.max()) if rs else 0
     if cfg.query_aware == "none" or cap == 0:
         return None
     cand = None
@@ -449,7 +453,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     rank = rank.masked_fill(~elig, float("-inf"))
     top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, k], best first
     ok = torch.isfinite(top.values)
-    if bool((caps != cap).any()):  # rows with a smaller cap keep only their best caps[r]
+    ragged = not caps_uniform if caps_uniform is not None else bool((caps != cap).any())
+    if ragged:  # rows with a smaller cap keep only their best caps[r]
         ok &= (torch.arange(top.values.shape[-1], device=q.device)
                < caps.view(rs, hkv if caps.dim() == 2 else 1, 1))
     pick = torch.zeros(rs, hkv, M, dtype=torch.bool, device=q.device)

@@ -313,3 +313,27 @@ def test_engine_serves_through_the_cuda_backend(tmp_path):
     assert v2["tokens"][:2] == ref["tokens"][:2]
     assert c["sparse_rows"] == 2 * 7 and 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
     assert v2["tokens"][2] != ref["tokens"][2]  # random weights: sparse attention shows
+
+
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="pq"))],
+                         ids=["pq"], indirect=True)
+def test_plan_skips_padded_slots_and_follows_a_new_cache(engine):
+    """Padded tokens (slot -1: CUDA-graph capture, dummy runs) write no side data; the sparse
+    rows' block table is cut to the columns their context needs (a power of two); a layer
+    whose cache is replaced (vLLM profiles on a small cache first) gets new side data."""
+    from vllm.config import set_current_vllm_config
+
+    e = engine
+    e.step([(0, 150, 150), (1, 40, 40)])
+    cm = e.common([(0, 1, 151), (1, 1, 41)])
+    cm.slot_mapping[1] = -1  # the second row's token is padding
+    with set_current_vllm_config(e.vc):
+        plan = e.builder.build(0, cm).plan
+    assert plan.dec_tok.tolist() == [0] and plan.write_tok.tolist() == [0]
+    assert plan.write_block.tolist() == [int(e.bt[0, 150 // B])]
+    assert plan.num_sparse == 1 and plan.sparse_block_table.shape[1] == 8  # 5 blocks -> 8
+    side = e.impl.side
+    assert side.scores.shape[0] == 128
+    e.kv = torch.zeros(200, B, e.kv_heads, 2 * D, device=e.dev).permute(0, 2, 1, 3)
+    e.step([(2, 40, 40)])
+    assert e.impl.side is not side and e.impl.side.scores.shape[0] == 200

@@ -134,10 +134,12 @@ class PrescorePlan:
     # Every token written this step (query_aware="pq" codes them), else None.
     write_block: Tensor | None = None  # [N] int64 physical block
     write_off: Tensor | None = None  # [N] int64 offset in the block
+    write_tok: Tensor | None = None  # [N] int64 their tokens, None: the step's first N
     # Host-side facts of the step, so forward never reads a device tensor's value.
     num_sparse: int = 0
     max_budget: int = 0  # the largest min(budget, num_tiles) of the sparse rows
     max_cap: int = 0  # the largest query cap of the sparse rows
+    caps_uniform: bool = True  # every sparse row has that cap
 
     def to(self, device: torch.device) -> "PrescorePlan":
         """The plan with every tensor a layer reads on ``device`` (once per step, in build)."""
@@ -196,6 +198,7 @@ class StepPlanner:
         is_decode = query_lens == 1  # [R]
         first_tok = qsl[:-1].to(torch.int64)  # [R]
         slots = cm.slot_mapping[: cm.num_actual_tokens].to("cpu", torch.int64)  # [N]
+        written = slots >= 0  # padded tokens (CUDA-graph capture, dummy runs) write nothing
         block_table = cm.block_table_tensor[:num_reqs]  # [R, max_blocks]
 
         num_tiles = (seq_lens + T - 1) // T  # [R]
@@ -218,8 +221,8 @@ class StepPlanner:
 
         # Per-token side data of every decode token (prefill tokens get theirs from their
         # scoring job).
-        dec_rows = is_decode.nonzero().flatten()
-        dec_tok = first_tok[dec_rows]
+        dec_tok = first_tok[is_decode]
+        dec_tok = dec_tok[written[dec_tok]]
         dec_slot = slots[dec_tok]
         dec_off = dec_slot % B
 
@@ -242,9 +245,16 @@ class StepPlanner:
         # nothing to choose and are not charged)
         side_tokens = (sp_lens[sp_budget < sp_tiles].double()
                        * self.side_fraction).round().long().sum()
-        sp_bt = block_table[sparse_rows]
-        caps = query_caps(cfg, sp_budget)
         num_sparse = int(sparse_rows.numel())
+        # The block table's columns the sparse rows need (rounded up to a power of two, so
+        # the tile-slot count M takes few values), not max_model_len's: every per-tile
+        # tensor of the selection is [Rs, Hkv, M].
+        cols = block_table.shape[1]
+        if num_sparse:
+            need = -(-int(sp_lens.max()) // B)
+            cols = min(cols, 1 << (need - 1).bit_length())
+        sp_bt = block_table[sparse_rows, :cols]
+        caps = query_caps(cfg, sp_budget)
         return PrescorePlan(
             sparse_tok=first_tok[sparse_rows],
             sparse_seq_lens=sp_lens.to(torch.int32),
@@ -264,11 +274,14 @@ class StepPlanner:
             dec_tile=dec_off // T,
             dec_reset=dec_off % T == 0,
             score_jobs=jobs,
-            write_block=slots // B if cfg.uses_codes else None,
-            write_off=slots % B if cfg.uses_codes else None,
+            write_block=slots[written] // B if cfg.uses_codes else None,
+            write_off=slots[written] % B if cfg.uses_codes else None,
+            write_tok=(None if not cfg.uses_codes or bool(written.all())
+                       else written.nonzero().flatten()),
             num_sparse=num_sparse,
             max_budget=int(torch.minimum(sp_budget, sp_tiles).max()) if num_sparse else 0,
             max_cap=int(caps.max()) if num_sparse else 0,
+            caps_uniform=bool((caps == caps.max()).all()) if num_sparse else True,
         )
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int,
@@ -301,8 +314,12 @@ class SideDataUpkeep:
     side_impl = "auto"
 
     def side_for(self, kv_cache: Tensor, layer) -> SideData:
-        """The layer's side data; kv_cache ``[NB, Hkv, B, 2 * D]`` (logical shape)."""
-        if self.side is None:
+        """The layer's side data; kv_cache ``[NB, Hkv, B, 2 * D]`` (logical shape). Made again
+        when the cache is another tensor (vLLM's GPU worker profiles CUDA-graph memory on a
+        small cache it then frees, before it allocates the real one)."""
+        key = (kv_cache.data_ptr(), kv_cache.shape[0], kv_cache.device)
+        if self.side is None or getattr(self, "_side_cache", None) != key:
+            self._side_cache = key
             cfg = self.rt.config
             nb, _, bs, _ = kv_cache.shape
             books = None
@@ -359,8 +376,9 @@ class SideDataUpkeep:
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
         if plan.write_block is not None:  # PQ codes of every key written this step
-            record_codes(side, key[: plan.write_block.numel()], plan.write_block, plan.write_off,
-                         impl=self.side_impl)
+            keys = (key[: plan.write_block.numel()] if plan.write_tok is None
+                    else key[plan.write_tok])
+            record_codes(side, keys, plan.write_block, plan.write_off, impl=self.side_impl)
         if plan.score_jobs:
             self._run_score_jobs(plan, key_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0

@@ -183,6 +183,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
             "logits soft-cap": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
             f"kv cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+            "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
         }
         found = [name for name, bad in unsupported.items() if bad]
         if found and attn_type == AttentionType.DECODER:

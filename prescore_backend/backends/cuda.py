@@ -19,8 +19,8 @@ their life cycle are shared, ``backends/common.py``):
 CUDA graphs: the builder declares ``AttentionCGSupport.NEVER``, so vLLM captures the rest
 of the model in piecewise graphs and runs attention eagerly between them (its own
 ``--compilation-config`` handling; nothing for the user to set). The step's plan is host
-data rebuilt every step and the torch ranking of the query-aware part reads its largest cap
-on the host (one sync per layer), which a captured graph could not replay. Full-graph
+data rebuilt every step and host-side numbers (the step's largest budget and query cap) size
+the kernels' launches, which a captured graph could not replay. Full-graph
 capture needs the plan in persistent device buffers: not done.
 
 What was verified where is in the README's support matrix: this file runs in the test suite
@@ -29,7 +29,15 @@ on CPU tensors under the Triton interpreter (``tests/test_cuda_backend.py``, aga
 ``bench/gpu_check.sh`` runs the same tests on a GPU.
 
 Unsupported (fail loudly at start): sliding window, ALiBi, logits soft-cap, attention sinks,
-quantized KV cache, chunked-lookback attention. Encoder and cross attention layers run
+quantized KV cache, chunked-lookback attention, KV-cache sharing between layers, prefix-LM
+multimodal ranges.
+
+Known costs, not yet addressed: the side data is allocated beside the cache after vLLM has
+sized it (Quest bounds add 1/16 of the KV bytes, PQ codes 1/64; leave room with
+``--gpu-memory-utilization``); the leverage scorer fits a block with one small matmul per
+block of the prefix; the builder reads the step's sequence lengths and slots on the host.
+Under pipeline parallelism with Model Runner V2 only the last stage sees per-request
+controls. Encoder and cross attention layers run
 vLLM's Triton attention unchanged.
 """
 
@@ -81,6 +89,8 @@ class PrescoreCUDAMetadataBuilder(StepPlanner, TritonAttentionMetadataBuilder):
     # The plan is host data rebuilt each step: attention runs eagerly between piecewise
     # CUDA graphs (see the module docstring).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # A speculative draft step must get a fresh plan (Triton's in-place update is a no-op).
+    supports_draft_decode_metadata_update = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -160,6 +170,10 @@ class PrescoreCUDABackend(TritonAttentionBackend):
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == "decoder"
 
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False  # the dense subset's metadata does not carry prefix-LM ranges
+
 
 # ----------------------------------------------------------------------------- impl
 
@@ -181,6 +195,7 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
             "attention sinks": sinks is not None,
             f"kv cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
             "chunked-lookback attention": chunk_lookback != -1,
+            "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
         }
         found = [name for name, bad in unsupported.items() if bad]
         if found and attn_type == AttentionType.DECODER:
@@ -227,7 +242,8 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
         lsh = lsh_for(self.head_size).to(q.device) if cfg.uses_lsh else None
         scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
                                        plan.query_caps, lsh=lsh, impl="torch",
-                                       key_cache=key_cache, kv_layout="strided")
+                                       key_cache=key_cache, kv_layout="strided",
+                                       max_cap=plan.max_cap, caps_uniform=plan.caps_uniform)
         sel = select_tiles(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
                            window_tiles=cfg.window_tiles, lsh_match=pick,
                            lsh_cap=plan.max_cap if pick is not None else 0, impl="triton",

@@ -132,12 +132,12 @@ class LeverageScorer(Scorer):
                              for a, b in zip(bounds[:-1], bounds[1:])])
         cum = grams.cumsum(0)[-len(ends):]  # [S, H, D, D] prefix Grams at each end
         L = _ridge_cholesky(cum.reshape(-1, D, D), self.ridge).view(len(ends), H, D, D)
+        eye = torch.eye(D, dtype=k.dtype, device=k.device).expand(H, D, D)
         out, prev = [], start
         for i, e in enumerate(ends):
             z = torch.linalg.solve_triangular(L[i], k[:, prev:e].transpose(1, 2), upper=False)
             tau = (z * z).sum(1)  # [H, e - prev]
             # trace((G + lam I)^-1 G) = ||L^-1 K^T||_F^2 = sum of the prefix's leverages.
-            eye = torch.eye(D, dtype=k.dtype).expand(H, D, D)
             linv = torch.linalg.solve_triangular(L[i], eye, upper=False)  # [H, D, D]
             total = (linv @ cum[i] * linv).sum((-2, -1))  # [H]
             out.append(tau * (e / total.clamp_min(1e-30)).unsqueeze(-1))
