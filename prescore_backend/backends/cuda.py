@@ -30,15 +30,14 @@ on CPU tensors under the Triton interpreter (``tests/test_cuda_backend.py``, aga
 
 Unsupported (fail loudly at start): sliding window, ALiBi, logits soft-cap, attention sinks,
 quantized KV cache, chunked-lookback attention, KV-cache sharing between layers, prefix-LM
-multimodal ranges.
+multimodal ranges. Encoder and cross attention layers run vLLM's Triton attention unchanged.
 
 Known costs, not yet addressed: the side data is allocated beside the cache after vLLM has
 sized it (Quest bounds add 1/16 of the KV bytes, PQ codes 1/64; leave room with
 ``--gpu-memory-utilization``); the leverage scorer fits a block with one small matmul per
 block of the prefix; the builder reads the step's sequence lengths and slots on the host.
 Under pipeline parallelism with Model Runner V2 only the last stage sees per-request
-controls. Encoder and cross attention layers run
-vLLM's Triton attention unchanged.
+controls.
 """
 
 from __future__ import annotations
