@@ -221,3 +221,18 @@ def test_cuda_backend_imports_validates_and_is_selected_on_cuda(member, monkeypa
         member.clear_override()
     assert path == plat.CUDA_BACKEND_PATH
     assert member.get_path() == plat.CPU_BACKEND_PATH
+
+
+def test_unsupported_model_features_stop_the_start_by_name():
+    """Both backends refuse, through one check, every decoder feature they cannot serve,
+    naming each; encoder layers pass (they run the exact kernel)."""
+    from prescore_backend.backends.common import refuse_unsupported
+
+    ok = dict(sliding_window=None, alibi_slopes=None, logits_soft_cap=None, sinks=None,
+              kv_cache_dtype="auto", kv_sharing_target_layer_name=None)
+    refuse_unsupported("decoder", **ok)
+    bad = dict(ok, sliding_window=4096, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"sliding-window attention, kv cache dtype fp8, "
+                                         r"chunked-lookback attention; serve this model"):
+        refuse_unsupported("decoder", **bad, **{"chunked-lookback attention": True})
+    refuse_unsupported("encoder_only", **bad)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
 
 from prescore_backend.config import PrescoreConfig, testing_exact_via_sparse
 from prescore_backend.decode import (
@@ -39,7 +40,8 @@ from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
 from prescore_backend.scoring import Scorer, get_scorer
 
-__all__ = ["PrescorePlan", "ScoreJob", "SideData", "SideDataUpkeep", "StepPlanner", "runtime"]
+__all__ = ["PrescorePlan", "ScoreJob", "SideData", "SideDataUpkeep", "StepPlanner",
+           "refuse_unsupported", "runtime"]
 
 # A child of vLLM's logger, so lines show with vLLM's format and level.
 logger = logging.getLogger("vllm.prescore")
@@ -100,6 +102,27 @@ def lsh_for(head_dim: int) -> AngularLSH:
     if rt.lsh is None:
         rt.lsh = AngularLSH(rt.config.lsh_bits, head_dim, seed=rt.config.seed)
     return rt.lsh
+
+
+def refuse_unsupported(attn_type: str, *, sliding_window, alibi_slopes, logits_soft_cap,
+                       sinks, kv_cache_dtype: str, kv_sharing_target_layer_name,
+                       **more: bool) -> None:
+    """Stop the start, naming every model feature of a decoder layer the backend cannot serve
+    (an impl's constructor arguments; ``more``: backend-specific ones, name -> present)."""
+    unsupported = {
+        "sliding-window attention": sliding_window is not None,
+        "ALiBi": alibi_slopes is not None,
+        "logits soft-cap": bool(logits_soft_cap),
+        "attention sinks": sinks is not None,
+        f"kv cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+        "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
+        **more,
+    }
+    found = [name for name, bad in unsupported.items() if bad]
+    if found and attn_type == AttentionType.DECODER:
+        raise ValueError(
+            f"--attention-backend prescore does not support {', '.join(found)}; serve this "
+            "model with the default attention backend")
 
 
 # ----------------------------------------------------------------------------- plan

@@ -62,6 +62,7 @@ from prescore_backend.backends.common import (
     StepPlanner,
     lsh_for,
     logger,
+    refuse_unsupported,
     runtime,
 )
 from prescore_backend.decode import scores_and_pick
@@ -187,20 +188,11 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          sinks, use_alibi_sqrt, chunk_lookback)
-        unsupported = {
-            "sliding-window attention": sliding_window is not None,
-            "ALiBi": alibi_slopes is not None,
-            "logits soft-cap": bool(logits_soft_cap),
-            "attention sinks": sinks is not None,
-            f"kv cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
-            "chunked-lookback attention": chunk_lookback != -1,
-            "KV-cache sharing between layers": kv_sharing_target_layer_name is not None,
-        }
-        found = [name for name, bad in unsupported.items() if bad]
-        if found and attn_type == AttentionType.DECODER:
-            raise ValueError(
-                f"--attention-backend prescore does not support {', '.join(found)}; serve this "
-                "model with the default attention backend")
+        refuse_unsupported(attn_type, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+                           logits_soft_cap=logits_soft_cap, sinks=sinks,
+                           kv_cache_dtype=kv_cache_dtype,
+                           kv_sharing_target_layer_name=kv_sharing_target_layer_name,
+                           **{"chunked-lookback attention": chunk_lookback != -1})
         self.rt = runtime()
         self.side: SideData | None = None
         logger.info_once("Using PRESCORE attention backend (Triton sparse decode; attention "
