@@ -36,7 +36,7 @@ def read_fraction(context: int, dtype: str) -> tuple[float, float]:
     ``context`` tokens under the ``PRESCORE_*`` settings of this process (the backend counts
     the side data on top of the tile budget)."""
     from prescore_backend.config import PrescoreConfig
-    from prescore_backend.decode import config_budget, floor_budget, side_read_fraction
+    from prescore_backend.selection import config_budget, floor_budget, side_read_fraction
     import torch
 
     cfg = PrescoreConfig.from_env()

@@ -85,10 +85,10 @@ from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_v,
     vllm_cpu_amx_kv_views,
 )
-from prescore_backend.selection import (  # noqa: E402
+from prescore_backend.kernels.select import select_tiles  # noqa: E402
+from prescore_backend.kernels.select_decode import (  # noqa: E402
     select_and_decode,
     select_and_decode_into,
-    select_tiles,
 )
 
 import read_floor  # noqa: E402  (bench/, the script's directory, is on sys.path)

@@ -83,7 +83,7 @@ import triton  # noqa: E402
 
 from prescore_backend.kernels import triton_sparse_decode as tsd  # noqa: E402
 from prescore_backend.kernels.testing import all_tiles, make_paged_case  # noqa: E402
-from prescore_backend.selection import (  # noqa: E402
+from prescore_backend.kernels.select import (  # noqa: E402
     select_tiles,
     select_tiles_ref,
     select_tiles_static,

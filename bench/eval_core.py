@@ -2,10 +2,10 @@
 
 The sparse methods run prescore's own decode path: a paged KV cache in vLLM's CPU layout
 (K stored transposed per block, :mod:`prescore_backend.kernels.layouts`), side data built by
-:func:`prescore_backend.decode.run_score_jobs` / :func:`~prescore_backend.decode.record_decode_tokens`
+:func:`prescore_backend.side_data.run_score_jobs` / :func:`~prescore_backend.side_data.record_decode_tokens`
 exactly as the backend's ``forward`` does (prefill = one chunk job; a decode row that fills a
-KV block scores it), tiles chosen by :func:`~prescore_backend.decode.select_decode_tiles`
-(or, for the baselines that are not prescore, by :func:`prescore_backend.selection.select_tiles`
+KV block scores it), tiles chosen by :func:`~prescore_backend.selection.select_decode_tiles`
+(or, for the baselines that are not prescore, by :func:`prescore_backend.kernels.select.select_tiles`
 with their own scores), attention by :func:`prescore_backend.kernels.sparse_decode.sparse_decode`
 (``impl="auto"``: the fused C++ CPU kernel the backend uses).
 
@@ -45,18 +45,20 @@ from torch import Tensor
 
 from prescore_backend.llama_ref import Llama
 from prescore_backend.config import PrescoreConfig, cache_dir
-from prescore_backend.decode import (
-    ScoreJob,
-    SideData,
+from prescore_backend.kernels.select import tokens_read
+from prescore_backend.selection import (
     config_budget,
     floor_budget,
     query_caps,
+    select_decode_tiles,
+    side_read_fraction,
+)
+from prescore_backend.side_data import (
+    ScoreJob,
+    SideData,
     record_codes,
     record_decode_tokens,
     run_score_jobs,
-    select_decode_tiles,
-    side_read_fraction,
-    tokens_read,
 )
 from head_budgets import BudgetProfile  # noqa: E402  (bench/)
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
@@ -64,7 +66,7 @@ from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.scoring import Scorer, available_scorers, get_scorer
-from prescore_backend.selection import select_tiles
+from prescore_backend.kernels.select import select_tiles
 
 BLOCK_SIZE = 128  # vLLM's CPU default KV block size
 
@@ -270,7 +272,7 @@ class DenseMethod(EvalMethod):
 
 @dataclass
 class PrescoreMethod(EvalMethod):
-    """The backend's selection: :func:`prescore_backend.decode.select_decode_tiles` with the
+    """The backend's selection: :func:`prescore_backend.selection.select_decode_tiles` with the
     default config changed by ``changes`` (scorer, query_aware, query_cap_ratio, ...)."""
 
     changes: dict = field(default_factory=dict)

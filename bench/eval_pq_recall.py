@@ -20,7 +20,7 @@ from eval_core import Llama
 from eval_selection import load_text
 from prescore_backend.server.models import resolve_model, calibration_tokens
 from prescore_backend.pq import kmeans
-from prescore_backend.selection import select_tiles
+from prescore_backend.kernels.select import select_tiles
 
 # k-means on D/m consecutive channels of already permuted/weighted keys: the variants that
 # prescore_backend.pq.fit_codebook (pairs, query weights always) does not offer.

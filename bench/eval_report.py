@@ -374,7 +374,7 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
         f"the text exactly, then teacher-forces the next {meta['new_tokens']} tokens one decode "
         "step at a time; perplexity = e^(mean NLL, natural log) of those tokens. Every context "
         "and method scores the same tokens.",
-        "- Decode-faithful: the sparse methods run prescore's own code (`prescore_backend.decode`: "
+        "- Decode-faithful: the sparse methods run prescore's own code (`prescore_backend.side_data` and `prescore_backend.selection`: "
         "block scoring jobs with `Scorer.score_prefixes`, per-token Quest bounds / LSH masks, the "
         "query-aware pick, `select_tiles`) and the fused C++ sparse decode kernel on a paged cache "
         "in vLLM's CPU layout (KV block 128). Each (method, keep ratio) is its own decode row with "

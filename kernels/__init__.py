@@ -1,6 +1,9 @@
-"""Numerical kernels (torch only; Triton imported lazily): LSH and sparse paged decode.
+"""Numerical kernels: cache layouts, LSH, tile selection (:mod:`.select`), sparse paged decode
+(:mod:`.sparse_decode`) and both fused (:mod:`.select_decode`); C++ for CPUs (``csrc/``),
+Triton for GPUs (imported lazily), each beside a plain-torch ``*_ref`` oracle. "auto"
+implementation choice: :mod:`.dispatch`.
 
-Tensors in, tensors out: nothing here imports vLLM.
+Tensors in, tensors out: nothing here imports vLLM or ``prescore_backend``.
 """
 
 from .layouts import rowmajor_cpu_kv_views, vllm_cpu_kv_views, vllm_gpu_kv_views

@@ -34,31 +34,99 @@ torch path. The extension also holds the fused tile selection (:mod:`.cpu_select
 
 from __future__ import annotations
 
-import functools
-import logging
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .cpu_ext import extension as _ext
+from .dispatch import cpu_kernels_available as available
 from .layouts import amx_unpack_blocks
 
-__all__ = ["available", "cpu_select_decode", "cpu_select_decode_into", "cpu_sparse_decode",
-           "select_decode_into_op"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["SelectDecodeIntoArgs", "available", "cpu_select_decode", "cpu_select_decode_into",
+           "cpu_sparse_decode", "run_select_decode_into"]
 
 
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """Compile (once per machine, cached by torch) and report whether the kernel loads."""
-    try:
-        _ext()
-        return True
-    except Exception as e:  # no compiler, no headers: the torch path still works
-        logger.warning("prescore: fused CPU sparse decode unavailable (%s); using the torch path",
-                       e)
-        return False
+# The C++ ops' arguments, in their order (csrc/sparse_decode.h, csrc/select_decode.h): one
+# named tuple per op, so the unpack-and-retry below replaces fields by name.
+class _DecodeArgs(NamedTuple):
+    query: Tensor
+    key_cache: Tensor
+    value_cache: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    tiles: Tensor
+    tile_size: int
+    scale: float
+    amx: bool
+    out_dtype: Optional[torch.dtype]
+
+
+class _SelectDecodeArgs(NamedTuple):
+    query: Tensor
+    key_cache: Tensor
+    value_cache: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    tile_scores: Tensor
+    num_tiles: Tensor
+    budget: Tensor
+    sink_tiles: int
+    window_tiles: int
+    lsh_match: Optional[Tensor]
+    lsh_cap: int
+    tile_size: int
+    scale: float
+    amx: bool
+    out_dtype: Optional[torch.dtype]
+    lsh_proj: Optional[Tensor]
+    lsh_masks: Optional[Tensor]
+    lsh_caps: Optional[Tensor]
+
+
+class SelectDecodeIntoArgs(NamedTuple):
+    """The arguments of the per-layer op (``select_decode_into_cpu``), in its order."""
+
+    query: Tensor
+    key_cache: Tensor
+    value_cache: Tensor
+    block_tables: Tensor
+    seq_lens: Tensor
+    tile_scores: Tensor
+    num_tiles: Tensor
+    budget: Tensor
+    sink_tiles: int
+    window_tiles: int
+    lsh_match: Optional[Tensor]
+    lsh_cap: int
+    tile_size: int
+    scale: float
+    amx: bool
+    out: Tensor
+    rows: Optional[Tensor]
+    stats: Optional[Tensor]
+    lsh_proj: Optional[Tensor]
+    lsh_masks: Optional[Tensor]
+    lsh_caps: Optional[Tensor]
+
+
+def _unpacked(args: NamedTuple) -> NamedTuple:
+    """``args`` with the blocks their table references unpacked from the "amx" layout to the
+    plain one (a copy, numbered 0..R*MB-1 in table order; LSH bucket sets renumbered alike)."""
+    k, v, bt = amx_unpack_blocks(args.key_cache, args.value_cache, args.block_tables)
+    new = dict(key_cache=k, value_cache=v, block_tables=bt, amx=False)
+    if getattr(args, "lsh_masks", None) is not None:
+        new["lsh_masks"] = args.lsh_masks[args.block_tables.long().reshape(-1)]
+    return args._replace(**new)
+
+
+def _run(op: Callable, args: NamedTuple, declined: Callable[[object], bool]):
+    """``op(*args)``; where the packed "amx" loop declines the case (its shapes or strides),
+    the same call on the unpacked blocks, which the generic loop takes."""
+    res = op(*args)
+    if args.amx and declined(res):
+        res = op(*_unpacked(args))
+    return res
 
 
 def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -68,15 +136,9 @@ def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
     """Fused CPU path; same arguments as ``sparse_decode``; returns out ``[R, Hq, D]`` (fp32, or
     ``out_dtype``) and lse ``[R, Hq]`` fp32. ``kv_layout="amx"``: the caches are vLLM's packed
     "amx" regions."""
-    amx = kv_layout == "amx"
-    out, lse = _ext().sparse_decode_cpu(query, key_cache, value_cache, block_tables,
-                                        seq_lens, tiles, tile_size, scale, amx, out_dtype)
-    if out is None:  # a case the packed loop does not take: unpack for the generic one
-        key_cache, value_cache, block_tables = amx_unpack_blocks(key_cache, value_cache,
-                                                                 block_tables)
-        out, lse = _ext().sparse_decode_cpu(query, key_cache, value_cache, block_tables,
-                                            seq_lens, tiles, tile_size, scale, False,
-                                            out_dtype)
+    args = _DecodeArgs(query, key_cache, value_cache, block_tables, seq_lens, tiles, tile_size,
+                       scale, kv_layout == "amx", out_dtype)
+    out, lse = _run(_ext().sparse_decode_cpu, args, lambda res: res[0] is None)
     return out, lse  # [R, Hq, D], [R, Hq]
 
 
@@ -100,17 +162,18 @@ def cpu_select_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
     counts ``[4]`` int64 and the selection's seconds.
     """
     proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
-    args = [query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
-            budget, int(sink_tiles), int(window_tiles), lsh_match, int(lsh_cap), tile_size,
-            scale, kv_layout == "amx", out_dtype, proj, masks, caps]
-    res = _ext().select_decode_cpu(*args)  # (out, lse, tiles, num, counts, seconds)
-    if res[0] is None:  # a case the packed loop does not take: unpack for the generic one
-        args[1], args[2], args[3] = amx_unpack_blocks(key_cache, value_cache, block_tables)
-        args[14] = False
-        if masks is not None:  # the unpacked blocks are numbered 0..R*MB-1 in table order
-            args[17] = masks[block_tables.long().reshape(-1)]
-        res = _ext().select_decode_cpu(*args)
-    return res
+    args = _SelectDecodeArgs(query, key_cache, value_cache, block_tables, seq_lens, tile_scores,
+                             num_tiles, budget, int(sink_tiles), int(window_tiles), lsh_match,
+                             int(lsh_cap), tile_size, scale, kv_layout == "amx", out_dtype,
+                             proj, masks, caps)
+    # (out, lse, tiles, num, counts, seconds)
+    return tuple(_run(_ext().select_decode_cpu, args, lambda res: res[0] is None))
+
+
+def run_select_decode_into(args: SelectDecodeIntoArgs) -> float:
+    """The per-layer op on prepared arguments: the selection's seconds (the output rows and
+    the counters are written in place). The backend's hot path calls this directly."""
+    return _run(_ext().select_decode_into_cpu, args, lambda sec: sec < 0.0)
 
 
 def cpu_select_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor,
@@ -131,24 +194,7 @@ def cpu_select_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor
     :func:`cpu_select_decode` (block_tables, seq_lens, tile_scores, num_tiles, budget: R rows).
     """
     proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
-    args = [query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
-            budget, sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale,
-            kv_layout == "amx", out, rows, stats, proj, masks, caps]
-    sec = _ext().select_decode_into_cpu(*args)
-    if sec < 0.0:  # a case the packed loop does not take: unpack for the generic one
-        args[1], args[2], args[3] = amx_unpack_blocks(key_cache, value_cache, block_tables)
-        args[14] = False
-        if masks is not None:  # the unpacked blocks are numbered 0..R*MB-1 in table order
-            args[19] = masks[block_tables.long().reshape(-1)]
-        sec = _ext().select_decode_into_cpu(*args)
-    return sec
-
-
-def select_decode_into_op():
-    """The C++ op behind :func:`cpu_select_decode_into`, for callers on the per-layer path:
-    positional arguments in the order of that function's ``args`` list (kv_layout as a bool
-    "amx", lsh_in_place as three tensors or Nones); it returns -1.0 when the packed "amx" loop
-    declines, and then :func:`cpu_select_decode_into` must be called (it unpacks). Calling it
-    directly saves the wrapper's frame, ~15 us per call with the caches cold from the rest of
-    the layer (measured at 16k, batch 1)."""
-    return _ext().select_decode_into_cpu
+    return run_select_decode_into(SelectDecodeIntoArgs(
+        query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles, budget,
+        sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale, kv_layout == "amx",
+        out, rows, stats, proj, masks, caps))

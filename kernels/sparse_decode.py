@@ -20,9 +20,10 @@ front; see :mod:`.layouts`):
 A logical tile t of a row covers token positions [t*T, t*T + T); it lives in physical block
 ``block_tables[row, t*T // B]`` at in-block rows ``(t*T) % B ...``. T must divide B.
 
-Implementations behind :func:`sparse_decode`: ``"torch"`` (vectorized CPU path), ``"triton"``
-(GPU kernel in :mod:`.triton_sparse_decode`, also runs under ``TRITON_INTERPRET=1``), ``"ref"``
-(:func:`sparse_decode_ref`, loops, float64) and ``"auto"`` (triton on CUDA, torch otherwise).
+Implementations behind :func:`sparse_decode` (one table, ``_IMPLS``): ``"torch"`` (vectorized,
+any device), ``"cpp"`` (fused C++ CPU kernel, :mod:`.cpu_sparse_decode`), ``"triton"`` (GPU
+kernel in :mod:`.triton_sparse_decode`, also runs under ``TRITON_INTERPRET=1``), ``"ref"``
+(:func:`sparse_decode_ref`, loops, float64); ``"auto"`` is resolved by :mod:`.dispatch`.
 
 Extras: :func:`merge_attn_states` (log-sum-exp merge, HyperAttention 2310.05869), the
 HyperAttention residual (uniformly sampled unselected tiles, weight n_u/m) and
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .decode_inputs import check_decode_inputs
+from .dispatch import resolve
 from .layouts import KV_LAYOUTS, amx_unpack_blocks
 
 __all__ = [
@@ -313,18 +315,6 @@ def _core_for(impl: str, kv_layout: str) -> Callable[..., tuple[Tensor, Tensor]]
     return unpacked
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_impl() -> str:
-    from .cpu_sparse_decode import available
-
-    return "cpp" if available() else "torch"
-
-
-def _auto_impl(query: Tensor) -> str:
-    """triton on CUDA; on CPU the fused C++ kernel when it compiles, else the torch path."""
-    return "triton" if query.is_cuda else _cpu_impl()
-
-
 # ----------------------------------------------------------------------------- merging
 
 
@@ -419,7 +409,8 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
         tile_size: T, divides B.
         scale: softmax scale (usually D ** -0.5).
         impl: "torch", "cpp" (fused C++ CPU kernel, :mod:`.cpu_sparse_decode`), "triton",
-            "ref" or "auto" (triton for CUDA tensors, cpp on CPU when it compiles, else torch).
+            "ref" or "auto" (:mod:`.dispatch`: triton for CUDA tensors, cpp on CPU when it
+            compiles, else torch).
         residual_tiles: optional ``[R, Hkv, m]`` HyperAttention residual sample (disjoint from
             ``tiles``, -1 pad), with residual_weight ``[R, Hkv]`` = #unselected / #sampled: its
             part is computed by the same kernel, its lse shifted by log(weight) and merged.
@@ -432,10 +423,7 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
         denominator of scale * q.k over the selected union). A row with no valid selected token
         gets out 0 and lse -inf.
     """
-    if impl == "auto":
-        impl = _auto_impl(query)
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; valid: auto, {', '.join(sorted(_IMPLS))}")
+    impl, _ = resolve("sparse_decode", impl, query, _IMPLS)
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"unknown kv_layout {kv_layout!r}; valid: {', '.join(KV_LAYOUTS)}")
     core = _core_for(impl, kv_layout)

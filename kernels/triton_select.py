@@ -1,6 +1,6 @@
 """Triton tile selection (GPU; runs on CPU tensors under TRITON_INTERPRET=1).
 
-The torch version of :func:`prescore_backend.selection.select_tiles` is ~15-20 small ops (two
+The torch version of :func:`prescore_backend.kernels.select.select_tiles` is ~15-20 small ops (two
 top-k's, a sort, scatters); replayed from a CUDA graph on an H100 it costs 0.09-0.17 ms per
 layer, 3-10x the sparse decode it feeds (``bench/bench_triton_decode.py``). Here one program per
 (row, KV head) holds the row's M tile keys in registers and does the whole selection:
@@ -15,7 +15,7 @@ layer, 3-10x the sparse decode it feeds (``bench/bench_triton_decode.py``). Here
   the lower index;
 * the kept indices are compacted in ascending order with a prefix sum and stored, -1 padded.
 
-The rules are exactly ``prescore_backend.selection.select_tiles_ref``'s (ties to the lower
+The rules are exactly ``prescore_backend.kernels.select.select_tiles_ref``'s (ties to the lower
 index), which is the oracle the tests compare against tile for tile. Shapes are fixed by the
 caller's ``num_slots`` and nothing syncs with the host, so a CUDA graph can capture it.
 
@@ -134,7 +134,7 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
         num_slots: output slots S (the step's largest budget, known on the host); rows whose
             budget exceeds it keep their S highest-priority tiles. Clamped to M.
         sink_tiles, window_tiles, lsh_match ``[R, Hkv, M]`` bool or None, lsh_cap: as
-            ``prescore_backend.selection.select_tiles``.
+            ``prescore_backend.kernels.select.select_tiles``.
 
     Returns:
         tiles ``[R, Hkv, S]`` int32 ascending, -1 padded at the end; num_selected ``[R, Hkv]``

@@ -102,7 +102,7 @@ class PrescoreConfig:
     seed: int = field(default=0, metadata=_doc("Seed of the scorers, LSH projections and sampling."))
     def __post_init__(self) -> None:
         from prescore_backend.scoring import available_scorers
-        from prescore_backend.selection import AGGREGATORS
+        from prescore_backend.scoring.tiles import AGGREGATORS
 
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"invalid prescore setting {name}={getattr(self, name)!r} "

@@ -2,7 +2,8 @@
 
 Exact prefill (causal SDPA) and one-token decode steps whose attention is delegated to a
 callback, so the evaluation can run it through prescore's own decode path
-(:mod:`prescore_backend.decode` + :func:`prescore_backend.kernels.sparse_decode.sparse_decode`
+(:mod:`prescore_backend.side_data`, :mod:`prescore_backend.selection` and
+:func:`prescore_backend.kernels.sparse_decode.sparse_decode`
 on a paged cache in vLLM's CPU layout). Llama architecture as in transformers'
 ``LlamaForCausalLM``: RMSNorm, rotary embedding (``rope_theta`` of the config, default
 rope type only), grouped-query attention, SiLU-gated MLP, tied embeddings when the config

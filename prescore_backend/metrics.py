@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from prescore_backend.selection import SOURCES
+from prescore_backend.kernels.select import SOURCES
 
 # Counter slots accumulated in a tensor during a step (see PrescoreStats): first those a layer
 # adds from the step's plan, then those the sparse decode call adds (tokens read, tiles chosen
@@ -23,7 +23,7 @@ CONTEXT, SPARSE_ROWS, DENSE_ROWS, SIDE = 0, 1, 2, 3
 READ = 4
 SRC0 = 5  # then one slot per selection source, in SOURCES order
 NUM_SLOTS = SRC0 + len(SOURCES)
-# selection.SOURCES calls the query-aware slot "lsh"; in the backend it also holds Quest picks.
+# kernels.select.SOURCES calls the query-aware slot "lsh"; in the backend it also holds Quest picks.
 _SOURCE_LABELS = tuple("query" if s == "lsh" else s for s in SOURCES)
 
 

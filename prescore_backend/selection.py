@@ -1,581 +1,363 @@
-"""Tile aggregation and per-(row, KV head) tile selection for sparse decode.
+"""Select: the budget of each sparse decode row and the query-aware part of its selection.
 
-Keys are grouped in tiles of T tokens (T divides the KV block size). Per-key pre-scores
-(arXiv 2505.11040) become per-tile scores (:func:`aggregate_tiles`); at each decode step
-:func:`select_tiles` picks, per row and KV head, sink tiles + the recent window + up to
-``lsh_cap`` HyperAttention LSH matches (2310.05869) + the best pre-scored tiles up to a budget.
-:func:`residual_sample` draws HyperAttention's uniform residual among the unselected tiles.
+Per decode step, for the rows a backend decodes sparsely:
 
-GQA: everything is per KV head; the query heads of a group share their KV head's selection.
-No Python loop over rows or heads: a fused C++ selection on CPU, vectorized torch ops
-elsewhere.
+* budgets - :func:`config_budget` (``keep_ratio`` or ``max_tokens``, the selection's own reads
+  :func:`side_read_fraction` taken out), :func:`floor_budget`, :func:`query_caps`;
+* the query-aware pick - :func:`query_aware_pick` ranks the tiles by an estimate of their
+  largest q.k (Quest bounds, SparQ channels, PQ codes, the 4-bit key copy; LSH matches) and
+  marks up to each row's cap; :func:`scores_and_pick` adds the rows' pre-scores;
+* :func:`select_decode_tiles` - both, then :func:`~prescore_backend.kernels.select.select_tiles`
+  (sinks + window + picks + best pre-scores up to the budget) and the optional HyperAttention
+  residual. On CPU the backend runs the last two steps fused with the attention
+  (:func:`~prescore_backend.kernels.select_decode.select_and_decode_into`).
+
+The backends and the quality evaluation call the same functions. Nothing here imports vLLM.
+
+Shapes: ``Rs`` sparse decode rows, ``Hq``/``Hkv`` query/KV heads, ``D`` head dim, ``B`` KV block
+size, ``T`` tile size, ``M`` logical tiles per row (max blocks x B / T), ``W`` LSH mask words.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from prescore_backend.kernels.cpu_select import cpu_select_tiles
-from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernels_available
-from prescore_backend.kernels.cpu_sparse_decode import (
-    cpu_select_decode,
-    cpu_select_decode_into,
-    select_decode_into_op,
-)
-from prescore_backend.kernels.sparse_decode import sparse_decode
+from prescore_backend.config import PrescoreConfig
+from prescore_backend.keycopy import scale_bytes_per_token, sparq4_tile_rank
+from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick, cpu_sparq4_pick,
+                                                 cpu_sparq_pick)
+from prescore_backend.kernels.dispatch import resolve
+from prescore_backend.kernels.layouts import amx_unpack_k
+from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
+from prescore_backend.kernels.select import Selection, residual_sample, select_tiles
+from prescore_backend.pq import pq_tile_rank
+from prescore_backend.side_data import SideData
 
 __all__ = [
-    "AGGREGATORS",
-    "SOURCES",
-    "Selection",
-    "aggregate_tiles",
-    "register_aggregator",
-    "residual_sample",
-    "select_and_decode",
-    "select_and_decode_into",
-    "select_tiles",
-    "tokens_read",
-    "select_tiles_ref",
+    "config_budget",
+    "floor_budget",
+    "gather_tile_scores",
+    "query_aware_pick",
+    "query_caps",
+    "ratio_tiles",
+    "scores_and_pick",
+    "select_decode_tiles",
+    "side_read_fraction",
+    "sparq_channels",
+    "sparq_tile_rank",
 ]
 
-# ----------------------------------------------------------------------------- aggregation
 
-AGGREGATORS: dict[str, Callable[..., Tensor]] = {}
-
-
-def register_aggregator(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn(tiled [..., ntiles, T], valid [..., ntiles, T], **kw) -> [..., ntiles]``."""
-
-    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        AGGREGATORS[name] = fn
-        return fn
-
-    return deco
+# ----------------------------------------------------------------------------- budgets
 
 
-@register_aggregator("max")
-def _agg_max(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
-    return tiled.masked_fill(~valid, float("-inf")).amax(-1)
+def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
+                       block_size: int = 128) -> float:
+    """Bytes of side data one decode step reads, per KV byte of the context, under ``cfg``.
+
+    Every tile's side data is read each step: the pre-scores (4 bytes per tile and KV head,
+    unless the query-aware part takes the whole budget), Quest's key bounds (2 x D per tile in
+    the cache dtype: 1 / tile_size of the KV), the LSH bucket sets (8 bytes per mask word and
+    tile), SparQ's key channels (query_channels of the 2 x D values per token), the 4-bit key copy
+    (query_channels / 2 bytes per token, and each block's min and step of those channels).
+    ``kv_bytes``: bytes per cached element; ``block_size``: tokens per KV block."""
+    tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
+    f = 0.0
+    if cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none":
+        f += 4 / tile_kv
+    if cfg.uses_bounds:
+        f += 1 / cfg.tile_size
+    if cfg.uses_lsh:
+        f += 8 * num_words(cfg.lsh_bits) / tile_kv
+    if cfg.uses_keys:
+        f += cfg.query_channels / (2 * head_dim)
+    if cfg.uses_codes:
+        f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
+    if cfg.uses_key_copy:  # 4-bit codes of query_channels channels, their blocks' scales
+        per_token = cfg.query_channels / 2 + scale_bytes_per_token(cfg.query_channels, block_size)
+        f += per_token / (2 * head_dim * kv_bytes)
+    return f
 
 
-@register_aggregator("sum")
-def _agg_sum(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
-    return tiled.masked_fill(~valid, 0.0).sum(-1)
+def ratio_tiles(num_tiles: Tensor, ratio: float, side_fraction: float = 0.0) -> Tensor:
+    """Tiles per (row, KV head) that read ``ratio`` of the KV bytes when the selection itself
+    reads ``side_fraction`` (:func:`side_read_fraction`): ``[R]`` -> ``[R]`` int64,
+    ceil(num_tiles * (ratio - side_fraction)); a ratio of 1 or more reads everything."""
+    if ratio >= 1.0:
+        return num_tiles.clone()
+    return torch.ceil(num_tiles.double() * max(ratio - side_fraction, 0.0)).long()
 
 
-@register_aggregator("mean")
-def _agg_mean(tiled: Tensor, valid: Tensor, **_: object) -> Tensor:
-    # Empty tiles (beyond valid_len) get -inf: they must never be preferred.
-    cnt = valid.sum(-1)
-    mean = tiled.masked_fill(~valid, 0.0).sum(-1) / cnt.clamp_min(1)
-    return mean.masked_fill(cnt == 0, float("-inf"))
+def config_budget(cfg: PrescoreConfig, num_tiles: Tensor, side_fraction: float = 0.0) -> Tensor:
+    """Tiles per (row, KV head) from the global budget settings: ``[R]`` -> ``[R]`` int64.
 
-
-@register_aggregator("topk_count")
-def _agg_topk_count(tiled: Tensor, valid: Tensor, *, k: int | None = None, **_: object) -> Tensor:
-    """Number of the tile's keys that are in the global top-k keys of their head."""
-    if k is None:
-        raise ValueError("how='topk_count' needs k")
-    flat = tiled.masked_fill(~valid, float("-inf")).flatten(-2)  # [..., ntiles*T]
-    k = max(0, min(int(k), int(valid.sum(dim=(-2, -1)).min())))
-    hit = torch.zeros_like(flat, dtype=torch.bool)
-    if k:
-        hit.scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    return hit.view_as(tiled).sum(-1).float()
-
-
-def aggregate_tiles(key_scores: Tensor, tile_size: int, how: str = "max",
-                    valid_len: int | None = None, k: int | None = None) -> Tensor:
-    """Per-key scores -> per-tile scores.
-
-    key_scores ``[..., n]`` (e.g. ``[Hkv, n]``) -> ``[..., ceil(n / T)]`` float32. The partial last
-    tile aggregates only its real keys; keys at positions >= ``valid_len`` are ignored (a tile
-    with no valid key scores -inf for max/mean, 0 for sum/topk_count). ``how``: one of
-    :data:`AGGREGATORS` ("max", "sum", "mean", "topk_count" with ``k`` = the global top-k size).
+    ``max_tokens`` (rounded up to tiles) if set, else :func:`ratio_tiles` of keep_ratio with
+    the selection's own reads (``side_fraction``) taken out of it.
     """
-    try:
-        fn = AGGREGATORS[how]
-    except KeyError:
-        raise ValueError(f"unknown aggregation {how!r}; valid: {sorted(AGGREGATORS)}") from None
-    n = key_scores.shape[-1]
-    nt = -(-n // tile_size)
-    pad = nt * tile_size - n
-    x = torch.nn.functional.pad(key_scores.float(), (0, pad))  # [..., nt*T]
-    limit = n if valid_len is None else min(n, int(valid_len))
-    valid = torch.arange(nt * tile_size, device=x.device) < limit  # [nt*T]
-    tiled = x.view(*x.shape[:-1], nt, tile_size)  # [..., nt, T]
-    valid = valid.view(nt, tile_size).expand_as(tiled)
-    return fn(tiled, valid, k=k)
+    if cfg.max_tokens > 0:
+        return torch.full_like(num_tiles, -(-cfg.max_tokens // cfg.tile_size))
+    return ratio_tiles(num_tiles, cfg.keep_ratio, side_fraction)
+
+
+def floor_budget(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
+    """A budget never below sinks + window (those are always read): ``[R]`` -> ``[R]``."""
+    return torch.maximum(budget, torch.full_like(budget, cfg.sink_tiles + cfg.window_tiles))
+
+
+def query_caps(cfg: PrescoreConfig, budget: Tensor) -> Tensor:
+    """Query-aware tiles per (row, KV head) at most, ``[R]``: floor(query_cap_ratio * budget),
+    and never more than the budget left after sinks and window (picks beyond it could not be
+    kept, and the selection would then choose among them by pre-score, not by their rank).
+
+    Per row, so a request's split between query-aware and pre-scored tiles does not depend on
+    the budgets of the other rows of its batch.
+    """
+    cap = (budget.double() * cfg.query_cap_ratio).floor().long()
+    return torch.minimum(cap, (budget - cfg.sink_tiles - cfg.window_tiles).clamp_min(0))
 
 
 # ----------------------------------------------------------------------------- selection
 
-#: Order of :attr:`Selection.source_counts`.
-SOURCES = ("sink", "window", "lsh", "prescore")
+
+def sparq_channels(q: Tensor, num_kv_heads: int, channels: int) -> Tensor:
+    """The key channels SparQ reads for each (row, KV head): ``[Rs, Hkv, channels]`` int64.
+
+    q ``[Rs, Hq, D]``. The channels of largest |q| summed over the GQA group's heads, chosen
+    in adjacent pairs (2p, 2p+1) by |q_2p| + |q_2p+1|: vLLM's packed "amx" K layout stores a
+    pair of channels of 16 tokens in one cache line, so pairs cost the same bytes as single
+    channels there (SparQ, arXiv 2312.04985, takes the top-r single channels per head; one set
+    per KV head serves the whole group, as its keys are shared)."""
+    rs, hq, d = q.shape
+    mag = q.float().abs().view(rs, num_kv_heads, hq // num_kv_heads, d // 2, 2).sum((2, 4))
+    top = mag.topk(min(channels, d) // 2, dim=-1).indices.sort(-1).values  # [Rs, Hkv, P]
+    return torch.stack([2 * top, 2 * top + 1], -1).flatten(-2)
 
 
-class Selection:
-    """Tiles chosen for each (row, KV head).
+def sparq_tile_rank(q: Tensor, key_cache: Tensor, bt: Tensor, channels: int, tile_size: int,
+                    *, kv_layout: str = "strided") -> Tensor:
+    """Estimated max of q.k per tile: ``[Rs, Hkv, M]`` fp32, M = MB * B / T (plain torch).
 
-    tiles: ``[R, Hkv, S]`` int32 logical tile indices, ascending, padded with -1 at the end;
-        S = max over rows of min(budget, num_tiles) (0 if every budget is 0); for the "static"
-        and "triton" selections S = min(num_slots, M).
-    num_selected: ``[R, Hkv]`` int32 valid entries per (row, head).
-    source_counts: ``[4]`` int64 tiles selected per source, in :data:`SOURCES` order
-        (sink, window, lsh, prescore), summed over rows and heads. A tile that is both sink
-        and window counts as sink, an LSH match that is also a sink or window tile counts as
-        sink or window. Computed on first access (it costs ~10 small ops per step, which
-        matters on the decode path when nobody reads it).
-    """
-
-    __slots__ = ("tiles", "num_selected", "_counts", "_counts_fn")
-
-    def __init__(self, tiles: Tensor, num_selected: Tensor, source_counts: Tensor | None = None,
-                 counts_fn: Callable[[], Tensor] | None = None) -> None:
-        self.tiles = tiles
-        self.num_selected = num_selected
-        self._counts = source_counts
-        self._counts_fn = counts_fn
-
-    @property
-    def source_counts(self) -> Tensor:
-        if self._counts is None:
-            self._counts = self._counts_fn()
-        return self._counts
-
-    def __repr__(self) -> str:
-        return f"Selection(tiles={self.tiles!r}, num_selected={self.num_selected!r})"
-
-
-# Priority classes (higher wins); within a class the secondary key orders tiles.
-_INVALID, _PRESCORE, _LSH, _FORCED = 0, 1, 2, 3
-
-
-def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
-                 window_tiles: int, lsh_match: Tensor | None = None,
-                 lsh_cap: int = 0, impl: str = "auto", num_slots: int | None = None) -> Selection:
-    """Pick the tiles to attend per (row, KV head), without Python loops over rows or heads.
-
-    Args:
-        tile_scores: ``[R, Hkv, M]`` float pre-scores of each row's logical tiles; entries at
-            index >= num_tiles[r] are ignored whatever their value (NaN counts as -inf).
-        num_tiles: ``[R]`` valid tiles per row, including the partial last one.
-        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included,
-            or ``[R, Hkv]`` one budget per (row, KV head) (the "torch" path only; "auto"
-            takes it there). Rows with budget >= num_tiles take every tile (exact attention).
-        sink_tiles: the first tiles, always kept (StreamingLLM sinks).
-        window_tiles: the last tiles (incl. the partial last one), always kept.
-        lsh_match: optional ``[R, Hkv, M]`` bool, tiles whose bucket set holds the query's bucket.
-        lsh_cap: at most this many LSH matches get LSH priority, the highest-scored ones;
-            the others compete on score with the rest.
-
-        impl: "cpp" (fused C++, :mod:`prescore_backend.kernels.cpu_select`; CPU tensors),
-            "torch" (vectorized torch ops, any device), "static" (:func:`select_tiles_static`:
-            no host sync, for CUDA graphs; any device), "triton" (one kernel launch,
-            :mod:`prescore_backend.kernels.triton_select`; no host sync) or "auto" (cpp on CPU
-            when it compiles, triton on CUDA, else torch).
-        num_slots: for "static" and "triton", the output's slot count (the step's largest
-            budget); None = the largest min(budget, num_tiles), read from the device (one sync).
-
-    Priority: sinks and window, then LSH matches (up to the cap), then the highest pre-scores,
-    until the budget. The budget is a hard cap: if it is smaller than sinks + window, the most
-    recent window tiles are kept first, then the sinks from the first one on. The cpp path
-    follows :func:`select_tiles_ref` exactly (ties to the lower index); the torch fast path may
-    break exact pre-score ties differently.
-
-    Returns:
-        :class:`Selection`.
-    """
-    per_head = budget.dim() == 2
-    if impl == "auto":
-        impl = ("torch" if per_head else "triton" if tile_scores.is_cuda
-                else "cpp" if cpu_kernels_available() else "torch")
-    if per_head and impl != "torch":
-        raise ValueError(f"per-head budgets [R, Hkv] need impl='torch', got {impl!r}")
-    if impl == "cpp":
-        tiles, num, counts = cpu_select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
-                                              window_tiles=window_tiles, lsh_match=lsh_match,
-                                              lsh_cap=lsh_cap)
-        return Selection(tiles, num, source_counts=counts)
-    if impl in ("static", "triton"):
-        if num_slots is None:
-            n_ = num_tiles.long().clamp(0, tile_scores.shape[2])
-            num_slots = int(torch.minimum(budget.long().clamp_min(0), n_).max()) if len(n_) else 0
-        kw = dict(num_slots=num_slots, sink_tiles=sink_tiles, window_tiles=window_tiles,
-                  lsh_match=lsh_match, lsh_cap=lsh_cap)
-        if impl == "static":
-            return select_tiles_static(tile_scores, num_tiles, budget, **kw)
-        from prescore_backend.kernels.triton_select import triton_select_tiles  # lazy: triton
-
-        tiles, num, per_head = triton_select_tiles(tile_scores, num_tiles, budget, **kw)
-        return Selection(tiles, num, counts_fn=lambda: per_head.sum((0, 1)).to(torch.int64))
-    if impl != "torch":
-        raise ValueError(f"unknown impl {impl!r}; valid: auto, cpp, static, torch, triton")
-    R, H, M = tile_scores.shape
-    dev = tile_scores.device
-    n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
-    b = budget.to(dev).long()
-    keep = torch.minimum(b.view(R, H if per_head else 1, 1).clamp_min(0), n)  # [R, 1|H, 1]
-    S = int(keep.max()) if R > 0 and M > 0 else 0
-    idx = torch.arange(M, device=dev)  # [M]
-    all_valid = R > 0 and int(n.min()) == M  # common: every row has M tiles
-    valid = None if all_valid else idx < n  # [R, 1, M]
-    window = idx >= n - window_tiles  # [R, 1, M]
-    forced = (idx < sink_tiles) | window  # [R, 1, M]
-    if valid is not None:
-        forced &= valid
-    use_lsh = lsh_match is not None and lsh_cap > 0
-    scores = tile_scores.float()
-
-    # Fast path (the common case): every forced tile and every capped LSH match fits in each
-    # row's budget (or the row is dense), so their order among themselves cannot matter and a
-    # single float top-k decides. Exact ties between pre-scores may break differently from
-    # the oracle's "lower index first". Op count matters here (~5 us per torch op).
-    room = sink_tiles + window_tiles + (lsh_cap if use_lsh else 0)
-    if bool(((keep >= room) | (keep >= n)).all()):
-        big = torch.finfo(torch.float32).max / 2
-        key = torch.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)  # [R, H, M], finite
-        taken = None
-        if use_lsh:
-            elig = lsh_match.to(dev).bool() & ~forced  # [R, H, M]
-            if valid is not None:
-                elig &= valid
-            k = min(lsh_cap, M)
-            cand = key.masked_fill(~elig, float("-inf")).topk(k, dim=-1).indices  # [R, H, k]
-            taken = torch.zeros_like(elig).scatter_(-1, cand, elig.gather(-1, cand))
-            key.masked_fill_(taken, torch.finfo(torch.float32).max)
-        key.masked_fill_(forced, float("inf"))
-        if valid is not None:
-            key.masked_fill_(~valid, float("-inf"))
-        if bool((keep == S).all()):  # no padding: any order, then ascending via a mask
-            top = key.topk(S, dim=-1, sorted=False).indices  # [R, H, S]
-            hit = torch.zeros(R, H, M, dtype=torch.bool, device=dev).scatter_(-1, top, True)
-            tiles = hit.nonzero()[:, 2].view(R, H, S)  # row-major nonzero: ascending per row
-            return _finish(tiles, keep, n, sink_tiles, window_tiles, taken, M, ascending=True)
-        top = key.topk(S, dim=-1).indices  # [R, H, S], best first
-        return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
-
-    if valid is None:
-        valid = idx < n
-    # General path: exact integer priority keys (class, then a secondary order), no ties.
-    # Rank of every tile by score within its (row, head), 0 = best; stable for ties.
-    scores = torch.nan_to_num(scores, nan=float("-inf")).masked_fill(~valid, float("-inf"))
-    order = scores.argsort(dim=-1, descending=True, stable=True)  # [R, H, M]
-    rank = torch.empty_like(order).scatter_(-1, order, idx.expand(R, H, M))  # [R, H, M]
-    cls = torch.where(forced, _FORCED, _PRESCORE).expand(R, H, M)  # [R, H, M]
-    cls = cls.masked_fill(~valid, _INVALID)
-    taken = None
-    if use_lsh:
-        elig = lsh_match.to(dev).bool() & valid & ~forced  # [R, H, M]
-        elig_sorted = elig.gather(-1, order)  # in descending score order
-        take_sorted = elig_sorted & (elig_sorted.cumsum(-1) <= lsh_cap)
-        taken = torch.zeros_like(elig).scatter_(-1, order, take_sorted)
-        cls = torch.where(taken, _LSH, cls)
-    # Secondary key in [0, 2M]: window tiles by recency, then sinks by position; others by rank.
-    forced_key = torch.where(window, M + 1 + idx, M - idx).expand(R, H, M)
-    sec = torch.where(cls == _FORCED, forced_key, M - rank)
-    key = cls * (2 * M + 2) + sec  # [R, H, M] int64, exact (no float ties/overflow)
-    top = key.topk(S, dim=-1).indices  # [R, H, S]
-    return _finish(top, keep, n, sink_tiles, window_tiles, taken, M)
-
-
-def select_tiles_static(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *,
-                        num_slots: int, sink_tiles: int, window_tiles: int,
-                        lsh_match: Tensor | None = None, lsh_cap: int = 0) -> Selection:
-    """:func:`select_tiles` without host synchronization, for CUDA graphs (any device).
-
-    The same rules and the same result as :func:`select_tiles_ref`, ties included (lower index
-    first), computed as one exact int64 priority key per tile and one top-k:
-    ``class << 56 | secondary << 24 | (2^24 - 1 - index)``, class 3 for sinks and window (the
-    secondary orders the window by recency, then the sinks from the first), 2 for the LSH
-    matches that got LSH priority (chosen by the same key among the eligible tiles, at most
-    ``lsh_cap``), 1 for the other valid tiles (secondary: the pre-score's order-preserving
-    32-bit integer; NaN counts as -inf), 0 for padding. No shape depends on the data: the caller
-    gives ``num_slots`` (the largest budget of the step, known on the host where the budget is
-    planned); the output has min(num_slots, M) slots.
-
-    Args: as :func:`select_tiles`; ``M`` (tile_scores.shape[2]) must be below 2^24.
-
-    Returns:
-        :class:`Selection` with tiles ``[R, Hkv, min(num_slots, M)]`` ascending, -1 padded at
-        the end (a row whose budget exceeds ``num_slots`` is cut to its first ``num_slots``
-        tiles by priority), num_selected ``[R, Hkv]``.
-    """
-    R, H, M = tile_scores.shape
-    if M >= 1 << 24:
-        raise ValueError(f"select_tiles_static supports fewer than 2^24 tiles, got {M}")
-    dev = tile_scores.device
-    S = max(0, min(int(num_slots), M))
-    idx = torch.arange(M, device=dev)  # [M]
-    n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
-    keep = torch.minimum(budget.to(dev).long().view(R, 1, 1).clamp_min(0), n).clamp_max(S)
-    valid = idx < n  # [R, 1, M]
-    window = valid & (idx >= n - window_tiles)
-    forced = window | (valid & (idx < sink_tiles))
-    # Order-preserving int of the float score, shifted to [0, 2^32).
-    sc = torch.nan_to_num(tile_scores.float(), nan=float("-inf")) + 0.0  # -0.0 -> +0.0 (they tie)
-    bits = sc.view(torch.int32)
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long() + (1 << 31)  # [R, H, M]
-    low = (1 << 24) - 1 - idx  # lower index wins ties
-    score_key = (ordered << 24) | low  # [R, H, M], < 2^56
-    forced_sec = torch.where(window, M + 1 + idx, M - idx)  # recency, then sinks from the first
-    key = torch.where(forced, (3 << 56) | (forced_sec << 24) | low, (1 << 56) | score_key)
-    key = torch.where(valid, key, 0)
-    taken = None
-    if lsh_match is not None and lsh_cap > 0 and M > 0:
-        elig = lsh_match.to(dev).bool() & valid & ~forced  # [R, H, M]
-        k = min(lsh_cap, M)
-        cand = torch.where(elig, score_key, -1).topk(k, dim=-1).indices  # [R, H, k]
-        taken = torch.zeros_like(elig).scatter_(-1, cand, elig.gather(-1, cand))
-        key = torch.where(taken, (2 << 56) | score_key, key)
-    top = key.topk(S, dim=-1).indices  # [R, H, S], best first
-    in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]
-    tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
-    chosen = tiles < M
-    tiles = torch.where(chosen, tiles, -1).to(torch.int32)
-    num = keep.view(R, 1).expand(R, H).to(torch.int32)
-    return Selection(tiles, num.contiguous(), counts_fn=_counts_fn(tiles, chosen, n, sink_tiles,
-                                                                   window_tiles, taken, M))
-
-
-def select_and_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                      block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
-                      num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
-                      sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
-                      lsh_cap: int = 0, lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
-                      kv_layout: str = "strided", impl: str = "auto",
-                      ) -> tuple[Tensor, Tensor, Selection, float]:
-    """:func:`select_tiles` then :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`
-    over the chosen tiles: one decode step of one layer.
-
-    Args:
-        query ``[R, Hq, D]``, key_cache/value_cache, block_tables ``[R, MB]``, seq_lens ``[R]``,
-        tile_size, scale, kv_layout: as :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`.
-        tile_scores ``[R, Hkv, M]``, num_tiles ``[R]``, budget ``[R]``, sink_tiles,
-        window_tiles, lsh_match ``[R, Hkv, M]`` bool or None, lsh_cap: as :func:`select_tiles`.
-        lsh_in_place: (proj ``[D, r]``, tile bucket sets ``[NB, Hkv, B / T, W]`` int64, caps
-            ``[R]`` int64) instead of lsh_match: HyperAttention's candidates found inside the
-            C++ call (see :func:`~prescore_backend.kernels.cpu_sparse_decode.cpu_select_decode`;
-            the same tiles as :func:`prescore_backend.decode.query_aware_pick` with
-            ``query_aware="lsh"`` then :func:`select_tiles`). impl "cpp" only.
-        impl: "cpp" runs both in one C++ call (CPU tensors); "torch", "triton", "ref" select
-            with the torch code and decode with that impl; "auto": cpp on CPU when it compiles,
-            else triton on CUDA / torch.
-
-    On CPU the fused call matters at small batch: the Python wrappers of two separate calls,
-    run with cold caches after the rest of a layer's work, cost as much as the kernel's reads
-    (16k context, batch 1, keep 1/8: ~0.1 ms of ~0.45 ms, ``bench/bench_sparse_decode.py``).
-
-    Returns:
-        out ``[R, Hq, D]`` in query dtype, lse ``[R, Hq]`` fp32, the :class:`Selection`, and the
-        seconds spent selecting (for the selection-time metric).
-    """
-    if impl == "auto":
-        impl = "cpp" if not query.is_cuda and cpu_kernels_available() else "auto"
-    if impl == "cpp":
-        out, lse, tiles, num, counts, sec = cpu_select_decode(
-            query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
-            budget, tile_size=tile_size, scale=scale, sink_tiles=sink_tiles,
-            window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,
-            lsh_in_place=lsh_in_place, kv_layout=kv_layout, out_dtype=query.dtype)
-        return out, lse, Selection(tiles, num, source_counts=counts), sec
-    if lsh_in_place is not None:
-        raise ValueError(f"lsh_in_place needs impl='cpp' (the fused CPU kernel), got {impl!r}; "
-                         "pass lsh_match instead")
-    t0 = time.perf_counter()
-    sel = select_tiles(tile_scores, num_tiles, budget, sink_tiles=sink_tiles,
-                       window_tiles=window_tiles, lsh_match=lsh_match, lsh_cap=lsh_cap,
-                       impl="torch")
-    sec = time.perf_counter() - t0
-    out, lse = sparse_decode(query, key_cache, value_cache, block_tables, seq_lens, sel.tiles,
-                             tile_size, scale, impl=impl, kv_layout=kv_layout)
-    return out, lse, sel, sec
-
-
-def select_and_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                           block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
-                           num_tiles: Tensor, budget: Tensor, out: Tensor, *,
-                           rows: Tensor | None = None, stats: Tensor | None = None,
-                           tile_size: int, scale: float, sink_tiles: int, window_tiles: int,
-                           lsh_match: Tensor | None = None, lsh_cap: int = 0,
-                           lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
-                           kv_layout: str = "strided", impl: str = "auto") -> float:
-    """:func:`select_and_decode` as the backend's per-layer call: the output written in place,
-    the counters added in place, only the selection's seconds returned.
-
-    Args:
-        query ``[N, Hq, D]``, out ``[N', Hq, D]``: row r of the step reads ``query[rows[r]]``
-            and writes ``out[rows[r]]`` in out's dtype (rows ``[R]`` int64, e.g. the decode
-            tokens among the step's tokens; None: row r).
-        stats: ``[>= 5]`` int64 or None; adds the tokens read (each chosen tile's tokens below
-            seq_len, summed over rows and KV heads) to ``stats[0]`` and the tiles chosen per
-            source (:data:`SOURCES` order) to ``stats[1:5]``.
-        The rest as :func:`select_and_decode` (block_tables, seq_lens, tile_scores, num_tiles,
-        budget have R rows).
-
-    With ``impl="cpp"`` (the default on CPU) no tensor is allocated and no Python object but a
-    float comes back: at batch 1 each costs microseconds with the caches cold from the rest of
-    the layer (~0.1 ms per call at 16k against :func:`select_and_decode` plus the caller's copy
-    and counter ops, ``bench/bench_sparse_decode.py``). Other impls run
-    :func:`select_and_decode` and do the same writes with torch ops.
-    """
-    if impl == "cpp" or (impl == "auto" and not query.is_cuda and cpu_kernels_available()):
-        # the op itself, positionally (cpu_select_decode_into's frame costs ~15 us cold); that
-        # wrapper only when the packed loop declines (-1: it unpacks and calls again)
-        proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
-        sec = select_decode_into_op()(
-            query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
-            budget, sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale,
-            kv_layout == "amx", out, rows, stats, proj, masks, caps)
-        if sec >= 0.0:
-            return sec
-        return cpu_select_decode_into(
-            query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles,
-            budget, out, rows=rows, stats=stats, tile_size=tile_size, scale=scale,
-            sink_tiles=sink_tiles, window_tiles=window_tiles, lsh_match=lsh_match,
-            lsh_cap=lsh_cap, lsh_in_place=lsh_in_place, kv_layout=kv_layout)
-    q = query if rows is None else query[rows]  # [R, Hq, D]
-    o, _, sel, sec = select_and_decode(
-        q, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles, budget,
-        tile_size=tile_size, scale=scale, sink_tiles=sink_tiles, window_tiles=window_tiles,
-        lsh_match=lsh_match, lsh_cap=lsh_cap, lsh_in_place=lsh_in_place, kv_layout=kv_layout,
-        impl=impl)
-    if rows is None:
-        out[: o.shape[0]] = o.to(out.dtype)
+    q ``[Rs, Hq, D]``; key_cache ``[NB, Hkv, B, D]`` (a strided view, or vLLM's packed "amx" K
+    region with ``kv_layout="amx"``); bt ``[Rs, MB]`` int64. Per (row, KV head), the exact
+    partial products of q and each key on :func:`sparq_channels`, max over the group's heads
+    and the tile's tokens. Tokens past a row's length hold stale keys: callers rank only
+    full tiles outside the window."""
+    rs, hq, d = q.shape
+    hkv, bs = key_cache.shape[1], key_cache.shape[2]
+    ch = sparq_channels(q, hkv, channels)  # [Rs, Hkv, r]
+    qg = q.float().view(rs, hkv, hq // hkv, d)
+    qs = torch.gather(qg, 3, ch.unsqueeze(2).expand(-1, -1, hq // hkv, -1))  # [Rs, Hkv, G, r]
+    if kv_layout == "amx":
+        keys = amx_unpack_k(key_cache[bt.reshape(-1)]).view(rs, -1, hkv, bs, d)
+        blk = torch.arange(bt.shape[1], device=q.device).view(1, -1, 1, 1, 1)
+        rix = torch.arange(rs, device=q.device).view(-1, 1, 1, 1, 1)
     else:
-        out.index_copy_(0, rows, o.to(out.dtype))
-    if stats is not None:
-        stats[0] += tokens_read(sel.tiles, seq_lens, tile_size).sum().to(stats.device)
-        stats[1:5] += sel.source_counts.to(stats.device)
-    return sec
+        keys, blk, rix = key_cache, bt.view(rs, -1, 1, 1, 1), None
+    h = torch.arange(hkv, device=q.device).view(1, 1, -1, 1, 1)
+    t = torch.arange(bs, device=q.device).view(1, 1, 1, -1, 1)
+    c = ch.view(rs, 1, hkv, 1, -1)
+    idx = (blk, h, t, c) if rix is None else (rix, blk, h, t, c)
+    ks = keys[idx].float()  # [Rs, MB, Hkv, B, r]: only the chosen channels are read
+    ks = ks.permute(0, 2, 1, 3, 4).reshape(rs, hkv, -1, ch.shape[-1])  # [Rs, Hkv, N, r]
+    est = torch.matmul(qs, ks.transpose(-1, -2)).amax(2)  # [Rs, Hkv, N]
+    return est.view(rs, hkv, -1, tile_size).amax(-1)
 
 
-def tokens_read(tiles: Tensor, seq_lens: Tensor, tile_size: int) -> Tensor:
-    """Tokens a selection reads: tiles ``[Rs, Hkv, S]`` (-1 pad), seq_lens ``[Rs]`` ->
-    ``[Rs, Hkv]`` int64 (each chosen tile's tokens below seq_len: the last may be partial)."""
-    t = tiles.long()
-    lens = seq_lens.long().view(-1, 1, 1)
-    return ((lens - t * tile_size).clamp(0, tile_size) * (t >= 0)).sum(-1)
+@dataclass(frozen=True)
+class _PickInputs:
+    """What a ranking reads: q ``[Rs, Hq, D]``, bt / key_bt ``[Rs, MB]`` int64, tile_scores
+    ``[Rs, Hkv, M]``, num_tiles and caps ``[Rs]``, LSH candidates ``[Rs, Hkv, M]`` bool or None,
+    the KV cache's keys (SparQ) in ``kv_layout``."""
+
+    cfg: PrescoreConfig
+    q: Tensor
+    side: SideData
+    bt: Tensor
+    tile_scores: Tensor
+    num_tiles: Tensor
+    caps: Tensor
+    M: int
+    cand: Tensor | None
+    key_cache: Tensor | None
+    key_bt: Tensor
+    kv_layout: str
+
+    def slots(self) -> dict:
+        c = self.cfg
+        return dict(num_tile_slots=self.M, sink_tiles=c.sink_tiles, window_tiles=c.window_tiles)
 
 
-def _finish(top: Tensor, keep: Tensor, n: Tensor, sink_tiles: int, window_tiles: int,
-            taken: Tensor | None, M: int, ascending: bool = False) -> Selection:
-    """Selected candidates ``[R, H, S]``, best first (the first keep[r] are chosen), or all
-    chosen and already ascending (``ascending=True``) -> :class:`Selection`."""
-    R, H, S = top.shape
-    dev = top.device
-    if ascending or bool((keep == S).all()):  # every (row, head) keeps S tiles: no padding
-        tiles = top if ascending else top.sort(dim=-1).values
-        chosen = None
-        num = torch.full((R, H), S, dtype=torch.int32, device=dev)
-    else:
-        in_budget = torch.arange(S, device=dev) < keep  # [R, 1, S]; every top tile is valid
-        tiles = torch.where(in_budget, top, M).sort(dim=-1).values  # padding (M) sorts last
-        chosen = tiles < M  # [R, H, S]
-        num = chosen.sum(-1, dtype=torch.int32)
-        tiles = torch.where(chosen, tiles, -1)
+@dataclass(frozen=True)
+class Ranking:
+    """One query-aware estimator of each tile's largest q.k. ``rank`` (torch, any device):
+    the estimate ``[Rs, Hkv, M]``, the pick being its top caps[r] eligible tiles; ``cpp_pick``
+    (CPU, optional): the same pick in one C++ call, reading the side data in place."""
 
-    return Selection(tiles.to(torch.int32), num,
-                     counts_fn=_counts_fn(tiles, chosen, n, sink_tiles, window_tiles, taken, M))
+    rank: Callable[[_PickInputs], Tensor]
+    cpp_pick: Callable[[_PickInputs], Tensor] | None = None
 
 
-def _counts_fn(tiles: Tensor, chosen: Tensor | None, n: Tensor, sink_tiles: int,
-               window_tiles: int, taken: Tensor | None, M: int) -> Callable[[], Tensor]:
-    """:attr:`Selection.source_counts`, computed on access: tiles ``[R, H, S]`` (chosen
-    ``[R, H, S]`` marks the valid entries, None = all), n ``[R, 1, 1]`` tiles per row, taken
-    ``[R, H, M]`` the tiles that got LSH priority or None."""
-
-    def counts() -> Tensor:
-        # Sink beats window beats LSH; computed on the chosen tiles only.
-        t = tiles.long()
-        src = torch.where(t < sink_tiles, 0, torch.where(t >= n - window_tiles, 1, 3))
-        if taken is not None:
-            src = torch.where((src == 3) & taken.gather(-1, t.clamp(0, max(M - 1, 0))), 2, src)
-        if chosen is not None:
-            src = torch.where(chosen, src, 4)
-        return torch.bincount(src.reshape(-1), minlength=5)[:4].to(torch.int64)
-
-    return counts
+def _quest_rank(x: _PickInputs) -> Tensor:
+    """Quest (arXiv 2406.10774): the upper bound of q.k over the tile from its per-channel key
+    min/max, max over the GQA group."""
+    rs, hkv, d = x.q.shape[0], x.tile_scores.shape[1], x.q.shape[-1]
+    qg = x.q.float().view(rs * hkv, -1, d)  # [Rs*Hkv, G, D]
+    kmin = x.side.kmin[x.bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, x.M, d).float()
+    kmax = x.side.kmax[x.bt].permute(0, 2, 1, 3, 4).reshape(rs * hkv, x.M, d).float()
+    bound = (torch.bmm(qg.clamp_min(0), kmax.transpose(1, 2))
+             + torch.bmm(qg.clamp_max(0), kmin.transpose(1, 2)))  # [Rs*Hkv, G, M]
+    return bound.amax(1).view(rs, hkv, x.M)
 
 
-def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
-                     window_tiles: int, lsh_match: Tensor | None = None,
-                     lsh_cap: int = 0) -> Selection:
-    """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first).
-    budget: ``[R]`` or ``[R, Hkv]``."""
-    R, H, M = tile_scores.shape
-    budget = budget.view(R, H) if budget.dim() == 2 else budget.view(R, 1).expand(R, H)
-    rows: list[list[list[int]]] = []
-    counts = [0, 0, 0, 0]
-    for r in range(R):
-        n = min(int(num_tiles[r]), M)
-        rows.append([])
-        for h in range(H):
-            b = max(0, min(int(budget[r, h]), n))
-            sc = [float(x) for x in tile_scores[r, h, :n].float().tolist()]
-            sc = [float("-inf") if x != x else x for x in sc]  # NaN -> -inf
-            window = list(range(n - 1, max(n - window_tiles, 0) - 1, -1))  # most recent first
-            sinks = [t for t in range(min(sink_tiles, n)) if t not in window]
-            forced = window + sinks
-            by_score = sorted(range(n), key=lambda t: (-sc[t], t))
-            lsh = []
-            if lsh_match is not None and lsh_cap > 0:
-                lsh = [t for t in by_score if bool(lsh_match[r, h, t]) and t not in forced][:lsh_cap]
-            rest = [t for t in by_score if t not in forced and t not in lsh]
-            chosen = (forced + lsh + rest)[:b]
-            for t in chosen:
-                src = 0 if t < sink_tiles else 1 if t >= n - window_tiles else 2 if t in lsh else 3
-                counts[src] += 1
-            rows[r].append(sorted(chosen))
-    S = max((len(x) for row in rows for x in row), default=0)
-    tiles = torch.full((R, H, S), -1, dtype=torch.int32)
-    num = torch.zeros(R, H, dtype=torch.int32)
-    for r in range(R):
-        for h in range(H):
-            tiles[r, h, : len(rows[r][h])] = torch.tensor(rows[r][h], dtype=torch.int32)
-            num[r, h] = len(rows[r][h])
-    return Selection(tiles=tiles, num_selected=num, source_counts=torch.tensor(counts, dtype=torch.int64))
+def _quest_cpp(x: _PickInputs) -> Tensor:  # the bounds read through the block table in place
+    return cpu_quest_pick(x.q, x.side.kmin, x.side.kmax, x.bt, x.num_tiles, x.caps,
+                          candidates=x.cand, **x.slots())
 
 
-# ----------------------------------------------------------------------------- residual
+def _sparq_rank(x: _PickInputs) -> Tensor:
+    return sparq_tile_rank(x.q, x.key_cache, x.key_bt, x.cfg.query_channels, x.cfg.tile_size,
+                           kv_layout=x.kv_layout)
 
 
-def residual_sample(tiles: Tensor, num_tiles: Tensor, m: int, *,
-                    generator: torch.Generator | None = None,
-                    max_tiles: int | None = None) -> tuple[Tensor, Tensor]:
-    """HyperAttention residual: m tiles uniformly without replacement among the unselected.
+def _sparq_cpp(x: _PickInputs) -> Tensor:
+    return cpu_sparq_pick(x.q, x.key_cache, x.key_bt, x.num_tiles, x.caps,
+                          channels=x.cfg.query_channels, tile_size=x.cfg.tile_size,
+                          kv_layout=x.kv_layout, **x.slots())
 
-    tiles ``[R, Hkv, S]`` selected tiles (-1 pad), num_tiles ``[R]`` valid tiles per row ->
-    (sampled ``[R, Hkv, m]`` int32 ascending, -1 pad; weight ``[R, Hkv]`` float32 =
-    #unselected / #sampled, 0 when nothing is left to sample). Uniform subsets come from the
-    top-m of i.i.d. uniform keys (random-key sampling), drawn from ``generator`` on its device.
-    Every unselected tile is sampled with probability #sampled / #unselected, so
-    weight * (sum over sampled tiles of exp-scores) is an unbiased estimate of the unselected
-    exp-sum (at tile granularity, which keeps it unbiased even for a partial last tile).
+
+def _sparq4_rank(x: _PickInputs) -> Tensor:
+    return sparq4_tile_rank(x.q, x.side.kq, x.side.kz, x.bt, x.cfg.query_channels,
+                            x.cfg.tile_size)
+
+
+def _sparq4_cpp(x: _PickInputs) -> Tensor:
+    return cpu_sparq4_pick(x.q, x.side.kq, x.side.kz, x.bt, x.num_tiles, x.caps,
+                           channels=x.cfg.query_channels, tile_size=x.cfg.tile_size,
+                           **x.slots())
+
+
+def _pq_rank(x: _PickInputs) -> Tensor:
+    return pq_tile_rank(x.q, x.side.codes, x.bt, x.side.codebook, x.cfg.tile_size)
+
+
+def _pq_cpp(x: _PickInputs) -> Tensor:
+    book = x.side.codebook
+    return cpu_pq_pick(x.q, x.side.codes, x.bt, book.centroids_t, book.dims, x.num_tiles,
+                       x.caps, tile_size=x.cfg.tile_size, **x.slots())
+
+
+#: ``query_aware`` mode -> its ranking ("lsh" ranks its bucket matches by pre-score).
+RANKINGS: dict[str, Ranking] = {
+    "quest": Ranking(_quest_rank, _quest_cpp),
+    "lsh_quest": Ranking(_quest_rank, _quest_cpp),
+    "lsh": Ranking(lambda x: x.tile_scores.clone()),
+    "sparq": Ranking(_sparq_rank, _sparq_cpp),
+    "sparq4": Ranking(_sparq4_rank, _sparq4_cpp),
+    "pq": Ranking(_pq_rank, _pq_cpp),
+}
+_PICK_IMPLS = {"cpp": "cpp", "torch": "torch"}
+
+
+def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                     tile_scores: Tensor, num_tiles: Tensor, caps: Tensor, *,
+                     lsh: AngularLSH | None, impl: str = "auto", key_cache: Tensor | None = None,
+                     key_bt: Tensor | None = None, kv_layout: str = "strided",
+                     max_cap: int | None = None, caps_uniform: bool | None = None) -> Tensor | None:
+    """Tiles the query-aware part picks: ``[Rs, Hkv, M]`` bool, at most ``caps[r]`` per row.
+
+    q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; tile_scores ``[Rs, Hkv, M]``
+    pre-scores; num_tiles ``[Rs]``; caps ``[Rs]`` int64. Eligible: tiles that are neither
+    sinks nor window. ``lsh``/``lsh_quest``: tiles whose LSH bucket set meets the query
+    group's buckets; ``quest``/``lsh_quest``: ranked by the Quest upper bound of q.k (max over
+    the GQA group), ``lsh`` alone ranks its matches by pre-score. None when the part is off.
+    ``sparq``: ranked by :func:`sparq_tile_rank` on the KV cache (key_cache ``[NB, Hkv, B, D]``
+    in ``kv_layout``, read through key_bt ``[Rs, MB]``, default bt). ``pq``: ranked by
+    :func:`prescore_backend.pq.pq_tile_rank` on the side data's per-token codes. ``sparq4``:
+    :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy of the
+    full blocks.
+    ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
+    matmuls, "auto" picks cpp on CPU when it compiles. ``max_cap`` (= caps.max()) and
+    ``caps_uniform`` (every cap equals it), when the caller knows them on the host, spare
+    the torch path two host syncs.
     """
-    R, H, _ = tiles.shape
-    dev = tiles.device
-    M = int(max_tiles) if max_tiles is not None else (int(num_tiles.max()) if R else 0)
-    valid = torch.arange(M, device=dev) < num_tiles.to(dev).long().view(R, 1, 1)  # [R, 1, M]
-    taken = torch.zeros(R, H, M + 1, dtype=torch.bool, device=dev)
-    taken.scatter_(-1, torch.where(tiles >= 0, tiles.long(), M), True)
-    elig = valid & ~taken[..., :M]  # [R, H, M]
-    n_u = elig.sum(-1)  # [R, H]
-    gen_dev = generator.device if generator is not None else dev
-    u = torch.rand(R, H, M, generator=generator, device=gen_dev).to(dev)
-    u = u.masked_fill(~elig, -1.0)  # uniforms are >= 0: ineligible sort last
-    k = min(m, M)
-    top = u.topk(k, dim=-1).indices  # [R, H, k]
-    n_s = n_u.clamp_max(m)  # [R, H]
-    ok = torch.arange(k, device=dev) < n_s.unsqueeze(-1)
-    out = torch.where(ok, top, M).sort(dim=-1).values
-    out = torch.where(out == M, -1, out).to(torch.int32)
-    if k < m:
-        out = torch.nn.functional.pad(out, (0, m - k), value=-1)
-    weight = torch.where(n_s > 0, n_u.float() / n_s.clamp_min(1).float(), 0.0)
-    return out, weight
+    rs, hkv, M = tile_scores.shape
+    cap = max_cap if max_cap is not None else int(caps.max()) if rs else 0
+    if cfg.query_aware == "none" or cap == 0:
+        return None
+    ranking = RANKINGS[cfg.query_aware]
+    impl, _ = resolve("query_aware_pick", impl, q, _PICK_IMPLS)
+    cand = None
+    if cfg.uses_lsh:  # HyperAttention: the query's buckets (union over the group)
+        qmask = bucket_masks(lsh.hash(q).view(rs, hkv, -1), cfg.lsh_bits)  # [Rs, Hkv, W]
+        tmask = side.masks[bt].permute(0, 2, 1, 3, 4).reshape(rs, hkv, M, -1)
+        cand = masks_intersect(tmask, qmask.unsqueeze(2))  # [Rs, Hkv, M]
+    x = _PickInputs(cfg, q, side, bt, tile_scores, num_tiles, caps, M, cand,
+                    key_cache, bt if key_bt is None else key_bt, kv_layout)
+    if impl == "cpp" and ranking.cpp_pick is not None:
+        return ranking.cpp_pick(x)
+    rank = ranking.rank(x)  # [Rs, Hkv, M]
+    idx = torch.arange(M, device=q.device)
+    n = num_tiles.view(rs, 1, 1)
+    elig = (idx < n) & (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
+    if cand is not None:
+        elig = elig & cand
+    rank = rank.masked_fill(~elig, float("-inf"))
+    top = rank.topk(min(cap, M), dim=-1)  # [Rs, Hkv, k], best first
+    ok = torch.isfinite(top.values)
+    ragged = not caps_uniform if caps_uniform is not None else bool((caps != cap).any())
+    if ragged:  # rows with a smaller cap keep only their best caps[r]
+        ok &= (torch.arange(top.values.shape[-1], device=q.device)
+               < caps.view(rs, hkv if caps.dim() == 2 else 1, 1))
+    pick = torch.zeros(rs, hkv, M, dtype=torch.bool, device=q.device)
+    return pick.scatter_(-1, top.indices, ok)
+
+
+def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                    num_tiles: Tensor, caps: Tensor, *, lsh: AngularLSH | None = None,
+                    impl: str = "auto", **keys) -> tuple[Tensor, Tensor | None]:
+    """The selection's inputs: each row's tile pre-scores ``[Rs, Hkv, M]`` (gathered through
+    the block table bt ``[Rs, MB]`` int64) and the query-aware pick (:func:`query_aware_pick`,
+    ``[Rs, Hkv, M]`` bool or None; ``keys``: its key_cache, key_bt, kv_layout)."""
+    scores = gather_tile_scores(side, bt)  # [Rs, Hkv, M]
+    pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl,
+                            **keys)
+    return scores, pick
+
+
+def gather_tile_scores(side: SideData, bt: Tensor) -> Tensor:
+    """Each row's tile pre-scores in logical order: bt ``[Rs, MB]`` int64 -> ``[Rs, Hkv, M]``,
+    M = MB * tiles_per_block."""
+    rs, hkv = bt.shape[0], side.scores.shape[1]
+    return side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)
+
+
+def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                        num_tiles: Tensor, budget: Tensor, caps: Tensor, *,
+                        lsh: AngularLSH | None = None,
+                        generator: torch.Generator | None = None, impl: str = "auto",
+                        **keys) -> tuple[Selection, Tensor | None, Tensor | None]:
+    """The tiles each sparse decode row attends: sinks + window + query-aware pick + pre-scores.
+
+    q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64 block table; num_tiles ``[Rs]`` int64 logical
+    tiles (the partial last one included); budget ``[Rs]`` int64 tiles per (row, KV head),
+    at least sinks + window; caps ``[Rs]`` int64 query-aware tiles at most (:func:`query_caps`).
+    Returns the :class:`~prescore_backend.kernels.select.Selection` and, with ``residual_tiles > 0``,
+    HyperAttention's residual sample (tiles ``[Rs, Hkv, m]``, weight ``[Rs, Hkv]``) for
+    :func:`~prescore_backend.kernels.sparse_decode.sparse_decode`, else (None, None).
+    ``impl`` ("auto", "cpp", "torch") chooses the selection code (:func:`select_tiles`).
+    ``keys``: key_cache, key_bt, kv_layout for ``query_aware="sparq"`` (:func:`query_aware_pick`).
+    """
+    scores, pick = scores_and_pick(cfg, q, side, bt, num_tiles, caps, lsh=lsh, impl=impl,
+                                   **keys)
+    sel = select_tiles(scores, num_tiles, budget, sink_tiles=cfg.sink_tiles,
+                       window_tiles=cfg.window_tiles, lsh_match=pick,
+                       lsh_cap=int(caps.max()) if pick is not None else 0, impl=impl)
+    if cfg.residual_tiles > 0:
+        res_tiles, res_w = residual_sample(sel.tiles, num_tiles, cfg.residual_tiles,
+                                           generator=generator)
+        return sel, res_tiles, res_w
+    return sel, None, None

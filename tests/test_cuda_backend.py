@@ -213,10 +213,10 @@ def test_sparse_decode_matches_the_oracles(engine):
     (select_tiles_ref on the same pre-scores and query-aware pick, sparse_decode_ref), reads
     about a quarter of its context, and differs from exact attention; a short row stays
     exact."""
-    from prescore_backend.decode import scores_and_pick
+    from prescore_backend.selection import scores_and_pick
     from prescore_backend.kernels import sparse_decode_ref
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
-    from prescore_backend.selection import select_tiles_ref
+    from prescore_backend.kernels.select import select_tiles_ref
 
     e = engine
     assert e.rt.config.query_aware == os.environ["PRESCORE_QUERY_AWARE"]

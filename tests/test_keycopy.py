@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.decode import (ScoreJob, SideData, query_aware_pick, run_score_jobs,
-                                     side_read_fraction)
+from prescore_backend.selection import query_aware_pick, side_read_fraction
+from prescore_backend.side_data import ScoreJob, SideData, run_score_jobs
 from prescore_backend.keycopy import (pack_blocks, sparq4_tile_rank, top_channels,
                                       unpack_blocks)
 from prescore_backend.scoring import get_scorer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prescore_backend.kernels import AngularLSH, bucket_masks, masks_intersect, num_words
-from prescore_backend.selection import select_tiles
+from prescore_backend.kernels.select import select_tiles
 
 
 @pytest.mark.parametrize("num_bits", [1, 4, 7, 8])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.decode import SideData, query_aware_pick, record_codes, side_read_fraction
+from prescore_backend.selection import query_aware_pick, side_read_fraction
+from prescore_backend.side_data import SideData, record_codes
 from prescore_backend.pq import (
     LayerCodebook,
     PQCodebooks,

@@ -11,7 +11,8 @@ from prescore_backend.kernels import sparse_decode
 from prescore_backend.kernels.testing import all_tiles, make_paged_case
 from prescore_backend.scoring import SCORERS, Scorer, available_scorers, get_scorer, register_scorer
 from prescore_backend.scoring.kmeans import _cluster_medians
-from prescore_backend.selection import aggregate_tiles, select_tiles
+from prescore_backend.kernels.select import select_tiles
+from prescore_backend.scoring.tiles import aggregate_tiles
 
 REQUIRED = ["kernel_kmeans", "key_norm", "kmeans", "kmedian", "leverage", "random"]
 FAST = dict(kmeans=dict(num_clusters=16), kernel_kmeans=dict(num_clusters=16),
@@ -215,7 +216,7 @@ def test_recency_scores_positions_across_blocks():
     """recency: later keys always score higher, also across blocks scored with prefix fits of
     different lengths (score_prefixes keeps absolute positions), so pre-score ranking fills the
     budget with the most recent tiles."""
-    from prescore_backend.selection import aggregate_tiles
+    from prescore_backend.scoring.tiles import aggregate_tiles
 
     s = get_scorer("recency")
     keys = torch.randn(2, 384, 8)

@@ -9,16 +9,15 @@ import torch
 
 from prescore_backend.kernels import sparse_decode
 from prescore_backend.kernels.testing import make_paged_case
-from prescore_backend.selection import (
-    aggregate_tiles,
+from prescore_backend.kernels.select import (
     residual_sample,
-    select_and_decode,
-    select_and_decode_into,
     select_tiles,
     select_tiles_ref,
     select_tiles_static,
     tokens_read,
 )
+from prescore_backend.kernels.select_decode import select_and_decode, select_and_decode_into
+from prescore_backend.scoring.tiles import aggregate_tiles
 from prescore_backend.kernels import sparse_decode_ref
 
 # ----------------------------------------------------------------------------- aggregation
@@ -331,7 +330,7 @@ def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group
     ``query_aware="lsh"`` then the selection oracle; the decode matches the decode oracle."""
     from types import SimpleNamespace
 
-    from prescore_backend.decode import query_aware_pick
+    from prescore_backend.selection import query_aware_pick
     from prescore_backend.kernels import AngularLSH, bucket_masks
     from prescore_backend.kernels.layouts import amx_unpack
 

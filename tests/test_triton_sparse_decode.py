@@ -217,7 +217,7 @@ def _selection_problem(seed: int, R: int = 5, H: int = 3, M: int = 40, ties: boo
 def test_triton_select_matches_ref(seed, ties, sink, window, cap, use_lsh):
     """The one-kernel selection == the loop oracle tile for tile (ties to the lower index,
     budgets below sinks + window, LSH priority, NaN/inf beyond num_tiles), counts included."""
-    from prescore_backend.selection import select_tiles, select_tiles_ref
+    from prescore_backend.kernels.select import select_tiles, select_tiles_ref
 
     scores, num_tiles, budget, lsh = _selection_problem(seed, ties=ties)
     kw = dict(sink_tiles=sink, window_tiles=window, lsh_match=lsh if use_lsh else None,
@@ -232,7 +232,7 @@ def test_triton_select_matches_ref(seed, ties, sink, window, cap, use_lsh):
 
 
 def test_triton_select_slots_and_edges():
-    from prescore_backend.selection import select_tiles_ref
+    from prescore_backend.kernels.select import select_tiles_ref
 
     scores, num_tiles, budget, lsh = _selection_problem(7, M=300)
     kw = dict(sink_tiles=2, window_tiles=3, lsh_cap=4)
@@ -262,7 +262,7 @@ def test_triton_select_slots_and_edges():
 def test_triton_select_wide_budgets_strided_inputs_and_errors():
     """Budgets past int32 mean "everything"; 1-D inputs may be strided views; bad shapes and
     rows too long for one program are refused."""
-    from prescore_backend.selection import select_tiles_ref
+    from prescore_backend.kernels.select import select_tiles_ref
 
     scores, num_tiles, budget, lsh = _selection_problem(11, R=3, M=12)
     budget = torch.tensor([2 ** 31, torch.iinfo(torch.int64).max, 5])

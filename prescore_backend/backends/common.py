@@ -22,17 +22,19 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from prescore_backend.config import PrescoreConfig, testing_exact_via_sparse
-from prescore_backend.decode import (
-    ScoreJob,
-    SideData,
+from prescore_backend.selection import (
     config_budget,
     floor_budget,
     query_caps,
     ratio_tiles,
+    side_read_fraction,
+)
+from prescore_backend.side_data import (
+    ScoreJob,
+    SideData,
     record_codes,
     record_decode_tokens,
     run_score_jobs,
-    side_read_fraction,
 )
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.metrics import PrescoreStats, get_metrics

@@ -9,13 +9,15 @@ Data path of one engine step (see docs/architecture.md):
   metadata, the decode tokens whose LSH bucket must be recorded, and the scoring jobs.
 * ``forward`` (once per layer) updates the side data of the keys just written, then serves the
   dense subset with vLLM's kernel and the sparse rows with
-  :func:`prescore_backend.selection.select_and_decode_into` (tile selection and sparse decode
+  :func:`prescore_backend.kernels.select_decode.select_and_decode_into` (tile selection and sparse decode
   in one C++ call that reads vLLM's query rows and writes its output rows in place; with a
-  HyperAttention residual, :func:`~prescore_backend.decode.select_decode_tiles` then
+  HyperAttention residual, :func:`~prescore_backend.selection.select_decode_tiles` then
   :func:`prescore_backend.kernels.sparse_decode.sparse_decode`).
 
-The vLLM-independent pieces (side data, scoring jobs, the query-aware pick, the selection
-call) live in :mod:`prescore_backend.decode`, which the quality evaluation calls as well.
+The vLLM-independent pieces live in modules named for their stage of the data path, which
+the quality evaluation calls as well: :mod:`prescore_backend.side_data` (store: side data,
+scoring jobs), :mod:`prescore_backend.selection` (select: budgets, the query-aware pick) and
+:mod:`prescore_backend.kernels.select_decode` (decode: selection + sparse attention).
 
 Side data (:class:`SideData`), per layer, preallocated beside the KV cache for every physical
 block: a score per (block, KV head, tile), plus what the query-aware part needs (the tile's
@@ -70,11 +72,12 @@ from prescore_backend.backends.common import (
     refuse_unsupported,
     runtime,
 )
-from prescore_backend.decode import gather_tile_scores, scores_and_pick, select_decode_tiles
-from prescore_backend.kernels.cpu_sparse_decode import available as cpu_kernel_available
+from prescore_backend.selection import gather_tile_scores, scores_and_pick, select_decode_tiles
+from prescore_backend.kernels.dispatch import cpu_kernels_available
 from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.selection import select_and_decode_into, tokens_read
+from prescore_backend.kernels.select import tokens_read
+from prescore_backend.kernels.select_decode import select_and_decode_into
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
            "PrescoreCPUMetadata", "PrescorePlan", "ScoreJob", "SideData", "runtime"]
@@ -185,7 +188,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         self.rt = runtime()
         self.side: SideData | None = None
         # Build/load the fused CPU kernel now (once per process), not on the first request.
-        self.fused = cpu_kernel_available()
+        self.fused = cpu_kernels_available()
         logger.info_once("Using PRESCORE attention backend (CPU, %s sparse decode)",
                          "fused C++" if self.fused else "torch")
 

@@ -65,10 +65,10 @@ from prescore_backend.backends.common import (
     refuse_unsupported,
     runtime,
 )
-from prescore_backend.decode import scores_and_pick
+from prescore_backend.selection import scores_and_pick
 from prescore_backend.kernels.layouts import vllm_triton_kv_views
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.selection import residual_sample, select_tiles, tokens_read
+from prescore_backend.kernels.select import residual_sample, select_tiles, tokens_read
 
 __all__ = ["PrescoreCUDABackend", "PrescoreCUDAImpl", "PrescoreCUDAMetadata",
            "PrescoreCUDAMetadataBuilder"]

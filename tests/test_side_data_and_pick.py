@@ -1,4 +1,4 @@
-"""prescore_backend.decode: the vLLM-free decode core shared by the backend and the evaluation."""
+"""Side data, budgets and the query-aware pick (side_data.py, selection.py): the vLLM-free core shared by the backends and the evaluation."""
 
 from __future__ import annotations
 
@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.decode import (
-    ScoreJob,
-    SideData,
-    config_budget,
-    floor_budget,
-    query_caps,
-    record_decode_tokens,
-    run_score_jobs,
-    select_decode_tiles,
-    tokens_read,
-)
+from prescore_backend.kernels.select import tokens_read
+from prescore_backend.selection import config_budget, floor_budget, query_caps, select_decode_tiles
+from prescore_backend.side_data import ScoreJob, SideData, record_decode_tokens, run_score_jobs
 from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.testing import make_paged_case
 from prescore_backend.scoring import get_scorer
@@ -107,7 +99,7 @@ def test_decode_tokens_extend_tile_bounds(impl, dtype) -> None:
 def test_cpp_quest_pick_and_selection_match_torch() -> None:
     """The C++ Quest ranking + selection pick the same tiles as the torch ops (ragged rows,
     per-row caps, every query-aware mode). Bounds are continuous, so exact ties do not occur."""
-    from prescore_backend.decode import query_aware_pick
+    from prescore_backend.selection import query_aware_pick
 
     for mode in ("quest", "lsh_quest", "lsh", "none"):
         cfg = PrescoreConfig(query_aware=mode)
@@ -178,7 +170,7 @@ def test_cpp_quest_pick_matches_bound_oracle(dtype, head_dim, group) -> None:
 def _sparq_rank_oracle(case, channels: int, tile_size: int) -> torch.Tensor:
     """Per (row, KV head, tile): max over the tile's tokens and the group's heads of q.k
     on the chosen channels, from the plain keys the case wrote (a loop, no paging)."""
-    from prescore_backend.decode import sparq_channels
+    from prescore_backend.selection import sparq_channels
 
     q = case.query.double()
     R, hq, _ = q.shape
@@ -206,7 +198,7 @@ def test_sparq_pick_cpp_and_torch_match_the_oracle(layout, dtype, group) -> None
     (full tiles), reading only the chosen channels of vLLM's layouts (K^T "vec", packed "amx",
     row-major); the C++ pick through the block table marks the same tiles as ranking the
     torch estimates (MHA and GQA, ragged rows, shuffled blocks, per-row caps)."""
-    from prescore_backend.decode import query_aware_pick, sparq_channels, sparq_tile_rank
+    from prescore_backend.selection import query_aware_pick, sparq_channels, sparq_tile_rank
 
     cfg = PrescoreConfig(query_aware="sparq", query_channels=8)
     lens = [1500, 700, 1100]
@@ -244,7 +236,7 @@ def test_ratio_tiles_can_fund_the_selections_side_data() -> None:
     SparQ: r / (2 D); pre-scores 4 bytes per tile), and budgets that fund it from the ratio
     (the evaluation's equal-bytes mode; the backend counts it on top of keep_ratio): a ratio
     of 1 reads every tile; max_tokens stays an absolute tile budget."""
-    from prescore_backend.decode import ratio_tiles, side_read_fraction
+    from prescore_backend.selection import ratio_tiles, side_read_fraction
 
     nt = torch.tensor([256, 100])
     quest = side_read_fraction(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64)
