@@ -50,66 +50,66 @@ test: model kvpress-venv
 # kvpress's own venv (it pins an older transformers): the kvpress baselines of `make results`
 # and their smoke test. Idempotent (~2 min the first time).
 kvpress-venv:
-	PIP_OPTS="$(PIP_OPTS)" bench/kvpress_venv.sh > /dev/null
+	PIP_OPTS="$(PIP_OPTS)" bench/quality/kvpress_venv.sh > /dev/null
 
 # Quality evaluation (perplexity vs budget, attention fidelity, kvpress baselines in their own
 # venv): docs/results/{quality,kvpress}.json, quality.md and quality_*.png. One CPU thread.
 results: model
-	$(BIN)/python bench/eval_quality.py --out docs/results/quality.json
-	KVPRESS_VENV=$$(bench/kvpress_venv.sh) && "$$KVPRESS_VENV/bin/python" bench/eval_kvpress.py \
+	$(BIN)/python bench/quality/eval_quality.py --out docs/results/quality.json
+	KVPRESS_VENV=$$(bench/quality/kvpress_venv.sh) && "$$KVPRESS_VENV/bin/python" bench/quality/eval_kvpress.py \
 		--spec docs/results/quality.json --out docs/results/kvpress.json
-	$(BIN)/python bench/eval_report.py
+	$(BIN)/python bench/quality/eval_report.py
 
 # Selection quality at equal bytes read (side data included), play / prose / code texts with
 # paired intervals vs dense and StreamingLLM, the calibration text apart: docs/results/selection.*
 results-selection: model
-	$(BIN)/python bench/eval_selection.py --out docs/results/selection.json
+	$(BIN)/python bench/quality/eval_selection.py --out docs/results/selection.json
 
 # Config variants at 4k and 8k (docs/results/tuning.json, shown in the report when present).
 results-tuning: model
-	$(BIN)/python bench/eval_quality.py --contexts 4096,max --ratios 0.25,0.125,0.0625,0.03125 \
+	$(BIN)/python bench/quality/eval_quality.py --contexts 4096,max --ratios 0.25,0.125,0.0625,0.03125 \
 		--fid-queries 0 --out docs/results/tuning.json --methods "$(TUNING_METHODS)"
-	$(BIN)/python bench/eval_report.py
+	$(BIN)/python bench/quality/eval_report.py
 
 # The default method and Quest with 32-token tiles (docs/results/tuning_tile32.json, ~9 min),
 # against the 16-token rows of results-tuning.
 results-tile32: model
-	PRESCORE_TILE_SIZE=32 $(BIN)/python bench/eval_quality.py --contexts 4096,max \
+	PRESCORE_TILE_SIZE=32 $(BIN)/python bench/quality/eval_quality.py --contexts 4096,max \
 		--ratios 0.25,0.125,0.0625,0.03125 --fid-queries 0 --methods dense,prescore_leverage,quest \
 		--out docs/results/tuning_tile32.json
 
 # k-means, kernel k-means and k-median at the longest context (~25 min of CPU):
 # docs/results/expensive.json, shown in the report.
 results-expensive: model
-	$(BIN)/python bench/eval_quality.py --contexts max --ratios 0.125,0.0625 --fid-queries 0 \
+	$(BIN)/python bench/quality/eval_quality.py --contexts max --ratios 0.125,0.0625 --fid-queries 0 \
 		--methods dense,prescore_leverage,prescore_kmeans,prescore_kernel_kmeans,prescore_kmedian \
 		--expensive-contexts all --out docs/results/expensive.json
-	$(BIN)/python bench/eval_report.py
+	$(BIN)/python bench/quality/eval_report.py
 
 # Through real vLLM engines (one at a time): passkey retrieval prescore vs exact, and decode
 # speed PRESCORE vs CPU_ATTN, engines alternated over 2 rounds -> docs/results/retrieval.*,
 # docs/results/speed_<isa>/ (one folder per kind of host: amx, avx-512, avx2).
 HOST_ISA = $(shell $(BIN)/python -c "from prescore_backend.kernels import host; print(host.isa().lower())" 2>/dev/null)
 results-serving: model
-	$(BIN)/python bench/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
-	$(BIN)/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
+	$(BIN)/python bench/serving/eval_retrieval.py --lengths 1000 2500 4000 7500 --trials 1
+	$(BIN)/python bench/serving/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
 		--keep-ratios 0.125 --max-batch-tokens 70000 --rounds 2 \
 		--report docs/results/speed_$(HOST_ISA)
 
 results-kernels: setup
-	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+	$(BIN)/python bench/kernels/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --report docs/results
-	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+	$(BIN)/python bench/kernels/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --k-layout amx --dtype bfloat16 --floor-column --report docs/results \
 		--report-name kernels_amx
-	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+	$(BIN)/python bench/kernels/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --tile 32 --report docs/results --report-name kernels_tile32
-	$(BIN)/python bench/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
+	$(BIN)/python bench/kernels/bench_sparse_decode.py --contexts 4096,16384,65536 --batches 1,8 \
 		--keeps 4,8,16 --tile 32 --k-layout amx --dtype bfloat16 --floor-column \
 		--report docs/results --report-name kernels_amx_tile32
 
 gpu-check:
-	bash bench/gpu_check.sh
+	bash bench/kernels/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

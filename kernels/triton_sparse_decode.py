@@ -17,7 +17,7 @@ Precision: bf16/fp16 caches use the tensor cores on their own dtype (q.k and p.v
 to the cache dtype, fp32 accumulation: what FlashAttention does); fp32 caches use exact fp32
 dots (``input_precision="ieee"``, not TF32). Softmax state is fp32 throughout.
 
-Validated on an H100 (``docs/results/gpu/``, ``bench/bench_triton_decode.py --check``). The
+Validated on an H100 (``docs/results/gpu/``, ``bench/kernels/bench_triton_decode.py --check``). The
 split count follows the step's selection length (a host-side int): a CUDA graph captures one
 plan per step shape, as vLLM's graphs do per batch size. The CUDA backend
 (``prescore_backend/backends/cuda.py``) calls it through ``sparse_decode(impl="triton")``.
@@ -154,7 +154,7 @@ def _merge_splits_kernel(
 
 #: The interpreter (TRITON_INTERPRET=1) computes bf16/fp16 ``tl.dot`` wrongly (triton 3.9 on CPU:
 #: errors ~1e10 on a 16x16 product), so there every dot runs in exact fp32; the native-dtype
-#: dots are what a GPU runs and are validated there (``bench/bench_triton_decode.py --check``).
+#: dots are what a GPU runs and are validated there (``bench/kernels/bench_triton_decode.py --check``).
 INTERPRETED = type(_sparse_decode_kernel).__name__ == "InterpretedFunction"
 
 #: Most splits per (row, KV head); the merge kernel reads them all at once.

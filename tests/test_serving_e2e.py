@@ -210,12 +210,12 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server):
 
 
 def test_passkey_retrieval_smoke_prescore_vs_exact(server, client, tmp_path):
-    """Smoke configuration of bench/eval_retrieval.py: one ~2.4k-token passkey prompt (above
+    """Smoke configuration of bench/serving/eval_retrieval.py: one ~2.4k-token passkey prompt (above
     min_seq_len, so the prescore answer is sparse-decoded) sent in both modes."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "serving"))
     import eval_retrieval
 
     before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()

@@ -26,7 +26,7 @@ capture needs the plan in persistent device buffers: not done.
 What was verified where is in the README's support matrix: this file runs in the test suite
 on CPU tensors under the Triton interpreter (``tests/test_cuda_backend.py``, against
 ``TritonAttentionImpl`` at full budget and the plain-torch oracles when sparse);
-``bench/gpu_check.sh`` runs the same tests on a GPU.
+``bench/kernels/gpu_check.sh`` runs the same tests on a GPU.
 
 Unsupported (fail loudly at start): sliding window, ALiBi, logits soft-cap, attention sinks,
 quantized KV cache, chunked-lookback attention, KV-cache sharing between layers, prefix-LM

@@ -12,7 +12,7 @@ Departures from the authors' code (a fork of the HyperAttention repo), all delib
     Lloyd on a sample of ``fit_sample`` keys (stopping early once no assignment changes), and
     a single pass then assigns and scores every key. The cluster count defaults to the
     authors' max(1, min(256, top_k // 4)); set ``num_clusters`` lower for cheaper scoring
-    (``bench/bench_scorers.py`` measures the cost).
+    (``bench/kernels/bench_scorers.py`` measures the cost).
   * A singleton cluster gives 0/0 in the authors' formula; we smooth it,
     (d + eps) / (sum d + eps * |cluster|), so an isolated key scores 1 (the maximum), in line
     with "keys of small clusters score high".
@@ -140,7 +140,7 @@ class _ClusterScorer(Scorer):
 
     Cost control (defaults): k-means++ seeding on ``init_sample`` keys per head, Lloyd on
     ``fit_sample`` keys per head, then one assignment pass over all keys gives the scores.
-    Measured on one CPU thread (bench/bench_scorers.py, 3 KV heads, D = 64, 8k tokens):
+    Measured on one CPU thread (bench/kernels/bench_scorers.py, 3 KV heads, D = 64, 8k tokens):
     ~30 ms per 1k tokens at C = 256 (~8 s for a 30-layer 8k prompt), ~10 ms at C = 64;
     lower ``num_clusters`` or ``iters`` for cheaper scoring.
     """

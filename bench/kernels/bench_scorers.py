@@ -4,7 +4,7 @@ Keys ``[Hkv, n, D]`` (fp32, random with a few heavy directions, like real keys) 
 the backend does after prefill, once per layer. Prints a table (ms per call, ms per 1k keys,
 and the projected seconds for a prompt of n tokens over ``--layers`` layers) and writes JSON.
 
-Usage: python bench/bench_scorers.py [--n 4096,8192] [--threads 1] [--out bench/out/x.json]
+Usage: python bench/kernels/bench_scorers.py [--n 4096,8192] [--threads 1] [--out bench/out/x.json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                      s_per_prompt=ms * args.layers / 1e3)
             results.append(r)
             print(f"{label:>24} {n:>6} {ms:>9.2f} {per_1k:>11.3f} {r['s_per_prompt']:>9.2f}", flush=True)
-    out = Path(args.out) if args.out else Path(__file__).parent / "out" / f"scorers_{int(time.time())}.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "out" / f"scorers_{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=vars(args), results=results), indent=1))
     print(f"# wrote {out}")

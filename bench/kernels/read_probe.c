@@ -8,7 +8,7 @@
  * one's loads; farNtouch = T1 prefetch of the first line(s) of each run N tiles ahead (starts
  * the L2 streamer); others are variants. Medians of 41 rounds, thread CPU time.
  *
- *   gcc -O2 -march=native -o /tmp/read_probe bench/read_probe.c && /tmp/read_probe [COMPUTE [REAL]]
+ *   gcc -O2 -march=native -o /tmp/read_probe bench/kernels/read_probe.c && /tmp/read_probe [COMPUTE [REAL]]
  *
  * COMPUTE: a dependent FMA chain of that length after each tile's K and V (arithmetic to
  * overlap); REAL=1: each loaded line feeds 6 FMAs, as the kernel's q.k and p.v do.

@@ -1,4 +1,4 @@
-// Memory floor readers of bench/read_floor.py (bench only, not part of the package).
+// Memory floor readers of bench/kernels/read_floor.py (bench only, not part of the package).
 #include <torch/extension.h>
 #include <immintrin.h>
 

@@ -12,7 +12,7 @@ chunked (``--prefill-chunk`` tokens per step, so no step of a long batch can run
 RPC timeout): each batch is first prefilled with ``max_tokens=1`` (its TTFT), then decoded
 from the prefix cache, so every timed step is a pure decode step for all rows.
 
-    .venv/bin/python bench/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
+    .venv/bin/python bench/serving/bench_vllm_decode.py --contexts 2048,4096,8000 --batches 1,8 \
         --keep-ratios 0.125,0.0625 --rounds 2 --report docs/results
 
 Environment: PRESCORE_* settings apply to the PRESCORE engines; ``--keep-ratios`` runs one
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from prescore_backend.kernels import host
 
     data = dict(machine=host.describe(), cpus=os.cpu_count(), rounds=a.rounds,
-                args=args, prescore_env=env, command="python bench/bench_vllm_decode.py "
+                args=args, prescore_env=env, command="python bench/serving/bench_vllm_decode.py "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=table)
     out.write_text(json.dumps(data, indent=1))

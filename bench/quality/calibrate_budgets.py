@@ -1,10 +1,10 @@
 """Fit a per-(layer, KV head) budget profile on the calibration text (Macbeth), never on an
 evaluation text: exact prefills of ``--windows`` windows of ``--context`` tokens, the exact
 attention of ``--queries`` queries per window (the last positions, every ``--stride``-th) ->
-:class:`head_budgets.BudgetProfile` (bench/head_budgets.py).
+:class:`head_budgets.BudgetProfile` (bench/quality/head_budgets.py).
 
-    .venv/bin/python bench/calibrate_budgets.py --out /tmp/profile.pt
-    .venv/bin/python bench/eval_selection.py --budget-profile /tmp/profile.pt \\
+    .venv/bin/python bench/quality/calibrate_budgets.py --out /tmp/profile.pt
+    .venv/bin/python bench/quality/eval_selection.py --budget-profile /tmp/profile.pt \\
         --methods dense,streaming,oracle,heads:oracle
 
 Prints, per layer, the share of a 1/8 budget of a ``--context`` context each KV head gets.

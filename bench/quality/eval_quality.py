@@ -3,16 +3,16 @@
 For each context length: the embedded model prefills ``context`` tokens of a Project Gutenberg
 play exactly, then ``--new-tokens`` following tokens are teacher-forced one decode step at a
 time through every (method, keep ratio), with prescore's own side data, selection and sparse
-decode kernel (see ``bench/eval_core.py``); e^(mean NLL) of those tokens is reported with the
+decode kernel (see ``bench/quality/eval_core.py``); e^(mean NLL) of those tokens is reported with the
 fraction of the KV actually read. Every context evaluates the same tokens (the prefix ends at
 the same text position), so contexts and methods are compared on identical targets. The
 attention fidelity (open loop, per layer) uses queries captured from the same exact prefill.
 
-    .venv/bin/python bench/eval_quality.py                     # default run (make results)
-    .venv/bin/python bench/eval_quality.py --smoke --out /tmp/q.json
-    .venv/bin/python bench/eval_quality.py --new-tokens 256 --expensive-contexts all
+    .venv/bin/python bench/quality/eval_quality.py                     # default run (make results)
+    .venv/bin/python bench/quality/eval_quality.py --smoke --out /tmp/q.json
+    .venv/bin/python bench/quality/eval_quality.py --new-tokens 256 --expensive-contexts all
 
-Writes JSON (``--out``, default docs/results/quality.json); ``bench/eval_report.py`` turns it
+Writes JSON (``--out``, default docs/results/quality.json); ``bench/quality/eval_report.py`` turns it
 into the report and plots. One CPU thread (as vLLM serves); times are CPU seconds.
 """
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_core import BASE, METHODS, Llama, method, run_context, text_tokens  # noqa: E402
 from prescore_backend.config import PrescoreConfig, env_name  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Default methods: every scorer with the default query-aware part, pre-scoring alone, the
 #: baselines at equal budgets, the oracle and the exact reference.
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "block_size": 128, "config": cfg.to_dict(), "fid_queries": args.fid_queries,
         "fid_stride": args.fid_stride, "machine": machine(), "git_commit": git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/eval_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/quality/eval_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         # the PRESCORE_* config variables that changed the base config (eval_core.BASE)
         "env": {env_name(f.name): os.environ[env_name(f.name)] for f in fields(PrescoreConfig)
                 if os.environ.get(env_name(f.name))},

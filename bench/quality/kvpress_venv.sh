@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create kvpress's own virtual environment (kvpress 0.5.5 pins transformers < 5.3, older than
-# the project's .venv), used by bench/eval_kvpress.py for the kvpress baselines of
+# the project's .venv), used by bench/quality/eval_kvpress.py for the kvpress baselines of
 # `make results`. Idempotent: does nothing when the venv already imports kvpress 0.5.5.
 #
-#   bench/kvpress_venv.sh            # -> ${PRESCORE_CACHE:-~/.cache/prescore}/kvpress-venv
+#   bench/quality/kvpress_venv.sh            # -> ${PRESCORE_CACHE:-~/.cache/prescore}/kvpress-venv
 #   KVPRESS_VENV=/some/dir PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu" \
-#       bench/kvpress_venv.sh
+#       bench/quality/kvpress_venv.sh
 #
 # torch is the CPU build the project's .venv uses (torch==2.13.0+cpu; where pip cannot find
 # it on your index, pass PyTorch's CPU index in PIP_OPTS as for `make setup`).

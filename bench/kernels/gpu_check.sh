@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of the Triton path, one command, every result under one folder (~5 min on an H100):
-#   bash bench/gpu_check.sh [OUT_DIR]        (default bench/out/gpu_check)
+#   bash bench/kernels/gpu_check.sh [OUT_DIR]        (default bench/out/gpu_check)
 # 1. the Triton kernel tests compiled for the GPU (selection and sparse decode vs *_ref);
 # 2. the CUDA backend tests (builder, side data, sparse path vs vLLM's TritonAttentionImpl and
 #    the oracles) on CUDA tensors - when vLLM with CUDA is installed, else said so in the log;
@@ -11,7 +11,7 @@
 # a scratch folder without dependencies (torch and triton must be there). Exit status: the
 # number of parts that failed. ``--list`` prints the parts' commands and runs nothing.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 LIST=""
 if [ "${1:-}" = "--list" ]; then LIST=1; shift; fi
 OUT=${1:-bench/out/gpu_check}
@@ -39,8 +39,8 @@ else
     echo "vLLM (CUDA build) is not installed here: tests/test_cuda_backend.py not run" \
         | tee "$OUT/pytest_backend.log"
 fi
-run triton_check "$PY" bench/bench_triton_decode.py --check --no-time --out "$OUT/triton_check.json"
-run triton_decode "$PY" bench/bench_triton_decode.py --contexts 4096,16384 --rounds 3 \
+run triton_check "$PY" bench/kernels/bench_triton_decode.py --check --no-time --out "$OUT/triton_check.json"
+run triton_decode "$PY" bench/kernels/bench_triton_decode.py --contexts 4096,16384 --rounds 3 \
     --out "$OUT/triton_decode.json"
 echo "$failed part(s) failed; results in $OUT"
 exit "$failed"

@@ -1,11 +1,11 @@
 """kvpress baselines for the quality evaluation, run through kvpress itself (its own venv).
 
 kvpress 0.5.5 pins transformers < 5.3, so this script runs in the venv made by
-``bench/kvpress_venv.sh`` and imports nothing from prescore. It reads the settings of a
-``bench/eval_quality.py`` result (model, text, contexts, keep ratios, new tokens, where the
+``bench/quality/kvpress_venv.sh`` and imports nothing from prescore. It reads the settings of a
+``bench/quality/eval_quality.py`` result (model, text, contexts, keep ratios, new tokens, where the
 evaluated tokens start) so both score the very same tokens, and writes its own JSON:
 
-    $(bench/kvpress_venv.sh)/bin/python bench/eval_kvpress.py \\
+    $(bench/quality/kvpress_venv.sh)/bin/python bench/quality/eval_kvpress.py \\
         --spec docs/results/quality.json --out docs/results/kvpress.json
 
 Per context: one exact prefill of the prefix (transformers' LlamaForCausalLM, fp32, sdpa);
@@ -74,7 +74,7 @@ def presses() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", required=True, help="quality JSON of bench/eval_quality.py")
+    p.add_argument("--spec", required=True, help="quality JSON of bench/quality/eval_quality.py")
     p.add_argument("--out", required=True)
     p.add_argument("--presses", default=None, help="comma list (default: all)")
     p.add_argument("--threads", type=int, default=1)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     "transformers": transformers.__version__, "torch": torch.__version__,
                     "threads": args.threads, "spec": str(args.spec),
                     "labels": {k: v[0] for k, v in table.items() if k in names},
-                    "command": "python bench/eval_kvpress.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "command": "python bench/quality/eval_kvpress.py " + " ".join(sys.argv[1:] if argv is None else argv),
                     "wall_s": time.perf_counter() - t_all},
            "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

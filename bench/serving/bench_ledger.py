@@ -2,14 +2,14 @@
 each cell's Amdahl limit.
 
 For each (context, batch) cell the two backends run one after the other, in alternating order
-from cell to cell, each in its own process (``bench/bench_breakdown.py``: one in-process
+from cell to cell, each in its own process (``bench/serving/bench_breakdown.py``: one in-process
 engine, timers around the engine step, the scheduler, the metadata builder, the model, the
 attention and its parts, and the sampler). The **Amdahl limit** of a cell is CPU_ATTN's step
 with its attention time scaled to the bytes PRESCORE reads (selected tiles + side data, as a
 fraction of the KV): what a sparse decode at vLLM's own bytes per second would reach if
 everything else stayed as it is.
 
-    .venv/bin/python bench/bench_ledger.py --cells 4096x1,8000x1,4096x8,8000x8 \\
+    .venv/bin/python bench/serving/bench_ledger.py --cells 4096x1,8000x1,4096x8,8000x8 \\
         --report docs/results/ledger_avx-512
 
 Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_fraction(context: int, dtype: str) -> tuple[float, float]:
@@ -64,7 +64,7 @@ def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) ->
 def run_cell(backend: str, ctx: int, batch: int, a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b.json"
-        cmd = [sys.executable, str(REPO / "bench" / "bench_breakdown.py"), "--backend", backend,
+        cmd = [sys.executable, str(REPO / "bench" / "serving" / "bench_breakdown.py"), "--backend", backend,
                "--context", str(ctx), "--batch", str(batch), "--decode-tokens",
                str(a.decode_tokens), "--dtype", a.dtype, "--out", str(out)]
         print(f"[ledger] {backend} {ctx}x{batch}", file=sys.stderr, flush=True)
@@ -107,7 +107,7 @@ def markdown(rows: list[dict], a, args: str) -> str:
              f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d})", "",
              f"Host: {rows[0]['host']}; {rows[0]['dtype']}; SmolLM2-135M, one thread per engine, "
              f"eager; {a.decode_tokens} decode steps per cell; keep ratio: {keep}. Command: "
-             f"`python bench/bench_ledger.py {args}`.", "",
+             f"`python bench/serving/bench_ledger.py {args}`.", "",
              "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "
              "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit).", "",
              "| context | batch | CPU_ATTN ms/step (attention) | PRESCORE ms/step (attention) "

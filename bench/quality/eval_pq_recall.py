@@ -1,7 +1,7 @@
 """Recall of PQ codebook variants at equal bytes: how much attention mass the tiles a PQ
 ranking selects hold, against the oracle, StreamingLLM and the exact estimate.
 
-    .venv/bin/python bench/eval_pq_recall.py calibration 4    # text kind(s), subspaces
+    .venv/bin/python bench/quality/eval_pq_recall.py calibration 4    # text kind(s), subspaces
 
 Codebooks are fitted on the calibration tokens of ``prescore-models calibrate`` (CPython
 stdlib source) in four variants: D/m consecutive channels ("base"), whole rotary pairs per

@@ -9,8 +9,8 @@ query-aware pick) and the fused selection + sparse attention; for CPU_ATTN its a
 forward. One
 backend per process; compare two runs side by side:
 
-    .venv/bin/python bench/bench_breakdown.py --backend PRESCORE --context 4096
-    .venv/bin/python bench/bench_breakdown.py --backend CPU_ATTN --context 4096
+    .venv/bin/python bench/serving/bench_breakdown.py --backend PRESCORE --context 4096
+    .venv/bin/python bench/serving/bench_breakdown.py --backend CPU_ATTN --context 4096
 
 Wall-clock (the engine's threads share the process); a diagnostic, not a speed claim.
 
@@ -19,7 +19,7 @@ steps only) to: the frontend (output processing), the scheduler and bookkeeping,
 builder (prescore's per-step plan), the model outside attention (embeddings, linear layers,
 norms, rotary, KV write), attention (for PRESCORE split into side-data upkeep, the selection's
 inputs, the fused selection + sparse attention and the forward's Python glue) and the sampler.
-``bench/bench_ledger.py`` runs both backends and adds each cell's Amdahl limit.
+``bench/serving/bench_ledger.py`` runs both backends and adds each cell's Amdahl limit.
 """
 
 from __future__ import annotations

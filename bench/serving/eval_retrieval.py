@@ -1,6 +1,6 @@
 """Passkey retrieval through a running server, prescore vs exact attention.
 
-    python bench/eval_retrieval.py [--lengths 2000 4000 7500] [--depths 0.1 0.3 0.5 0.7 0.9]
+    python bench/serving/eval_retrieval.py [--lengths 2000 4000 7500] [--depths 0.1 0.3 0.5 0.7 0.9]
                                    [--url http://127.0.0.1:8000]   # else starts prescore-serve
 
 A five-digit pass key is planted at a given depth of real English text (the Python language
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "results"
 CHARS_PER_TOKEN = 4.3  # measured for the SmolLM2 tokenizer on this text, roughly
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "SmolLM2-135M-Instruct (embedded), vLLM CPU, bf16",
             "settings": {k: settings[k] for k in ("method", "keep_ratio", "query_aware",
                                                   "min_seq_len", "tile_size")},
-            "command": "python bench/eval_retrieval.py " + " ".join(argv or sys.argv[1:])}
+            "command": "python bench/serving/eval_retrieval.py " + " ".join(argv or sys.argv[1:])}
     path = write(rows, meta, Path(args.out))
     print(path.read_text())
     return 0

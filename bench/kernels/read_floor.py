@@ -8,10 +8,10 @@ touched into L2 to start the hardware streamer), and sums the lines so no load i
 q.k, softmax or p.v. ``read_all_amx`` is the same for every block of every row, in block-table
 order (the bytes vLLM's exact op reads). Timed beside vLLM's op and the sparse call in one run
 (``bench_sparse_decode.py --floor-column``), vLLM's time over the floor is the speedup that no
-kernel reading those bytes on this host could pass at that moment. ``bench/read_probe.c`` is
+kernel reading those bytes on this host could pass at that moment. ``bench/kernels/read_probe.c`` is
 the standalone C version with other prefetch schedules (none was faster).
 
-Bench-only (not part of the package): ``bench/read_floor.cpp``, compiled on first use with
+Bench-only (not part of the package): ``bench/kernels/read_floor.cpp``, compiled on first use with
 torch's JIT extension loader.
 """
 

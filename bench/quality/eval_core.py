@@ -142,7 +142,7 @@ class RowBatch:
 
 
 #: The harness's base config: the server's defaults, changed by the same ``PRESCORE_*``
-#: variables the server reads (``PRESCORE_TILE_SIZE=32 python bench/eval_quality.py ...``
+#: variables the server reads (``PRESCORE_TILE_SIZE=32 python bench/quality/eval_quality.py ...``
 #: evaluates 32-token tiles); methods vary it per field with ``name@field=value``.
 BASE = PrescoreConfig.from_env()
 TILE = BASE.tile_size
@@ -418,7 +418,7 @@ def set_budget_profile(path: str | Path) -> None:
 @dataclass
 class HeadBudgetMethod(EvalMethod):
     """``heads[P]:<method>``: the method with its per-row budget split across layers and KV
-    heads by :data:`BUDGET_PROFILE` (``bench/head_budgets.py``): same total tiles
+    heads by :data:`BUDGET_PROFILE` (``bench/quality/head_budgets.py``): same total tiles
     per step over all (layer, head) pairs, each pair's budget from the calibration curves, at
     least P% of the uniform budget (default: only the forced sinks + window)."""
 

@@ -1,7 +1,7 @@
 """Load test of ``prescore-serve``: concurrent streaming and non-streaming clients, mixed prompt
 lengths, on 127.0.0.1 only, bounded in request count and time.
 
-    python bench/bench_load.py [--requests 200] [--concurrency 8] [--backends PRESCORE CPU_ATTN]
+    python bench/serving/bench_load.py [--requests 200] [--concurrency 8] [--backends PRESCORE CPU_ATTN]
 
 For each backend in turn (one server at a time, the same request mix, side by side in one
 invocation) it reports throughput, TTFT and inter-token latency percentiles, errors, and the
@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

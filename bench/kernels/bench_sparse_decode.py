@@ -34,7 +34,7 @@ then runs its AMX kernel), ``rowmajor`` a what-if with K row-major.
 Several copies of the cache ("layers") are cycled so the working set exceeds the last-level
 cache, as in a real model (30 layers); a single-layer run would flatter the sparse path.
 
-Usage: python bench/bench_sparse_decode.py [--threads 1] [--quick] [--out bench/out/x.json]
+Usage: python bench/kernels/bench_sparse_decode.py [--threads 1] [--quick] [--out bench/out/x.json]
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def write_report(data: dict, out_dir: Path, command: str, name: str = "kernels")
         "half the budget, then `select_and_decode_into`); *select*: the pre-score "
         "selection alone (`select_tiles`); *torch path*: sparse with the torch selection and "
         "the vectorized torch kernel; *floor* (`--floor-column`, bf16 \"amx\" only): "
-        "`bench/read_floor.py` reading the same selection's K and V lines with the kernel's "
+        "`bench/kernels/read_floor.py` reading the same selection's K and V lines with the kernel's "
         "prefetches and no arithmetic, so *vLLM / floor* bounds what any kernel reading those "
         "bytes could reach in that run.", "",
         "| ctx | batch | keep | vLLM op ms | sparse ms | sparse + Quest ms | select ms | torch path ms "
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     for ctx in contexts:
         for batch in batches:
             results.extend(run_config(ctx, batch, keeps, args, ops))
-    out = Path(args.out) if args.out else Path(__file__).parent / "out" / f"sparse_decode_{int(time.time())}.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "out" / f"sparse_decode_{int(time.time())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(thp=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", flush_denormal=True,
                 k_layout=args.k_layout,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(data, indent=1))
     print(f"# wrote {out}")
     if args.report:
-        cmd = "python bench/bench_sparse_decode.py " + " ".join(
+        cmd = "python bench/kernels/bench_sparse_decode.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
         print(f"# wrote {write_report(data, Path(args.report), cmd, args.report_name)}")
     return 0

@@ -1,7 +1,7 @@
 """How the 4-bit key copy's design choices rank tiles: recall of the exact top tiles.
 
-    .venv/bin/python bench/eval_keycopy_recall.py                 # calibration text
-    .venv/bin/python bench/eval_keycopy_recall.py --text play --out /tmp/r.json
+    .venv/bin/python bench/quality/eval_keycopy_recall.py                 # calibration text
+    .venv/bin/python bench/quality/eval_keycopy_recall.py --text play --out /tmp/r.json
 
 For 64 consecutive queries after ``--context`` tokens of a text (Macbeth, the calibration
 text, by default), every ``--layer-step``-th layer: the tiles beyond sinks (2) and window (10)

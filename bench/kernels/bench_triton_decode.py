@@ -31,7 +31,7 @@ graph-captured decode step costs: vLLM captures decode on GPUs) and issued eager
 Without a GPU (``--device cpu``) it runs under the Triton interpreter on tiny shapes: a smoke
 run of the code, its timings meaningless.
 
-Usage: python bench/bench_triton_decode.py --check [--quick] [--out bench/out/triton.json]
+Usage: python bench/kernels/bench_triton_decode.py --check [--quick] [--out bench/out/triton.json]
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Markdown report and PNG plots from the quality evaluation's JSON.
 
-    .venv/bin/python bench/eval_report.py                 # docs/results/{quality,kvpress,tuning,expensive}.json
-    .venv/bin/python bench/eval_report.py --quality /tmp/q.json --out-dir /tmp/report
+    .venv/bin/python bench/quality/eval_report.py                 # docs/results/{quality,kvpress,tuning,expensive}.json
+    .venv/bin/python bench/quality/eval_report.py --quality /tmp/q.json --out-dir /tmp/report
 
-Reads ``quality.json`` (bench/eval_quality.py), and when present ``kvpress.json``
-(bench/eval_kvpress.py) and ``tuning.json`` (a bench/eval_quality.py run of config variants);
+Reads ``quality.json`` (bench/quality/eval_quality.py), and when present ``kvpress.json``
+(bench/quality/eval_kvpress.py) and ``tuning.json`` (a bench/quality/eval_quality.py run of config variants);
 writes ``quality.md``, ``quality_ppl.png``, ``quality_fidelity.png`` and
 ``quality_fidelity_layers.png``
 into ``--out-dir``. Every figure states the machine, model, text and command that produced it.
@@ -19,7 +19,7 @@ import math
 import random
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_METHOD = "prescore_leverage"  # what the backend runs with its default config
 #: Targets of issue 6 (context >= 4k): ppl within this fraction of exact at this keep ratio.
 TARGETS = {1 / 8: 0.025, 1 / 16: 0.07}
@@ -148,7 +148,7 @@ def plot_ppl(meta: dict, data: dict, labels: dict, out: Path) -> None:
     fig.suptitle("Perplexity vs fraction of KV read (decode-faithful: prescore's side data, "
                  "selection and sparse decode kernel, one token per step; lines above the top "
                  "are clipped)", fontsize=10)
-    fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py + bench/eval_kvpress.py"), fontsize=6.5)
+    fig.text(0.005, 0.005, footer(meta, "bench/quality/eval_quality.py + bench/quality/eval_kvpress.py"), fontsize=6.5)
     fig.tight_layout(rect=(0, 0.03, 1 - 3.0 / (5.4 * len(ctxs) + 3.2), 0.95))
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -197,7 +197,7 @@ def plot_fidelity(meta: dict, quality: dict, labels: dict, out_recall: Path, out
                frameon=False)
     fig.suptitle("Attention fidelity on real Q/K/V (open loop, queries of the last prefix "
                  "positions, exact prefill)", fontsize=11)
-    fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py"), fontsize=6.5)
+    fig.text(0.005, 0.005, footer(meta, "bench/quality/eval_quality.py"), fontsize=6.5)
     fig.tight_layout(rect=(0, 0.03, 1 - 3.0 / (5.4 * len(ctxs) + 3.2), 0.96))
     fig.savefig(out_recall, dpi=90)
     plt.close(fig)
@@ -221,7 +221,7 @@ def plot_fidelity(meta: dict, quality: dict, labels: dict, out_recall: Path, out
         ax.grid(True, alpha=0.3)
     fig.legend(*axes[1].get_legend_handles_labels(), loc="center right", fontsize=7.5, frameon=False)
     fig.suptitle(f"Per-layer attention fidelity at keep {fmt_ratio(r)}, context {c}", fontsize=11)
-    fig.text(0.005, 0.005, footer(meta, "bench/eval_quality.py"), fontsize=6.5)
+    fig.text(0.005, 0.005, footer(meta, "bench/quality/eval_quality.py"), fontsize=6.5)
     fig.tight_layout(rect=(0, 0.04, 0.8, 0.95))
     fig.savefig(out_layers, dpi=90)
     plt.close(fig)
@@ -457,7 +457,7 @@ def write_report(quality: dict, kvpress: dict | None, tuning: dict | None, out_d
                   f"{kvpress['meta']['transformers']}), " + ", ".join(
                       f"context {r['context']}: {r['timings_cpu_s']['total_s']:.0f} s" for r in kvpress["runs"])]
     lines += ["", f"Commands: `{meta['command']}`" + (f", `{kvpress['meta']['command']}`" if kvpress else "")
-              + ", `python bench/eval_report.py`.", ""]
+              + ", `python bench/quality/eval_report.py`.", ""]
     path = out_dir / "quality.md"
     path.write_text("\n".join(lines))
     return path
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quality = load(Path(args.quality))
     if quality is None:
-        p.error(f"{args.quality} not found: run bench/eval_quality.py first")
+        p.error(f"{args.quality} not found: run bench/quality/eval_quality.py first")
     path = write_report(quality, load(Path(args.kvpress)), load(Path(args.tuning)), Path(args.out_dir),
                         load(Path(args.expensive)))
     print(f"wrote {path}")
