@@ -1,8 +1,8 @@
 """Fused CPU tile selection and query-aware picks (C++: ``csrc/select.h``, ``csrc/picks.h``).
 
 The torch version of :func:`prescore_backend.kernels.select.select_tiles` is ~20 tensor ops per
-layer (top-k, scatters, a sort), ~0.3 ms at 16k context on one core: as much as reading the
-selected tiles. Here one task per (row, KV head) does the same in O(M) with
+layer (top-k, scatters, a sort), which cost as much as reading the selected tiles
+(docs/cpu-kernels.md). Here one task per (row, KV head) does the same in O(M) with
 a branch-free top-k (the k-th largest score built bit by bit by vectorized counting passes
 over order-preserving integer keys, then a vectorized pass marking the keys above it and a scan
 for the ties, lower index first) and writes the ascending tile list directly.

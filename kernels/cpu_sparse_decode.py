@@ -14,8 +14,8 @@ Two loops share the contract:
     the accumulator kept in registers, a branch-free polynomial exp, and software prefetch of
     the next 16-token chunk, one cache line per load of the current one (the K^T rows of a
     chunk are D lines 4*B bytes apart, which the hardware prefetchers do not follow; a burst of
-    a whole tile's prefetches fills the line-fill buffers and stalls the compute behind it:
-    spreading them made the kernel 1.6-1.8x faster at 16k, keep 1/8). Unwritten slots after
+    a whole tile's prefetches fills the line-fill buffers and stalls the compute behind it;
+    docs/cpu-kernels.md). Unwritten slots after
     seq_len inside a chunk are read (they are inside the block) but masked to -inf before the
     softmax and never touch V.
   * the packed path for vLLM's "amx" layout (bf16; ``kv_layout="amx"``, see :mod:`.layouts`):

@@ -170,7 +170,7 @@ def _select_torch(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sin
     # Fast path (the common case): every forced tile and every capped LSH match fits in each
     # row's budget (or the row is dense), so their order among themselves cannot matter and a
     # single float top-k decides. Exact ties between pre-scores may break differently from
-    # the oracle's "lower index first". Op count matters here (~5 us per torch op).
+    # the oracle's "lower index first". Op count matters here (each torch op has a fixed dispatch cost).
     room = sink_tiles + window_tiles + (lsh_cap if use_lsh else 0)
     if bool(((keep >= room) | (keep >= n)).all()):
         big = torch.finfo(torch.float32).max / 2

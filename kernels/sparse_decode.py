@@ -78,8 +78,8 @@ def expand_kv_heads(x: Tensor, num_query_heads: int) -> Tensor:
 def _tile_view(cache: Tensor, tile_size: int) -> tuple[Tensor, int, int, int, bool] | None:
     """A flat view of whole tiles over the cache's storage, or None if the strides forbid.
 
-    Two layouts gather whole tiles with one ``index_select`` (about 2.5x faster than advanced
-    indexing over (block, head, row) index tensors, measured):
+    Two layouts gather whole tiles with one ``index_select`` (faster than advanced indexing
+    over (block, head, row) index tensors; docs/cpu-kernels.md):
       * row-major tiles (token stride D, unit dim stride; V in vLLM's CPU cache): view
         ``[N, T, D]``, each tile one contiguous T*D chunk;
       * token-contiguous tiles (unit token stride, dim stride B'; K in vLLM's CPU cache, stored
@@ -167,12 +167,9 @@ def _torch_core(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tab
     About 40 small torch ops per decode step and layer whatever R and Hkv: K and V tiles
     gathered with one index_select each, scores and output by batched matmuls, masked fp32
     softmax. On a 2-core CPU the cost is (1) the two gathers (in vLLM's CPU cache a K tile is
-    D runs of T elements because K is stored [D, B] per block, ~2.5x slower per byte than a
-    V tile, one contiguous T*D run) and (2) per-op dispatch, ~5-15 us each when the caches
-    are cold after the previous layer: op count is kept low on purpose.
-    Tried and dropped: ``embedding_bag`` applying the probabilities while gathering V
-    (re-reads V once per query head of the group: 2x slower), ``torch.compile`` of the K
-    gather-reduce (slower than eager here).
+    D runs of T elements because K is stored [D, B] per block, slower per byte than a V tile,
+    one contiguous T*D run) and (2) per-op dispatch with the caches cold after the previous
+    layer: op count is kept low on purpose. What was tried and dropped: docs/cpu-kernels.md.
     """
     R, Hq, Hkv, D, B = check_decode_inputs(query, key_cache, value_cache, block_tables, seq_lens,
                                      tiles, tile_size)

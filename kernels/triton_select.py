@@ -1,8 +1,8 @@
 """Triton tile selection (GPU; runs on CPU tensors under TRITON_INTERPRET=1).
 
 The torch version of :func:`prescore_backend.kernels.select.select_tiles` is ~15-20 small ops (two
-top-k's, a sort, scatters); replayed from a CUDA graph on an H100 it costs 0.09-0.17 ms per
-layer, 3-10x the sparse decode it feeds (``bench/kernels/bench_triton_decode.py``). Here one program per
+top-k's, a sort, scatters); replayed from a CUDA graph it costs several times the sparse
+decode it feeds (``bench/kernels/bench_triton_decode.py``, docs/cpu-kernels.md). Here one program per
 (row, KV head) holds the row's M tile keys in registers and does the whole selection:
 
 * every tile gets one exact integer priority key: ``class << 32 | secondary``; class 3 =

@@ -155,7 +155,7 @@ class Llama:
             if on_q is not None:
                 on_q(i, qt)
             # Contiguous inputs keep SDPA on its fused CPU kernel (a strided q falls back to the
-            # O(n^2)-memory math path: 100x slower at 8k tokens).
+            # O(n^2)-memory math path: far slower at long contexts).
             attn = F.scaled_dot_product_attention(
                 qt.contiguous().unsqueeze(0), kt.repeat_interleave(g, 0).unsqueeze(0),
                 vt.repeat_interleave(g, 0).unsqueeze(0), is_causal=True, scale=self.scale)

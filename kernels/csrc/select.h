@@ -37,7 +37,7 @@ inline uint64_t kept_mask64(const uint8_t* p) {
 // u padded with zeros to nv vectors; k candidates in all), ties to the lower index: the same
 // set as sorting by (key descending, index ascending). The k-th largest key is built bit by bit:
 // 32 branch-free counting passes over the vectors (std::nth_element on random scores
-// mispredicts about every other comparison, 5x slower); then the keys above it are marked in a
+// mispredicts about every other comparison; docs/cpu-kernels.md); then the keys above it are marked in a
 // vectorized pass and, only if some are needed, the first keys equal to it by a scan.
 inline void mark_top(const v16u_t* uv, int64_t nv, int64_t n, int64_t k, int64_t take,
                      uint8_t* src, uint8_t mark) {
@@ -173,8 +173,8 @@ static void select_run(const SelPlan& p, int64_t sink, int64_t window, int64_t l
         const int64_t run = tpb * W;  // a (block, head)'s bucket sets: one contiguous run
         auto block_sets = [&](int64_t lb) { return lip->tmask + (btr[lb] * H + h) * run; };
         int64_t k = 0;
-        // block by block: one division per block, not two per tile (64-bit divisions made
-        // this loop cost ~1 ms at 16k, batch 8); the run 16 blocks ahead is prefetched
+        // block by block: one division per block, not two per tile (64-bit divisions
+        // dominated this loop); the run 16 blocks ahead is prefetched
         // (blocks sit at random places: each run is a cold 1-2 line read)
         const int64_t lb_end = (w_lo + tpb - 1) / tpb;
         // pass 1: hit[t] = the tile's set meets the group's (W a constant for 1 and 2 words,

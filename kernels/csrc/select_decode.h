@@ -123,8 +123,7 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
 // out's dtype, and when stats [>= 5] int64 is given, the tokens read and the tiles chosen per
 // source (sink, window, lsh, prescore) added to stats[0..5). Scratch is kept per thread. Each
 // torch allocation, returned tensor and Python object costs microseconds here: the call runs
-// with caches cold from the rest of the layer (measured at 16k, batch 1: ~0.1 ms less per call
-// than select_decode_cpu plus the caller's copy and counter ops). -> the selection's seconds,
+// with caches cold from the rest of the layer (docs/cpu-kernels.md). -> the selection's seconds,
 // or -1 when the packed "amx" loop declines (the caller unpacks and calls again).
 double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v,
                               torch::Tensor bt, torch::Tensor seq_lens, torch::Tensor scores,

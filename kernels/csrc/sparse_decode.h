@@ -184,8 +184,7 @@ static inline v16f vexp_nonpos(v16f x) {
 // The 16-token chunks of the selected tiles of one (row, KV head), in processing order. The
 // vector paths keep a second cursor kAheadChunks ahead and spread that chunk's prefetches over
 // the loads of the current one, a line per load: prefetching a whole tile at once fills the
-// line-fill buffers, and the compute behind the burst waits for them (measured: 1.6-1.8x slower
-// at 16k, keep 1/8, batch 1 and 8, with the same bytes read).
+// line-fill buffers, and the compute behind the burst waits for them (docs/cpu-kernels.md).
 struct Chunk {
   int64_t blk, off, n;  // physical block, token offset in it (a multiple of 16), valid tokens
 };
@@ -211,8 +210,7 @@ static inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 // Every loop over the GG heads of a group is unrolled (PS_FOR_HEADS): left as a runtime loop,
 // GCC keeps the per-head arrays (q.k sums, softmax state, PV accumulators) on the stack and each
-// FMA of a dependency chain goes through a store and a reload (measured: the compute of a
-// 16k keep-1/8 step with the data in L1 1.5x slower at G = 3).
+// FMA of a dependency chain goes through a store and a reload (docs/cpu-kernels.md).
 #define PS_FOR_HEADS(g) _Pragma("GCC unroll 8") for (int g = 0; g < GG; ++g)
 
 // Stores p[GG][16] to memory for real: left to itself, GCC keeps the probabilities in
@@ -538,7 +536,7 @@ static void decode_core(const float* qf, const torch::Tensor& k, const torch::Te
 }
 
 // query rows (rows[r], or r when rows is null) as fp32 [R, Hq, D] in buf. A plain loop: a .to() runs through TensorIterator, whose code is cold on the
-// per-layer path (with the output's cast ~30 us per call at batch 1, 1/10 of the sparse step).
+// per-layer path (docs/cpu-kernels.md).
 static void query_rows_f32(const torch::Tensor& query, const int64_t* rows, int64_t R,
                            std::vector<float>& buf) {
   const int64_t Hq = query.size(1), D = query.size(2), s0 = query.stride(0),

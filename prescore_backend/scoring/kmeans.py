@@ -33,7 +33,7 @@ __all__ = ["KMeansScorer", "KernelKMeansScorer", "KMedianScorer", "kmeans_pp_ini
 def _sq_dists(x: Tensor, c: Tensor, xn: Tensor | None = None) -> Tensor:
     """Squared Euclidean distances: x ``[H, n, D]``, c ``[H, C, D]`` -> ``[H, n, C]`` (>= 0).
 
-    ||x||^2 - 2 x.c + ||c||^2 in one baddbmm (a broadcast (x - c)^2 is ~6x slower on CPU).
+    ||x||^2 - 2 x.c + ||c||^2 in one baddbmm (a broadcast (x - c)^2 is several times slower on CPU).
     """
     if xn is None:
         xn = (x * x).sum(-1, keepdim=True)  # [H, n, 1]
@@ -140,9 +140,8 @@ class _ClusterScorer(Scorer):
 
     Cost control (defaults): k-means++ seeding on ``init_sample`` keys per head, Lloyd on
     ``fit_sample`` keys per head, then one assignment pass over all keys gives the scores.
-    Measured on one CPU thread (bench/kernels/bench_scorers.py, 3 KV heads, D = 64, 8k tokens):
-    ~30 ms per 1k tokens at C = 256 (~8 s for a 30-layer 8k prompt), ~10 ms at C = 64;
-    lower ``num_clusters`` or ``iters`` for cheaper scoring.
+    The cost grows with ``num_clusters`` and ``iters`` (``bench/kernels/bench_scorers.py``
+    measures it; docs/cpu-kernels.md); lower them for cheaper scoring.
     """
 
     num_clusters: int | None = None  # default: max(1, min(256, top_k // 4)), as the authors
