@@ -321,7 +321,8 @@ def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                     impl: str = "auto", **keys) -> tuple[Tensor, Tensor | None]:
     """The selection's inputs: each row's tile pre-scores ``[Rs, Hkv, M]`` (gathered through
     the block table bt ``[Rs, MB]`` int64) and the query-aware pick (:func:`query_aware_pick`,
-    ``[Rs, Hkv, M]`` bool or None; ``keys``: its key_cache, key_bt, kv_layout)."""
+    ``[Rs, Hkv, M]`` bool or None; ``keys``: its key_cache, key_bt, kv_layout, max_cap,
+    caps_uniform)."""
     scores = gather_tile_scores(side, bt)  # [Rs, Hkv, M]
     pick = query_aware_pick(cfg, q, side, bt, scores, num_tiles, caps, lsh=lsh, impl=impl,
                             **keys)

@@ -238,9 +238,9 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                 q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
                 scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles,
                                                plan.query_caps, lsh=lsh, key_cache=key_cache,
-                                               kv_layout=kv_layout)
-                lsh_kw = dict(lsh_match=pick, lsh_cap=int(plan.query_caps.max())
-                              if pick is not None else 0)
+                                               kv_layout=kv_layout, max_cap=plan.max_cap,
+                                               caps_uniform=plan.caps_uniform)
+                lsh_kw = dict(lsh_match=pick, lsh_cap=plan.max_cap if pick is not None else 0)
             pick_s = time.perf_counter() - t0
             # query rows read and output rows written in place, tokens read and tiles per
             # source added to the step's counters: no tensor made per layer on the CPU path
