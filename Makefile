@@ -11,13 +11,13 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels gpu-check clean help
+.PHONY: setup cpu-kernels model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels gpu-check clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
 	@echo "make test    set up, prepare the embedded model, run the test suite"
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
-	@echo "make model   only prepare the embedded model (idempotent)"
+	@echo "make model   only prepare the embedded model and build the CPU kernels (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-selection  selection quality at equal bytes, 3 texts + calibration -> docs/results/selection.{json,md} (~40 min)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
@@ -38,7 +38,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-model: setup
+# The C++ CPU kernels for this host (-march=native), cached by torch; seconds when cached.
+cpu-kernels: setup
+	$(BIN)/python -c 'from prescore_backend.kernels.cpu_ext import main; raise SystemExit(main())'
+
+model: setup cpu-kernels
 	$(BIN)/prescore-models prepare smollm2-135m
 
 serve: model

@@ -8,6 +8,10 @@ sources, the compiler flags, torch's version and this CPU's model and feature fl
 (:func:`ext_name`). Hosts sharing a cache directory never load each other's build, and an
 edit of any csrc file builds anew. :mod:`.cpu_sparse_decode`, :mod:`.cpu_select` and
 :mod:`.cpu_side` call through here; this module imports none of them.
+
+:func:`main` builds it ahead of time (``make cpu-kernels``, a step of ``make serve`` and
+``make test``, so the first server start does not wait for the compiler); it exits 0 when no
+compiler is found, since prescore then runs its torch paths.
 """
 
 from __future__ import annotations
@@ -63,3 +67,22 @@ def extension():
     ``select_tiles_cpu``, ``quest_pick_cpu``, ``sparq_pick_cpu``, ``pq_pick_cpu``,
     ``record_bounds_cpu``, ``select_decode_cpu``, ``select_decode_into_cpu``."""
     return build()
+
+
+def main() -> int:
+    """Build (or find in the cache) this host's extension and say which; never fails setup."""
+    import os
+    import time
+
+    t = time.perf_counter()
+    try:
+        extension()
+    except Exception as e:  # no compiler, no headers: the torch paths still serve
+        print(f"prescore: C++ CPU kernels not built ({type(e).__name__}: {e}); "
+              "prescore will use its torch paths")
+        return 0
+    where = os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default extensions directory")
+    print(f"prescore: C++ CPU kernels {ext_name()} ready for {cpu_model()} "
+          f"({time.perf_counter() - t:.0f} s; cached under {where})")
+    return 0
+

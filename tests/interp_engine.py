@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 torch.cuda.get_device_capability = lambda *a: (9, 0)
 
-PROMPTS = [list(range(1, 300)), list(range(5, 40)), list(range(100, 420))]  # long, short, long
+PROMPTS = [list(range(1, 192)), list(range(5, 40)), list(range(100, 300))]  # long, short, long
 TRITON_PATH = "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend"
 
 

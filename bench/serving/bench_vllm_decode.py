@@ -148,14 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         labels = [b for b in labels if b != "PRESCORE"] + [
             f"PRESCORE@{r}" for r in a.keep_ratios.split(",")]
     runs: dict[str, list[list[dict]]] = {b: [] for b in labels}  # backend -> rounds -> rows
-    for rnd in range(a.rounds):
-        for backend in (labels if rnd % 2 == 0 else labels[::-1]):
-            print(f"# round {rnd + 1}/{a.rounds}: {backend}", flush=True)
-            q = ctx_mp.Queue()
-            proc = ctx_mp.Process(target=_worker, args=(backend, args, q))
-            proc.start()
-            runs[backend].append(q.get())
-            proc.join()
+    for rnd, backend in engine_order(labels, a.rounds):
+        print(f"# round {rnd + 1}/{a.rounds}: {backend}", flush=True)
+        q = ctx_mp.Queue()
+        proc = ctx_mp.Process(target=_worker, args=(backend, args, q))
+        proc.start()
+        runs[backend].append(q.get())
+        proc.join()
     table = aggregate(runs)
     print(f"\nHost: {host_line(a.threads)}; medians [range] over {a.rounds} rounds")
     print("| ctx | batch | backend | TTFT s | decode ms/step | tok/s | speedup | greedy agreement |")
@@ -183,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         print(f"# wrote {write_report(data, Path(a.report))}")
     return 0
+
+
+def engine_order(labels: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, backend) in run order: A B, then B A, ... (drift hits both sides alike)."""
+    return [(rnd, b) for rnd in range(rounds) for b in (labels if rnd % 2 == 0 else labels[::-1])]
 
 
 def host_line(threads: int) -> str:
