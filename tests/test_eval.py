@@ -212,6 +212,28 @@ def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
     bad.write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="differs"):
         eval_selection.main(["--merge", f"{out},{bad}", "--out", str(tmp_path / "x.json")])
+    # --plot draws a run's pooled rows
+    png = tmp_path / "s.png"
+    assert eval_selection.main(["--plot", str(out), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_selection_targets_are_judged_per_text() -> None:
+    """The report's targets table: within +3% of dense at 1/8 and ahead of StreamingLLM with an
+    interval below zero count as met, per evaluation text; the calibration text is left out."""
+    import eval_selection
+
+    def cell(d, s):
+        return {"vs_dense_pct": d, "vs_streaming_pct": s}
+
+    summary = {"play|prescore_leverage|0.125": cell((2.9, 1.0, 5.0), (-4.0, -6.0, -1.0)),
+               "code|prescore_leverage|0.125": cell((3.1, 1.0, 5.0), (-4.0, -6.0, 0.5)),
+               "calibration|prescore_leverage|0.125": cell((50.0, 1, 99), (9.0, 1, 20))}
+    rows = eval_selection.targets(summary, ["play", "code", "calibration"], [0.125])
+    assert rows[2] == "| play | 1/8 | +2.9 (<= +3) | yes | -4.0 [-6.0, -1.0] | yes |"
+    assert rows[3] == "| code | 1/8 | +3.1 (<= +3) | **no** | -4.0 [-6.0, +0.5] | **no** |"
+    assert len(rows) == 4  # header, rule, play, code
+    assert eval_selection.targets(summary, ["prose"], [0.125]) == []  # no such cells
 
 
 def test_head_budget_profile_splits_the_same_total(model: Llama, tokens: torch.Tensor,

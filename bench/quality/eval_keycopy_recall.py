@@ -12,6 +12,15 @@ query group's r largest-|q| channels, with exact keys or a quantized copy (``b4`
 channels chosen one by one or as rotary pairs (i, i + D/2), quantized per (128-token block,
 channel) with the block's min and step (``block``, what ``prescore_backend.keycopy`` does) or
 per channel with the context's absmax (``context``, one symmetric scale).
+
+Further estimates (``--more``; docs/results/selection-probes.md), with key statistics from the
+calibration text's first 4096 tokens (disjoint from the default window at 10000):
+
+* ``loki``: Loki's estimate, q.k on the r leading principal components of the keys (per layer
+  and KV head), the rotated keys at 4 bits per block;
+* ``|q|*sd``: SparQ's channels chosen by |q| times the channel's key standard deviation;
+* ``+ centroid``: SparQ's r channels plus, for the other channels, q against the tile's mean
+  key (D - r more values per 16-token tile, 8 bits each with one scale per tile).
 """
 
 from __future__ import annotations
@@ -70,6 +79,47 @@ def recall(q: torch.Tensor, k: torch.Tensor, est_keys: torch.Tensor, r: int, pai
     return float(picked.gather(-1, truth).float().mean())
 
 
+def recall_est(q: torch.Tensor, k: torch.Tensor, est: torch.Tensor, g: int) -> float:
+    """As :func:`recall` for any estimate ``est`` ``[Hkv, G, nq, n]`` of the logits."""
+    hkv, n, d = k.shape
+    mt = n // T
+    budget = mt // 8 - SINK - WINDOW
+    exact = torch.einsum("hgqd,hnd->hgqn", q.view(hkv, g, -1, d), k).amax(1).view(hkv, -1, mt, T).amax(-1)
+    e = est.amax(1).view(hkv, -1, mt, T).amax(-1)
+    exact, e = exact[..., SINK:mt - WINDOW], e[..., SINK:mt - WINDOW]
+    truth = exact.topk(budget, -1).indices
+    picked = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, e.topk(budget, -1).indices, True)
+    return float(picked.gather(-1, truth).float().mean())
+
+
+def more_rows(q: torch.Tensor, k: torch.Tensor, calib_k: torch.Tensor, g: int) -> dict:
+    """The ``--more`` estimates of one layer: name -> (bytes per token and KV head, recall)."""
+    hkv, n, d = k.shape
+    qg = q.view(hkv, g, -1, d)
+    mu = calib_k.mean(1, keepdim=True)
+    cov = torch.einsum("hnd,hne->hde", calib_k - mu, calib_k - mu) / calib_k.shape[1]
+    basis = torch.linalg.eigh(cov)[1].flip(-1)  # [Hkv, D, D], leading components first
+    sd = calib_k.std(1)  # [Hkv, D]
+    kb = quant_block(k)
+    cent = k.view(hkv, n // T, T, d).mean(2)  # [Hkv, tiles, D], then 8 bits per value
+    sc = cent.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+    cent = (cent / sc).round() * sc
+    out = {}
+    for r in (8, 16):
+        kp = quant_block(torch.einsum("hnd,hde->hne", k, basis[..., :r].contiguous()))
+        qp = torch.einsum("hgqd,hde->hgqe", qg, basis[..., :r])
+        out[f"loki r={r} (4-bit)"] = (r / 2, torch.einsum("hgqe,hne->hgqn", qp, kp))
+        for name, w in (("", qg.abs().sum(1)), (" |q|*sd", qg.abs().sum(1) * sd.unsqueeze(1))):
+            mask = torch.zeros_like(w).scatter_(-1, w.topk(r, -1).indices, 1.0).unsqueeze(1)
+            est = torch.einsum("hgqd,hnd->hgqn", qg * mask, kb)
+            out[f"sparq{name} r={r} (4-bit)"] = (r / 2, est)
+            if not name:
+                rest = torch.einsum("hgqd,hmd->hgqm", qg * (1 - mask), cent)
+                out[f"sparq r={r} (4-bit) + centroid (8-bit)"] = (
+                    r / 2 + (d - r) / T, est + rest.repeat_interleave(T, -1))
+    return {name: (b, recall_est(q, k, est, g)) for name, (b, est) in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=10000, help="first token of the window")
     p.add_argument("--layer-step", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--more", action="store_true",
+                   help="also Loki's principal components, |q|*sd channels, tile centroids")
     p.add_argument("--out", default=None, help="JSON with the table")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -108,11 +160,23 @@ def main(argv: list[str] | None = None) -> int:
             per.append(recall(queries[L], k, kk, r, pairs, g))
         rows[name] = {"bytes_per_token": r * (4 if kind != "exact" else 16) / 8,
                       "mean": sum(per) / len(per), "per_layer": per}
+    if a.more:
+        calib = {}
+        ctoks, _ = load_text(mp, "calibration")
+        model.prefill(ctoks[:4096], on_kv=lambda i, k, v: calib.__setitem__(i, k.float()),
+                      logits="none")
+        for L in layers:
+            for name, (b, rec) in more_rows(queries[L], keys[L][:, : a.context], calib[L],
+                                            g).items():
+                row = rows.setdefault(name, {"bytes_per_token": b, "per_layer": []})
+                row["per_layer"].append(rec)
+        for name, row in rows.items():
+            row["mean"] = sum(row["per_layer"]) / len(row["per_layer"])
     print(f"{a.text} ({source}), context {a.context}, 64 queries, layers {layers}; "
           f"host {machine()['cpu']}")
-    print(f"{'estimate':36s} {'bytes/token':>11s} {'recall':>7s}")
+    print(f"{'estimate':40s} {'bytes/token':>11s} {'recall':>7s}")
     for name, row in rows.items():
-        print(f"{name:36s} {row['bytes_per_token']:>11.1f} {row['mean']:>7.3f}")
+        print(f"{name:40s} {row['bytes_per_token']:>11.1f} {row['mean']:>7.3f}")
     if a.out:
         Path(a.out).write_text(json.dumps({"text": a.text, "source": source,
                                            "context": a.context, "layers": layers,

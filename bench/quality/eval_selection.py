@@ -121,6 +121,70 @@ def summarize(rows: dict, texts: list[str], methods: list[str], ratios: list[flo
     return out
 
 
+#: Issue targets for the default (``prescore_leverage``): perplexity vs dense at most this
+#: many percent at a budget, on every evaluation text.
+TARGETS = {0.125: 3.0, 0.0625: 7.0}
+
+
+def targets(summary: dict, texts: list[str], ratios: list[float],
+            m: str = "prescore_leverage") -> list[str]:
+    """Markdown lines: per evaluation text and budget, the default against the targets (vs
+    dense within ``TARGETS``; ahead of StreamingLLM with a 95% interval below zero)."""
+    ev = [t for t in texts if t in EVAL_TEXTS]
+    out = ["| text | budget | vs dense % (target) | met | vs StreamingLLM % | ahead (CI < 0) |",
+           "|---|---|---|---|---|---|"]
+    for r in ratios:
+        if r not in TARGETS:
+            continue
+        for t in ev:
+            c = summary.get(f"{t}|{m}|{r:g}")
+            if c is None:
+                return []
+            d, st = c["vs_dense_pct"], c.get("vs_streaming_pct")
+            out.append(f"| {t} | 1/{round(1 / r)} | {d[0]:+.1f} (<= +{TARGETS[r]:g}) | "
+                       f"{'yes' if d[0] <= TARGETS[r] else '**no**'} | "
+                       + ("{:+.1f} [{:+.1f}, {:+.1f}]".format(*st) if st else "-") + " | "
+                       + ("yes" if st and st[2] < 0 else "**no**") + " |")
+    return out
+
+
+def plot(runs: list[dict], png: Path, ratios: tuple[float, ...] = (0.125, 0.0625)) -> Path:
+    """One panel per run (context): pooled perplexity change vs dense with its 95% interval,
+    per method, at each budget; dotted lines: the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        meta, summ = run["meta"], run["summary"]
+        ms = [m for m in meta["methods"] if m != "dense"]
+        for j, r in enumerate(ratios):
+            cells = [summ.get(f"pooled|{m}|{r:g}") for m in ms]
+            xs = [i + (j - 0.5) * 0.3 for i, c in enumerate(cells) if c]
+            mid = [c["vs_dense_pct"][0] for c in cells if c]
+            err = [[c["vs_dense_pct"][0] - c["vs_dense_pct"][1] for c in cells if c],
+                   [c["vs_dense_pct"][2] - c["vs_dense_pct"][0] for c in cells if c]]
+            ax.errorbar(xs, mid, yerr=err, fmt="o", capsize=3, label=f"1/{round(1 / r)} of the bytes")
+            if r in TARGETS:
+                ax.axhline(TARGETS[r], ls=":", color=f"C{j}", lw=1)
+        labels = [meta.get("labels", {}).get(m, m) for m in ms]
+        ax.set_xticks(range(len(ms)), [x.replace(" (", "\n(") for x in labels], rotation=35,
+                      ha="right", fontsize=7)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel("perplexity vs dense, % (pooled, 95% CI)")
+        ax.set_title(f"{meta['model']}, context {meta['context']}, "
+                     f"{summ['pooled|dense|1']['tokens']} tokens", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
              ratios: list[float]) -> str:
     lines = [f"# Selection quality at equal bytes read ({meta['date']})", "",
@@ -152,6 +216,10 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
                 lines.append(f"| {label} | 1/{round(1 / r)} | {c['read_fraction']:.3f} "
                              f"| {c['ppl']:.3f} | {vd} | {vs} |")
         lines.append("")
+    tgt = targets(summary, texts, ratios) if "prescore_leverage" in methods else []
+    if tgt:
+        lines += ["## Targets (the default, prescore leverage + pq, per evaluation text)", "",
+                  *tgt, ""]
     return "\n".join(lines)
 
 
@@ -239,12 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", default=None, help="markdown report (default: --out with .md)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown report of an earlier run's JSON")
+    p.add_argument("--plot", default=None, metavar="JSON[,JSON..]",
+                   help="only draw the pooled changes of earlier runs (one panel each) to --png")
+    p.add_argument("--png", default=str(REPO / "docs" / "results" / "selection.png"))
     p.add_argument("--merge", default=None, metavar="JSON[:OLD=>NEW],JSON[,..]",
                    help="combine runs of the same windows and budgets made with different "
                         "methods or texts (tokens scored by several runs must agree) into --out, "
                         "recomputing the paired intervals; OLD=>NEW reports a run's method OLD "
                         "as NEW (a run made under an earlier default)")
     args = p.parse_args(argv)
+    if args.plot:
+        runs = [json.loads(Path(x).read_text()) for x in args.plot.split(",")]
+        print(f"wrote {plot(runs, Path(args.png))}")
+        return 0
     if args.merge:
         return merge_runs(args.merge.split(","), Path(args.out),
                           Path(args.md) if args.md else None)
