@@ -19,7 +19,7 @@ help:
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model and build the CPU kernels (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
-	@echo "make results-selection  selection quality at equal bytes, 3 texts + calibration -> docs/results/selection.{json,md} (~40 min)"
+	@echo "make results-selection  selection quality at equal bytes, 4k (3 texts + calibration) and 8k -> docs/results/selection*.{json,md,png} (~100 min)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~10 min)"
 	@echo "make gpu-check        on a GPU machine: Triton kernel + CUDA backend tests, kernel benchmark -> bench/out/gpu_check/"
@@ -68,6 +68,11 @@ results: model
 # paired intervals vs dense and StreamingLLM, the calibration text apart: docs/results/selection.*
 results-selection: model
 	$(BIN)/python bench/quality/eval_selection.py --out docs/results/selection.json
+	$(BIN)/python bench/quality/eval_selection.py --texts play,prose,code --context 8192 --threads 2 \
+		--methods dense,streaming,oracle,prescore_leverage,prescore_leverage@query_aware=sparq4,pq \
+		--out docs/results/selection_8k.json
+	$(BIN)/python bench/quality/eval_selection.py \
+		--plot docs/results/selection.json,docs/results/selection_8k.json
 
 # Config variants at 4k and 8k (docs/results/tuning.json, shown in the report when present).
 results-tuning: model

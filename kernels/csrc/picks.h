@@ -546,8 +546,10 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
         const uint8_t* tok = cp + ((btp[r * MB + lb] * Hkv + h) * B + (t % tpb) * T) * m;
         float best = -std::numeric_limits<float>::infinity();
         if (m == 4 && C == 256) {
-          // 4 codes per token are one 32-bit lane: a gather per subspace for a vector of
-          // tokens, summed in the scalar loop's order (the same floats)
+          // 4 codes per token are one 32-bit lane, summed in the scalar loop's order (the same
+          // floats). AVX-512: a 16-lane gather per subspace. Elsewhere one 32-bit load per
+          // token and 4 scalar table loads: on AVX2-only CPUs (AMD Zen 3) the 8-lane gathers
+          // were slower than this loop (docs/cpu-kernels.md).
           const float* L = lut.data();
           int64_t i = 0;
 #if defined(__AVX512F__)
@@ -562,24 +564,12 @@ torch::Tensor pq_pick_cpu(torch::Tensor q, torch::Tensor codes, torch::Tensor bt
             bv = _mm512_max_ps(bv, e);
           }
           best = _mm512_reduce_max_ps(bv);
-#elif defined(__AVX2__)
-          const __m256i lo8 = _mm256_set1_epi32(255);
-          __m256 bv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-          for (; i + 8 <= T; i += 8) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tok + i * 4));
-            __m256 e = _mm256_i32gather_ps(L, _mm256_and_si256(v, lo8), 4);
-            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 256, _mm256_and_si256(_mm256_srli_epi32(v, 8), lo8), 4));
-            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 512, _mm256_and_si256(_mm256_srli_epi32(v, 16), lo8), 4));
-            e = _mm256_add_ps(e, _mm256_i32gather_ps(L + 768, _mm256_srli_epi32(v, 24), 4));
-            bv = _mm256_max_ps(bv, e);
-          }
-          alignas(32) float tmp[8];
-          _mm256_store_ps(tmp, bv);
-          for (float x : tmp) best = std::max(best, x);
 #endif
           for (; i < T; ++i) {
-            const uint8_t* c4 = tok + i * 4;
-            best = std::max(best, L[c4[0]] + L[256 + c4[1]] + L[512 + c4[2]] + L[768 + c4[3]]);
+            uint32_t c4;
+            std::memcpy(&c4, tok + i * 4, 4);
+            best = std::max(best, L[c4 & 255] + L[256 + ((c4 >> 8) & 255)] +
+                                      L[512 + ((c4 >> 16) & 255)] + L[768 + (c4 >> 24)]);
           }
         } else {
           for (int64_t i = 0; i < T; ++i) {
