@@ -293,3 +293,44 @@ def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
     assert res.token_nll[("probe_stale1_maxlogit", 0.25)] == exact
     stale = res.token_nll[("probe_stale64_maxlogit", 0.25)]
     assert stale[:1] == exact[:1] and stale != exact  # later steps reuse the first scan
+
+
+def test_repetition_scores_find_loops_and_agreement() -> None:
+    """The greedy-repetition report (bench/quality/eval_repetition.py): a looping generation
+    scores repeated 4-grams and a loop, a varied one none; agreement counts the tokens before
+    the first difference from dense; the paired difference against dense is per generation."""
+    import eval_repetition as er
+
+    varied = list(range(16))
+    loop = [1, 2, 3, 4] + [7, 8] * 6
+    s = er.scores(loop, varied)
+    assert s["loop"] and s["repeated_4grams"] == pytest.approx(7 / 13) and s["agree"] == 0
+    v = er.scores(varied, varied)
+    assert not v["loop"] and v["repeated_4grams"] == 0 and v["distinct"] == 1 and v["agree"] == 16
+    summ = er.summarize({"dense|1": [varied, varied], "streaming|0.125": [loop, varied]})
+    assert summ["streaming|0.125"]["loops"] == 1 and summ["dense|1"]["loops"] == 0
+    mean, lo, hi = summ["streaming|0.125"]["repeated_4grams_vs_dense"]
+    assert mean == pytest.approx(7 / 26) and lo <= mean <= hi
+    assert "| 1 of 2 |" in er.markdown(summ, {"date": "d", "model": "m", "context": 1,
+                                              "windows": 1, "texts": ["t"], "new_tokens": 16,
+                                              "machine": {"cpu": "c"}, "command": "x",
+                                              "git_commit": "g"})
+
+
+def test_greedy_rows_generate_their_own_tokens(model: Llama, tokens: torch.Tensor) -> None:
+    """run_context(greedy=True): the dense row's tokens are the exact model's greedy ones (one
+    full prefill per step as reference), each row feeds back its own argmax, and the NLLs are
+    of the generated tokens."""
+    n = 4
+    seq = tokens[6000:6000 + CTX + n + 1]
+    res = eval_core.run_context(model, seq, CTX, n, ["dense", "streaming"], [0.25],
+                                greedy=True, log=lambda s: None)
+    ids = seq[: CTX + 1].clone()
+    want = []
+    for _ in range(n):
+        nxt = int(model.prefill(ids, logits="all")[-1].argmax())
+        want.append(nxt)
+        ids = torch.cat([ids, torch.tensor([nxt])])
+    assert res.generated[("dense", 1.0)] == want
+    assert len(res.generated[("streaming", 0.25)]) == n
+    assert all(x >= 0 for x in res.token_nll[("dense", 1.0)])

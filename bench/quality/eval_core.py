@@ -929,6 +929,7 @@ class ContextResult:
     read: dict[tuple[str, float], float] = field(default_factory=dict)
     total: dict[tuple[str, float], float] = field(default_factory=dict)
     token_nll: dict[tuple[str, float], list[float]] = field(default_factory=dict)
+    generated: dict[tuple[str, float], list[int]] = field(default_factory=dict)
     fidelity: dict[tuple[str, float], dict[str, list[float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -947,7 +948,7 @@ def _groups(methods: list[EvalMethod], row_method: list[EvalMethod]) -> list[lis
 def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
                 methods: list[str], ratios: list[float], *, text: str = "",
                 fid_queries: int = 0, fid_stride: int = 4, base: PrescoreConfig | None = None,
-                equal_bytes: bool = False, prefix_codebook: int = 0,
+                equal_bytes: bool = False, prefix_codebook: int = 0, greedy: bool = False,
                 log: Callable[[str], None] = print) -> ContextResult:
     """Prefill ``tokens[:context]`` exactly, then teacher-force ``tokens[context:context+n]``
     (predicting ``tokens[context+1 : context+n+1]``) through every (method, ratio) row.
@@ -958,6 +959,9 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
 
     ``fid_queries`` > 0: also the open-loop attention fidelity on the queries of the last
     ``fid_queries * fid_stride`` prefix positions (every ``fid_stride``-th).
+
+    ``greedy``: each row generates from its own argmax after ``tokens[context]`` instead of
+    being teacher-forced (``generated``; the NLL is then of the row's own tokens).
     """
     base = base or BASE
     ms = [method(m) for m in methods]
@@ -1016,6 +1020,8 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     total = torch.zeros(R, dtype=torch.float64)
     t_dec = time.thread_time()
     bt = state.block_table
+    cur = feed[0].expand(R).clone()  # greedy: each row's own next token
+    gen = torch.zeros(R, new_tokens, dtype=torch.int64)
     for step in range(new_tokens):
         pos = context + step
         seq = torch.full((R,), pos + 1, dtype=torch.int64)
@@ -1040,8 +1046,14 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
             read.add_(side_frac * float((pos + 1) * k.shape[1]))
             return out
 
-        logits = model.decode(feed[step].expand(R), pos, attend)  # [R, V]
-        nll[:, step] = -torch.log_softmax(logits.double(), -1)[:, target[step]]
+        logits = model.decode(cur if greedy else feed[step].expand(R), pos, attend)  # [R, V]
+        if greedy:
+            gen[:, step] = logits.argmax(-1)
+            nll[:, step] = -torch.log_softmax(logits.double(), -1).gather(
+                1, gen[:, step:step + 1]).squeeze(1)
+            cur = gen[:, step]
+        else:
+            nll[:, step] = -torch.log_softmax(logits.double(), -1)[:, target[step]]
         if (step + 1) % 32 == 0 or step + 1 == new_tokens:
             el = time.thread_time() - t_dec
             log(f"  decode {context}: step {step + 1}/{new_tokens}, {el / (step + 1):.2f}s cpu/step")
@@ -1050,6 +1062,8 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     for i, (m, r) in enumerate(rows):
         res.nll[(m.name, r)] = float(nll[i].sum())
         res.token_nll[(m.name, r)] = nll[i].tolist()
+        if greedy:
+            res.generated[(m.name, r)] = gen[i].tolist()
         res.read[(m.name, r)] = float(read[i])
         res.total[(m.name, r)] = float(total[i])
     return res
