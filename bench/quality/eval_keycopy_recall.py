@@ -61,10 +61,7 @@ def recall(q: torch.Tensor, k: torch.Tensor, est_keys: torch.Tensor, r: int, pai
     """q ``[Hq, nq, D]``, k / est_keys ``[Hkv, n, D]``: the share of the exact top tiles
     (max over tile and group) that the r-channel estimate also ranks in its top."""
     hkv, n, d = k.shape
-    mt = n // T
-    budget = mt // 8 - SINK - WINDOW
     qg = q.view(hkv, g, -1, d)
-    exact = torch.einsum("hgqd,hnd->hgqn", qg, k).amax(1).view(hkv, -1, mt, T).amax(-1)
     mag = qg.abs().sum(1)  # [Hkv, nq, D]
     if pairs:
         top = (mag[..., : d // 2] + mag[..., d // 2:]).topk(r // 2, -1).indices
@@ -72,11 +69,7 @@ def recall(q: torch.Tensor, k: torch.Tensor, est_keys: torch.Tensor, r: int, pai
     else:
         ch = mag.topk(r, -1).indices
     mask = torch.zeros_like(mag).scatter_(-1, ch, 1.0).unsqueeze(1)
-    est = torch.einsum("hgqd,hnd->hgqn", qg * mask, est_keys).amax(1).view(hkv, -1, mt, T).amax(-1)
-    exact, est = exact[..., SINK:mt - WINDOW], est[..., SINK:mt - WINDOW]
-    truth = exact.topk(budget, -1).indices
-    picked = torch.zeros_like(est, dtype=torch.bool).scatter_(-1, est.topk(budget, -1).indices, True)
-    return float(picked.gather(-1, truth).float().mean())
+    return recall_est(q, k, torch.einsum("hgqd,hnd->hgqn", qg * mask, est_keys), g)
 
 
 def recall_est(q: torch.Tensor, k: torch.Tensor, est: torch.Tensor, g: int) -> float:
