@@ -68,12 +68,12 @@ def _paged_copy(lens, hkv, d, B, seed):
     return side, bt, keys, cache
 
 
-@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("group", [1, 3, 10])
 def test_rank_and_cpp_pick_match_the_dequantized_keys(group) -> None:
     """sparq4_tile_rank = max over the tile and the group's heads of q.k on the chosen
-    channels of each full block's dequantized copy, per row through a shuffled block table (MHA
-    and GQA, ragged rows); the C++ pick marks the same tiles, per-row caps, sinks and window
-    left out."""
+    channels of each full block's dequantized copy, per row through a shuffled block table (MHA,
+    GQA, and a group of 10 heads: the C++ ranks it in slices of 8; ragged rows); the C++ pick
+    marks the same tiles, per-row caps, sinks and window left out."""
     lens, hkv, d, B = [1500, 700, 1100], 2, 64, 128
     side, bt, keys, cache = _paged_copy(lens, hkv, d, B, seed=group)
     q = torch.randn(len(lens), hkv * group, d)
@@ -158,8 +158,8 @@ def test_copy_is_written_when_a_block_fills_and_only_then() -> None:
                                                fromlist=["cpu_flags"]).cpu_flags(),
                     reason="needs AVX-512F (an AVX2-only host builds these paths by default)")
 def test_avx2_build_picks_the_same_tiles() -> None:
-    """The C++ built without AVX-512 (the code AVX2-only hosts run: the nibbles widened in
-    plain C++) picks the tiles the torch ranking does."""
+    """The C++ built without AVX-512 (the code AVX2-only hosts run: the ranking in explicit
+    ymm pairs) picks the tiles the torch ranking does."""
     from prescore_backend.kernels.cpu_ext import build
     from test_pq import AVX2_ONLY
 

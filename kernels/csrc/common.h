@@ -68,6 +68,22 @@ template <> inline v16f load16<c10::BFloat16>(const c10::BFloat16* p) {
 #include <immintrin.h>
 static inline float hmax(v16f x) { __m512 y; std::memcpy(&y, &x, 64); return _mm512_reduce_max_ps(y); }
 static inline float hsum(v16f x) { __m512 y; std::memcpy(&y, &x, 64); return _mm512_reduce_add_ps(y); }
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline float hmax(v16f x) {
+  __m256 a, b;
+  std::memcpy(&a, &x, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&x) + 32, 32);
+  const __m256 m = _mm256_max_ps(a, b);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+static inline float hsum(v16f x) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += x[i];
+  return s;
+}
 #else
 static inline float hmax(v16f x) {
   float m = x[0];

@@ -378,6 +378,60 @@ static inline v16f nibbles16(const uint8_t* p) {
 
 constexpr int64_t kSparq4Ahead = 12;  // blocks whose key-copy lines are prefetched ahead
 
+// One block's 16-token chunks [c0, c1) for GG heads of the group: per chunk the heads' q.k on
+// the chosen channels accumulated in registers (from the scales' offset, channels in
+// ascending order), then the max over the heads into cmax[c] (max-ed with what is there when
+// `merge`: the next slice of a group of more than 8 heads). roff[j]: channel j's run in the
+// block; coef [GG, NC], off [GG].
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: the same arithmetic (same roundings) on explicit ymm pairs: GCC lowers the 64-byte
+// vector code below through the stack when it has no zmm registers, several times slower.
+template <int GG>
+static inline void sparq4_chunks(const uint8_t* base, const int64_t* roff, int64_t NC,
+                                 const float* coef, const float* off, int64_t c0, int64_t c1,
+                                 v16f* cmax, bool merge) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t c = c0; c < c1; ++c) {
+    __m256 a0[GG], a1[GG];
+    for (int g = 0; g < GG; ++g) a0[g] = a1[g] = _mm256_set1_ps(off[g]);
+    for (int64_t j = 0; j < NC; ++j) {
+      int64_t x;
+      std::memcpy(&x, base + roff[j] + c * 8, 8);
+      const __m128i v = _mm_cvtsi64_si128(x);
+      const __m256 k0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(v, m4)));
+      const __m256 k1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi64(v, 4), m4)));
+      for (int g = 0; g < GG; ++g) {
+        const __m256 w = _mm256_set1_ps(coef[g * NC + j]);
+        a0[g] = _mm256_fmadd_ps(w, k0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(w, k1, a1[g]);
+      }
+    }
+    float* o = reinterpret_cast<float*>(cmax + c);
+    __m256 m0 = merge ? _mm256_loadu_ps(o) : a0[0], m1 = merge ? _mm256_loadu_ps(o + 8) : a1[0];
+    for (int g = 0; g < GG; ++g) { m0 = _mm256_max_ps(m0, a0[g]); m1 = _mm256_max_ps(m1, a1[g]); }
+    _mm256_storeu_ps(o, m0);
+    _mm256_storeu_ps(o + 8, m1);
+  }
+}
+#else
+template <int GG>
+static inline void sparq4_chunks(const uint8_t* base, const int64_t* roff, int64_t NC,
+                                 const float* coef, const float* off, int64_t c0, int64_t c1,
+                                 v16f* cmax, bool merge) {
+  for (int64_t c = c0; c < c1; ++c) {
+    v16f acc[GG];
+    for (int g = 0; g < GG; ++g) acc[g] = v16f{} + off[g];
+    for (int64_t j = 0; j < NC; ++j) {
+      const v16f kv = nibbles16(base + roff[j] + c * 8);
+      for (int g = 0; g < GG; ++g) acc[g] += coef[g * NC + j] * kv;
+    }
+    v16f m = merge ? cmax[c] : acc[0];
+    for (int g = 0; g < GG; ++g) m = m > acc[g] ? m : acc[g];
+    cmax[c] = m;
+  }
+}
+#endif
+
 torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor kz,
                               torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
                               int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
@@ -406,9 +460,9 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor k
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<v16u_t> uv((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
-    std::vector<v16f> accv(G * NB16);
-    std::vector<float> mag(D), qc(G * NCc), coef(G * NCc);
-    std::vector<int64_t> chs(D);
+    std::vector<v16f> cmax(NB16);
+    std::vector<float> mag(D), qc(G * NCc), coef(G * NCc), off(G);
+    std::vector<int64_t> chs(D), roff(NCc);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / Hkv, h = rh % Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
@@ -427,6 +481,7 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor k
       std::sort(chs.begin(), chs.begin() + NCc);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t j = 0; j < NCc; ++j) qc[g * NCc + j] = qg[g * D + chs[j]];
+      for (int64_t j = 0; j < NCc; ++j) roff[j] = chs[j] * (B / 2);
       auto block_id = [&](int64_t lb) { return btp[r * bts + lb]; };
       // The chosen channels' runs are 8 lines scattered over a block's 4 KiB region (and their
       // scales a few more), the blocks at random places: cold, the ranking waited on memory
@@ -454,28 +509,22 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor k
         const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
         const int64_t c0 = t0 * T / 16, c1 = t1 * T / 16;
         for (int64_t g = 0; g < G; ++g) {
-          float off = 0.f;
+          float o = 0.f;
           for (int64_t j = 0; j < NCc; ++j) {
-            off += qc[g * NCc + j] * zmin[chs[j]];
+            o += qc[g * NCc + j] * zmin[chs[j]];
             coef[g * NCc + j] = qc[g * NCc + j] * zstep[chs[j]];
           }
-          const v16f init = v16f{} + off;
-          for (int64_t c = c0; c < c1; ++c) accv[g * NB16 + c] = init;
+          off[g] = o;
         }
-        for (int64_t j = 0; j < NCc; ++j) {
-          const uint8_t* run = base + chs[j] * (B / 2);
-          for (int64_t c = c0; c < c1; ++c) {
-            const v16f kv = nibbles16(run + c * 8);
-            for (int64_t g = 0; g < G; ++g) accv[g * NB16 + c] += coef[g * NCc + j] * kv;
-          }
-        }
+        // the group in slices of up to 8 heads, each slice's per-chunk max kept in registers
+        for (int64_t g0 = 0; g0 < G; g0 += 8)
+          with_const<8>(G - g0, [&](auto gg) {
+            sparq4_chunks<decltype(gg)::value>(base, roff.data(), NCc, coef.data() + g0 * NCc,
+                                               off.data() + g0, c0, c1, cmax.data(), g0 > 0);
+          });
         for (int64_t t = t0; t < t1; ++t) {
-          v16f m = accv[t * T / 16];
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t c = t * T / 16; c < (t + 1) * T / 16; ++c) {
-              const v16f v = accv[g * NB16 + c];
-              m = m > v ? m : v;
-            }
+          v16f m = cmax[t * T / 16];
+          for (int64_t c = t * T / 16 + 1; c < (t + 1) * T / 16; ++c) m = m > cmax[c] ? m : cmax[c];
           const float best = hmax(m);
           if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
         }
