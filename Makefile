@@ -69,7 +69,7 @@ results: model
 results-selection: model
 	$(BIN)/python bench/quality/eval_selection.py --out docs/results/selection.json
 	$(BIN)/python bench/quality/eval_selection.py --texts play,prose,code --context 8192 --threads 2 \
-		--methods dense,streaming,oracle,prescore_leverage,prescore_leverage@query_aware=sparq4,pq \
+		--methods dense,streaming,oracle,prescore_leverage,prescore_leverage@query_aware=pq,sparq4 \
 		--out docs/results/selection_8k.json
 	$(BIN)/python bench/quality/eval_selection.py \
 		--plot docs/results/selection.json,docs/results/selection_8k.json

@@ -61,7 +61,7 @@ class PrescoreConfig:
         "Most recent tokens always attended; a multiple of tile_size and at least one KV "
         "block plus one tile (a block's tiles are scored when the block is full, so the "
         "unscored tail must stay inside the window)."))
-    query_aware: str = field(default="pq", metadata=_doc(
+    query_aware: str = field(default="sparq4", metadata=_doc(
         "The query-aware part of the selection, recomputed for every decode step: "
         "'lsh' = tiles whose LSH bucket set holds the query's bucket (HyperAttention), ranked "
         "by pre-score; 'quest' = tiles ranked by the upper bound of q.k from per-tile key "

@@ -27,6 +27,9 @@ GEN_TOKENS = 24
 # ~750 tokens per 3k characters of this text with SmolLM2's tokenizer.
 LONG_CHUNKED = doc_text(11000) + "\n\nIn summary, the special method names described above"
 LONG_4K = doc_text(16000, offset=20000) + "\n\nTo summarize this section in one sentence:"
+# ~4k-token prompts of three kinds for the repetition check (LONG_4K among them)
+LONG_SET = [LONG_4K, doc_text(16000, "compound", offset=30000) + "\n\nIn short,",
+            doc_text(16000, "string-methods") + "\n\nThe method used most often is"]
 SHORT = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a"]
 MIXED = [*SHORT, doc_text(3000, "typesseq") + "\nThe list type", doc_text(6000, "compound")]
 SHARED_PREFIX = doc_text(12000, "types")
@@ -60,7 +63,14 @@ def scrape(srv: Server, prefix: str = "prescore_") -> dict[str, float]:
     return out
 
 
-def run_suite(srv: Server, *, with_prefix: bool = False) -> dict:
+def repeated_4grams(ids: list[int]) -> float:
+    """Share of a generation's 4-grams seen earlier in it (bench/quality/eval_repetition.py):
+    ~0.4 for exact attention's greedy 48 tokens here, near 1 for "the the the" garbage."""
+    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
+    return sum(g in set(grams[:i]) for i, g in enumerate(grams)) / max(len(grams), 1)
+
+
+def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False) -> dict:
     res = {"short": [token_ids(c) for c in complete(srv, SHORT)],
            "chunked": token_ids(complete(srv, LONG_CHUNKED)[0]),
            "mixed": [token_ids(c) for c in complete(srv, MIXED)]}
@@ -69,6 +79,8 @@ def run_suite(srv: Server, *, with_prefix: bool = False) -> dict:
     res["long4k"] = token_ids(choice)
     res["long4k_text"] = choice["text"]
     res["metrics_delta"] = {k: v - before.get(k, 0.0) for k, v in scrape(srv).items()}
+    if with_long_set:  # one batch of the three long prompts
+        res["long_set"] = complete(srv, LONG_SET, max_tokens=48)
     if with_prefix:
         # Each alone first (the second one hits the prefix cache), then both together.
         res["prefix_alone"] = [token_ids(complete(srv, p)[0]) for p in PREFIX_PAIR]
@@ -88,7 +100,7 @@ def serve_and_run(env: dict[str, str], extra: list[str] | None = None, **kw) -> 
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    return serve_and_run({}, ["--attention-backend", "CPU_ATTN"])
+    return serve_and_run({}, ["--attention-backend", "CPU_ATTN"], with_long_set=True)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +115,7 @@ def keep_all(model_path, reference):
 @pytest.fixture(scope="module")
 def sparse8(model_path, keep_all):
     return serve_and_run({"PRESCORE_KEEP_RATIO": "0.125", "PRESCORE_MIN_SEQ_LEN": "1024"},
-                         with_prefix=True)
+                         with_prefix=True, with_long_set=True)
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +164,13 @@ def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
     assert 0.10 <= ratio <= 0.16, ratio
     for src in ("sink", "window", "query", "prescore"):
         assert d.get(f'prescore_selected_tiles_total{{source="{src}"}}', 0) > 0, src
-    # The default ranks with PQ codes, read on top: 4 bytes per token and KV head against
-    # 2 x 64 fp32 K and V values (1/128), in KV-token equivalents, plus 4 bytes of pre-score
-    # per tile
-    assert "PQ codebooks from" in sparse8["log"]
+    # The default ranks on the 4-bit key copy, read on top: 8 channels x 4 bits per token and
+    # KV head plus each block's scales of those channels (8 x 2 x 4 bytes per 128 tokens)
+    # against 2 x 64 fp32 K and V values (4.5 / 512), in KV-token equivalents, plus 4 bytes of
+    # pre-score per tile
+    assert "'query_aware': 'sparq4'" in sparse8["log"]
     side = d["prescore_decode_side_tokens_total"] / ctx
-    assert 0.0080 <= side <= 0.0086, side
+    assert 0.0090 <= side <= 0.0096, side
     assert d.get("prescore_scoring_seconds_count", 0) > 0
     # the fused select+decode call reports its selection time (plus the query-aware pick)
     assert d.get("prescore_selection_seconds_count", 0) > 0
@@ -165,13 +178,22 @@ def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
 
 
 def test_keep_one_eighth_stays_coherent(sparse8, reference):
-    text = sparse8["long4k_text"]
-    assert text.strip() and "\ufffd" not in text
-    words = text.split()
-    assert len(set(words)) >= len(words) // 3, text  # no garbage repetition
-    ref = reference["long4k"]
-    agree = next((i for i, (a, b) in enumerate(zip(sparse8["long4k"], ref)) if a != b), len(ref))
-    print(f"greedy agreement with CPU_ATTN at keep 1/8: first {agree} of {len(ref)} tokens")
+    """Keep 1/8 repeats itself not much more than exact attention over three ~4k-token
+    prompts. Exact greedy decoding of a small model loops too, and single prompts vary widely
+    (docs/results/repetition_served.md: over 12 served generations neither ranking repeats
+    more than exact attention), so the margin is ~2.5 standard deviations of a three-prompt
+    mean of the paired differences measured there; a broken selection ("the the the") repeats
+    near 1 on every prompt and fails it."""
+    texts = [c["text"] for c in sparse8["long_set"]]
+    assert all(t.strip() and "\ufffd" not in t for t in texts), texts
+    rep = [repeated_4grams(token_ids(c)) for c in sparse8["long_set"]]
+    ref = [repeated_4grams(token_ids(c)) for c in reference["long_set"]]
+    print(f"repeated 4-grams at keep 1/8 {rep}, exact {ref}")
+    assert sum(rep) / 3 <= sum(ref) / 3 + 0.4, (rep, ref, texts)
+    agree = next((i for i, (a, b) in enumerate(zip(sparse8["long4k"], reference["long4k"]))
+                  if a != b), len(reference["long4k"]))
+    print(f"greedy agreement with CPU_ATTN at keep 1/8: first {agree} of "
+          f"{len(reference['long4k'])} tokens")
     # Short prompts never reach min_seq_len: exact, identical to CPU_ATTN.
     assert sparse8["short"] == reference["short"]
 

@@ -155,7 +155,9 @@ def test_side_read_fraction_counts_each_estimator() -> None:
         1 / 16)  # no pre-scored fill: no pre-scores read
     assert f(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64) == pytest.approx(
         1 / 16 + score)
-    assert f(PrescoreConfig(), 64) == pytest.approx(4 / 256 + score)  # default: 4 PQ codes
+    # default: 8 channels x 4 bits per token + each block's 8 x 2 fp32 scales per 128 tokens
+    assert f(PrescoreConfig(), 64) == pytest.approx(4.5 / 256 + score)
+    assert f(PrescoreConfig(query_aware="pq"), 64) == pytest.approx(4 / 256 + score)  # 4 codes
     assert f(PrescoreConfig(query_aware="sparq", query_channels=4, query_cap_ratio=0.5),
              64) == pytest.approx(4 / 128 + score)
     assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0, query_channels=16),

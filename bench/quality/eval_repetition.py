@@ -35,7 +35,7 @@ from eval_core import Llama, method, run_context  # noqa: E402
 from eval_quality import git_commit, machine  # noqa: E402
 from eval_selection import load_text  # noqa: E402
 
-DEFAULT_METHODS = "dense,streaming,prescore_leverage,prescore_leverage@query_aware=sparq4"
+DEFAULT_METHODS = "dense,streaming,prescore_leverage,prescore_leverage@query_aware=pq"
 
 
 def scores(gen: list[int], dense: list[int]) -> dict:

@@ -46,11 +46,11 @@ from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_TEXTS = ("play", "prose", "code")
-#: The server's default (leverage fill + PQ codes), the same fill with SparQ on the 4-bit key
-#: copy and with the previous default's Quest bounds, the 4-bit SparQ and PQ rankings alone,
-#: and the baselines.
+#: The server's default (leverage fill + SparQ on the 4-bit key copy), the same fill with the
+#: previous defaults' PQ codes and Quest bounds, the 4-bit SparQ and PQ rankings alone, and the
+#: baselines.
 DEFAULT_METHODS = ["dense", "streaming", "oracle", "prescore_leverage",
-                   "prescore_leverage@query_aware=sparq4", "prescore_leverage@query_aware=quest",
+                   "prescore_leverage@query_aware=pq", "prescore_leverage@query_aware=quest",
                    "sparq4", "pq"]
 
 
