@@ -106,7 +106,7 @@ def reference(model_path):
 @pytest.fixture(scope="module")
 def keep_all(model_path, reference):
     # Every long decode row goes through the sparse kernel, selecting every tile. The
-    # query-aware part is HyperAttention's LSH (the default, PQ codes, runs in sparse8): with
+    # query-aware part is HyperAttention's LSH (the default, sparq4, runs in sparse8): with
     # the fused C++ call it is computed inside that call (lsh_in_place).
     return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", TESTING_EXACT_VIA_SPARSE_ENV: "1",
                           "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})

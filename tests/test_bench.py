@@ -177,7 +177,7 @@ def test_bench_vllm_decode_runs_real_engines(tmp_path: Path, model_path) -> None
     assert rows[("CPU_ATTN", 1)]["speedup_vs_cpu_attn"] == pytest.approx(1.0)
     assert 0 <= rows[("PRESCORE", 2)]["greedy_agreement_min"] <= 6
     md = (tmp_path / "rep" / "speed.md").read_text()
-    assert "round(s) (A B" in md and "CPUs" in md and "PQ codes" in md
+    assert "round(s) (A B" in md and "CPUs" in md and "4-bit key copy" in md
 
 
 def test_bench_triton_decode_smoke(tmp_path: Path) -> None:

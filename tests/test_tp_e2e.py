@@ -15,7 +15,7 @@ from conftest import Server, doc_text
 
 pytestmark = pytest.mark.e2e
 
-# The query-aware part is SparQ here (the default, Quest, is served in the other e2e modules):
+# The query-aware part is SparQ here (the default, sparq4, is served in the other e2e modules):
 # its key channels are read from each rank's own KV-cache shard in the real engine.
 ARGS = ["smollm2-135m", "--dtype", "float32", "--max-model-len", "4096",
         "--prescore-min-seq-len", "256", "--prescore-keep-ratio", "0.125",

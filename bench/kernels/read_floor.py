@@ -47,6 +47,8 @@ def _mod():
 
 def available() -> bool:
     """Whether the floor readers build here (x86-64 with AVX-512)."""
+    if not torch.cpu._is_avx512_supported():  # the source is AVX-512: don't try to compile
+        return False
     try:
         _mod()
         return True
