@@ -481,8 +481,9 @@ class EstimatorProbe(EvalMethod):
     estimator of that quantity can reach), ``pq_*`` the PQ codes (charged as
     ``BASE.pq_subspaces`` codes), ``stale<N>_*`` the exact value rescanned every N steps,
     ``chan<r>[b<bits>]_*`` / ``sparq<r>[b<bits>]_*`` r key
-    channels (static / the query group's largest) at ``bits`` (default 16), ``rescore_pq`` a
-    PQ shortlist rescored exactly (:meth:`_rescore`). The tile score:
+    channels (static / the query group's largest) at ``bits`` (default 16),
+    ``rescore[<c>]_<shortlist>`` (``pq`` or ``sparq<r>b<bits>``) a shortlist of c times the
+    final picks (default 2) rescored exactly (:meth:`_rescore`). The tile score:
 
     * ``*_maxprob``: max over the tile's tokens and the group's heads of the per-head
       softmax-normalised logit (log probability);
@@ -498,15 +499,21 @@ class EstimatorProbe(EvalMethod):
     def fuse_key(self) -> object:
         return self.name
 
-    def _channels(self) -> tuple[int, int]:
+    def _channels(self, spec: str | None = None) -> tuple[int, int]:
         """(r, bits) of a ``chan`` / ``sparq`` estimator."""
-        spec = self.estimator.split("_")[0].removeprefix("chan").removeprefix("sparq")
+        spec = (spec or self.estimator).split("_")[0].removeprefix("chan").removeprefix("sparq")
         r, _, bits = spec.partition("b")
         return int(r), int(bits or 16)
 
+    def _shortlist(self) -> tuple[int, str]:
+        """(c, shortlist estimator) of ``rescore[<c>]_<shortlist>``."""
+        head, _, short = self.estimator.partition("_")
+        return int(head.removeprefix("rescore") or 2), short
+
     def side_read_fraction(self, head_dim: int) -> float:
-        if self.estimator.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
-            r, bits = self._channels()
+        short = self._shortlist()[1] if self.estimator.startswith("rescore") else self.estimator
+        if short.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
+            r, bits = self._channels(short)
             return r * bits / 8 / (2 * head_dim * 2)
         if self.estimator.startswith("stale"):  # every key (half the KV) once per `every` steps
             return 0.5 / self._every()
@@ -520,13 +527,14 @@ class EstimatorProbe(EvalMethod):
             return self._logits_chan(env, rows)
         return self._logits_pq(env, rows)
 
-    def _logits_chan(self, env: LayerEnv, rows: RowBatch) -> Tensor:
+    def _logits_chan(self, env: LayerEnv, rows: RowBatch, spec: str | None = None) -> Tensor:
         """q.k on r channels, key values quantized to ``bits`` with a per-(head, channel)
         scale over the prefix: ``chan`` = Double Sparsity's label cache (per KV head the r
         channels the calibration queries load most: the PQ codebook's channel weights),
         ``sparq`` = SparQ (the query group's r largest |q| channels, per row)."""
-        dynamic = self.estimator.startswith("sparq")
-        r, bits = self._channels()
+        spec = spec or self.estimator
+        dynamic = spec.startswith("sparq")
+        r, bits = self._channels(spec)
         R, Hq, D = rows.q.shape
         w = env.side.codebook.weights  # [Hkv, D]
         hkv = w.shape[0]
@@ -603,15 +611,19 @@ class EstimatorProbe(EvalMethod):
         return Chosen(sel.tiles)
 
     def _rescore(self, env: LayerEnv, rows: RowBatch) -> Chosen:
-        """PQ (max over heads) picks 2P candidate tiles, the exact max logit keeps P of them:
-        the candidates' keys are read (half a tile each), so forced + 1.5 P = the budget."""
+        """The shortlist's estimate (max over heads) picks cP candidate tiles, the exact max
+        logit keeps P of them: the candidates' keys are read (half a tile each) and the kept
+        tiles' values, so forced + (c + 1) P / 2 = the budget (a two-pass decode that attends
+        to the kept tiles only)."""
         cfg = env.base
+        c, short = self._shortlist()
         forced = cfg.sink_tiles + cfg.window_tiles
-        P = ((rows.budget - forced).clamp_min(0).double() / 1.5).floor().long()
-        lgp = self._logits_pq(env, rows).amax(2)
+        P = ((rows.budget - forced).clamp_min(0).double() / ((c + 1) / 2)).floor().long()
+        lgp = (self._logits_pq(env, rows) if short == "pq"
+               else self._logits_chan(env, rows, short)).amax(2)
         R, hkv, n = lgp.shape
         est = lgp.view(R, hkv, n // TILE, TILE).amax(-1)
-        cand = select_tiles(est.contiguous(), rows.num_tiles, forced + 2 * P,
+        cand = select_tiles(est.contiguous(), rows.num_tiles, forced + c * P,
                             sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
         ex = exact_logits(rows.q, env, rows.bt, rows.seq_lens).amax(2)
         ext = ex.view(R, hkv, n // TILE, TILE).amax(-1)
@@ -695,7 +707,8 @@ def _register_defaults() -> None:
     register(StreamingMethod("streaming", "StreamingLLM (sink + window)"))
     register(OracleMethod("oracle", "oracle tiles (true attention mass)"))
     for est in ("exact_maxprob", "exact_sumq", "exact_maxlogit", "pq_maxprob", "pq_sumq",
-                "pq_maxlogit", "rescore_pq", "chan8_maxlogit", "chan16_maxlogit",
+                "pq_maxlogit", "rescore_pq", "rescore_sparq8b4", "rescore3_sparq8b4",
+                "rescore4_sparq8b4", "chan8_maxlogit", "chan16_maxlogit",
                 "chan8b8_maxlogit", "chan16b8_maxlogit", "chan16b4_maxlogit",
                 "chan32b4_maxlogit", "chan32b2_maxlogit", "sparq8_maxlogit", "sparq16_maxlogit",
                 "sparq8b4_maxlogit", "sparq16b4_maxlogit", "sparq16b2_maxlogit",
