@@ -80,6 +80,17 @@ def summarize(gens: dict[str, list[list[int]]]) -> dict:
     return out
 
 
+def write_report(path: str, gens: dict, summary: dict, meta: dict, markdown) -> None:
+    """``path`` (JSON: meta, summary, every generation) and its ``.md`` (``markdown``'s
+    table, also printed)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "generated": gens}) + "\n")
+    md = markdown(summary, meta)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def markdown(summary: dict, meta: dict) -> str:
     lines = [f"# Greedy repetition under sparse decode ({meta['date']})", "",
              f"Model {meta['model']}, context {meta['context']}, {meta['windows']} windows x "
@@ -144,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/quality/eval_repetition.py " + " ".join(
                 sys.argv[1:] if argv is None else argv)}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "generated": gens}) + "\n")
-    md = markdown(summary, meta)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(a.out, gens, summary, meta, markdown)
     return 0
 
 

@@ -12,7 +12,6 @@ Usage: python bench/serving/served_repetition.py --out docs/results/repetition_s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench" / "quality")]
 from conftest import Server  # noqa: E402
 from eval_quality import git_commit, machine  # noqa: E402
-from eval_repetition import summarize  # noqa: E402
+from eval_repetition import summarize, write_report  # noqa: E402
 from eval_selection import load_text  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -104,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/serving/served_repetition.py " + " ".join(
                 sys.argv[1:] if argv is None else argv)}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "generated": gens}) + "\n")
-    md = markdown(summary, meta)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(a.out, gens, summary, meta, markdown)
     return 0
 
 
