@@ -280,6 +280,15 @@ template <typename F> static inline void with_group(int64_t G, F&& f) { with_con
 // far ahead with T0 or T1, was no faster or slower); "vec" fp32 ~5% faster.
 constexpr int kTouchAhead = 6;
 
+// With 16 ymm registers (AVX2) the 2 x GG sums of two registers each and the two keys
+// outgrow the register file from GG = 3 on, and GCC spills the sums: one sum per head
+// there (longer FMA chains, no stack traffic). With 32 zmm (AVX-512) two sums always fit.
+#if defined(__AVX512F__)
+template <int GG> constexpr bool kOneSum = false;
+#else
+template <int GG> constexpr bool kOneSum = GG >= 3;
+#endif
+
 template <typename scalar_t, int GG>
 static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
@@ -344,9 +353,16 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
         for (int64_t d = 0; d < D; d += 2) {
           if (kf) { prefetch_line(kf + d * ksd); prefetch_line(kf + (d + 1) * ksd); }
           const v16f k0 = load16(kp + d * ksd), k1 = load16(kp + (d + 1) * ksd);
-          PS_FOR_HEADS(g) {
-            s0[g] += qg[g * D + d] * k0;
-            s1[g] += qg[g * D + d + 1] * k1;
+          if constexpr (kOneSum<GG>) {
+            PS_FOR_HEADS(g) {
+              s0[g] += qg[g * D + d] * k0;
+              s0[g] += qg[g * D + d + 1] * k1;
+            }
+          } else {
+            PS_FOR_HEADS(g) {
+              s0[g] += qg[g * D + d] * k0;
+              s1[g] += qg[g * D + d + 1] * k1;
+            }
           }
         }
         softmax_chunk<GG>(s0, s1, n, iota, m, lv, acc.data(), p, D);
