@@ -120,6 +120,20 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     assert 0.1 < tiles < 0.2 and 0 < side < 0.05
     md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4), "--cells 8000x8")
     assert "test host" in md and "| 8000 | 8 | 100.0 (60.0) | 70.0 (30.0) | 1.43x" in md
+    # over rounds: each part its median, and the per-round shares in the table
+    slow = {"ledger_ms_per_step": {"step": 90.0, "attention": 30.0, "model outside attention": 60.0,
+                                   "decode_steps": 4}, "dtype": "float32", "host": "test host"}
+    fast = {"ledger_ms_per_step": {"step": 60.0, "attention": 20.0, "model outside attention": 40.0,
+                                   "decode_steps": 4}, "dtype": "float32", "host": "test host"}
+    both = bench_ledger.combine([slow, pre, fast])
+    assert both["rounds"] == 3 and both["ledger_ms_per_step"]["step"] == 70.0
+    assert both["ledger_ms_per_step"]["attention"] == 30.0
+    assert both["ledger_ms_per_step"]["model outside attention"] == 40.0
+    row = bench_ledger.cell_row(8000, 8, cpu, both, read=0.25)
+    row["round_shares"] = [bench_ledger.cell_row(8000, 8, cpu, x, 0.25)["share_of_attainable_gain"]
+                           for x in (slow, fast)]
+    md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4, rounds=2), "--rounds 2")
+    assert "| 67% (22%, 89%) |" in md and "2 round(s) per cell" in md
 
 
 def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:

@@ -2,7 +2,7 @@
 each cell's Amdahl limit.
 
 For each (context, batch) cell the two backends run one after the other, in alternating order
-from cell to cell, each in its own process (``bench/serving/bench_breakdown.py``: one in-process
+from round to round and cell to cell (A B, B A, ...), each in its own process (``bench/serving/bench_breakdown.py``: one in-process
 engine, timers around the engine step, the scheduler, the metadata builder, the model, the
 attention and its parts, and the sampler). The **Amdahl limit** of a cell is CPU_ATTN's step
 with its attention time scaled to the bytes PRESCORE reads (selected tiles + side data, as a
@@ -13,8 +13,10 @@ everything else stayed as it is.
         --report docs/results/ledger_avx-512
 
 Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
-timers inside a 2-core engine: medians over the decode steps are not available per part, so
-run it on a quiet machine and compare cells within one run.
+timers inside a 2-core engine drift between runs (the model's time outside attention moved
+by 15 ms of a 118 ms step between two single runs of the same cell), so ``--rounds N`` runs
+each cell N times: each part is its median over the rounds (with two rounds, the mean), and
+the table gives the range of the per-round shares of the attainable gain.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def read_fraction(context: int, dtype: str) -> tuple[float, float]:
     tiles = int(floor_budget(cfg, config_budget(cfg, torch.tensor([n])))[0])
     return min(tiles * cfg.tile_size, context + 1) / (context + 1), float(
         side_read_fraction(cfg, 64, kv_bytes=2 if dtype == "bfloat16" else 4, block_size=128))
+
+
+def combine(runs: list[dict]) -> dict:
+    """One backend's ``bench_breakdown.py`` results over rounds -> one result whose ledger holds
+    each part's median over the rounds (the parts of a median no longer sum to the step
+    exactly; the step is the median of the steps)."""
+    import statistics
+
+    led = {k: round(statistics.median(r["ledger_ms_per_step"][k] for r in runs), 3)
+           for k in runs[0]["ledger_ms_per_step"]}
+    return dict(runs[0], ledger_ms_per_step=led, rounds=len(runs))
 
 
 def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) -> dict:
@@ -82,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--report", default=None, metavar="DIR")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs per cell and backend, alternating the order (A B, B A, ...)")
     a = p.parse_args(argv)
     cells = [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",") if c]
     rows = []
     for i, (ctx, batch) in enumerate(cells):
         order = ["CPU_ATTN", "PRESCORE"] if i % 2 == 0 else ["PRESCORE", "CPU_ATTN"]
-        res = {b: run_cell(b, ctx, batch, a) for b in order}
-        rows.append(cell_row(ctx, batch, res["CPU_ATTN"], res["PRESCORE"],
-                             sum(read_fraction(ctx, res["PRESCORE"]["dtype"]))))
+        res: dict[str, list[dict]] = {"CPU_ATTN": [], "PRESCORE": []}
+        for k in range(a.rounds):
+            for b in (order if k % 2 == 0 else order[::-1]):
+                res[b].append(run_cell(b, ctx, batch, a))
+        read = sum(read_fraction(ctx, res["PRESCORE"][0]["dtype"]))
+        row = cell_row(ctx, batch, combine(res["CPU_ATTN"]), combine(res["PRESCORE"]), read)
+        row["round_shares"] = [cell_row(ctx, batch, c, p_, read)["share_of_attainable_gain"]
+                               for c, p_ in zip(res["CPU_ATTN"], res["PRESCORE"])]
+        rows.append(row)
     md = markdown(rows, a, " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
     if a.report:
@@ -106,16 +127,21 @@ def markdown(rows: list[dict], a, args: str) -> str:
     lines = [f"# Decode step ledger: PRESCORE vs CPU_ATTN "
              f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d})", "",
              f"Host: {rows[0]['host']}; {rows[0]['dtype']}; SmolLM2-135M, one thread per engine, "
-             f"eager; {a.decode_tokens} decode steps per cell; keep ratio: {keep}. Command: "
+             f"eager; {a.decode_tokens} decode steps per cell; {getattr(a, 'rounds', 1)} round(s) "
+             f"per cell (each part: its median over the rounds); keep ratio: {keep}. Command: "
              f"`python bench/serving/bench_ledger.py {args}`.", "",
              "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "
              "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit).", "",
              "| context | batch | CPU_ATTN ms/step (attention) | PRESCORE ms/step (attention) "
-             "| speedup | read | Amdahl limit ms | limit speedup | share of attainable gain |",
+             "| speedup | read | Amdahl limit ms | limit speedup | share of attainable gain "
+             "(per round) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for r in rows:
         c, p_ = r["cpu_attn"], r["prescore"]
-        share = "-" if r["share_of_attainable_gain"] is None else f"{r['share_of_attainable_gain']:.0%}"
+        share = pct(r["share_of_attainable_gain"])
+        if len(r.get("round_shares", [])) > 1:
+            share += " (" + ", ".join(pct(x) for x in r["round_shares"]) + ")"
         lines.append(f"| {r['context']} | {r['batch']} | {c['step']:.1f} ({c['attention']:.1f}) "
                      f"| {p_['step']:.1f} ({p_['attention']:.1f}) | {r['speedup']:.2f}x "
                      f"| {r['read_fraction']:.3f} | {r['amdahl_limit_ms']:.1f} "
