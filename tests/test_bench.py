@@ -116,6 +116,7 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     assert row["amdahl_limit_ms"] == pytest.approx(55.0)  # 100 - 60 * 0.75
     assert row["speedup"] == pytest.approx(100 / 70, abs=1e-3)
     assert row["share_of_attainable_gain"] == pytest.approx(30 / 45, abs=1e-3)
+    assert row["attention_share"] == pytest.approx(30 / 45, abs=1e-3)  # same model time here
     tiles, side = bench_ledger.read_fraction(8000, "float32")
     assert 0.1 < tiles < 0.2 and 0 < side < 0.05
     md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4), "--cells 8000x8")
@@ -133,7 +134,11 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     row["round_shares"] = [bench_ledger.cell_row(8000, 8, cpu, x, 0.25)["share_of_attainable_gain"]
                            for x in (slow, fast)]
     md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4, rounds=2), "--rounds 2")
-    assert "| 67% (22%, 89%) |" in md and "2 round(s) per cell" in md
+    assert "| 67% (22%, 89%) | 67% |" in md and "2 round(s) per cell" in md
+    # a slower model outside attention moves the step's share, not the attention share
+    slow_model = bench_ledger.cell_row(8000, 8, cpu, slow, read=0.25)
+    assert slow_model["share_of_attainable_gain"] == pytest.approx(10 / 45, abs=1e-3)
+    assert slow_model["attention_share"] == pytest.approx(30 / 45, abs=1e-3)
 
 
 def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:

@@ -71,6 +71,10 @@ def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) ->
                 limit_speedup=round(cpu["step"] / limit, 3),
                 share_of_attainable_gain=round((cpu["step"] - pre["step"]) / gain, 3)
                 if gain > 0 else None,
+                # the same share of attention alone: blind to the model's time outside
+                # attention, which drifts between engines and runs on a shared host
+                attention_share=round((cpu["attention"] - pre["attention"]) / gain, 3)
+                if gain > 0 else None,
                 dtype=pre_run["dtype"], host=pre_run["host"])
 
 
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         row = cell_row(ctx, batch, combine(res["CPU_ATTN"]), combine(res["PRESCORE"]), read)
         row["round_shares"] = [cell_row(ctx, batch, c, p_, read)["share_of_attainable_gain"]
                                for c, p_ in zip(res["CPU_ATTN"], res["PRESCORE"])]
+        row["round_ledgers"] = [dict(cpu_attn=c["ledger_ms_per_step"],
+                                     prescore=p_["ledger_ms_per_step"])
+                                for c, p_ in zip(res["CPU_ATTN"], res["PRESCORE"])]
         rows.append(row)
     md = markdown(rows, a, " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
@@ -131,11 +138,13 @@ def markdown(rows: list[dict], a, args: str) -> str:
              f"per cell (each part: its median over the rounds); keep ratio: {keep}. Command: "
              f"`python bench/serving/bench_ledger.py {args}`.", "",
              "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "
-             "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit).", "",
+             "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit); "
+             "attention share = the same with attention times only (CPU_ATTN's attention - "
+             "PRESCORE's) / (CPU_ATTN - limit).", "",
              "| context | batch | CPU_ATTN ms/step (attention) | PRESCORE ms/step (attention) "
              "| speedup | read | Amdahl limit ms | limit speedup | share of attainable gain "
-             "(per round) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(per round) | attention share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
     for r in rows:
         c, p_ = r["cpu_attn"], r["prescore"]
@@ -145,8 +154,9 @@ def markdown(rows: list[dict], a, args: str) -> str:
         lines.append(f"| {r['context']} | {r['batch']} | {c['step']:.1f} ({c['attention']:.1f}) "
                      f"| {p_['step']:.1f} ({p_['attention']:.1f}) | {r['speedup']:.2f}x "
                      f"| {r['read_fraction']:.3f} | {r['amdahl_limit_ms']:.1f} "
-                     f"| {r['limit_speedup']:.2f}x | {share} |")
-    lines += ["", "Where a decode step's time goes (ms per step; the parts sum to the step):", ""]
+                     f"| {r['limit_speedup']:.2f}x | {share} | {pct(r.get('attention_share'))} |")
+    lines += ["", "Where a decode step's time goes (ms per step; with one round the parts sum to the "
+              "step, over rounds each is its own median):", ""]
     keys = [k for k in rows[0]["prescore"] if k not in ("step", "attention", "decode_steps")]
     ckeys = [k for k in rows[0]["cpu_attn"] if k not in ("step", "attention", "decode_steps")]
     lines += ["| part | " + " | ".join(f"{r['context']}x{r['batch']}" for r in rows) + " |",
