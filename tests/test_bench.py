@@ -130,11 +130,10 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     assert both["rounds"] == 3 and both["ledger_ms_per_step"]["step"] == 70.0
     assert both["ledger_ms_per_step"]["attention"] == 30.0
     assert both["ledger_ms_per_step"]["model outside attention"] == 40.0
-    row = bench_ledger.cell_row(8000, 8, cpu, both, read=0.25)
-    row["round_shares"] = [bench_ledger.cell_row(8000, 8, cpu, x, 0.25)["share_of_attainable_gain"]
-                           for x in (slow, fast)]
-    md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4, rounds=2), "--rounds 2")
-    assert "| 67% (22%, 89%) | 67% |" in md and "2 round(s) per cell" in md
+    row = bench_ledger.rounds_row(8000, 8, [cpu] * 3, [slow, pre, fast], read=0.25)
+    assert row["prescore"] == both["ledger_ms_per_step"] and len(row["round_ledgers"]) == 3
+    md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4, rounds=3), "--rounds 3")
+    assert "| 67% (22%, 67%, 89%) | 67% |" in md and "3 round(s) per cell" in md
     # a slower model outside attention moves the step's share, not the attention share
     slow_model = bench_ledger.cell_row(8000, 8, cpu, slow, read=0.25)
     assert slow_model["share_of_attainable_gain"] == pytest.approx(10 / 45, abs=1e-3)

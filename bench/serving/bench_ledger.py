@@ -2,9 +2,10 @@
 each cell's Amdahl limit.
 
 For each (context, batch) cell the two backends run one after the other, in alternating order
-from round to round and cell to cell (A B, B A, ...), each in its own process (``bench/serving/bench_breakdown.py``: one in-process
-engine, timers around the engine step, the scheduler, the metadata builder, the model, the
-attention and its parts, and the sampler). The **Amdahl limit** of a cell is CPU_ATTN's step
+from round to round and cell to cell (A B, B A, ...), each in its own process
+(``bench/serving/bench_breakdown.py``: one in-process engine, timers around the engine step,
+the scheduler, the metadata builder, the model, the attention and its parts, and the
+sampler). The **Amdahl limit** of a cell is CPU_ATTN's step
 with its attention time scaled to the bytes PRESCORE reads (selected tiles + side data, as a
 fraction of the KV): what a sparse decode at vLLM's own bytes per second would reach if
 everything else stayed as it is.
@@ -13,9 +14,8 @@ everything else stayed as it is.
         --report docs/results/ledger_avx-512
 
 Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
-timers inside a 2-core engine drift between runs (the model's time outside attention moved
-by 15 ms of a 118 ms step between two single runs of the same cell), so ``--rounds N`` runs
-each cell N times: each part is its median over the rounds (with two rounds, the mean), and
+timers inside a 2-core engine drift between runs (the model's time outside attention most of
+all; see docs/results/speed-targets.md), so ``--rounds N`` runs each cell N times: each part is its median over the rounds (with two rounds, the mean), and
 the table gives the range of the per-round shares of the attainable gain.
 """
 
@@ -91,6 +91,18 @@ def run_cell(backend: str, ctx: int, batch: int, a) -> dict:
         return json.loads(out.read_text())
 
 
+def rounds_row(ctx: int, batch: int, cpu_runs: list[dict], pre_runs: list[dict],
+               read: float) -> dict:
+    """One cell over rounds (round i: ``cpu_runs[i]`` and ``pre_runs[i]``): :func:`cell_row` of
+    the per-part medians, plus each round's share of the attainable gain and its ledgers."""
+    row = cell_row(ctx, batch, combine(cpu_runs), combine(pre_runs), read)
+    row["round_shares"] = [cell_row(ctx, batch, c, p_, read)["share_of_attainable_gain"]
+                           for c, p_ in zip(cpu_runs, pre_runs)]
+    row["round_ledgers"] = [dict(cpu_attn=c["ledger_ms_per_step"], prescore=p_["ledger_ms_per_step"])
+                            for c, p_ in zip(cpu_runs, pre_runs)]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for b in (order if k % 2 == 0 else order[::-1]):
                 res[b].append(run_cell(b, ctx, batch, a))
         read = sum(read_fraction(ctx, res["PRESCORE"][0]["dtype"]))
-        row = cell_row(ctx, batch, combine(res["CPU_ATTN"]), combine(res["PRESCORE"]), read)
-        row["round_shares"] = [cell_row(ctx, batch, c, p_, read)["share_of_attainable_gain"]
-                               for c, p_ in zip(res["CPU_ATTN"], res["PRESCORE"])]
-        row["round_ledgers"] = [dict(cpu_attn=c["ledger_ms_per_step"],
-                                     prescore=p_["ledger_ms_per_step"])
-                                for c, p_ in zip(res["CPU_ATTN"], res["PRESCORE"])]
-        rows.append(row)
+        rows.append(rounds_row(ctx, batch, res["CPU_ATTN"], res["PRESCORE"], read))
     md = markdown(rows, a, " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
     if a.report:
