@@ -43,8 +43,8 @@ from .cpu_ext import extension as _ext
 from .dispatch import cpu_kernels_available as available
 from .layouts import amx_unpack_blocks
 
-__all__ = ["SelectDecodeIntoArgs", "available", "cpu_select_decode", "cpu_select_decode_into",
-           "cpu_sparse_decode", "run_select_decode_into"]
+__all__ = ["SelectDecodeIntoArgs", "available", "cpu_select_decode", "cpu_sparse_decode",
+           "in_place_fields", "run_select_decode_into"]
 
 
 # The C++ ops' arguments, in their order (csrc/sparse_decode.h, csrc/select_decode.h): one
@@ -82,6 +82,11 @@ class _SelectDecodeArgs(NamedTuple):
     lsh_proj: Optional[Tensor]
     lsh_masks: Optional[Tensor]
     lsh_caps: Optional[Tensor]
+    paged_scores: bool = False
+    sparq4_kq: Optional[Tensor] = None
+    sparq4_kz: Optional[Tensor] = None
+    sparq4_caps: Optional[Tensor] = None
+    sparq4_channels: int = 0
 
 
 class SelectDecodeIntoArgs(NamedTuple):
@@ -108,15 +113,25 @@ class SelectDecodeIntoArgs(NamedTuple):
     lsh_proj: Optional[Tensor]
     lsh_masks: Optional[Tensor]
     lsh_caps: Optional[Tensor]
+    paged_scores: bool = False
+    sparq4_kq: Optional[Tensor] = None
+    sparq4_kz: Optional[Tensor] = None
+    sparq4_caps: Optional[Tensor] = None
+    sparq4_channels: int = 0
 
 
 def _unpacked(args: NamedTuple) -> NamedTuple:
     """``args`` with the blocks their table references unpacked from the "amx" layout to the
-    plain one (a copy, numbered 0..R*MB-1 in table order; LSH bucket sets renumbered alike)."""
+    plain one (a copy, numbered 0..R*MB-1 in table order; the side data read through the
+    table - LSH bucket sets, the key copy, paged pre-scores - renumbered alike)."""
     k, v, bt = amx_unpack_blocks(args.key_cache, args.value_cache, args.block_tables)
     new = dict(key_cache=k, value_cache=v, block_tables=bt, amx=False)
-    if getattr(args, "lsh_masks", None) is not None:
-        new["lsh_masks"] = args.lsh_masks[args.block_tables.long().reshape(-1)]
+    ids = args.block_tables.long().reshape(-1)
+    for name in ("lsh_masks", "sparq4_kq", "sparq4_kz"):
+        if getattr(args, name, None) is not None:
+            new[name] = getattr(args, name)[ids]
+    if getattr(args, "paged_scores", False):
+        new["tile_scores"] = args.tile_scores[ids]
     return args._replace(**new)
 
 
@@ -142,59 +157,54 @@ def cpu_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
     return out, lse  # [R, Hq, D], [R, Hq]
 
 
+def in_place_fields(lsh_in_place: tuple[Tensor, Tensor, Tensor] | None,
+                    sparq4_in_place: tuple[Tensor, Tensor, Tensor, int] | None,
+                    paged_scores: bool) -> tuple:
+    """The selection ops' trailing fields (lsh_proj .. sparq4_channels) from the callers'
+    ``lsh_in_place`` / ``sparq4_in_place`` tuples."""
+    proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
+    kq, kz, s4caps, nc = sparq4_in_place if sparq4_in_place is not None else (None,) * 3 + (0,)
+    return proj, masks, caps, bool(paged_scores), kq, kz, s4caps, int(nc)
+
+
 def cpu_select_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                       block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
                       num_tiles: Tensor, budget: Tensor, *, tile_size: int, scale: float,
                       sink_tiles: int, window_tiles: int, lsh_match: Tensor | None = None,
                       lsh_cap: int = 0, lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
-                      kv_layout: str = "strided", out_dtype: torch.dtype | None = None,
+                      sparq4_in_place: tuple[Tensor, Tensor, Tensor, int] | None = None,
+                      paged_scores: bool = False, kv_layout: str = "strided",
+                      out_dtype: torch.dtype | None = None,
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
     """:func:`.cpu_select.cpu_select_tiles` then :func:`cpu_sparse_decode` in one C++ call.
 
     Arguments as those two take them (tile_scores ``[R, Hkv, M]``, num_tiles and budget
-    ``[R]``, lsh_match ``[R, Hkv, M]`` bool or None). ``lsh_in_place`` = (proj ``[D, r]`` fp32
+    ``[R]``, lsh_match ``[R, Hkv, M]`` bool or None). ``paged_scores``: tile_scores is
+    ``[NB, Hkv, B / T]`` per physical block (the side data's) and read through the block
+    table, tile t of row r at ``[block_tables[r, t // (B / T)], :, t % (B / T)]``.
+    ``lsh_in_place`` = (proj ``[D, r]`` fp32
     of :class:`~.lsh.AngularLSH`, tile bucket sets ``[NB, Hkv, B / T, W]`` int64 per physical
     block, caps ``[R]`` int64) replaces lsh_match/lsh_cap: the query group is hashed and the
     tiles' sets are read through the block table inside the call; candidates are the tiles
     (neither sink nor window, finite pre-score) whose set meets the group's, up to caps[r] of
-    them by pre-score. Returns out ``[R, Hq, D]`` (fp32 or ``out_dtype``), lse ``[R, Hq]``,
+    them by pre-score. ``sparq4_in_place`` = (kq ``[NB, Hkv, D, B/2]`` uint8, kz
+    ``[NB, Hkv, 2, D]`` fp32, caps ``[R]`` int64, channels) likewise: each (row, KV head)'s
+    tiles ranked on the 4-bit key copy inside the call, the best caps[r] picked (the picks of
+    :func:`.cpu_select.cpu_sparq4_pick`, then selected as its lsh_match with lsh_cap >= caps).
+    Returns out ``[R, Hq, D]`` (fp32 or ``out_dtype``), lse ``[R, Hq]``,
     tiles ``[R, Hkv, S]`` int32 ascending (-1 pad), num_selected ``[R, Hkv]`` int32, source
     counts ``[4]`` int64 and the selection's seconds.
     """
-    proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
     args = _SelectDecodeArgs(query, key_cache, value_cache, block_tables, seq_lens, tile_scores,
                              num_tiles, budget, int(sink_tiles), int(window_tiles), lsh_match,
                              int(lsh_cap), tile_size, scale, kv_layout == "amx", out_dtype,
-                             proj, masks, caps)
+                             *in_place_fields(lsh_in_place, sparq4_in_place, paged_scores))
     # (out, lse, tiles, num, counts, seconds)
     return tuple(_run(_ext().select_decode_cpu, args, lambda res: res[0] is None))
 
 
 def run_select_decode_into(args: SelectDecodeIntoArgs) -> float:
-    """The per-layer op on prepared arguments: the selection's seconds (the output rows and
-    the counters are written in place). The backend's hot path calls this directly."""
+    """The per-layer op (:func:`cpu_select_decode` writing the caller's output rows and
+    counters in place) on prepared arguments: the selection's seconds. The backend's hot path
+    calls this through :func:`~.select_decode.select_and_decode_into`."""
     return _run(_ext().select_decode_into_cpu, args, lambda sec: sec < 0.0)
-
-
-def cpu_select_decode_into(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                           block_tables: Tensor, seq_lens: Tensor, tile_scores: Tensor,
-                           num_tiles: Tensor, budget: Tensor, out: Tensor, *,
-                           rows: Tensor | None = None, stats: Tensor | None = None,
-                           tile_size: int, scale: float, sink_tiles: int, window_tiles: int,
-                           lsh_match: Tensor | None = None, lsh_cap: int = 0,
-                           lsh_in_place: tuple[Tensor, Tensor, Tensor] | None = None,
-                           kv_layout: str = "strided") -> float:
-    """:func:`cpu_select_decode` for the per-layer path: nothing allocated or returned but the
-    selection's seconds.
-
-    query ``[N, Hq, D]`` and out ``[N', Hq, D]`` (any float dtype, any strides): row r of the
-    selection reads ``query[rows[r]]`` and writes ``out[rows[r]]`` (rows ``[R]`` int64; None:
-    row r). stats ``[>= 5]`` int64 contiguous or None: the tokens read and the tiles chosen per
-    source (sink, window, lsh, prescore) are added to ``stats[0:5]``. The other arguments as
-    :func:`cpu_select_decode` (block_tables, seq_lens, tile_scores, num_tiles, budget: R rows).
-    """
-    proj, masks, caps = lsh_in_place if lsh_in_place is not None else (None, None, None)
-    return run_select_decode_into(SelectDecodeIntoArgs(
-        query, key_cache, value_cache, block_tables, seq_lens, tile_scores, num_tiles, budget,
-        sink_tiles, window_tiles, lsh_match, lsh_cap, tile_size, scale, kv_layout == "amx",
-        out, rows, stats, proj, masks, caps))

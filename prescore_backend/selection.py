@@ -34,6 +34,7 @@ from prescore_backend.kernels.dispatch import resolve
 from prescore_backend.kernels.layouts import amx_unpack_k
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from prescore_backend.kernels.select import Selection, residual_sample, select_tiles
+from prescore_backend.kernels.select_decode import paged_tile_scores
 from prescore_backend.pq import pq_tile_rank
 from prescore_backend.side_data import SideData
 
@@ -332,8 +333,7 @@ def scores_and_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
 def gather_tile_scores(side: SideData, bt: Tensor) -> Tensor:
     """Each row's tile pre-scores in logical order: bt ``[Rs, MB]`` int64 -> ``[Rs, Hkv, M]``,
     M = MB * tiles_per_block."""
-    rs, hkv = bt.shape[0], side.scores.shape[1]
-    return side.scores[bt].permute(0, 2, 1, 3).reshape(rs, hkv, -1)
+    return paged_tile_scores(side.scores, bt)
 
 
 def select_decode_tiles(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,

@@ -374,8 +374,65 @@ def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
+def _key_copy(case, B):
+    """The 4-bit key copy of every physical block of a case's cache -> kq, kz."""
+    from prescore_backend.keycopy import pack_blocks
+    from prescore_backend.kernels.layouts import amx_unpack
+
+    kc = amx_unpack(case.key_cache, case.value_cache)[0] if case.kv_layout == "amx" \
+        else case.key_cache  # [NB, Hkv, B, D] by physical block
+    return pack_blocks(kc.float().nan_to_num())
+
+
+@pytest.mark.parametrize("layout,dtype,group", [("cpu", torch.float32, 3),
+                                                ("cpu_amx", torch.bfloat16, 2),
+                                                # G > 8: the packed loop declines, unpacked
+                                                ("cpu_amx", torch.bfloat16, 9)])
+@pytest.mark.parametrize("paged", [False, True])
+def test_select_and_decode_sparq4_in_place_is_query_aware_pick(layout, dtype, group, paged):
+    """The fused call's in-place sparq4 (each (row, KV head) ranked on the key copy read
+    through the shuffled block table, per-row caps; a row whose picks outnumber the room left
+    after sinks and window keeps its best pre-scores among them) selects exactly what the
+    backend's split path does: ``cpu_sparq4_pick`` then the selection oracle with the pick as
+    lsh_match. With ``paged`` the pre-scores are read per physical block through the table."""
+    from prescore_backend.kernels.cpu_select import cpu_sparq4_pick
+    from prescore_backend.kernels.select_decode import paged_tile_scores
+
+    lens = [300, 37, 129, 256]
+    T, hkv, D, B = 16, 2, 64, 64
+    case = make_paged_case(lens, hkv, group, D, B, layout=layout, dtype=dtype, seed=group + 3)
+    kq, kz = _key_copy(case, B)
+    g = torch.Generator().manual_seed(group)
+    M = case.block_tables.shape[1] * (B // T)
+    num_tiles = torch.tensor([-(-n // T) for n in lens])
+    block_scores = torch.randn(kq.shape[0], hkv, B // T, generator=g)
+    scores = paged_tile_scores(block_scores, case.block_tables)  # [R, Hkv, M]
+    budget = torch.tensor([9, 100, 5, 12])  # row 1 dense
+    caps = torch.tensor([3, 2, 4, 0])  # row 2: 4 picks, room for 5 - 1 - 2; row 3: none
+    pick = cpu_sparq4_pick(case.query, kq, kz, case.block_tables.long(), num_tiles, caps,
+                           num_tile_slots=M, channels=8, tile_size=T, sink_tiles=1,
+                           window_tiles=2)
+    ref = select_tiles_ref(scores, num_tiles, budget, sink_tiles=1, window_tiles=2,
+                           lsh_match=pick, lsh_cap=int(caps.max()))
+    assert int(ref.source_counts[2]) == hkv * (3 + 2)  # rows 0 and 2 (capped by its room)
+    out, lse, sel, _ = select_and_decode(
+        case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+        block_scores if paged else scores, num_tiles, budget, tile_size=T, scale=0.125,
+        sink_tiles=1, window_tiles=2, sparq4_in_place=(kq, kz, caps, 8), paged_scores=paged,
+        kv_layout=case.kv_layout, impl="cpp")
+    assert torch.equal(sel.tiles, ref.tiles)
+    assert torch.equal(sel.num_selected, ref.num_selected)
+    assert torch.equal(sel.source_counts, ref.source_counts)
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
+                                       0.125)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_o, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl,lsh", [("cpp", "none"), ("cpp", "match"), ("cpp", "in_place"),
-                                      ("torch", "none"), ("torch", "match")])
+                                      ("cpp", "sparq4"), ("torch", "none"),
+                                      ("torch", "match")])
 @pytest.mark.parametrize("layout,dtype,group,out_dtype", [
     ("cpu", torch.float32, 3, torch.float32), ("cpu_amx", torch.bfloat16, 2, torch.bfloat16),
     ("cpu", torch.bfloat16, 3, torch.float32),  # out in its own dtype
@@ -385,7 +442,8 @@ def test_select_and_decode_into_writes_rows_and_counters(impl, lsh, layout, dtyp
     """The backend's in-place call: out[rows[r]] = select_and_decode's row r (read from
     query[rows[r]]), other rows untouched; the tokens read and per-source counts added to
     stats[0:5] (tokens checked against a loop over the oracle's tiles), stats[5:] untouched.
-    (lsh_in_place is the fused call's only; other impls refuse it, tested above.)"""
+    (lsh_in_place and sparq4_in_place are the fused call's only; other impls refuse them; the
+    sparq4 case also reads the pre-scores per physical block: paged_scores.)"""
     from prescore_backend.kernels import AngularLSH, bucket_masks
     from prescore_backend.kernels.layouts import amx_unpack
 
@@ -412,6 +470,10 @@ def test_select_and_decode_into_writes_rows_and_counters(impl, lsh, layout, dtyp
         masks = bucket_masks(ah.hash(kc.float().nan_to_num()).view(nb, hkv, B // T, T),
                              5).contiguous()
         kw.update(lsh_in_place=(ah.proj, masks, torch.tensor([2, 1, 0, 3])))
+    elif lsh == "sparq4":
+        kq, kz = _key_copy(case, B)
+        scores = torch.randn(kq.shape[0], hkv, B // T, generator=g)  # per physical block
+        kw.update(sparq4_in_place=(kq, kz, torch.tensor([2, 1, 0, 3]), 8), paged_scores=True)
     args = (case.key_cache, case.value_cache, case.block_tables, case.seq_lens, scores,
             num_tiles, budget)
     ref_out, _, sel, _ = select_and_decode(case.query, *args, impl=impl, **kw)
@@ -465,8 +527,9 @@ def test_select_and_decode_into_errors():
     assert not out.any()
 
 
-def test_select_and_decode_lsh_in_place_errors():
-    """lsh_in_place is the fused CPU call's: other impls and mismatched shapes are refused."""
+def test_select_and_decode_in_place_errors():
+    """lsh_in_place and sparq4_in_place are the fused CPU call's: other impls, both at once
+    and mismatched shapes are refused."""
     from prescore_backend.kernels import AngularLSH
 
     case = make_paged_case([40], 2, 2, 64, 32, seed=0)
@@ -482,3 +545,17 @@ def test_select_and_decode_lsh_in_place_errors():
     with pytest.raises(RuntimeError, match="lsh_masks"):  # B / T tiles per block: 2, not 3
         select_and_decode(*args, **kw, impl="cpp", lsh_in_place=(
             lsh.proj, torch.zeros(nb, 2, 3, 1, dtype=torch.int64), torch.tensor([1])))
+    kq = torch.zeros(nb, 2, 64, 16, dtype=torch.uint8)  # [NB, Hkv, D, B/2]
+    kz = torch.zeros(nb, 2, 2, 64)
+    s4 = (kq, kz, torch.tensor([1]), 8)
+    with pytest.raises(ValueError, match="sparq4_in_place needs impl='cpp'"):
+        select_and_decode(*args, **kw, sparq4_in_place=s4, impl="torch")
+    with pytest.raises(RuntimeError, match="not both"):
+        select_and_decode(*args, **kw, impl="cpp", sparq4_in_place=s4,
+                          lsh_in_place=(lsh.proj, masks, torch.tensor([1])))
+    with pytest.raises(RuntimeError, match="block size"):  # a copy of 16-token blocks
+        select_and_decode(*args, **kw, impl="cpp", sparq4_in_place=(
+            torch.zeros(nb, 2, 64, 8, dtype=torch.uint8), kz, torch.tensor([1]), 8))
+    with pytest.raises(RuntimeError, match="paged tile_scores"):  # 3 tiles per block, not 2
+        select_and_decode(*args[:5], torch.randn(nb, 2, 3), *args[6:], **kw, impl="cpp",
+                          paged_scores=True)

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         timed(pc.PrescoreCPUImpl, "_record_decode_tokens", "decode_side_data")
         timed(pc.PrescoreCPUImpl, "_sparse_decode", "selection_and_sparse_attention")
         # module globals: _sparse_decode's lookups. The selection itself runs inside the fused
-        # select_and_decode_into call; its inputs (pre-scores gathered, query-aware pick) before it.
+        # select_and_decode_into call; its inputs (pre-scores gathered, query-aware pick) before
+        # it, except with sparq4 and lsh on CPU, which the fused call computes itself.
         timed(pc, "scores_and_pick", "selection_inputs")
         timed(pc, "select_and_decode_into", "selection_and_decode")
         timed(pc.PrescoreCPUMetadataBuilder, "build", "builder")

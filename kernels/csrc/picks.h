@@ -432,26 +432,121 @@ static inline void sparq4_chunks(const uint8_t* base, const int64_t* roff, int64
 }
 #endif
 
+// The 4-bit key copy as the ranking reads it (kq [NB, Hkv, D, B/2] uint8, kz [NB, Hkv, 2, D]
+// fp32 min and step, both contiguous) and the channels per (row, KV head).
+struct Sparq4Copy {
+  const uint8_t* kq;
+  const float* kz;
+  int64_t Hkv, D, B, NC;
+};
+
+static Sparq4Copy sparq4_copy(const torch::Tensor& kq, const torch::Tensor& kz, int64_t Hq,
+                              int64_t D, int64_t T, int64_t NC, const char* fn) {
+  TORCH_CHECK(kq.dim() == 4 && kq.scalar_type() == at::kByte && kq.is_contiguous() && kq.device().is_cpu() &&
+              kz.dim() == 4 && kz.scalar_type() == at::kFloat && kz.is_contiguous(),
+              fn, ": key copy [NB, Hkv, D, B/2] uint8 and scales [NB, Hkv, 2, D] fp32, "
+              "contiguous, on the CPU");
+  const int64_t Hkv = kq.size(1), B = kq.size(3) * 2;
+  TORCH_CHECK(kq.size(2) == D && Hq % Hkv == 0 && kz.size(0) == kq.size(0) && kz.size(1) == Hkv &&
+              kz.size(2) == 2 && kz.size(3) == D,
+              fn, ": shapes of q, the key copy and the scales do not match");
+  TORCH_CHECK(B % T == 0 && B % 16 == 0 && T % 16 == 0, fn, ": 16 | tile, tile | block");
+  return Sparq4Copy{kq.data_ptr<uint8_t>(), kz.data_ptr<float>(), Hkv, D, B,
+                    std::clamp<int64_t>(NC, 1, D)};
+}
+
+// One (row, KV head)'s scratch, kept per thread by the callers.
+struct Sparq4Scratch {
+  std::vector<v16f> cmax;
+  std::vector<float> mag, qc, coef, off;
+  std::vector<int64_t> chs, roff;
+};
+
+// The ranking of one (row, KV head): u[t] = order_bits(estimate) for the eligible tiles t in
+// [lo, hi) with a finite estimate (u is not touched elsewhere); -> how many. qg [G, D] the
+// group's query (fp32), btr the row's block table (MB entries).
+template <typename idx_t>
+static int64_t sparq4_rank(const Sparq4Copy& c, const float* qg, int64_t G, int64_t h,
+                           const idx_t* btr, int64_t MB, int64_t T, int64_t lo, int64_t hi,
+                           uint32_t* u, Sparq4Scratch& w) {
+  const int64_t D = c.D, B = c.B, NCc = c.NC, Hkv = c.Hkv, tpb = B / T;
+  w.cmax.resize(B / 16);
+  w.mag.resize(D), w.chs.resize(D), w.roff.resize(NCc);
+  w.qc.resize(G * NCc), w.coef.resize(G * NCc), w.off.resize(G);
+  for (int64_t i = 0; i < D; ++i) {
+    float m = 0.f;
+    for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + i]);
+    w.mag[i] = m;
+    w.chs[i] = i;
+  }
+  const float* mag = w.mag.data();
+  std::partial_sort(w.chs.begin(), w.chs.begin() + NCc, w.chs.end(),
+                    [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
+  std::sort(w.chs.begin(), w.chs.begin() + NCc);
+  const int64_t* chs = w.chs.data();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < NCc; ++j) w.qc[g * NCc + j] = qg[g * D + chs[j]];
+  for (int64_t j = 0; j < NCc; ++j) w.roff[j] = chs[j] * (B / 2);
+  // The chosen channels' runs are 8 lines scattered over a block's 4 KiB region (and their
+  // scales a few more), the blocks at random places: cold, the ranking waited on memory
+  // for every block (3x its time with the lines in cache). Prefetching kSparq4Ahead blocks
+  // ahead keeps that many blocks' lines in flight.
+  auto prefetch_block = [&](int64_t lb) {
+    const int64_t id = btr[lb];
+    const uint8_t* nb = c.kq + (id * Hkv + h) * D * (B / 2);
+    const float* z = c.kz + (id * Hkv + h) * 2 * D;
+    for (int64_t j = 0; j < NCc; ++j) {
+      for (int64_t o = 0; o < B / 2; o += 64) __builtin_prefetch(nb + chs[j] * (B / 2) + o, 0, 1);
+      __builtin_prefetch(z + chs[j], 0, 1);
+      __builtin_prefetch(z + D + chs[j], 0, 1);
+    }
+  };
+  int64_t k = 0;
+  const int64_t b_end = std::min<int64_t>((hi + tpb - 1) / tpb, MB);
+  for (int64_t i = 0; i < kSparq4Ahead && lo / tpb + i < b_end; ++i) prefetch_block(lo / tpb + i);
+  for (int64_t b = lo / tpb; b < b_end; ++b) {
+    if (b + kSparq4Ahead < b_end) prefetch_block(b + kSparq4Ahead);
+    const int64_t blk = btr[b];
+    const uint8_t* base = c.kq + (blk * Hkv + h) * D * (B / 2);
+    const float* zmin = c.kz + (blk * Hkv + h) * 2 * D;
+    const float* zstep = zmin + D;
+    const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
+    const int64_t c0 = t0 * T / 16, c1 = t1 * T / 16;
+    for (int64_t g = 0; g < G; ++g) {
+      float o = 0.f;
+      for (int64_t j = 0; j < NCc; ++j) {
+        o += w.qc[g * NCc + j] * zmin[chs[j]];
+        w.coef[g * NCc + j] = w.qc[g * NCc + j] * zstep[chs[j]];
+      }
+      w.off[g] = o;
+    }
+    // the group in slices of up to 8 heads, each slice's per-chunk max kept in registers
+    for (int64_t g0 = 0; g0 < G; g0 += 8)
+      with_const<8>(G - g0, [&](auto gg) {
+        sparq4_chunks<decltype(gg)::value>(base, w.roff.data(), NCc, w.coef.data() + g0 * NCc,
+                                           w.off.data() + g0, c0, c1, w.cmax.data(), g0 > 0);
+      });
+    for (int64_t t = t0; t < t1; ++t) {
+      v16f m = w.cmax[t * T / 16];
+      for (int64_t ch = t * T / 16 + 1; ch < (t + 1) * T / 16; ++ch)
+        m = m > w.cmax[ch] ? m : w.cmax[ch];
+      const float best = hmax(m);
+      if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
+    }
+  }
+  return k;
+}
+
 torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor kz,
                               torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
                               int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
   // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D, B/2] uint8 and kz [NB, Hkv, 2, D] fp32
   // (min, step), both contiguous; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels.
-  TORCH_CHECK(kq.dim() == 4 && kq.scalar_type() == at::kByte && kq.is_contiguous() && !kq.is_cuda() &&
-              kz.dim() == 4 && kz.scalar_type() == at::kFloat && kz.is_contiguous(),
-              "sparq4_pick_cpu: key copy [NB, Hkv, D, B/2] uint8 and scales [NB, Hkv, 2, D] fp32, "
-              "contiguous, on the CPU");
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = kq.size(1), B = kq.size(3) * 2;
-  TORCH_CHECK(kq.size(2) == D && Hq % Hkv == 0 && kz.size(1) == Hkv && kz.size(2) == 2 &&
-              kz.size(3) == D, "sparq4_pick_cpu: shapes of q, the key copy and the scales do not match");
-  TORCH_CHECK(B % T == 0 && B % 16 == 0 && T % 16 == 0, "sparq4_pick_cpu: 16 | tile, tile | block");
-  const int64_t NCc = std::clamp<int64_t>(NC, 1, D);
-  const int64_t G = Hq / Hkv, tpb = B / T, MB = bt.size(1), NB16 = B / 16;
+  const Sparq4Copy cp = sparq4_copy(kq, kz, Hq, D, T, NC, "sparq4_pick_cpu");
+  const int64_t Hkv = cp.Hkv, G = Hq / Hkv, MB = bt.size(1);
   auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
   const float* qp = q.data_ptr<float>();
-  const uint8_t* kp = kq.data_ptr<uint8_t>();
-  const float* zp = kz.data_ptr<float>();
   const int64_t* btp = bt.data_ptr<int64_t>();
   const int64_t bts = bt.stride(0);
   const int64_t* nt = num_tiles.data_ptr<int64_t>();
@@ -460,75 +555,15 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor k
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<v16u_t> uv((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
-    std::vector<v16f> cmax(NB16);
-    std::vector<float> mag(D), qc(G * NCc), coef(G * NCc), off(G);
-    std::vector<int64_t> chs(D), roff(NCc);
+    Sparq4Scratch w;
     for (int64_t rh = begin; rh < end; ++rh) {
-      const int64_t r = rh / Hkv, h = rh % Hkv;
+      const int64_t r = rh / Hkv;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
       const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
       const int64_t nv = (n + 15) / 16;
       std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
-      const float* qg = qp + rh * G * D;
-      for (int64_t i = 0; i < D; ++i) {
-        float m = 0.f;
-        for (int64_t g = 0; g < G; ++g) m += std::abs(qg[g * D + i]);
-        mag[i] = m;
-        chs[i] = i;
-      }
-      std::partial_sort(chs.begin(), chs.begin() + NCc, chs.end(),
-                        [&](int64_t a, int64_t b) { return mag[a] > mag[b] || (mag[a] == mag[b] && a < b); });
-      std::sort(chs.begin(), chs.begin() + NCc);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t j = 0; j < NCc; ++j) qc[g * NCc + j] = qg[g * D + chs[j]];
-      for (int64_t j = 0; j < NCc; ++j) roff[j] = chs[j] * (B / 2);
-      auto block_id = [&](int64_t lb) { return btp[r * bts + lb]; };
-      // The chosen channels' runs are 8 lines scattered over a block's 4 KiB region (and their
-      // scales a few more), the blocks at random places: cold, the ranking waited on memory
-      // for every block (3x its time with the lines in cache). Prefetching kSparq4Ahead blocks
-      // ahead keeps that many blocks' lines in flight.
-      auto prefetch_block = [&](int64_t lb) {
-        const int64_t id = block_id(lb);
-        const uint8_t* nb = kp + (id * Hkv + h) * D * (B / 2);
-        const float* z = zp + (id * Hkv + h) * 2 * D;
-        for (int64_t j = 0; j < NCc; ++j) {
-          for (int64_t o = 0; o < B / 2; o += 64) __builtin_prefetch(nb + chs[j] * (B / 2) + o, 0, 1);
-          __builtin_prefetch(z + chs[j], 0, 1);
-          __builtin_prefetch(z + D + chs[j], 0, 1);
-        }
-      };
-      int64_t k = 0;
-      const int64_t b_end = std::min<int64_t>((hi + tpb - 1) / tpb, MB);
-      for (int64_t i = 0; i < kSparq4Ahead && lo / tpb + i < b_end; ++i) prefetch_block(lo / tpb + i);
-      for (int64_t b = lo / tpb; b < b_end; ++b) {
-        if (b + kSparq4Ahead < b_end) prefetch_block(b + kSparq4Ahead);
-        const int64_t blk = block_id(b);
-        const uint8_t* base = kp + (blk * Hkv + h) * D * (B / 2);
-        const float* zmin = zp + (blk * Hkv + h) * 2 * D;
-        const float* zstep = zmin + D;
-        const int64_t t0 = std::max(lo, b * tpb) - b * tpb, t1 = std::min(hi, (b + 1) * tpb) - b * tpb;
-        const int64_t c0 = t0 * T / 16, c1 = t1 * T / 16;
-        for (int64_t g = 0; g < G; ++g) {
-          float o = 0.f;
-          for (int64_t j = 0; j < NCc; ++j) {
-            o += qc[g * NCc + j] * zmin[chs[j]];
-            coef[g * NCc + j] = qc[g * NCc + j] * zstep[chs[j]];
-          }
-          off[g] = o;
-        }
-        // the group in slices of up to 8 heads, each slice's per-chunk max kept in registers
-        for (int64_t g0 = 0; g0 < G; g0 += 8)
-          with_const<8>(G - g0, [&](auto gg) {
-            sparq4_chunks<decltype(gg)::value>(base, roff.data(), NCc, coef.data() + g0 * NCc,
-                                               off.data() + g0, c0, c1, cmax.data(), g0 > 0);
-          });
-        for (int64_t t = t0; t < t1; ++t) {
-          v16f m = cmax[t * T / 16];
-          for (int64_t c = t * T / 16 + 1; c < (t + 1) * T / 16; ++c) m = m > cmax[c] ? m : cmax[c];
-          const float best = hmax(m);
-          if (std::isfinite(best)) { u[b * tpb + t] = order_bits(best); ++k; }
-        }
-      }
+      const int64_t k = sparq4_rank(cp, qp + rh * G * D, G, rh % Hkv, btp + r * bts, MB, T, lo,
+                                    hi, u, w);
       const int64_t take = std::min(k, std::max<int64_t>(cap[r], 0));
       mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pk + rh * M), 1);
     }

@@ -80,6 +80,23 @@ struct LshInPlace {
   const int64_t* caps;    // [R] query-aware tiles at most per (row, head)
 };
 
+// A query-aware ranking run inside the selection (select_decode_cpu with the sparq4 key copy):
+// rank(rh, lo, hi, u) writes u[t] = a key for each eligible tile t in [lo, hi) of (row, head)
+// rh it ranks (0 elsewhere is left as is) and returns how many; the best caps[r] of them are
+// the row's query-aware picks, as a [R, H, M] pick of the same ranking then the selection.
+struct RankInPlace {
+  std::function<int64_t(int64_t rh, int64_t lo, int64_t hi, uint32_t* u)> rank;
+  const int64_t* caps;  // [R] query-aware tiles at most per (row, head)
+};
+
+// Pre-scores read in place: scores [NB, H, tpb] per physical block (the side data's), tile t of
+// row r at scores[bt[r, t / tpb], h, t % tpb], instead of a gathered [R, H, M].
+struct PagedScores {
+  const float* scores;
+  const int32_t* bt;
+  int64_t bt_stride, tpb;
+};
+
 // The converted inputs of a selection (kept alive here) and its sizes.
 struct SelPlan {
   torch::Tensor scores, num_tiles, budget, lsh_match;  // [R, H, M] fp32, [R] int64, [R, H, M]
@@ -88,12 +105,18 @@ struct SelPlan {
 };
 
 static SelPlan select_plan(torch::Tensor scores, torch::Tensor num_tiles, torch::Tensor budget,
-                           const c10::optional<torch::Tensor>& lsh_match_opt) {
-  // scores [R, H, M] float; num_tiles, budget [R] integer; lsh_match [R, H, M] bool or None.
-  // Conversions here (no-ops for the usual dtypes), not in Python.
+                           const c10::optional<torch::Tensor>& lsh_match_opt,
+                           const torch::Tensor* paged_bt = nullptr) {
+  // scores [R, H, M] float, or with paged_bt [R, MB] (the block table) [NB, H, tpb] per
+  // physical block (M = MB * tpb); num_tiles, budget [R] integer; lsh_match [R, H, M] bool or
+  // None. Conversions here (no-ops for the usual dtypes), not in Python.
   SelPlan p;
   p.scores = as_contig(scores, at::kFloat);
-  p.R = p.scores.size(0), p.H = p.scores.size(1), p.M = p.scores.size(2);
+  TORCH_CHECK(p.scores.dim() == 3, "select_tiles_cpu: tile_scores must be 3-d");
+  if (paged_bt != nullptr)
+    p.R = paged_bt->size(0), p.H = p.scores.size(1), p.M = paged_bt->size(1) * p.scores.size(2);
+  else
+    p.R = p.scores.size(0), p.H = p.scores.size(1), p.M = p.scores.size(2);
   p.num_tiles = as_contig(num_tiles.dim() == 1 ? num_tiles : num_tiles.reshape({p.R}), at::kLong);
   p.budget = as_contig(budget.dim() == 1 ? budget : budget.reshape({p.R}), at::kLong);
   if (lsh_match_opt.has_value()) p.lsh_match = as_contig(*lsh_match_opt, at::kBool);
@@ -113,7 +136,8 @@ static SelPlan select_plan(torch::Tensor scores, torch::Tensor num_tiles, torch:
 // -> to [R, H, S] int32 ascending, -1 padded; no [R, H] int32; cnt [R, H, 4] int64 (sink,
 // window, lsh, prescore per (row, head)).
 static void select_run(const SelPlan& p, int64_t sink, int64_t window, int64_t lsh_cap,
-                       const LshInPlace* lip, int32_t* to, int32_t* no, int64_t* cnt) {
+                       const LshInPlace* lip, int32_t* to, int32_t* no, int64_t* cnt,
+                       const RankInPlace* rip = nullptr, const PagedScores* ps = nullptr) {
   const int64_t R = p.R, H = p.H, M = p.M, S = p.S;
   const float* sc = p.scores.data_ptr<float>();
   const int64_t* nt = p.num_tiles.data_ptr<int64_t>();
@@ -126,19 +150,29 @@ static void select_run(const SelPlan& p, int64_t sink, int64_t window, int64_t l
     // per-layer path); every element read below is written first for this task.
     // src: 0 not chosen, 1 sink, 2 window, 3 lsh, 4 prescore; padded for 64-byte reads.
     // hv: LSH hits. uv: candidate keys (0: not a candidate), padded to whole vectors.
+    // sp: the row's pre-scores gathered from paged ones.
     static thread_local std::vector<uint8_t> src, hv;
     static thread_local std::vector<v16u_t> uv;
+    static thread_local std::vector<float> sp;
     if (src.size() < static_cast<size_t>(M + 64)) src.resize(M + 64);
-    if (lip != nullptr && hv.size() < static_cast<size_t>(M)) hv.resize(M);
+    if ((lip != nullptr || rip != nullptr) && hv.size() < static_cast<size_t>(M + 64))
+      hv.resize(M + 64);
+    if (ps != nullptr && sp.size() < static_cast<size_t>(M)) sp.resize(M);
     if (uv.size() < static_cast<size_t>((M + 15) / 16)) uv.resize((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / H;
       const int64_t n = std::clamp<int64_t>(nt[r], 0, M), b = keep[r], nv = (n + 15) / 16;
-      const float* s = sc + rh * M;
       std::fill(src.begin(), src.begin() + n, 0);
       std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
       const int64_t w_lo = std::max<int64_t>(n - window, 0), s_hi = std::min(sink, n);
+      const float* s = ps == nullptr ? sc + rh * M : sp.data();
+      if (ps != nullptr) {  // only tiles in [s_hi, w_lo) are read below
+        const int64_t tpb = ps->tpb, h = rh % H;
+        const int32_t* btr = ps->bt + r * ps->bt_stride;
+        for (int64_t lb = s_hi / tpb; lb * tpb < w_lo; ++lb)
+          std::memcpy(sp.data() + lb * tpb, ps->scores + (btr[lb] * H + h) * tpb, tpb * 4);
+      }
       auto kind = [&](int64_t t) { return t < sink ? 1 : 2; };  // a sink in the window is a sink
       // per-source counts kept as the tiles are marked (a counting pass over src after the
       // marking widened every byte to 64 bits: ~1/4 of the selection's time)
@@ -212,6 +246,20 @@ static void select_run(const SelPlan& p, int64_t sink, int64_t window, int64_t l
         mark_top(uv.data(), nv, n, k, take, src.data(), 3);
         room -= take;
         c_lsh += take;
+      }
+      if (room > 0 && rip != nullptr && rip->caps[r] > 0) {
+        const int64_t k = rip->rank(rh, s_hi, w_lo, u);
+        const int64_t take = std::min(k, rip->caps[r]), kept = std::min(take, room);
+        if (take <= room) {  // the usual case (caps <= budget - sinks - window): all picked
+          mark_top(uv.data(), nv, n, k, take, src.data(), 3);
+        } else {  // more picks than room: the best pre-scores among them, as lsh_match does
+          std::fill(hv.begin(), hv.begin() + n, 0);
+          mark_top(uv.data(), nv, n, k, take, hv.data(), 1);
+          for (int64_t t = s_hi; t < w_lo; ++t) u[t] = hv[t] ? order_bits(s[t]) : 0u;
+          mark_top(uv.data(), nv, n, take, room, src.data(), 3);
+        }
+        room -= kept;
+        c_lsh += kept;
       }
       if (room > 0) {
         int64_t k = 0;

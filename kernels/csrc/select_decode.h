@@ -1,9 +1,11 @@
 // Selection then sparse decode in one call (kernels/cpu_sparse_decode.py: cpu_select_decode,
-// cpu_select_decode_into), with the LSH candidates hashed in place. Part of the one translation
-// unit bindings.cpp.
+// cpu_select_decode_into), with the query-aware part in place (the LSH candidates hashed, or the
+// sparq4 key copy ranked, per (row, KV head)) and optionally the pre-scores read through the
+// block table. Part of the one translation unit bindings.cpp.
 #pragma once
 
 #include "common.h"
+#include "picks.h"
 #include "select.h"
 #include "sparse_decode.h"
 
@@ -62,6 +64,55 @@ static const LshInPlace* lsh_prepare(LshArgs& a, std::vector<uint64_t>& qmask, c
   return &a.lip;
 }
 
+// In-place SparQ ranking on the 4-bit key copy (s4_kq [NB, Hkv, D, B/2] uint8, s4_kz
+// [NB, Hkv, 2, D] fp32, s4_caps [R] int64, NC channels; as sparq4_pick_cpu) run per (row, KV
+// head) inside the selection on the fp32 query rows qf [R, Hq, D]: instead of a [R, Hkv, M] bool
+// pick made by a separate call on a gathered query. nullptr without the key copy.
+struct Sparq4Args {
+  torch::Tensor kq, kz, caps;
+  RankInPlace rip;
+};
+static const RankInPlace* sparq4_prepare(Sparq4Args& a, const float* qf, int64_t R, int64_t Hq,
+                                         int64_t D, const torch::Tensor& k,
+                                         const torch::Tensor& btc, int64_t T,
+                                         const c10::optional<torch::Tensor>& s4_kq,
+                                         const c10::optional<torch::Tensor>& s4_kz,
+                                         const c10::optional<torch::Tensor>& s4_caps,
+                                         int64_t NC) {
+  if (!s4_kq.has_value()) return nullptr;
+  TORCH_CHECK(s4_kz.has_value() && s4_caps.has_value(),
+              "select_decode_cpu: sparq4_kq needs sparq4_kz and sparq4_caps");
+  a.kq = as_contig(*s4_kq, at::kByte);
+  a.kz = as_contig(*s4_kz, at::kFloat);
+  a.caps = as_contig(*s4_caps, at::kLong);
+  const Sparq4Copy cp = sparq4_copy(a.kq, a.kz, Hq, D, T, NC, "select_decode_cpu");
+  TORCH_CHECK(cp.Hkv == k.size(1) && cp.B == k.size(2) && a.caps.numel() == R,
+              "select_decode_cpu: the key copy [NB, Hkv, D, B/2] and sparq4_caps [R] do not "
+              "match the cache's KV heads and block size and the query rows");
+  const int64_t Hkv = cp.Hkv, G = Hq / Hkv, MB = btc.size(1), bts = btc.stride(0);
+  const int32_t* bp = btc.data_ptr<int32_t>();
+  a.rip.caps = a.caps.data_ptr<int64_t>();
+  a.rip.rank = [=](int64_t rh, int64_t lo, int64_t hi, uint32_t* u) {
+    static thread_local Sparq4Scratch w;
+    return sparq4_rank(cp, qf + rh * G * D, G, rh % Hkv, bp + (rh / Hkv) * bts, MB, T, lo, hi,
+                       u, w);
+  };
+  return &a.rip;
+}
+
+// Pre-scores per physical block ([NB, Hkv, B / T], paged) read through the block table btc.
+static const PagedScores* paged_prepare(PagedScores& ps, bool paged, const SelPlan& p,
+                                        const torch::Tensor& k, const torch::Tensor& btc,
+                                        int64_t T) {
+  if (!paged) return nullptr;
+  TORCH_CHECK(p.scores.size(1) == k.size(1) && p.scores.size(2) * T == k.size(2),
+              "select_decode_cpu: paged tile_scores must be [NB, Hkv, B / T]: one score per "
+              "tile of each physical block of the cache");
+  ps = PagedScores{p.scores.data_ptr<float>(), btc.data_ptr<int32_t>(), btc.stride(0),
+                   p.scores.size(2)};
+  return &ps;
+}
+
 static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -79,7 +130,9 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
                   c10::optional<torch::Tensor> lsh_match, int64_t lsh_cap, int64_t T,
                   double scale, bool amx, c10::optional<at::ScalarType> out_dtype,
                   c10::optional<torch::Tensor> lsh_proj, c10::optional<torch::Tensor> lsh_masks,
-                  c10::optional<torch::Tensor> lsh_caps) {
+                  c10::optional<torch::Tensor> lsh_caps, bool paged_scores,
+                  c10::optional<torch::Tensor> sparq4_kq, c10::optional<torch::Tensor> sparq4_kz,
+                  c10::optional<torch::Tensor> sparq4_caps, int64_t sparq4_channels) {
   if (amx && !packed_path_takes(query, k, v, T))  // the caller unpacks and calls again
     return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
             0.0};
@@ -93,15 +146,23 @@ select_decode_cpu(torch::Tensor query, torch::Tensor k, torch::Tensor v, torch::
   std::vector<uint64_t> qmask;
   const LshInPlace* lip = lsh_prepare(la, qmask, qf, R, Hq, D, k, btc, T, lsh_proj, lsh_masks,
                                       lsh_caps);
-  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
+  Sparq4Args sa;
+  const RankInPlace* rip = sparq4_prepare(sa, qf, R, Hq, D, k, btc, T, sparq4_kq, sparq4_kz,
+                                          sparq4_caps, sparq4_channels);
+  TORCH_CHECK(lip == nullptr || rip == nullptr,
+              "select_decode_cpu: LSH or the sparq4 key copy in place, not both");
+  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match,
+                                paged_scores ? &btc : nullptr);
   TORCH_CHECK(p.R == R && p.H == k.size(1),
               "select_decode_cpu: tile_scores must be [R, Hkv, M]: one row per query row, one "
               "head per KV head of the cache");
+  PagedScores psv;
+  const PagedScores* ps = paged_prepare(psv, paged_scores, p, k, btc, T);
   auto tiles = torch::empty({p.R, p.H, p.S}, torch::dtype(torch::kInt32));
   auto num = torch::empty({p.R, p.H}, torch::dtype(torch::kInt32));
   std::vector<int64_t> cnt(p.R * p.H * 4, 0);
   select_run(p, sink, window, lsh_cap, lip, tiles.data_ptr<int32_t>(), num.data_ptr<int32_t>(),
-             cnt.data());
+             cnt.data(), rip, ps);
   auto counts = torch::zeros({4}, torch::dtype(torch::kInt64));
   int64_t* co = counts.data_ptr<int64_t>();
   for (int64_t i = 0; i < p.R * p.H; ++i)
@@ -134,7 +195,11 @@ double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tenso
                               c10::optional<torch::Tensor> stats,
                               c10::optional<torch::Tensor> lsh_proj,
                               c10::optional<torch::Tensor> lsh_masks,
-                              c10::optional<torch::Tensor> lsh_caps) {
+                              c10::optional<torch::Tensor> lsh_caps, bool paged_scores,
+                              c10::optional<torch::Tensor> sparq4_kq,
+                              c10::optional<torch::Tensor> sparq4_kz,
+                              c10::optional<torch::Tensor> sparq4_caps,
+                              int64_t sparq4_channels) {
   if (amx && !packed_path_takes(query, k, v, T)) return -1.0;
   const auto t0 = std::chrono::steady_clock::now();
   torch::Tensor rw;
@@ -168,14 +233,22 @@ double select_decode_into_cpu(torch::Tensor query, torch::Tensor k, torch::Tenso
   LshArgs la;
   const LshInPlace* lip = lsh_prepare(la, qmask, qbuf.data(), R, Hq, D, k, btc, T, lsh_proj,
                                       lsh_masks, lsh_caps);
-  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match);
+  Sparq4Args sa;
+  const RankInPlace* rip = sparq4_prepare(sa, qbuf.data(), R, Hq, D, k, btc, T, sparq4_kq,
+                                          sparq4_kz, sparq4_caps, sparq4_channels);
+  TORCH_CHECK(lip == nullptr || rip == nullptr,
+              "select_decode_into_cpu: LSH or the sparq4 key copy in place, not both");
+  const SelPlan p = select_plan(scores, num_tiles, budget, lsh_match,
+                                paged_scores ? &btc : nullptr);
   TORCH_CHECK(p.R == R && p.H == k.size(1),
               "select_decode_into_cpu: tile_scores must be [R, Hkv, M]: one row per selected "
               "row, one head per KV head of the cache");
+  PagedScores psv;
+  const PagedScores* ps = paged_prepare(psv, paged_scores, p, k, btc, T);
   tbuf.resize(std::max<int64_t>(p.R * p.H * p.S, 1));
   nbuf.resize(p.R * p.H);
   cbuf.assign(p.R * p.H * 4, 0);
-  select_run(p, sink, window, lsh_cap, lip, tbuf.data(), nbuf.data(), cbuf.data());
+  select_run(p, sink, window, lsh_cap, lip, tbuf.data(), nbuf.data(), cbuf.data(), rip, ps);
   const double sel_s = seconds_since(t0);
   obuf.resize(R * Hq * D);
   lbuf.resize(R * Hq);

@@ -72,7 +72,7 @@ from prescore_backend.backends.common import (
     refuse_unsupported,
     runtime,
 )
-from prescore_backend.selection import gather_tile_scores, scores_and_pick, select_decode_tiles
+from prescore_backend.selection import scores_and_pick, select_decode_tiles
 from prescore_backend.kernels.dispatch import cpu_kernels_available
 from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.kernels.sparse_decode import sparse_decode
@@ -229,11 +229,17 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         bt = plan.sparse_bt64  # [Rs, MB]
         lsh = lsh_for(self.head_size) if cfg.uses_lsh else None
         if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
-            if cfg.query_aware == "lsh" and self.fused:
-                # HyperAttention's match inside the fused call: the query hashed and the
-                # tiles' bucket sets read through the block table there (~15 torch ops less)
-                scores, lsh_kw = gather_tile_scores(side, bt), dict(
-                    lsh_in_place=(lsh.proj, side.masks, plan.query_caps))
+            if self.fused and cfg.query_aware in ("lsh", "sparq4"):
+                # The query-aware part inside the fused call, on vLLM's query rows: the LSH
+                # match (the query hashed, the tiles' bucket sets read through the block table)
+                # or the sparq4 ranking (the key copy read through it), and the pre-scores
+                # read in place: no torch op and no second C++ call per layer for them.
+                scores, lsh_kw = side.scores, dict(paged_scores=True)
+                if cfg.query_aware == "lsh":
+                    lsh_kw["lsh_in_place"] = (lsh.proj, side.masks, plan.query_caps)
+                else:
+                    lsh_kw["sparq4_in_place"] = (side.kq, side.kz, plan.query_caps,
+                                                 cfg.query_channels)
             else:
                 q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
                 scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles,
