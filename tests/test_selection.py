@@ -20,6 +20,25 @@ from prescore_backend.kernels.select_decode import select_and_decode, select_and
 from prescore_backend.scoring.tiles import aggregate_tiles
 from prescore_backend.kernels import sparse_decode_ref
 
+def _assert_decode_matches_oracle(case, out, lse, tiles, T, dtype):
+    """out, lse of a decode over ``tiles`` (scale 0.125) equal the decode oracle's, within
+    the dtype's tolerance."""
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, tiles, T,
+                                       0.125)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_o, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def _assert_oracle_selection_and_decode(case, out, lse, sel, ref, T, dtype):
+    """The fused call's Selection is exactly the oracle's (tiles, counts, sources) and its
+    decode the decode oracle's over those tiles."""
+    assert torch.equal(sel.tiles, ref.tiles)
+    assert torch.equal(sel.num_selected, ref.num_selected)
+    assert torch.equal(sel.source_counts, ref.source_counts)
+    _assert_decode_matches_oracle(case, out, lse, ref.tiles, T, dtype)
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 
@@ -311,11 +330,7 @@ def test_select_and_decode_is_select_then_decode(impl, layout, dtype, group, use
         assert torch.equal(sel.source_counts, ref.source_counts)
     assert torch.equal(sel.num_selected, ref.num_selected)
     assert sec >= 0.0 and out.dtype == dtype and out.shape == case.query.shape
-    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
-                                       0.125)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.double(), ref_o, **tol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    _assert_decode_matches_oracle(case, out, lse, ref.tiles, T, dtype)
 
 
 @pytest.mark.parametrize("layout,dtype,group", [("cpu", torch.float32, 3),
@@ -364,14 +379,7 @@ def test_select_and_decode_lsh_in_place_is_query_aware_pick(layout, dtype, group
         case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens, scores,
         num_tiles, budget, tile_size=T, scale=0.125, sink_tiles=1, window_tiles=2,
         lsh_in_place=(lsh.proj, masks, caps), kv_layout=case.kv_layout, impl="cpp")
-    assert torch.equal(sel.tiles, ref.tiles)
-    assert torch.equal(sel.num_selected, ref.num_selected)
-    assert torch.equal(sel.source_counts, ref.source_counts)
-    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
-                                       0.125)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.double(), ref_o, **tol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    _assert_oracle_selection_and_decode(case, out, lse, sel, ref, T, dtype)
 
 
 def _key_copy(case, B):
@@ -420,14 +428,7 @@ def test_select_and_decode_sparq4_in_place_is_query_aware_pick(layout, dtype, gr
         block_scores if paged else scores, num_tiles, budget, tile_size=T, scale=0.125,
         sink_tiles=1, window_tiles=2, sparq4_in_place=(kq, kz, caps, 8), paged_scores=paged,
         kv_layout=case.kv_layout, impl="cpp")
-    assert torch.equal(sel.tiles, ref.tiles)
-    assert torch.equal(sel.num_selected, ref.num_selected)
-    assert torch.equal(sel.source_counts, ref.source_counts)
-    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, ref.tiles, T,
-                                       0.125)
-    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.double(), ref_o, **tol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    _assert_oracle_selection_and_decode(case, out, lse, sel, ref, T, dtype)
 
 
 @pytest.mark.parametrize("impl,lsh", [("cpp", "none"), ("cpp", "match"), ("cpp", "in_place"),

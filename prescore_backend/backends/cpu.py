@@ -234,11 +234,11 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                 # match (the query hashed, the tiles' bucket sets read through the block table)
                 # or the sparq4 ranking (the key copy read through it), and the pre-scores
                 # read in place: no torch op and no second C++ call per layer for them.
-                scores, lsh_kw = side.scores, dict(paged_scores=True)
+                scores, pick_kw = side.scores, dict(paged_scores=True)
                 if cfg.query_aware == "lsh":
-                    lsh_kw["lsh_in_place"] = (lsh.proj, side.masks, plan.query_caps)
+                    pick_kw["lsh_in_place"] = (lsh.proj, side.masks, plan.query_caps)
                 else:
-                    lsh_kw["sparq4_in_place"] = (side.kq, side.kz, plan.query_caps,
+                    pick_kw["sparq4_in_place"] = (side.kq, side.kz, plan.query_caps,
                                                  cfg.query_channels)
             else:
                 q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
@@ -246,7 +246,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                                                plan.query_caps, lsh=lsh, key_cache=key_cache,
                                                kv_layout=kv_layout, max_cap=plan.max_cap,
                                                caps_uniform=plan.caps_uniform)
-                lsh_kw = dict(lsh_match=pick, lsh_cap=plan.max_cap if pick is not None else 0)
+                pick_kw = dict(lsh_match=pick, lsh_cap=plan.max_cap if pick is not None else 0)
             pick_s = time.perf_counter() - t0
             # query rows read and output rows written in place, tokens read and tiles per
             # source added to the step's counters: no tensor made per layer on the CPU path
@@ -255,7 +255,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                 scores, plan.num_tiles, plan.budget, output, rows=plan.sparse_tok,
                 stats=stats.decode_counts, tile_size=cfg.tile_size, scale=self.scale,
                 sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles, kv_layout=kv_layout,
-                **lsh_kw)
+                **pick_kw)
             stats.selection_s += pick_s + sel_s
             return
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
