@@ -20,7 +20,14 @@ calibration text's first 4096 tokens (disjoint from the default window at 10000)
   and KV head), the rotated keys at 4 bits per block;
 * ``|q|*sd``: SparQ's channels chosen by |q| times the channel's key standard deviation;
 * ``+ centroid``: SparQ's r channels plus, for the other channels, q against the tile's mean
-  key (D - r more values per 16-token tile, 8 bits each with one scale per tile).
+  key (D - r more values per 16-token tile, 8 bits each with one scale per tile);
+* ``b-bit``: SparQ with r channels at b bits per block (min and step) for the same bytes per
+  token as r=8 at 4 bits (and twice that): more channels at fewer bits;
+* ``rotated``: SparQ in a calibrated basis, q.k = (q A_q).(k A_k): the queries' principal
+  axes (``qpca``, A_q = A_k = their eigenvectors) or the basis that whitens the queries and
+  diagonalizes the keys' covariance seen by them (``cross``: A_q = S_q^-1/2 V,
+  A_k = S_q^1/2 V, V the eigenvectors of S_q^1/2 S_k S_q^1/2; channels by |q'| times the
+  rotated keys' spread), keys rotated then quantized at 4 bits per block.
 """
 
 from __future__ import annotations
@@ -83,6 +90,49 @@ def recall_est(q: torch.Tensor, k: torch.Tensor, est: torch.Tensor, g: int) -> f
     truth = exact.topk(budget, -1).indices
     picked = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, e.topk(budget, -1).indices, True)
     return float(picked.gather(-1, truth).float().mean())
+
+
+def quant_bits(k: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per (128-token block, head, channel) min and step with 2^bits levels: k ``[Hkv, n, D]``."""
+    h, n, d = k.shape
+    b = k.view(h, n // B, B, d)
+    lo, hi = b.amin(2, keepdim=True), b.amax(2, keepdim=True)
+    step = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8)
+    return (((b - lo) / step).round() * step + lo).view(h, n, d)
+
+
+def sparq_est(qg: torch.Tensor, keys: torch.Tensor, r: int,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """q.k on the group's r largest |q| channels (times ``weight`` [Hkv, D] if given):
+    qg ``[Hkv, G, nq, D]``, keys ``[Hkv, n, D]`` -> ``[Hkv, G, nq, n]``."""
+    w = qg.abs().sum(1) if weight is None else qg.abs().sum(1) * weight.unsqueeze(1)
+    mask = torch.zeros_like(w).scatter_(-1, w.topk(r, -1).indices, 1.0).unsqueeze(1)
+    return torch.einsum("hgqd,hnd->hgqn", qg * mask, keys)
+
+
+def trade_and_rotation_rows(q: torch.Tensor, k: torch.Tensor, calib_k: torch.Tensor,
+                            calib_q: torch.Tensor, g: int) -> dict:
+    """The ``b-bit`` and ``rotated`` estimates of one layer: name -> (bytes, estimate)."""
+    hkv, n, d = k.shape
+    qg = q.view(hkv, g, -1, d)
+    out = {f"sparq r={r} ({bits}-bit)": (r * bits / 8, sparq_est(qg, quant_bits(k, bits), r))
+           for r, bits in ((16, 2), (32, 1), (12, 3), (32, 2), (64, 1))}
+    cq = calib_q.reshape(hkv, -1, d)  # the group's heads pooled
+    mu = calib_k.mean(1, keepdim=True)
+    s_k = torch.einsum("hnd,hne->hde", calib_k - mu, calib_k - mu) / calib_k.shape[1]
+    s_q = torch.einsum("hnd,hne->hde", cq, cq) / cq.shape[1]
+    e, u = torch.linalg.eigh(s_q)
+    e = e.clamp_min(e.amax(-1, keepdim=True) * 1e-6)
+    half = u @ torch.diag_embed(e.sqrt()) @ u.transpose(-1, -2)
+    v = torch.linalg.eigh(half @ s_k @ half)[1]
+    inv_half = u @ torch.diag_embed(e.rsqrt()) @ u.transpose(-1, -2)
+    for name, a_q, a_k, spread in (("qpca", u, u, False), ("cross", inv_half @ v, half @ v, True)):
+        qr = torch.einsum("hgqd,hde->hgqe", qg, a_q)
+        kr = torch.einsum("hnd,hde->hne", k, a_k)
+        sd = torch.einsum("hnd,hde->hne", calib_k, a_k).std(1) if spread else None
+        for r in (8, 16):
+            out[f"sparq r={r} (4-bit) rotated: {name}"] = (r / 2, sparq_est(qr, quant_block(kr), r, sd))
+    return out
 
 
 def more_rows(q: torch.Tensor, k: torch.Tensor, calib_k: torch.Tensor, g: int) -> dict:
@@ -154,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"bytes_per_token": r * (4 if kind != "exact" else 16) / 8,
                       "mean": sum(per) / len(per), "per_layer": per}
     if a.more:
-        calib = {}
+        calib, calib_q = {}, {}
         ctoks, _ = load_text(mp, "calibration")
         model.prefill(ctoks[:4096], on_kv=lambda i, k, v: calib.__setitem__(i, k.float()),
+                      on_q=lambda i, q: calib_q.__setitem__(i, q[:, ::4].float()),
                       logits="none")
         for L in layers:
-            for name, (b, rec) in more_rows(queries[L], keys[L][:, : a.context], calib[L],
-                                            g).items():
+            k = keys[L][:, : a.context]
+            more = more_rows(queries[L], k, calib[L], g)
+            more.update({name: (b, recall_est(queries[L], k, est, g)) for name, (b, est)
+                         in trade_and_rotation_rows(queries[L], k, calib[L], calib_q[L],
+                                                    g).items()})
+            for name, (b, rec) in more.items():
                 row = rows.setdefault(name, {"bytes_per_token": b, "per_layer": []})
                 row["per_layer"].append(rec)
         for name, row in rows.items():
