@@ -85,6 +85,19 @@ static inline float hsum(v16f x) {
   for (int i = 0; i < 16; ++i) s += x[i];
   return s;
 }
+// 8 elements as fp32 lanes of a ymm register, for the AVX2 loops that keep their sums in ymm
+// registers: GCC keeps arrays of v16f (two ymm each without AVX-512) on the stack and moves
+// them through general registers in 8-byte pieces (docs/cpu-kernels.md).
+template <typename T> static inline __m256 load8(const T* p) {
+  float t[8];
+  for (int i = 0; i < 8; ++i) t[i] = static_cast<float>(p[i]);
+  return _mm256_loadu_ps(t);
+}
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 #else
 static inline float hmax(v16f x) {
   float m = x[0];

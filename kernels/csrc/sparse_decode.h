@@ -280,13 +280,15 @@ template <typename F> static inline void with_group(int64_t G, F&& f) { with_con
 // far ahead with T0 or T1, was no faster or slower); "vec" fp32 ~5% faster.
 constexpr int kTouchAhead = 6;
 
-// With 16 ymm registers (AVX2) the 2 x GG sums of two registers each and the two keys
-// outgrow the register file from GG = 3 on, and GCC spills the sums: one sum per head
-// there (longer FMA chains, no stack traffic). With 32 zmm (AVX-512) two sums always fit.
-#if defined(__AVX512F__)
-template <int GG> constexpr bool kOneSum = false;
+// AVX2 without AVX-512: the q.k sums and the PV accumulators of a chunk are written with ymm
+// intrinsics (a low and a high half of 8 lanes per head). Written with v16f arrays, GCC kept
+// them on the stack and moved each through general registers in 8-byte pieces on every FMA:
+// the kernel ran at ~1/5 of its FMA rate (docs/cpu-kernels.md). One q.k sum per head (two
+// would outgrow the 16 ymm registers), dims in order; the PV products as before.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define PS_YMM_LOOPS 1
 #else
-template <int GG> constexpr bool kOneSum = GG >= 3;
+#define PS_YMM_LOOPS 0
 #endif
 
 template <typename scalar_t, int GG>
@@ -349,25 +351,56 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
         const scalar_t* kp = kbh + c.blk * ks0 + c.off;
         const scalar_t* vp = vbh + c.blk * vs0 + c.off * vst;
         v16f s0[GG], s1[GG];  // two partial sums per head: shorter FMA dependency chains
+#if PS_YMM_LOOPS
+        {
+          __m256 lo[GG], hi[GG];  // one sum per head (two would outgrow the 16 ymm registers)
+          PS_FOR_HEADS(g) lo[g] = hi[g] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; ++d) {
+            if (kf) prefetch_line(kf + d * ksd);
+            const __m256 k0 = load8(kp + d * ksd), k1 = load8(kp + d * ksd + 8);
+            PS_FOR_HEADS(g) {
+              const __m256 w = _mm256_broadcast_ss(qg + g * D + d);
+              lo[g] = _mm256_fmadd_ps(w, k0, lo[g]);
+              hi[g] = _mm256_fmadd_ps(w, k1, hi[g]);
+            }
+          }
+          PS_FOR_HEADS(g) {
+            alignas(64) float t[16];
+            _mm256_store_ps(t, lo[g]);
+            _mm256_store_ps(t + 8, hi[g]);
+            std::memcpy(&s0[g], t, 64);
+            s1[g] = v16f{};
+          }
+        }
+#else
         PS_FOR_HEADS(g) { s0[g] = v16f{}; s1[g] = v16f{}; }
         for (int64_t d = 0; d < D; d += 2) {
           if (kf) { prefetch_line(kf + d * ksd); prefetch_line(kf + (d + 1) * ksd); }
           const v16f k0 = load16(kp + d * ksd), k1 = load16(kp + (d + 1) * ksd);
-          if constexpr (kOneSum<GG>) {
-            PS_FOR_HEADS(g) {
-              s0[g] += qg[g * D + d] * k0;
-              s0[g] += qg[g * D + d + 1] * k1;
-            }
-          } else {
-            PS_FOR_HEADS(g) {
-              s0[g] += qg[g * D + d] * k0;
-              s1[g] += qg[g * D + d + 1] * k1;
-            }
+          PS_FOR_HEADS(g) {
+            s0[g] += qg[g * D + d] * k0;
+            s1[g] += qg[g * D + d + 1] * k1;
           }
         }
+#endif
         softmax_chunk<GG>(s0, s1, n, iota, m, lv, acc.data(), p, D);
         PS_P_TO_MEMORY(p);
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
+#if PS_YMM_LOOPS
+          float* ad = acc.data() + d0;
+          __m256 lo[GG], hi[GG];
+          PS_FOR_HEADS(g) { lo[g] = _mm256_loadu_ps(ad + g * D); hi[g] = _mm256_loadu_ps(ad + g * D + 8); }
+          for (int64_t i = 0; i < n; ++i) {
+            if (vf) prefetch_line(vf + i * vst + d0);
+            const __m256 v0 = load8(vp + i * vst + d0), v1 = load8(vp + i * vst + d0 + 8);
+            PS_FOR_HEADS(g) {
+              const __m256 w = _mm256_broadcast_ss(&p[g][i]);
+              lo[g] = _mm256_fmadd_ps(w, v0, lo[g]);
+              hi[g] = _mm256_fmadd_ps(w, v1, hi[g]);
+            }
+          }
+          PS_FOR_HEADS(g) { _mm256_storeu_ps(ad + g * D, lo[g]); _mm256_storeu_ps(ad + g * D + 8, hi[g]); }
+#else
           v16f a[GG];
           PS_FOR_HEADS(g) std::memcpy(&a[g], acc.data() + g * D + d0, 64);
           for (int64_t i = 0; i < n; ++i) {
@@ -376,6 +409,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
             PS_FOR_HEADS(g) a[g] += p[g][i] * vv;
           }
           PS_FOR_HEADS(g) std::memcpy(acc.data() + g * D + d0, &a[g], 64);
+#endif
         }
         advance();
       }
