@@ -432,6 +432,35 @@ static inline void sparq4_chunks(const uint8_t* base, const int64_t* roff, int64
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: the keys of 8 one-chunk tiles at once (T = 16): the maxima of cm[16 c .. 16 c + 16)
+// for c < 8, by a transposing max, as u[c] = order_bits(max) where finite (u[c] left as is
+// elsewhere); -> how many were finite. The scalar hmax per tile, each reading back the chunk
+// maxima just stored, was a third of the pick's time.
+static inline int64_t tile_keys8(const float* cm, uint32_t* u) {
+  auto pairs = [](__m256 a, __m256 b) {  // per 128-bit half: a0^a1, a2^a3, b0^b1, b2^b3
+    return _mm256_max_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+  };
+  __m256 r[8];
+  for (int c = 0; c < 8; ++c)
+    r[c] = _mm256_max_ps(_mm256_loadu_ps(cm + 16 * c), _mm256_loadu_ps(cm + 16 * c + 8));
+  const __m256 t0 = pairs(pairs(r[0], r[1]), pairs(r[2], r[3]));
+  const __m256 t1 = pairs(pairs(r[4], r[5]), pairs(r[6], r[7]));
+  const __m256 m = _mm256_add_ps(  // lane c: chunk c's max; + 0: -0 -> +0, as order_bits
+      _mm256_max_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31)),
+      _mm256_setzero_ps());
+  const __m256 fin = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), m),
+                                   _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                                   _CMP_LT_OQ);
+  const __m256i x = _mm256_castps_si256(m);
+  const __m256i key = _mm256_xor_si256(
+      x, _mm256_or_si256(_mm256_srai_epi32(x, 31), _mm256_set1_epi32(INT32_MIN)));
+  __m256i* up = reinterpret_cast<__m256i*>(u);
+  _mm256_storeu_si256(up, _mm256_blendv_epi8(_mm256_loadu_si256(up), key, _mm256_castps_si256(fin)));
+  return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(fin)));
+}
+#endif
+
 // The 4-bit key copy as the ranking reads it (kq [NB, Hkv, D, B/2] uint8, kz [NB, Hkv, 2, D]
 // fp32 min and step, both contiguous) and the channels per (row, KV head).
 struct Sparq4Copy {
@@ -526,6 +555,12 @@ static int64_t sparq4_rank(const Sparq4Copy& c, const float* qg, int64_t G, int6
         sparq4_chunks<decltype(gg)::value>(base, w.roff.data(), NCc, w.coef.data() + g0 * NCc,
                                            w.off.data() + g0, c0, c1, w.cmax.data(), g0 > 0);
       });
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    if (T == 16 && t0 == 0 && t1 == 8) {  // a whole block of 8 tiles
+      k += tile_keys8(reinterpret_cast<const float*>(w.cmax.data()), u + b * tpb);
+      continue;
+    }
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       v16f m = w.cmax[t * T / 16];
       for (int64_t ch = t * T / 16 + 1; ch < (t + 1) * T / 16; ++ch)
