@@ -355,3 +355,21 @@ def test_plan_skips_padded_slots_and_follows_a_new_cache(engine):
     e.kv = torch.zeros(200, B, e.kv_heads, 2 * D, device=e.dev).permute(0, 2, 1, 3)
     e.step([(2, 40, 40)])
     assert e.impl.side is not side and e.impl.side.scores.shape[0] == 200
+
+
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4")),
+                                    (4, 2, _sparse_env(PRESCORE_QUERY_AWARE="quest"))],
+                         ids=["sparq4", "quest"], indirect=True)
+def test_decode_upkeep_runs_when_it_changes_something(engine):
+    """A decode token's per-token side data: with sparq4 (no per-token bounds or bucket sets)
+    the plan skips the upkeep unless the token starts a tile, whose pre-score then becomes
+    -inf until its block is scored; with Quest's per-token bounds it runs every step."""
+    e = engine
+    quest = e.impl.rt.config.uses_bounds
+    e.step([(0, 150, 150)])
+    blk, tile = int(e.bt[0, 160 // B]), (160 % B) // 16
+    e.impl.side.scores[blk, :, tile] = 1.0  # stale: what a reset must clear
+    for seq_len, begins in ((151, False), (158, False), (161, True)):  # token at seq_len - 1
+        _, _, md = e.step([(0, 1, seq_len)])
+        assert md.plan.dec_upkeep == (begins or quest)
+        assert bool(torch.isinf(e.impl.side.scores[blk, :, tile]).all()) == begins

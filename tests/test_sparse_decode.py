@@ -342,3 +342,36 @@ def test_vmean_compensation_exact_when_pruned_values_are_the_mean():
     o, _ = compensate(o_k[None], l_k[None], l_p[None], mode="denominator")
     share = math.exp(l_k.item() - torch.logaddexp(l_k, l_p).item())
     torch.testing.assert_close(o[0], share * o_k, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif("avx512f" not in __import__("prescore_backend.kernels.host",
+                                               fromlist=["cpu_flags"]).cpu_flags(),
+                    reason="needs AVX-512F (an AVX2-only host builds these paths by default)")
+@pytest.mark.parametrize("group,dtype", [(1, torch.float32), (3, torch.float32),
+                                         (4, torch.bfloat16), (8, torch.float32)])
+def test_avx2_build_decodes_and_selects_as_the_oracle(group, dtype):
+    """The C++ built without AVX-512 (what AVX2-only hosts run: the q.k and PV loops in ymm
+    intrinsics, the top-k's counting passes in ymm code) against the oracle on an AVX-512
+    host: the fused kernel's "vec" path (ragged lengths, shuffled blocks) and the selection."""
+    from prescore_backend.kernels.cpu_ext import build
+    from prescore_backend.kernels.select import select_tiles_ref
+    from test_pq import AVX2_ONLY
+
+    avx2 = build(AVX2_ONLY)
+    lens = [37, 64, 130, 5, 200]
+    case = make_paged_case(lens, HKV, group, 64, 64, layout="cpu", dtype=dtype, seed=group)
+    tiles = random_tiles(lens, HKV, seed=group, p=0.6)
+    o, lse = avx2.sparse_decode_cpu(case.query, case.key_cache, case.value_cache,
+                                    case.block_tables, case.seq_lens, tiles, T, 0.125, False,
+                                    None)
+    ref_o, ref_lse = sparse_decode_ref(case.query, *case.strided(), case.seq_lens, tiles, T,
+                                       0.125)
+    torch.testing.assert_close(o.double(), ref_o, **TOL[dtype])
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    g = torch.Generator().manual_seed(group)
+    scores = torch.randn(3, HKV, 300, generator=g)
+    scores[0, 0, 50:90] = 1.0  # ties: the lower index first
+    num_tiles, budget = torch.tensor([300, 120, 17]), torch.tensor([40, 25, 30])
+    got = avx2.select_tiles_cpu(scores, num_tiles, budget, 2, 4, None, 0)
+    want = select_tiles_ref(scores, num_tiles, budget, sink_tiles=2, window_tiles=4)
+    assert torch.equal(got[0], want.tiles.to(got[0].dtype))

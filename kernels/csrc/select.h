@@ -26,6 +26,13 @@ typedef int32_t v16i_t __attribute__((vector_size(64)));
 inline uint64_t kept_mask64(const uint8_t* p) {
 #ifdef __AVX512BW__
   return _mm512_test_epi8_mask(_mm512_loadu_si512(p), _mm512_set1_epi8(-1));
+#elif defined(__AVX2__)
+  const __m256i z = _mm256_setzero_si256();
+  auto nonzero32 = [&](const uint8_t* q) {
+    return ~static_cast<uint32_t>(_mm256_movemask_epi8(
+        _mm256_cmpeq_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), z)));
+  };
+  return (static_cast<uint64_t>(nonzero32(p + 32)) << 32) | nonzero32(p);
 #else
   uint64_t bits = 0;
   for (int i = 0; i < 64; ++i) bits |= static_cast<uint64_t>(p[i] != 0) << i;

@@ -165,6 +165,11 @@ class PrescorePlan:
     max_budget: int = 0  # the largest min(budget, num_tiles) of the sparse rows
     max_cap: int = 0  # the largest query cap of the sparse rows
     caps_uniform: bool = True  # every sparse row has that cap
+    # the decode tokens' per-token side data changes something this step: a token starts a
+    # tile (its pre-score becomes -inf until the block is scored), or LSH bucket sets or
+    # Quest bounds are kept per token; else the upkeep is skipped (15 of 16 decode steps with
+    # the default, which keeps neither)
+    dec_upkeep: bool = True
 
     def to(self, device: torch.device) -> "PrescorePlan":
         """The plan with every tensor a layer reads on ``device`` (once per step, in build)."""
@@ -250,6 +255,9 @@ class StepPlanner:
         dec_tok = dec_tok[written[dec_tok]]
         dec_slot = slots[dec_tok]
         dec_off = dec_slot % B
+        dec_reset = dec_off % T == 0
+        dec_upkeep = bool(dec_tok.numel()) and (cfg.uses_lsh or cfg.uses_bounds
+                                                 or bool(dec_reset.any()))
 
         # Side-data jobs: every prefill/extend chunk, and decode rows that just filled a block.
         jobs: list[ScoreJob] = []
@@ -297,7 +305,8 @@ class StepPlanner:
             dec_tok=dec_tok,
             dec_block=dec_slot // B,
             dec_tile=dec_off // T,
-            dec_reset=dec_off % T == 0,
+            dec_reset=dec_reset,
+            dec_upkeep=dec_upkeep,
             score_jobs=jobs,
             write_block=slots[written] // B if cfg.uses_codes else None,
             write_off=slots[written] % B if cfg.uses_codes else None,
@@ -378,7 +387,7 @@ class SideDataUpkeep:
 
     def _record_decode_tokens(self, plan: PrescorePlan, key: Tensor, side: SideData) -> None:
         """Per-token side data of decode keys just written (one token per row and tile)."""
-        if plan.dec_tok.numel() == 0:
+        if not plan.dec_upkeep:
             return
         cfg = self.rt.config
         record_decode_tokens(side, key[plan.dec_tok], plan.dec_block, plan.dec_tile,

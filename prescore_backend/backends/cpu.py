@@ -187,6 +187,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                            kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         self.rt = runtime()
         self.side: SideData | None = None
+        self._views_key: tuple | None = None  # the cache tensor kv_views last viewed
         # Build/load the fused CPU kernel now (once per process), not on the first request.
         self.fused = cpu_kernels_available()
         logger.info_once("Using PRESCORE attention backend (CPU, %s sparse decode)",
@@ -207,8 +208,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
     def _forward(self, layer, query, key, value, kv_cache, attn_metadata, plan: PrescorePlan,
                  output):
         side = self.side_for(kv_cache, layer)
-        views, kv_layout = VLLM_CPU_ISA_VIEWS[layer.isa]  # the ISA the builder settled on
-        key_cache, value_cache = views(kv_cache)  # [nb, Hkv, B, D] each (packed order for amx)
+        key_cache, value_cache, kv_layout = self.kv_views(kv_cache, layer.isa)
         self.update_side_data(plan, key, key_cache, side, kv_layout)
 
         if plan.num_sparse == 0:
@@ -220,6 +220,18 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
             output.index_copy_(0, plan.dense_tok, out_dense)
         self._sparse_decode(plan, query, key_cache, value_cache, kv_layout, side, output)
         return output
+
+    def kv_views(self, kv_cache: Tensor, isa: str) -> tuple[Tensor, Tensor, str]:
+        """K and V views ``[NB, Hkv, B, D]`` of the layer's cache (packed order for "amx") and
+        their layout, for the ISA the builder settled on; made once per cache tensor, not per
+        step (a few view ops, ~25 us per layer and step at batch 1). The views hold the cache's
+        storage until a later call views another tensor."""
+        key = (kv_cache.data_ptr(), kv_cache.shape, isa)
+        if self._views_key != key:
+            views, kv_layout = VLLM_CPU_ISA_VIEWS[isa]
+            self._views = (*views(kv_cache), kv_layout)
+            self._views_key = key
+        return self._views
 
     def _sparse_decode(self, plan: PrescorePlan, query: Tensor, key_cache: Tensor,
                        value_cache: Tensor, kv_layout: str, side: SideData,
