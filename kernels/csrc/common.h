@@ -39,6 +39,14 @@ static inline void prefetch_span(const void* p, int64_t bytes) {
 
 // 16 fp32 lanes as GCC vector extensions: one zmm register with AVX-512, a pair of ymm with
 // AVX2.
+// AVX2 builds without AVX-512 (AVX2-only hosts): GCC keeps arrays of these vectors on the
+// stack there and moves them through general registers in 8-byte pieces, so the hot loops
+// have ymm-intrinsic versions under `#if PS_AVX2_ONLY` (docs/cpu-kernels.md).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define PS_AVX2_ONLY 1
+#else
+#define PS_AVX2_ONLY 0
+#endif
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));

@@ -383,7 +383,7 @@ constexpr int64_t kSparq4Ahead = 12;  // blocks whose key-copy lines are prefetc
 // ascending order), then the max over the heads into cmax[c] (max-ed with what is there when
 // `merge`: the next slice of a group of more than 8 heads). roff[j]: channel j's run in the
 // block; coef [GG, NC], off [GG].
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if PS_AVX2_ONLY
 // AVX2: the same arithmetic (same roundings) on explicit ymm pairs: GCC lowers the 64-byte
 // vector code below through the stack when it has no zmm registers, several times slower.
 template <int GG>
@@ -432,7 +432,7 @@ static inline void sparq4_chunks(const uint8_t* base, const int64_t* roff, int64
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if PS_AVX2_ONLY
 // AVX2: the keys of 8 one-chunk tiles at once (T = 16): the maxima of cm[16 c .. 16 c + 16)
 // for c < 8, by a transposing max, as u[c] = order_bits(max) where finite (u[c] left as is
 // elsewhere); -> how many were finite. The scalar hmax per tile, each reading back the chunk
@@ -555,7 +555,7 @@ static int64_t sparq4_rank(const Sparq4Copy& c, const float* qg, int64_t G, int6
         sparq4_chunks<decltype(gg)::value>(base, w.roff.data(), NCc, w.coef.data() + g0 * NCc,
                                            w.off.data() + g0, c0, c1, w.cmax.data(), g0 > 0);
       });
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if PS_AVX2_ONLY
     if (T == 16 && t0 == 0 && t1 == 8) {  // a whole block of 8 tiles
       k += tile_keys8(reinterpret_cast<const float*>(w.cmax.data()), u + b * tpb);
       continue;

@@ -58,7 +58,7 @@ inline void mark_top(const v16u_t* uv, int64_t nv, int64_t n, int64_t k, int64_t
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t cand = thr | (1u << bit);
     int64_t total = 0;
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if PS_AVX2_ONLY
     // ymm code: GCC lowers the unsigned compare of the 64-byte vectors below to 16 scalar
     // compares and inserts without AVX-512 (a third of the sparq4 pick's time, measured)
     const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(cand));

@@ -285,12 +285,6 @@ constexpr int kTouchAhead = 6;
 // them on the stack and moved each through general registers in 8-byte pieces on every FMA:
 // the kernel ran at ~1/5 of its FMA rate (docs/cpu-kernels.md). One q.k sum per head (two
 // would outgrow the 16 ymm registers), dims in order; the PV products as before.
-#if defined(__AVX2__) && !defined(__AVX512F__)
-#define PS_YMM_LOOPS 1
-#else
-#define PS_YMM_LOOPS 0
-#endif
-
 template <typename scalar_t, int GG>
 static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
                      int64_t ks0, int64_t ks1, int64_t ksd, int64_t vs0, int64_t vs1, int64_t vst,
@@ -351,7 +345,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
         const scalar_t* kp = kbh + c.blk * ks0 + c.off;
         const scalar_t* vp = vbh + c.blk * vs0 + c.off * vst;
         v16f s0[GG], s1[GG];  // two partial sums per head: shorter FMA dependency chains
-#if PS_YMM_LOOPS
+#if PS_AVX2_ONLY
         {
           __m256 lo[GG], hi[GG];  // one sum per head (two would outgrow the 16 ymm registers)
           PS_FOR_HEADS(g) lo[g] = hi[g] = _mm256_setzero_ps();
@@ -386,7 +380,7 @@ static void run_fast(const float* q, const scalar_t* kb, const scalar_t* vb,
         softmax_chunk<GG>(s0, s1, n, iota, m, lv, acc.data(), p, D);
         PS_P_TO_MEMORY(p);
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
-#if PS_YMM_LOOPS
+#if PS_AVX2_ONLY
           float* ad = acc.data() + d0;
           __m256 lo[GG], hi[GG];
           PS_FOR_HEADS(g) { lo[g] = _mm256_loadu_ps(ad + g * D); hi[g] = _mm256_loadu_ps(ad + g * D + 8); }
