@@ -26,8 +26,9 @@ kernel in :mod:`.triton_sparse_decode`, also runs under ``TRITON_INTERPRET=1``),
 (:func:`sparse_decode_ref`, loops, float64); ``"auto"`` is resolved by :mod:`.dispatch`.
 
 Extras: :func:`merge_attn_states` (log-sum-exp merge, HyperAttention 2310.05869), the
-HyperAttention residual (uniformly sampled unselected tiles, weight n_u/m) and
-:func:`compensate` (Top-theta 2502.08363 style compensation of the pruned mass).
+HyperAttention residual (uniformly sampled unselected tiles, weight n_u/m). A Top-theta /
+SparQ-style mean-value term for the unselected keys was removed: even with their exact
+mass it made perplexity worse (docs/results/selection-probes.md).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ __all__ = [
     "sparse_decode",
     "sparse_decode_ref",
     "merge_attn_states",
-    "compensate",
     "expand_kv_heads",
-    "COMPENSATIONS",
     "clear_workspace",
 ]
 
@@ -330,61 +329,6 @@ def merge_attn_states(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tup
     safe = tot.clamp_min(torch.finfo(torch.float32).tiny)
     o = (o1.float() * (w1 / safe).unsqueeze(-1) + o2.float() * (w2 / safe).unsqueeze(-1))
     return o.to(o1.dtype), tot.log() + m
-
-
-# ----------------------------------------------------------------------------- compensation
-
-
-def _comp_none(out: Tensor, lse: Tensor, pruned_lse: Tensor, v_mean: Tensor | None) -> tuple[Tensor, Tensor]:
-    return out, lse
-
-
-def _comp_denominator(out: Tensor, lse: Tensor, pruned_lse: Tensor,
-                      v_mean: Tensor | None) -> tuple[Tensor, Tensor]:
-    # Pruned keys enter the denominator with a zero value: merge with an all-zero state.
-    return merge_attn_states(out, lse, torch.zeros_like(out), pruned_lse)
-
-
-def _comp_vmean(out: Tensor, lse: Tensor, pruned_lse: Tensor,
-                v_mean: Tensor | None) -> tuple[Tensor, Tensor]:
-    if v_mean is None:
-        raise ValueError("compensate(mode='vmean') needs v_mean")
-    # Pruned keys contribute their (estimated) mass with the mean value vector.
-    return merge_attn_states(out, lse, expand_kv_heads(v_mean, out.shape[1]).to(out.dtype), pruned_lse)
-
-
-COMPENSATIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "none": _comp_none,
-    "denominator": _comp_denominator,
-    "vmean": _comp_vmean,
-}
-
-
-def compensate(out: Tensor, lse: Tensor, pruned_lse: Tensor, v_mean: Tensor | None = None,
-               mode: str = "none") -> tuple[Tensor, Tensor]:
-    """Top-theta style compensation of the attention mass left out by the selection (2502.08363).
-
-    out ``[R, Hq, D]``, lse ``[R, Hq]`` (the sparse result); pruned_lse ``[R, Hq]`` or
-    ``[R, Hkv]``: log of the *estimated* exp-sum of the unselected keys; v_mean ``[R, Hq, D]`` or
-    ``[R, Hkv, D]``: mean of V over the sequence. Returns (out, lse) of the same shapes.
-
-    Modes, with p = e^lse / (e^lse + e^pruned_lse) the kept probability mass:
-      * ``"none"``: unchanged.
-      * ``"denominator"``: out * p, lse = logaddexp(lse, pruned_lse) (the pruned mass sits in the
-        softmax denominator with zero value contribution).
-      * ``"vmean"``: p * out + (1 - p) * v_mean (the paper's out += (1 - sum kept) * mean(V),
-        with the kept part renormalised over the full denominator).
-
-    Departure from the paper: Top-theta calibrates thresholds offline on full score rows, so the
-    pruned mass is known there. At decode we never compute full rows: ``pruned_lse`` must come
-    from an estimate (e.g. the HyperAttention residual sample's shifted lse, or a calibrated
-    per-layer constant). A bad estimate biases the output; "none" stays the default.
-    """
-    try:
-        fn = COMPENSATIONS[mode]
-    except KeyError:
-        raise ValueError(f"unknown compensation mode {mode!r}; valid: {sorted(COMPENSATIONS)}") from None
-    return fn(out, lse, expand_kv_heads(pruned_lse, out.shape[1]), v_mean)
 
 
 # ----------------------------------------------------------------------------- launcher

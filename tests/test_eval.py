@@ -297,6 +297,31 @@ def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
     assert stale[:1] == exact[:1] and stale != exact  # later steps reuse the first scan
 
 
+def test_tier_and_mean_value_probes(model: Llama, tokens: torch.Tensor) -> None:
+    """The two probes of docs/results/selection-probes.md's last sections. ``comp_xx`` merges
+    the unselected keys' exact weighted values into the selection's softmax: dense attention
+    again (a check of the merge the other ``comp_`` modes use). ``tier<k>v<v>``: at 8 bits the
+    low tier reads nearly exact values (dense to a small tolerance); at 3 bits with 75% of the
+    free bytes in the low tier it reads the budget's bytes (side data and the low tier's
+    fraction included), and picks differently from the one-tier ranking."""
+    steps, ctx = 2, 2048  # 128 tiles: 32 at 1/4, 20 beyond sinks + window
+    seq = tokens[7000:7000 + ctx + steps + 1]
+    ms = ["dense", "sparq4", "comp_xx:sparq4", "tier8v8all", "tier3v3s75"]
+    res = eval_core.run_context(model, seq, ctx, steps, ms, [0.25], log=lambda s: None)
+    dense = torch.tensor(res.token_nll[("dense", 1.0)])
+    for m, tol in (("comp_xx:sparq4", 1e-4), ("tier8v8all", 2e-2)):
+        got = torch.tensor(res.token_nll[(m, 0.25)])
+        assert torch.allclose(got, dense, atol=tol), (m, got, dense)
+    assert res.token_nll[("sparq4", 0.25)] != res.token_nll[("dense", 1.0)]
+    tier = eval_core.method("tier3v3s75")
+    assert tier.cost(64) == pytest.approx((24 + 2 + 24 + 4) / 256)
+    frac = res.read[("tier3v3s75", 0.25)] / res.total[("tier3v3s75", 0.25)]
+    assert 0.23 <= frac <= 0.25, frac
+    assert res.token_nll[("tier3v3s75", 0.25)] != res.token_nll[("sparq4", 0.25)]
+    with pytest.raises(KeyError, match="tier"):
+        eval_core.method("tier3v3")
+
+
 def test_repetition_scores_find_loops_and_agreement() -> None:
     """The greedy-repetition report (bench/quality/eval_repetition.py): a looping generation
     scores repeated 4-grams and a loop, a varied one none; agreement counts the tokens before

@@ -1,15 +1,12 @@
-"""Sparse paged decode: torch path and oracle vs dense attention, merging, residual, compensation."""
+"""Sparse paged decode: torch path and oracle vs dense attention, merging, residual."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from prescore_backend.kernels import (
     vllm_cpu_kv_views,
-    compensate,
     merge_attn_states,
     sparse_decode,
     sparse_decode_ref,
@@ -303,45 +300,6 @@ def test_residual_weight_shifts_lse():
     torch.testing.assert_close(o, eo)
     torch.testing.assert_close(lse, el)
     torch.testing.assert_close(o[0, 3:], o1[0, 3:])  # KV head 1 of row 0 has weight 0
-
-
-def test_compensation_modes():
-    g = torch.Generator().manual_seed(0)
-    R, Hq, Hkv, D = 2, 6, 2, 8
-    out, lse = torch.randn(R, Hq, D, generator=g), torch.randn(R, Hq, generator=g)
-    pruned = torch.randn(R, Hkv, generator=g)
-    v_mean = torch.randn(R, Hkv, D, generator=g)
-    o, l = compensate(out, lse, pruned, v_mean, mode="none")
-    assert o is out and l is lse
-    p = torch.sigmoid(lse - pruned.repeat_interleave(3, 1)).unsqueeze(-1)  # kept mass
-    o, l = compensate(out, lse, pruned, mode="denominator")
-    torch.testing.assert_close(o, p * out)
-    torch.testing.assert_close(l, torch.logaddexp(lse, pruned.repeat_interleave(3, 1)))
-    o, l = compensate(out, lse, pruned, v_mean, mode="vmean")
-    torch.testing.assert_close(o, p * out + (1 - p) * v_mean.repeat_interleave(3, 1))
-    with pytest.raises(ValueError, match="denominator"):
-        compensate(out, lse, pruned, mode="bogus")
-    with pytest.raises(ValueError):
-        compensate(out, lse, pruned, mode="vmean")
-
-
-def test_vmean_compensation_exact_when_pruned_values_are_the_mean():
-    """If the pruned keys' values all equal v_mean and pruned_lse is exact, V-mean compensation
-    recovers full attention; denominator compensation recovers the kept part's share."""
-    g = torch.Generator().manual_seed(1)
-    n, D = 64, 16
-    q, k, v = torch.randn(1, D, generator=g), torch.randn(1, n, D, generator=g), torch.randn(1, n, D, generator=g)
-    kept = torch.arange(n) < 20
-    vbar = torch.randn(D, generator=g)
-    v[0, ~kept] = vbar
-    full_o, _ = dense_attention(q, k, v, 0.3, dtype=torch.float32)
-    o_k, l_k = dense_attention(q, k[:, kept], v[:, kept], 0.3, dtype=torch.float32)
-    _, l_p = dense_attention(q, k[:, ~kept], v[:, ~kept], 0.3, dtype=torch.float32)
-    o, _ = compensate(o_k[None], l_k[None], l_p[None], vbar.view(1, 1, D), mode="vmean")
-    torch.testing.assert_close(o[0], full_o, atol=1e-5, rtol=1e-5)
-    o, _ = compensate(o_k[None], l_k[None], l_p[None], mode="denominator")
-    share = math.exp(l_k.item() - torch.logaddexp(l_k, l_p).item())
-    torch.testing.assert_close(o[0], share * o_k, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif("avx512f" not in __import__("prescore_backend.kernels.host",

@@ -64,7 +64,8 @@ from head_budgets import BudgetProfile  # noqa: E402  (bench/)
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
 from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
-from prescore_backend.kernels.sparse_decode import sparse_decode
+from prescore_backend.kernels.sparse_decode import merge_attn_states, sparse_decode
+from prescore_backend.keycopy import sparq4_tile_rank, top_channels, unpack_blocks
 from prescore_backend.scoring import Scorer, available_scorers, get_scorer
 from prescore_backend.kernels.select import select_tiles
 
@@ -416,14 +417,10 @@ def set_budget_profile(path: str | Path) -> None:
 
 
 @dataclass
-class HeadBudgetMethod(EvalMethod):
-    """``heads[P]:<method>``: the method with its per-row budget split across layers and KV
-    heads by :data:`BUDGET_PROFILE` (``bench/quality/head_budgets.py``): same total tiles
-    per step over all (layer, head) pairs, each pair's budget from the calibration curves, at
-    least P% of the uniform budget (default: only the forced sinks + window)."""
+class WrappedMethod(EvalMethod):
+    """A method built on another (``base``): reads the same side data, charged the same bytes."""
 
     base: EvalMethod | None = None
-    min_share: float = 0.0  # every head keeps at least this share of the uniform budget
 
     @property
     def side_key(self) -> str | None:
@@ -453,11 +450,24 @@ class HeadBudgetMethod(EvalMethod):
     def cfg(self) -> PrescoreConfig:
         return getattr(self.base, "cfg", BASE)
 
-    def fuse_key(self) -> object:
-        return ("heads", self.min_share, self.base.fuse_key())
-
     def side_read_fraction(self, head_dim: int) -> float:
         return self.base.side_read_fraction(head_dim)
+
+    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        return self.base.choose(env, rows)
+
+
+@dataclass
+class HeadBudgetMethod(WrappedMethod):
+    """``heads[P]:<method>``: the method with its per-row budget split across layers and KV
+    heads by :data:`BUDGET_PROFILE` (``bench/quality/head_budgets.py``): same total tiles
+    per step over all (layer, head) pairs, each pair's budget from the calibration curves, at
+    least P% of the uniform budget (default: only the forced sinks + window)."""
+
+    min_share: float = 0.0  # every head keeps at least this share of the uniform budget
+
+    def fuse_key(self) -> object:
+        return ("heads", self.min_share, self.base.fuse_key())
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         prof = BUDGET_PROFILE
@@ -471,6 +481,154 @@ class HeadBudgetMethod(EvalMethod):
         per_head = torch.stack([prof.budgets(int(b), int(n), max(floor, math.ceil(self.min_share * b)))[env.layer]
                                 for b, n in zip(rows.budget.tolist(), rows.num_tiles.tolist())])
         return self.base.choose(env, dataclasses.replace(rows, budget=per_head))
+
+
+@dataclass
+class CompensatedMethod(WrappedMethod):
+    """``comp_<mode>:<method>`` (a probe): the method's tiles attended exactly, then the mass
+    of the unselected keys merged in by log-sum-exp with a mean value vector (SparQ's
+    mean-value term, arXiv 2312.04985 Alg. 1; Top-theta's V-mean compensation, 2502.08363).
+    ``mode`` = <mass><value>: mass ``x`` = the exact exp-sum of the unselected keys (a limit),
+    ``e`` = estimated from the 4-bit key copy's r channels plus the sequence's mean key on the
+    other channels, ``v`` = the same with the other channels' variance term
+    (E[e^s] = e^(mu + sigma^2 / 2)); value ``t`` = the unselected keys' mean value, ``g`` =
+    the whole sequence's mean value, ``x`` = their exact weighted value (mass ``x`` only: must
+    equal dense attention, a check of the merge)."""
+
+    mode: str = "xt"
+
+    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
+        c = self.choose(env, rows)
+        out, lse = sparse_decode(rows.q, env.key_cache, env.value_cache, rows.bt.int(),
+                                 rows.seq_lens.int(), c.tiles, TILE, env.scale, impl="auto")
+        R, Hq, D = rows.q.shape
+        hkv = env.key_cache.shape[1]
+        g = Hq // hkv
+        n = rows.bt.shape[1] * BLOCK_SIZE
+        M = n // TILE
+        t = c.tiles.long()
+        tmask = torch.zeros(R, hkv, M + 1, dtype=torch.bool)
+        tmask.scatter_(-1, torch.where(t >= 0, t, M), True)
+        sel = tmask[..., :M].repeat_interleave(TILE, -1)  # [R, Hkv, n] token read
+        valid = (torch.arange(n) < rows.seq_lens.view(R, 1, 1)).expand(R, hkv, n)
+        tail = valid & ~sel
+        mass, value = self.mode[0], self.mode[1]
+        if mass == "x":
+            lg = exact_logits(rows.q, env, rows.bt, rows.seq_lens)  # [R, Hkv, G, n]
+        else:
+            lg = self._estimate(env, rows, valid)
+        lg = lg.masked_fill(~tail.unsqueeze(2), float("-inf"))
+        pruned = lg.logsumexp(-1)  # [R, Hkv, G]
+        v = _gather_rows(env.value_cache, rows.bt, n).float()  # [R, Hkv, n, D]
+        if value == "x":
+            vt = torch.matmul(torch.softmax(lg, -1).nan_to_num(0.0), v)  # [R, Hkv, G, D]
+        else:
+            w = (tail if value == "t" else valid).float()
+            vt = ((w.unsqueeze(-1) * v).sum(2) / w.sum(-1, keepdim=True).clamp_min(1.0))
+            vt = vt.unsqueeze(2).expand(R, hkv, g, D)
+        o, _ = merge_attn_states(out.float(), lse, vt.reshape(R, Hq, D), pruned.reshape(R, Hq))
+        return o, tokens_read(c.tiles, rows.seq_lens, TILE)
+
+    def _estimate(self, env: LayerEnv, rows: RowBatch, valid: Tensor) -> Tensor:
+        """``[R, Hkv, G, n]`` estimated scaled logits: the key copy's channels + the mean key."""
+        R, Hq, D = rows.q.shape
+        hkv = env.key_cache.shape[1]
+        g = Hq // hkv
+        n = rows.bt.shape[1] * BLOCK_SIZE
+        kc = unpack_blocks(env.side.kq[rows.side_bt.reshape(-1)], env.side.kz[rows.side_bt.reshape(-1)])
+        kc = kc.view(R, -1, hkv, BLOCK_SIZE, D).permute(0, 2, 1, 3, 4).reshape(R, hkv, n, D)
+        k = _gather_rows(env.key_cache, rows.bt, n).float()  # exact keys: the mean and spread only
+        w = valid.float().unsqueeze(-1)
+        cnt = w.sum(2).clamp_min(1.0)
+        kmean = (k * w).sum(2) / cnt  # [R, Hkv, D]
+        kvar = ((k - kmean.unsqueeze(2)) ** 2 * w).sum(2) / cnt
+        ch = top_channels(rows.q, hkv, self.cfg.query_channels)  # [R, Hkv, r]
+        on = torch.zeros(R, hkv, D).scatter_(-1, ch, 1.0)  # [R, Hkv, D]
+        qg = rows.q.float().view(R, hkv, g, D) * env.scale
+        est = torch.matmul(qg * on.unsqueeze(2), kc.transpose(-1, -2))  # [R, Hkv, G, n]
+        est = est + (qg * (1 - on).unsqueeze(2) * kmean.unsqueeze(2)).sum(-1, keepdim=True)
+        if self.mode[0] == "v":
+            est = est + 0.5 * (qg ** 2 * ((1 - on) * kvar).unsqueeze(2)).sum(-1, keepdim=True)
+        return est
+
+
+@dataclass
+class TierMethod(EvalMethod):
+    """``tier<kb>v<vb>s<pct>`` / ``tier<kb>v<vb>all`` (a probe): two precision tiers at equal
+    bytes. Tiles ranked by SparQ on the 4-bit key copy (query_aware="sparq4", no fill); the best
+    ones (sinks and window forced) read exactly, the next ones read from a low-bit copy of K and
+    V (KIVI, arXiv 2402.02750: K per channel over each KV block, V per token, round to nearest,
+    fp16 min and step), merged by log-sum-exp. ``s<pct>``: that share of the non-forced bytes
+    goes to the low-bit tier; ``all``: every non-forced tile in the low-bit tier (the floor
+    of low-bit attention alone, whatever the bytes)."""
+
+    kbits: int = 2
+    vbits: int = 2
+    share: float | None = None  # None: "all"
+    key_copy: ClassVar[bool] = True
+
+    def side_read_fraction(self, head_dim: int) -> float:
+        return side_read_fraction(BASE.replace(query_aware="sparq4", query_cap_ratio=1.0),
+                                  head_dim, block_size=BLOCK_SIZE)
+
+    def cost(self, d: int) -> float:
+        """Bytes of one low-bit token per byte of an exact one (K and V in bf16)."""
+        k = self.kbits * d / 8 + 2 * 2 * d / BLOCK_SIZE
+        v = self.vbits * d / 8 + 2 * 2
+        return (k + v) / (2 * d * 2)
+
+    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
+        cfg = env.base
+        R, Hq, D = rows.q.shape
+        hkv = env.key_cache.shape[1]
+        g = Hq // hkv
+        n = rows.bt.shape[1] * BLOCK_SIZE
+        M = n // TILE
+        c = self.cost(D)
+        forced = cfg.sink_tiles + cfg.window_tiles
+        est = sparq4_tile_rank(rows.q, env.side.kq, env.side.kz, rows.side_bt,
+                               cfg.query_channels, TILE).contiguous()
+        free = (rows.budget - forced).clamp_min(0).double()
+        if self.share is None:
+            e_budget = torch.minimum(rows.budget, torch.full_like(rows.budget, forced))
+            all_budget = rows.num_tiles
+        else:
+            e_budget = forced + (free * (1 - self.share)).floor().long()
+            all_budget = e_budget + (free * self.share / c).floor().long()
+        kw = dict(sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
+        sel_e = select_tiles(est, rows.num_tiles, e_budget, **kw)
+        sel_a = select_tiles(est, rows.num_tiles, all_budget, **kw)
+        out, lse = sparse_decode(rows.q, env.key_cache, env.value_cache, rows.bt.int(),
+                                 rows.seq_lens.int(), sel_e.tiles, TILE, env.scale, impl="auto")
+
+        def token_mask(tiles: Tensor) -> Tensor:
+            t = tiles.long()
+            m = torch.zeros(R, hkv, M + 1, dtype=torch.bool)
+            m.scatter_(-1, torch.where(t >= 0, t, M), True)
+            return m[..., :M].repeat_interleave(TILE, -1)
+
+        valid = torch.arange(n) < rows.seq_lens.view(R, 1, 1)
+        low = token_mask(sel_a.tiles) & ~token_mask(sel_e.tiles) & valid  # [R, Hkv, n]
+        pad = ~valid.unsqueeze(-1)  # unwritten cache slots may hold anything
+        k = _gather_rows(env.key_cache, rows.bt, n).float().masked_fill(pad, 0.0)  # [R, Hkv, n, D]
+        v = _gather_rows(env.value_cache, rows.bt, n).float().masked_fill(pad, 0.0)
+        kb = k.view(R, hkv, n // BLOCK_SIZE, BLOCK_SIZE, D)
+        kq = _quantize(kb, self.kbits, dim=3).view(R, hkv, n, D)  # per (block, channel)
+        vq = _quantize(v, self.vbits, dim=3)  # per token
+        lg = torch.matmul(rows.q.float().view(R, hkv, g, D) * env.scale, kq.transpose(-1, -2))
+        lg = lg.masked_fill(~low.unsqueeze(2), float("-inf"))  # [R, Hkv, G, n]
+        lse2 = lg.logsumexp(-1)
+        o2 = torch.matmul(torch.softmax(lg, -1).nan_to_num(0.0), vq)  # [R, Hkv, G, D]
+        o, _ = merge_attn_states(out.float(), lse, o2.reshape(R, Hq, D), lse2.reshape(R, Hq))
+        read = tokens_read(sel_e.tiles, rows.seq_lens, TILE).double() + c * low.sum(-1).double()
+        return o, read
+
+
+def _quantize(x: Tensor, bits: int, dim: int) -> Tensor:
+    """Round-to-nearest ``bits``-bit quantization of x with min and step over ``dim`` (as fp16)."""
+    lo = x.amin(dim, keepdim=True).half().float()
+    step = ((x.amax(dim, keepdim=True) - lo) / (2 ** bits - 1)).half().float().clamp_min(1e-6)
+    return lo + ((x - lo) / step).round().clamp(0, 2 ** bits - 1) * step
 
 
 @dataclass
@@ -652,6 +810,24 @@ def method(spec: str) -> EvalMethod:
     ``prescore_leverage@query_cap_ratio=0.75+sink_tokens=16``."""
     if spec in METHODS:
         return METHODS[spec]
+    if spec.startswith("tier"):  # tier<kb>v<vb>(s<pct>|all)
+        import re
+        m = re.fullmatch(r"tier(\d)v(\d)(?:s(\d+)|all)", spec)
+        if not m:
+            raise KeyError(f"{spec!r}: expected tier<kbits>v<vbits>s<pct> or tier<kbits>v<vbits>all")
+        share = None if m.group(3) is None else int(m.group(3)) / 100
+        return register(TierMethod(spec, f"two tiers: exact + K{m.group(1)}V{m.group(2)} "
+                                   + ("(all the rest)" if share is None else f"({m.group(3)}% of the bytes)"),
+                                   scorer="random", kbits=int(m.group(1)), vbits=int(m.group(2)),
+                                   share=share))
+    if spec.startswith("comp_") and ":" in spec:  # comp_<mode>:<method>
+        head, _, inner_spec = spec.partition(":")
+        inner = method(inner_spec)
+        mode = head.removeprefix("comp_")
+        if len(mode) != 2 or mode[0] not in "xev" or mode[1] not in "tgx" or (mode[1] == "x" and mode[0] != "x"):
+            raise KeyError(f"{spec!r}: unknown compensation mode {mode!r}")
+        return register(CompensatedMethod(spec, f"{inner.label} [+ tail {mode}]",
+                                          scorer=inner.scorer, base=inner, mode=mode))
     if spec.startswith("heads") and ":" in spec:  # heads[P]:<method>
         head, _, inner_spec = spec.partition(":")
         inner = method(inner_spec)

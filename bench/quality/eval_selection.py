@@ -218,7 +218,7 @@ def markdown(summary: dict, meta: dict, texts: list[str], methods: list[str],
         lines.append("")
     tgt = targets(summary, texts, ratios) if "prescore_leverage" in methods else []
     if tgt:
-        lines += ["## Targets (the default, prescore leverage + pq, per evaluation text)", "",
+        lines += [f"## Targets (the default, {method('prescore_leverage').label}, per evaluation text)", "",
                   *tgt, ""]
     return "\n".join(lines)
 
