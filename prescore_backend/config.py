@@ -95,6 +95,21 @@ class PrescoreConfig:
         "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
         "#unselected/#sampled and merged by log-sum-exp. 0 = off (the paper's choice with "
         "pre-scoring)."))
+    low_tier_bits: int = field(default=0, metadata=_doc(
+        "Two precision tiers (0 = off; 2..8 = on): a copy of K and V at this many bits is "
+        "kept beside the cache (KIVI's layout: K per block and channel, V per token; written "
+        "when a block fills), and each decode step reads the best tiles of the sparq4 ranking "
+        "exactly and the next ones from the copy, merged into one softmax. The budget's bytes "
+        "are split between the tiers (low_tier_share), a copy token costing its bytes "
+        "(3 bits, head dim 64: 0.21 of a bf16 token), so more tiles are read for the same "
+        "bytes. Needs query_aware='sparq4' (the ranking orders every tile beyond sinks and "
+        "window; query_cap_ratio and the pre-scores do not apply) and tile_size >= 8; not "
+        "with residual_tiles. Memory: 2 x bits / 16 of a bf16 KV plus scales (3 bits: +21%). "
+        "Runs as torch ops (the exact tier on the fused kernel): per layer slower than the "
+        "default; see docs/results/selection_tiers.md."))
+    low_tier_share: float = field(default=0.75, metadata=_doc(
+        "With low_tier_bits: the fraction of the budget's bytes beyond sinks and window spent "
+        "on the low-bit tier, in (0, 1]."))
     min_seq_len: int = field(default=2048, metadata=_doc(
         "Sequences shorter than this decode with vLLM's exact kernel."))
     aggregate: str = field(default="max", metadata=_doc(
@@ -134,6 +149,17 @@ class PrescoreConfig:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
             raise bad("residual_tiles", "must be >= 0")
+        if self.low_tier_bits and not 2 <= self.low_tier_bits <= 8:
+            raise bad("low_tier_bits", "must be 0 (off) or in [2, 8]")
+        if self.low_tier_bits and self.query_aware != "sparq4":
+            raise bad("low_tier_bits", "two tiers rank tiles with query_aware='sparq4' "
+                      f"(got query_aware={self.query_aware!r})")
+        if self.low_tier_bits and self.residual_tiles:
+            raise bad("low_tier_bits", "not with residual_tiles > 0 (one tail estimate at a time)")
+        if self.low_tier_bits and self.tile_size < 8:
+            raise bad("low_tier_bits", f"needs tile_size >= 8 (got {self.tile_size})")
+        if not 0.0 < self.low_tier_share <= 1.0:
+            raise bad("low_tier_share", "must be in (0, 1]")
         if self.min_seq_len < 0:
             raise bad("min_seq_len", "must be >= 0")
         if self.aggregate not in AGGREGATORS:
@@ -162,6 +188,11 @@ class PrescoreConfig:
     def uses_key_copy(self) -> bool:
         """The query-aware part reads a 4-bit copy of the keys beside the cache (sparq4)."""
         return self.query_aware == "sparq4"
+
+    @property
+    def uses_low_tier(self) -> bool:
+        """Two precision tiers: a low-bit K/V copy beside the cache (kernels/lowbit.py)."""
+        return self.low_tier_bits > 0
 
     @property
     def sink_tiles(self) -> int:

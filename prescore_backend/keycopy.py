@@ -90,8 +90,13 @@ def sparq4_tile_rank(q: Tensor, kq: Tensor, kz: Tensor, bt: Tensor, channels: in
     g = hq // hkv
     ch = top_channels(q, hkv, channels)  # [Rs, Hkv, r]
     qs = torch.gather(q.float().view(rs, hkv, g, d), 3, ch.unsqueeze(2).expand(-1, -1, g, -1))
-    keys = unpack_blocks(kq[bt.reshape(-1)], kz[bt.reshape(-1)])  # [Rs*MB, Hkv, B, D]
-    keys = keys.view(rs, -1, hkv, keys.shape[2], d).permute(0, 2, 1, 3, 4).reshape(rs, hkv, -1, d)
-    ks = torch.gather(keys, 3, ch.unsqueeze(2).expand(-1, -1, keys.shape[2], -1))  # [Rs, Hkv, N, r]
+    mb, half = bt.shape[1], kq.shape[-1]
+    r = ch.shape[-1]
+    # only the r channels' runs of bytes and scales are read and unpacked
+    cix = ch.view(rs, 1, hkv, r, 1).expand(-1, mb, -1, -1, half)
+    codes = torch.gather(kq[bt], 3, cix).view(rs * mb, hkv, r, half)  # [Rs*MB, Hkv, r, B/2]
+    zs = torch.gather(kz[bt], 4, ch.view(rs, 1, hkv, 1, r).expand(-1, mb, -1, 2, -1))
+    keys = unpack_blocks(codes, zs.view(rs * mb, hkv, 2, r))  # [Rs*MB, Hkv, B, r]
+    ks = keys.view(rs, mb, hkv, -1, r).permute(0, 2, 1, 3, 4).reshape(rs, hkv, -1, r)
     est = torch.matmul(qs, ks.transpose(-1, -2)).amax(2)  # [Rs, Hkv, N]
     return est.view(rs, hkv, -1, tile_size).amax(-1)

@@ -2,7 +2,8 @@
 
 Per layer, :class:`SideData` holds for every physical KV block a pre-score per (block, KV
 head, tile) and what the query-aware ranking needs (per-tile key min/max for Quest, LSH bucket
-bitmasks for HyperAttention, per-token PQ codes, the 4-bit key copy). Its life cycle (the
+bitmasks for HyperAttention, per-token PQ codes, the 4-bit key copy) and, with two precision
+tiers, the low-bit K/V copy (:class:`~prescore_backend.kernels.lowbit.LowBitCopy`). Its life cycle (the
 rules are in :mod:`prescore_backend.backends.cpu`'s docstring):
 
 * :func:`record_decode_tokens` - per-token data of decode keys just written;
@@ -31,7 +32,8 @@ from torch.nn.functional import pad
 from prescore_backend.keycopy import pack_blocks
 from prescore_backend.kernels.cpu_side import cpu_record_bounds, cpu_record_codes
 from prescore_backend.kernels.dispatch import resolve
-from prescore_backend.kernels.layouts import amx_unpack_k
+from prescore_backend.kernels.layouts import amx_unpack_k, amx_unpack_v
+from prescore_backend.kernels.lowbit import LowBitCopy
 from prescore_backend.kernels.lsh import AngularLSH, bucket_masks
 from prescore_backend.pq import LayerCodebook, pq_encode
 from prescore_backend.scoring import Scorer
@@ -56,16 +58,18 @@ class SideData:
     codebook: LayerCodebook | None = None  # this layer's PQ codebook
     kq: Tensor | None = None  # [num_blocks, Hkv, D, B/2] uint8 4-bit key copy (keycopy.py)
     kz: Tensor | None = None  # [num_blocks, Hkv, 2, D] fp32 its per-block min and step
+    low: LowBitCopy | None = None  # low-bit K/V copy of full blocks (two precision tiers)
 
     @classmethod
     def allocate(cls, num_blocks: int, num_kv_heads: int, tiles_per_block: int, *,
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
                  codebook: LayerCodebook | None = None, key_copy_dim: int = 0,
-                 device: torch.device | str = "cpu") -> "SideData":
+                 low_bits: int = 0, device: torch.device | str = "cpu") -> "SideData":
         """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``; on ``device``):
         PQ codes; ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key
-        copy. Everything on ``device`` (the KV cache's)."""
+        copy, and with ``low_bits`` > 0 the low-bit K/V copy of two precision tiers.
+        Everything on ``device`` (the KV cache's)."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
         codes = kq = kz = None
@@ -81,11 +85,14 @@ class SideData:
                    if lsh_words else None),
             kmin=torch.zeros((*shape, head_dim), dtype=dtype, device=device) if bounds else None,
             kmax=torch.zeros((*shape, head_dim), dtype=dtype, device=device) if bounds else None,
-            codes=codes, codebook=codebook, kq=kq, kz=kz)
+            codes=codes, codebook=codebook, kq=kq, kz=kz,
+            low=(LowBitCopy.allocate(num_blocks, num_kv_heads, block_size, key_copy_dim,
+                                     low_bits, device) if low_bits and key_copy_dim else None))
 
     def bytes_per_token(self, block_size: int) -> float:
+        low = self.low.tensors() if self.low is not None else ()
         parts = [t for t in (self.scores, self.masks, self.kmin, self.kmax, self.codes, self.kq,
-                             self.kz) if t is not None]
+                             self.kz, *low) if t is not None]
         return sum(t[0].numel() * t.element_size() for t in parts) / block_size
 
     @property
@@ -160,12 +167,14 @@ def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor, *,
 
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                    scorer_for: Callable[[str | None], Scorer], tile_size: int, aggregate: str,
-                   lsh: AngularLSH | None, lsh_bits: int, kv_layout: str = "strided") -> None:
-    """Score the blocks each job filled (and write their 4-bit key copy) and record its
-    per-token data.
+                   lsh: AngularLSH | None, lsh_bits: int, kv_layout: str = "strided",
+                   value_cache: Tensor | None = None) -> None:
+    """Score the blocks each job filled (and write their 4-bit key copy and low-bit K/V copy)
+    and record its per-token data.
 
     key_cache ``[num_blocks, Hkv, B, D]`` (any strides; with ``kv_layout="amx"`` vLLM's packed K
-    region, unpacked per job). ``scorer_for(job.method)`` gives the
+    region, unpacked per job); value_cache likewise (read only for the low-bit copy, which
+    needs it). ``scorer_for(job.method)`` gives the
     scorer of a job (``None``: the configured one). A full block's scores come from a fit on
     every key of the sequence up to the block's end (``Scorer.score_prefixes``), aggregated
     per tile; tiles the job wrote in the incomplete last block are set unscored (-inf).
@@ -188,6 +197,15 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
             if side.kq is not None:  # the 4-bit key copy: per block, once it is full
                 full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
                 side.kq[job.block_ids[b0:b1]], side.kz[job.block_ids[b0:b1]] = pack_blocks(full)
+            if side.low is not None:  # the two tiers' low-bit K/V copy, also once per block
+                if value_cache is None:
+                    raise ValueError("the low-bit copy needs value_cache")
+                ids = job.block_ids[b0:b1]
+                vals = value_cache[ids]
+                if kv_layout == "amx":
+                    vals = amx_unpack_v(vals)
+                full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
+                side.low.write(ids, full, vals)
         if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
             t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T,
                              device=keys.device)

@@ -298,28 +298,32 @@ def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
 
 
 def test_tier_and_mean_value_probes(model: Llama, tokens: torch.Tensor) -> None:
-    """The two probes of docs/results/selection-probes.md's last sections. ``comp_xx`` merges
-    the unselected keys' exact weighted values into the selection's softmax: dense attention
-    again (a check of the merge the other ``comp_`` modes use). ``tier<k>v<v>``: at 8 bits the
-    low tier reads nearly exact values (dense to a small tolerance); at 3 bits with 75% of the
-    free bytes in the low tier it reads the budget's bytes (side data and the low tier's
-    fraction included), and picks differently from the one-tier ranking."""
+    """``comp_xx`` (a probe of docs/results/selection-probes.md) merges the unselected keys'
+    exact weighted values into the selection's softmax: dense attention again (a check of the
+    merge the other ``comp_`` modes use). ``tier<b>v<b>s<pct>`` is the backend's two tiers
+    (``low_tier_bits``, prescore_backend/tiers.py): at 8 bits with every free byte in the low
+    tier and a budget whose bytes buy every tile, nearly exact values (dense to a small
+    tolerance); at 3 bits with 75% of the free bytes in the low tier it reads the budget's
+    bytes (side data and the low tier's cost included), and picks differently from the
+    one-tier ranking."""
     steps, ctx = 2, 2048  # 128 tiles: 32 at 1/4, 20 beyond sinks + window
     seq = tokens[7000:7000 + ctx + steps + 1]
-    ms = ["dense", "sparq4", "comp_xx:sparq4", "tier8v8all", "tier3v3s75"]
-    res = eval_core.run_context(model, seq, ctx, steps, ms, [0.25], log=lambda s: None)
+    ms = ["dense", "sparq4", "comp_xx:sparq4", "tier8v8s100"]
+    res = eval_core.run_context(model, seq, ctx, steps, ms, [0.25, 0.6], log=lambda s: None)
     dense = torch.tensor(res.token_nll[("dense", 1.0)])
-    for m, tol in (("comp_xx:sparq4", 1e-4), ("tier8v8all", 2e-2)):
-        got = torch.tensor(res.token_nll[(m, 0.25)])
+    for m, r, tol in (("comp_xx:sparq4", 0.25, 1e-4), ("tier8v8s100", 0.6, 2e-2)):
+        got = torch.tensor(res.token_nll[(m, r)])
         assert torch.allclose(got, dense, atol=tol), (m, got, dense)
+    assert res.read[("tier8v8s100", 0.6)] <= 0.6 * res.total[("tier8v8s100", 0.6)]
     assert res.token_nll[("sparq4", 0.25)] != res.token_nll[("dense", 1.0)]
-    tier = eval_core.method("tier3v3s75")
-    assert tier.cost(64) == pytest.approx((24 + 2 + 24 + 4) / 256)
+    res = eval_core.run_context(model, seq, ctx, steps, ["sparq4", "tier3v3s75"], [0.25],
+                                equal_bytes=True, log=lambda s: None)
     frac = res.read[("tier3v3s75", 0.25)] / res.total[("tier3v3s75", 0.25)]
     assert 0.23 <= frac <= 0.25, frac
     assert res.token_nll[("tier3v3s75", 0.25)] != res.token_nll[("sparq4", 0.25)]
-    with pytest.raises(KeyError, match="tier"):
-        eval_core.method("tier3v3")
+    for bad in ("tier3v3", "tier3v4s50"):
+        with pytest.raises(KeyError, match="tier"):
+            eval_core.method(bad)
 
 
 def test_repetition_scores_find_loops_and_agreement() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import subprocess
 import sys
 import tarfile
@@ -67,6 +68,7 @@ from prescore_backend.kernels.lsh import AngularLSH, num_words
 from prescore_backend.kernels.sparse_decode import merge_attn_states, sparse_decode
 from prescore_backend.keycopy import sparq4_tile_rank, top_channels, unpack_blocks
 from prescore_backend.scoring import Scorer, available_scorers, get_scorer
+from prescore_backend.tiers import decode_two_tiers, tier_budgets
 from prescore_backend.kernels.select import select_tiles
 
 BLOCK_SIZE = 128  # vLLM's CPU default KV block size
@@ -214,6 +216,7 @@ class EvalMethod:
     needs_bounds: ClassVar[bool] = False
     pq_subspaces: ClassVar[int] = 0  # > 0: reads PQ codes of this many subspaces
     key_copy: ClassVar[bool] = False  # reads the 4-bit key copy
+    low_bits: ClassVar[int] = 0  # > 0: reads a low-bit K/V copy of this many bits
     exact_reference: ClassVar[bool] = False  # dense: the reference itself
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
@@ -316,6 +319,21 @@ class PrescoreMethod(EvalMethod):
     @property
     def key_copy(self) -> bool:  # type: ignore[override]
         return self.cfg.uses_key_copy
+
+    @property
+    def low_bits(self) -> int:  # type: ignore[override]
+        return self.cfg.low_tier_bits
+
+    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
+        if not self.cfg.uses_low_tier:
+            return super().attend(env, rows)
+        d = rows.q.shape[-1]
+        exact, total = tier_budgets(self.cfg, rows.budget, rows.num_tiles, d,
+                                    block_size=BLOCK_SIZE)
+        out, read, _ = decode_two_tiers(self.cfg, rows.q, env.key_cache, env.value_cache,
+                                        env.side, rows.side_bt, rows.seq_lens, rows.num_tiles,
+                                        exact, total, env.scale)
+        return out, read
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         cfg = self.cfg
@@ -553,85 +571,6 @@ class CompensatedMethod(WrappedMethod):
 
 
 @dataclass
-class TierMethod(EvalMethod):
-    """``tier<kb>v<vb>s<pct>`` / ``tier<kb>v<vb>all`` (a probe): two precision tiers at equal
-    bytes. Tiles ranked by SparQ on the 4-bit key copy (query_aware="sparq4", no fill); the best
-    ones (sinks and window forced) read exactly, the next ones read from a low-bit copy of K and
-    V (KIVI, arXiv 2402.02750: K per channel over each KV block, V per token, round to nearest,
-    fp16 min and step), merged by log-sum-exp. ``s<pct>``: that share of the non-forced bytes
-    goes to the low-bit tier; ``all``: every non-forced tile in the low-bit tier (the floor
-    of low-bit attention alone, whatever the bytes)."""
-
-    kbits: int = 2
-    vbits: int = 2
-    share: float | None = None  # None: "all"
-    key_copy: ClassVar[bool] = True
-
-    def side_read_fraction(self, head_dim: int) -> float:
-        return side_read_fraction(BASE.replace(query_aware="sparq4", query_cap_ratio=1.0),
-                                  head_dim, block_size=BLOCK_SIZE)
-
-    def cost(self, d: int) -> float:
-        """Bytes of one low-bit token per byte of an exact one (K and V in bf16)."""
-        k = self.kbits * d / 8 + 2 * 2 * d / BLOCK_SIZE
-        v = self.vbits * d / 8 + 2 * 2
-        return (k + v) / (2 * d * 2)
-
-    def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
-        cfg = env.base
-        R, Hq, D = rows.q.shape
-        hkv = env.key_cache.shape[1]
-        g = Hq // hkv
-        n = rows.bt.shape[1] * BLOCK_SIZE
-        M = n // TILE
-        c = self.cost(D)
-        forced = cfg.sink_tiles + cfg.window_tiles
-        est = sparq4_tile_rank(rows.q, env.side.kq, env.side.kz, rows.side_bt,
-                               cfg.query_channels, TILE).contiguous()
-        free = (rows.budget - forced).clamp_min(0).double()
-        if self.share is None:
-            e_budget = torch.minimum(rows.budget, torch.full_like(rows.budget, forced))
-            all_budget = rows.num_tiles
-        else:
-            e_budget = forced + (free * (1 - self.share)).floor().long()
-            all_budget = e_budget + (free * self.share / c).floor().long()
-        kw = dict(sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
-        sel_e = select_tiles(est, rows.num_tiles, e_budget, **kw)
-        sel_a = select_tiles(est, rows.num_tiles, all_budget, **kw)
-        out, lse = sparse_decode(rows.q, env.key_cache, env.value_cache, rows.bt.int(),
-                                 rows.seq_lens.int(), sel_e.tiles, TILE, env.scale, impl="auto")
-
-        def token_mask(tiles: Tensor) -> Tensor:
-            t = tiles.long()
-            m = torch.zeros(R, hkv, M + 1, dtype=torch.bool)
-            m.scatter_(-1, torch.where(t >= 0, t, M), True)
-            return m[..., :M].repeat_interleave(TILE, -1)
-
-        valid = torch.arange(n) < rows.seq_lens.view(R, 1, 1)
-        low = token_mask(sel_a.tiles) & ~token_mask(sel_e.tiles) & valid  # [R, Hkv, n]
-        pad = ~valid.unsqueeze(-1)  # unwritten cache slots may hold anything
-        k = _gather_rows(env.key_cache, rows.bt, n).float().masked_fill(pad, 0.0)  # [R, Hkv, n, D]
-        v = _gather_rows(env.value_cache, rows.bt, n).float().masked_fill(pad, 0.0)
-        kb = k.view(R, hkv, n // BLOCK_SIZE, BLOCK_SIZE, D)
-        kq = _quantize(kb, self.kbits, dim=3).view(R, hkv, n, D)  # per (block, channel)
-        vq = _quantize(v, self.vbits, dim=3)  # per token
-        lg = torch.matmul(rows.q.float().view(R, hkv, g, D) * env.scale, kq.transpose(-1, -2))
-        lg = lg.masked_fill(~low.unsqueeze(2), float("-inf"))  # [R, Hkv, G, n]
-        lse2 = lg.logsumexp(-1)
-        o2 = torch.matmul(torch.softmax(lg, -1).nan_to_num(0.0), vq)  # [R, Hkv, G, D]
-        o, _ = merge_attn_states(out.float(), lse, o2.reshape(R, Hq, D), lse2.reshape(R, Hq))
-        read = tokens_read(sel_e.tiles, rows.seq_lens, TILE).double() + c * low.sum(-1).double()
-        return o, read
-
-
-def _quantize(x: Tensor, bits: int, dim: int) -> Tensor:
-    """Round-to-nearest ``bits``-bit quantization of x with min and step over ``dim`` (as fp16)."""
-    lo = x.amin(dim, keepdim=True).half().float()
-    step = ((x.amax(dim, keepdim=True) - lo) / (2 ** bits - 1)).half().float().clamp_min(1e-6)
-    return lo + ((x - lo) / step).round().clamp(0, 2 ** bits - 1) * step
-
-
-@dataclass
 class EstimatorProbe(EvalMethod):
     """Diagnostic (not a servable method): sinks + window forced and the rest of the budget
     ranked by one estimate of each tile's importance, charged the estimate's bytes
@@ -810,16 +749,15 @@ def method(spec: str) -> EvalMethod:
     ``prescore_leverage@query_cap_ratio=0.75+sink_tokens=16``."""
     if spec in METHODS:
         return METHODS[spec]
-    if spec.startswith("tier"):  # tier<kb>v<vb>(s<pct>|all)
-        import re
-        m = re.fullmatch(r"tier(\d)v(\d)(?:s(\d+)|all)", spec)
-        if not m:
-            raise KeyError(f"{spec!r}: expected tier<kbits>v<vbits>s<pct> or tier<kbits>v<vbits>all")
-        share = None if m.group(3) is None else int(m.group(3)) / 100
-        return register(TierMethod(spec, f"two tiers: exact + K{m.group(1)}V{m.group(2)} "
-                                   + ("(all the rest)" if share is None else f"({m.group(3)}% of the bytes)"),
-                                   scorer="random", kbits=int(m.group(1)), vbits=int(m.group(2)),
-                                   share=share))
+    if spec.startswith("tier"):  # tier<bits>v<bits>s<pct>: the backend's two tiers
+        m = re.fullmatch(r"tier(\d)v(\d)s(\d+)", spec)
+        if not m or m.group(1) != m.group(2):
+            raise KeyError(f"{spec!r}: expected tier<bits>v<bits>s<pct> (K and V at one bits)")
+        bits, pct = int(m.group(1)), int(m.group(3))
+        return register(PrescoreMethod(
+            spec, f"two tiers: exact + K{bits}V{bits} ({pct}% of the bytes)", scorer="random",
+            changes=dict(query_aware="sparq4", query_cap_ratio=1.0, low_tier_bits=bits,
+                         low_tier_share=pct / 100)))
     if spec.startswith("comp_") and ":" in spec:  # comp_<mode>:<method>
         head, _, inner_spec = spec.partition(":")
         inner = method(inner_spec)
@@ -933,6 +871,10 @@ class PagedState:
         if len(pq) > 1:
             raise ValueError(f"one pq_subspaces per run, got {sorted(pq)}")
         key_copy = any(sp.key_copy for sp in specs.values())
+        low = {sp.low_bits for sp in specs.values()} - {0}
+        if len(low) > 1:
+            raise ValueError(f"one low_tier_bits per run, got {sorted(low)}")
+        low_bits = low.pop() if low else 0
         books = None
         if pq:  # the codebooks the backend would load (prescore-models calibrate)
             books = PQCodebooks.load(codebook_path(model.path, pq.pop()))
@@ -945,7 +887,8 @@ class PagedState:
                                            head_dim=s.head_dim if bounds else 0,
                                            block_size=B,
                                            codebook=books.layer(i) if books else None,
-                                           key_copy_dim=s.head_dim if key_copy else 0)
+                                           key_copy_dim=s.head_dim if key_copy else 0,
+                                           low_bits=low_bits)
                          for i in range(s.layers)]
         self.side = [{n: _slice_side(sd, self.offset[n], nb) for n in names} for sd in self.side_all]
         self.scorers: dict[str, Scorer] = {n: get_scorer(specs[n].scorer, seed=base.seed)
@@ -988,7 +931,7 @@ class PagedState:
             run_score_jobs(self.side[layer][name], jobs, self.views[layer][0],
                            scorer_for=lambda _m, n=name: self.scorers[n],
                            tile_size=cfg.tile_size, aggregate=self.specs[name].aggregate, lsh=self.lsh,
-                           lsh_bits=cfg.lsh_bits)
+                           lsh_bits=cfg.lsh_bits, value_cache=self.views[layer][1])
             self.score_s[name] += time.thread_time() - t0
 
     def write_decode(self, layer: int, pos: int, k: Tensor, v: Tensor,
@@ -1042,7 +985,8 @@ def _slice_side(sd: SideData, start: int, n: int) -> SideData:
         return None if t is None else t[start:start + n]
 
     return SideData(cut(sd.scores), cut(sd.masks), cut(sd.kmin), cut(sd.kmax), cut(sd.codes),
-                    sd.codebook, cut(sd.kq), cut(sd.kz))
+                    sd.codebook, cut(sd.kq), cut(sd.kz),
+                    sd.low.slice(start, n) if sd.low is not None else None)
 
 
 @dataclass(frozen=True)
@@ -1056,6 +1000,7 @@ class SideSpec:
     bounds: bool
     pq: int = 0
     key_copy: bool = False
+    low_bits: int = 0
 
 
 def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
@@ -1069,7 +1014,8 @@ def side_specs(methods: list[EvalMethod]) -> dict[str, SideSpec]:
                                    (old is not None and old.lsh) or m.needs_lsh,
                                    (old is not None and old.bounds) or m.needs_bounds,
                                    max(old.pq if old is not None else 0, m.pq_subspaces),
-                                   (old is not None and old.key_copy) or m.key_copy)
+                                   (old is not None and old.key_copy) or m.key_copy,
+                                   max(old.low_bits if old is not None else 0, m.low_bits))
     return out
 
 

@@ -41,6 +41,7 @@ from prescore_backend.metrics import PrescoreStats, get_metrics
 from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
 from prescore_backend.scoring import Scorer, get_scorer
+from prescore_backend.tiers import tier_budgets
 
 __all__ = ["PrescorePlan", "ScoreJob", "SideData", "SideDataUpkeep", "StepPlanner",
            "refuse_unsupported", "runtime"]
@@ -144,7 +145,7 @@ class PrescorePlan:
     # sparse rows times the KV heads, sparse rows, exact decode rows, side data the selection
     # reads (in KV tokens, times the KV heads)
     layer_counts: Tensor
-    budget: Tensor  # [Rs] int64 tiles per (row, KV head)
+    budget: Tensor  # [Rs] int64 tiles per (row, KV head) (with two tiers: the exact tier's)
     query_caps: Tensor  # [Rs] int64 query-aware tiles per (row, KV head) at most
     # Exact rows served by the backend's own kernel when sparse rows exist (None: all rows
     # are sparse), with that kernel's metadata for them.
@@ -170,6 +171,8 @@ class PrescorePlan:
     # Quest bounds are kept per token; else the upkeep is skipped (15 of 16 decode steps with
     # the default, which keeps neither)
     dec_upkeep: bool = True
+    # two precision tiers: exact + low-bit tiles per (row, KV head), [Rs] int64; else None
+    tier_budget: Tensor | None = None
 
     def to(self, device: torch.device) -> "PrescorePlan":
         """The plan with every tensor a layer reads on ``device`` (once per step, in build)."""
@@ -197,6 +200,7 @@ class StepPlanner:
         rt.num_layers = num_layers
         self.planner_block_size = block_size
         self.planner_kv_heads = num_kv_heads
+        self.planner_head_dim, self.planner_kv_bytes = head_dim, kv_bytes
         # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
         self.side_fraction = side_read_fraction(self.config, head_dim, kv_bytes, block_size)
         if block_size % self.config.tile_size:
@@ -288,6 +292,11 @@ class StepPlanner:
             cols = min(cols, 1 << (need - 1).bit_length())
         sp_bt = block_table[sparse_rows, :cols]
         caps = query_caps(cfg, sp_budget)
+        tier_budget = None
+        if cfg.uses_low_tier:  # the budget's bytes split between exact and low-bit tiles
+            sp_budget, tier_budget = tier_budgets(cfg, sp_budget, sp_tiles,
+                                                  self.planner_head_dim,
+                                                  self.planner_kv_bytes, B)
         return PrescorePlan(
             sparse_tok=first_tok[sparse_rows],
             sparse_seq_lens=sp_lens.to(torch.int32),
@@ -316,6 +325,7 @@ class StepPlanner:
             max_budget=int(torch.minimum(sp_budget, sp_tiles).max()) if num_sparse else 0,
             max_cap=int(caps.max()) if num_sparse else 0,
             caps_uniform=bool((caps == caps.max()).all()) if num_sparse else True,
+            tier_budget=tier_budget,
         )
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int,
@@ -365,6 +375,7 @@ class SideDataUpkeep:
                 head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype,
                 block_size=bs, codebook=books,
                 key_copy_dim=self.head_size if cfg.uses_key_copy else 0,
+                low_bits=cfg.low_tier_bits,
                 device=kv_cache.device)
             if not self.rt.logged_side:
                 self.rt.logged_side = True
@@ -394,18 +405,19 @@ class SideDataUpkeep:
                              plan.dec_reset, lsh=lsh_for(self.head_size) if cfg.uses_lsh else None,
                              lsh_bits=cfg.lsh_bits, impl=self.side_impl)
 
-    def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, side: SideData,
-                        kv_layout: str) -> None:
+    def _run_score_jobs(self, plan: PrescorePlan, key_cache: Tensor, value_cache: Tensor,
+                        side: SideData, kv_layout: str) -> None:
         cfg = self.rt.config
         run_score_jobs(side, plan.score_jobs, key_cache, scorer_for=job_scorer,
                        tile_size=cfg.tile_size, aggregate=cfg.aggregate,
                        lsh=lsh_for(self.head_size) if cfg.uses_lsh else None,
-                       lsh_bits=cfg.lsh_bits, kv_layout=kv_layout)
+                       lsh_bits=cfg.lsh_bits, kv_layout=kv_layout, value_cache=value_cache)
 
     def update_side_data(self, plan: PrescorePlan, key: Tensor, key_cache: Tensor,
-                         side: SideData, kv_layout: str) -> None:
+                         value_cache: Tensor, side: SideData, kv_layout: str) -> None:
         """Side data of the keys written this step (key ``[N, Hkv, D]``, already in the
-        cache ``key_cache`` ``[NB, Hkv, B, D]``), and this layer's counters."""
+        cache ``key_cache`` / ``value_cache`` ``[NB, Hkv, B, D]``), and this layer's
+        counters."""
         stats = self.rt.stats
         t0 = time.perf_counter()
         self._record_decode_tokens(plan, key, side)
@@ -414,7 +426,7 @@ class SideDataUpkeep:
                     else key[plan.write_tok])
             record_codes(side, keys, plan.write_block, plan.write_off, impl=self.side_impl)
         if plan.score_jobs:
-            self._run_score_jobs(plan, key_cache, side, kv_layout)
+            self._run_score_jobs(plan, key_cache, value_cache, side, kv_layout)
             stats.scoring_s += time.perf_counter() - t0
         stats.layer_counts.add_(plan.layer_counts)  # one op: built per step by the builder
 

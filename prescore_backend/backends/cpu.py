@@ -73,6 +73,7 @@ from prescore_backend.backends.common import (
     runtime,
 )
 from prescore_backend.selection import scores_and_pick, select_decode_tiles
+from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.dispatch import cpu_kernels_available
 from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.kernels.sparse_decode import sparse_decode
@@ -209,7 +210,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                  output):
         side = self.side_for(kv_cache, layer)
         key_cache, value_cache, kv_layout = self.kv_views(kv_cache, layer.isa)
-        self.update_side_data(plan, key, key_cache, side, kv_layout)
+        self.update_side_data(plan, key, key_cache, value_cache, side, kv_layout)
 
         if plan.num_sparse == 0:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
@@ -240,6 +241,17 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         t0 = time.perf_counter()
         bt = plan.sparse_bt64  # [Rs, MB]
         lsh = lsh_for(self.head_size) if cfg.uses_lsh else None
+        if cfg.uses_low_tier:  # two precision tiers: torch ops around the fused exact decode
+            q = query[plan.sparse_tok]  # [Rs, Hq, D]
+            out, read, sel = decode_two_tiers(
+                cfg, q, key_cache, value_cache, side, bt, plan.sparse_seq_lens, plan.num_tiles,
+                plan.budget, plan.tier_budget, self.scale, kv_layout=kv_layout,
+                kv_bytes=key_cache.element_size())
+            output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
+            stats.decode_counts.add_(torch.cat([read.sum().round().long().view(1),
+                                                sel.source_counts]))
+            stats.selection_s += time.perf_counter() - t0
+            return
         if cfg.residual_tiles == 0:  # the common case: selection and decode in one call
             if self.fused and cfg.query_aware in ("lsh", "sparq4"):
                 # The query-aware part inside the fused call, on vLLM's query rows: the LSH

@@ -66,6 +66,7 @@ from prescore_backend.backends.common import (
     runtime,
 )
 from prescore_backend.selection import scores_and_pick
+from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.layouts import vllm_triton_kv_views
 from prescore_backend.kernels.sparse_decode import sparse_decode
 from prescore_backend.kernels.select import residual_sample, select_tiles, tokens_read
@@ -215,7 +216,7 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
                  output):
         side = self.side_for(kv_cache, layer)
         key_cache, value_cache = vllm_triton_kv_views(kv_cache, self.head_size)  # [NB,Hkv,B,D]
-        self.update_side_data(plan, key, key_cache, side, "strided")
+        self.update_side_data(plan, key, key_cache, value_cache, side, "strided")
         if plan.num_sparse == 0:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         if plan.dense_tok is not None:
@@ -230,6 +231,15 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
                        value_cache: Tensor, side: SideData, output: Tensor) -> None:
         cfg = self.rt.config
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
+        if cfg.uses_low_tier:  # two precision tiers: torch ops around the Triton exact decode
+            out, read, sel = decode_two_tiers(
+                cfg, q, key_cache, value_cache, side, plan.sparse_bt64, plan.sparse_seq_lens,
+                plan.num_tiles, plan.budget, plan.tier_budget, self.scale,
+                kv_bytes=key_cache.element_size())
+            output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
+            self.rt.stats.decode_counts.add_(torch.cat([read.sum().round().long().view(1),
+                                                        sel.source_counts]))
+            return
         lsh = lsh_for(self.head_size).to(q.device) if cfg.uses_lsh else None
         scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
                                        plan.query_caps, lsh=lsh, impl="torch",
