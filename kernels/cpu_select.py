@@ -28,7 +28,7 @@ from torch import Tensor
 from .cpu_ext import extension as _ext
 
 __all__ = ["cpu_pq_pick", "cpu_quest_pick", "cpu_select_tiles", "cpu_sparq4_pick",
-           "cpu_sparq_pick"]
+           "cpu_sparq4_tiers_pick", "cpu_sparq_pick"]
 
 
 def cpu_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
@@ -81,6 +81,21 @@ def cpu_sparq4_pick(q: Tensor, kq: Tensor, kz: Tensor, block_tables: Tensor,
         kq.contiguous(), kz.float().contiguous(), _i64(block_tables), _i64(num_tiles),
         _i64(caps), int(channels), int(num_tile_slots), int(tile_size), int(sink_tiles),
         int(window_tiles))
+
+
+def cpu_sparq4_tiers_pick(q: Tensor, kq: Tensor, kz: Tensor, block_tables: Tensor,
+                          num_tiles: Tensor, take_exact: Tensor, take_total: Tensor, *,
+                          num_tile_slots: int, channels: int, tile_size: int, sink_tiles: int,
+                          window_tiles: int) -> Tensor:
+    """Two precision tiers from one sparq4 ranking (arguments as :func:`cpu_sparq4_pick`):
+    ``[R, Hkv, M]`` uint8, 2 = the best ``take_total[r]`` eligible tiles, 1 = the best
+    ``take_exact[r]`` of them (a subset: same order, ties to the lower index); sinks and
+    window are not eligible and stay 0."""
+    return _ext().sparq4_tiers_pick_cpu(
+        q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous(),
+        kq.contiguous(), kz.float().contiguous(), _i64(block_tables), _i64(num_tiles),
+        _i64(take_exact), _i64(take_total), int(channels), int(num_tile_slots),
+        int(tile_size), int(sink_tiles), int(window_tiles))
 
 
 def cpu_pq_pick(q: Tensor, codes: Tensor, block_tables: Tensor, centroids: Tensor,

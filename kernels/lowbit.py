@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dispatch import resolve
 from .sparse_decode import merge_attn_states, sparse_decode
 
 __all__ = ["LowBitCopy", "bytes_per_token", "pack_k", "pack_v", "unpack_k", "unpack_v",
@@ -160,15 +161,9 @@ def _gather_tiles(copy: LowBitCopy, block_tables: Tensor, tiles: Tensor,
     return k, v, pos
 
 
-def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
+def _lowbit_torch(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
                   tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention of each decode query over tiles read from the low-bit copy.
-
-    query ``[R, Hq, D]``; block_tables ``[R, MB]`` int; seq_lens ``[R]``; tiles ``[R, Hkv, S]``
-    int32 logical tile ids (-1 pad) of full blocks. Returns out ``[R, Hq, D]`` fp32 and lse
-    ``[R, Hq]`` fp32 (natural log of the softmax denominator over those tokens; -inf and out 0
-    where none), ready for :func:`~.sparse_decode.merge_attn_states`. Plain torch: it gathers
-    and dequantizes only the selected tiles."""
+    """Plain torch: gathers and dequantizes only the selected tiles."""
     R, hq, d = query.shape
     hkv = tiles.shape[1]
     g = hq // hkv
@@ -186,6 +181,34 @@ def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_len
     p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
     out = torch.matmul(p, v)  # [R, Hkv, G, D]
     return out.view(R, hq, d), lse.view(R, hq)
+
+
+def _lowbit_cpp(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
+                tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    from .cpu_ext import extension
+
+    o, lse = extension().lowbit_decode_cpu(query, *copy.tensors(), block_tables, seq_lens,
+                                           tiles, int(tile_size), float(scale))
+    return o, lse
+
+
+_IMPLS = {"torch": _lowbit_torch, "cpp": _lowbit_cpp}
+
+
+def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
+                  tiles: Tensor, tile_size: int, scale: float, *,
+                  impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Softmax attention of each decode query over tiles read from the low-bit copy.
+
+    query ``[R, Hq, D]``; block_tables ``[R, MB]`` int; seq_lens ``[R]``; tiles ``[R, Hkv, S]``
+    int32 logical tile ids (-1 pad) of full blocks. Returns out ``[R, Hq, D]`` fp32 and lse
+    ``[R, Hq]`` fp32 (natural log of the softmax denominator over those tokens; -inf and out 0
+    where none), ready for :func:`~.sparse_decode.merge_attn_states`. ``impl``: "cpp" (one
+    C++ task per (row, KV head): the block's K scales folded into the query, codes widened 8
+    at a time from their bit planes, online softmax; ``csrc/lowbit.h``), "torch", or "auto"
+    (:mod:`.dispatch`: cpp on CPU when it compiles, else torch)."""
+    _, fn = resolve("lowbit_decode", impl, query, _IMPLS)
+    return fn(query, copy, block_tables, seq_lens, tiles, tile_size, scale)
 
 
 def lowbit_decode_ref(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
@@ -220,12 +243,13 @@ def lowbit_decode_ref(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq
 def two_tier_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, copy: LowBitCopy,
                     block_tables: Tensor, seq_lens: Tensor, exact_tiles: Tensor,
                     low_tiles: Tensor, tile_size: int, scale: float, *,
-                    kv_layout: str = "strided") -> Tensor:
+                    kv_layout: str = "strided", impl: str = "auto") -> Tensor:
     """One softmax over exact tiles (read from the cache, :func:`~.sparse_decode.sparse_decode`)
     and low-bit tiles (from ``copy``, :func:`lowbit_decode`), disjoint: -> out ``[R, Hq, D]``
     fp32. block_tables ``[R, MB]`` int32; other arguments as the two calls'."""
     o1, lse1 = sparse_decode(query, key_cache, value_cache, block_tables, seq_lens, exact_tiles,
-                             tile_size, scale, impl="auto", kv_layout=kv_layout)
-    o2, lse2 = lowbit_decode(query, copy, block_tables, seq_lens, low_tiles, tile_size, scale)
+                             tile_size, scale, impl=impl, kv_layout=kv_layout)
+    o2, lse2 = lowbit_decode(query, copy, block_tables, seq_lens, low_tiles, tile_size, scale,
+                             impl=impl)
     o, _ = merge_attn_states(o1.float(), lse1, o2, lse2)
     return o

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from prescore_backend.config import PrescoreConfig
 from prescore_backend.keycopy import sparq4_tile_rank
+from prescore_backend.kernels.cpu_select import cpu_sparq4_tiers_pick
+from prescore_backend.kernels.dispatch import resolve
 from prescore_backend.kernels.lowbit import bytes_per_token, two_tier_decode
 from prescore_backend.kernels.select import Selection, select_tiles, tokens_read
 from prescore_backend.side_data import SideData
@@ -28,69 +30,109 @@ from prescore_backend.side_data import SideData
 __all__ = ["low_token_cost", "tier_budgets", "select_two_tiers", "decode_two_tiers"]
 
 
-def low_token_cost(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
-                   block_size: int = 128) -> float:
-    """Bytes of one low-bit token per byte of an exact one (K and V, ``kv_bytes`` each)."""
-    return bytes_per_token(cfg.low_tier_bits, head_dim, block_size) / (2 * head_dim * kv_bytes)
+#: Bytes per cached element a low-bit token is charged against: a bf16 KV on every host (the
+#: evaluation's accounting), so one setting reads the same tiles on fp32 and bf16 hosts.
+CHARGE_KV_BYTES = 2
+
+
+def low_token_cost(cfg: PrescoreConfig, head_dim: int, block_size: int = 128) -> float:
+    """Bytes of one low-bit token per byte of an exact bf16 one (K and V)."""
+    return (bytes_per_token(cfg.low_tier_bits, head_dim, block_size)
+            / (2 * head_dim * CHARGE_KV_BYTES))
 
 
 def tier_budgets(cfg: PrescoreConfig, budget: Tensor, num_tiles: Tensor, head_dim: int,
-                 kv_bytes: int = 2, block_size: int = 128) -> tuple[Tensor, Tensor]:
+                 block_size: int = 128) -> tuple[Tensor, Tensor]:
     """Split a budget ``[R]`` int64 (tiles, at least sinks + window) between the tiers: ->
     (exact tiles ``[R]``, exact + low-bit tiles ``[R]``). Of the tiles beyond sinks and window,
     ``1 - low_tier_share`` stay exact; the bytes of the rest buy low-bit tiles at
-    :func:`low_token_cost` each. A budget that covers the row's ``num_tiles`` ``[R]`` stays
-    exact (nothing is read in low precision that could be read exactly)."""
+    :func:`low_token_cost` each (3 bits, head dim 64: 0.21). A budget that covers the row's
+    ``num_tiles`` ``[R]`` stays exact (nothing is read in low precision that could be read
+    exactly)."""
     forced = cfg.sink_tiles + cfg.window_tiles
     free = (budget - forced).clamp_min(0).double()
     exact = forced + (free * (1 - cfg.low_tier_share)).floor().long()
-    c = low_token_cost(cfg, head_dim, kv_bytes, block_size)
+    c = low_token_cost(cfg, head_dim, block_size)
     total = exact + (free * cfg.low_tier_share / c).floor().long()
     covers = budget >= num_tiles
     return (torch.where(covers, budget, torch.minimum(exact, budget)),
             torch.where(covers, budget, total))
 
 
+def _marks_torch(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,
+                 take_exact: Tensor, take_total: Tensor, M: int) -> Tensor:
+    """Torch twin of :func:`~prescore_backend.kernels.cpu_select.cpu_sparq4_tiers_pick`."""
+    est = sparq4_tile_rank(q, side.kq, side.kz, bt, cfg.query_channels, cfg.tile_size)
+    idx = torch.arange(M, device=q.device)
+    n = num_tiles.view(-1, 1, 1)
+    elig = (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
+    rank = est[..., :M].masked_fill(~elig, float("-inf"))
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices  # ties: lower first
+    pos = torch.empty_like(order).scatter_(-1, order, idx.expand_as(order))  # rank of each tile
+    ok = torch.isfinite(rank)
+    marks = torch.where(ok & (pos < take_total.view(-1, 1, 1)), 2, 0)
+    return torch.where(ok & (pos < take_exact.view(-1, 1, 1)), 1, marks).to(torch.uint8)
+
+
+def _marks_cpp(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,
+               take_exact: Tensor, take_total: Tensor, M: int) -> Tensor:
+    return cpu_sparq4_tiers_pick(q, side.kq, side.kz, bt, num_tiles, take_exact, take_total,
+                                 num_tile_slots=M, channels=cfg.query_channels,
+                                 tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
+                                 window_tiles=cfg.window_tiles)
+
+
+_MARKS = {"torch": _marks_torch, "cpp": _marks_cpp}
+
+
+def _mask_tiles(mask: Tensor) -> Tensor:
+    """``[Rs, Hkv, M]`` bool -> its tiles ``[Rs, Hkv, M]`` int32 ascending, -1 pad."""
+    M = mask.shape[-1]
+    idx = torch.where(mask, torch.arange(M, device=mask.device), M).sort(-1).values
+    return torch.where(idx < M, idx, -1).to(torch.int32)
+
+
 def select_two_tiers(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                      num_tiles: Tensor, exact_budget: Tensor, total_budget: Tensor, *,
                      impl: str = "auto") -> tuple[Selection, Tensor]:
-    """Both tiers' tiles: -> (the exact tier's :class:`Selection`, low-bit tiles ``[Rs, Hkv, S]``
+    """Both tiers' tiles: -> (the exact tier's :class:`Selection`, low-bit tiles ``[Rs, Hkv, M]``
     int32 ascending, -1 pad, disjoint from the exact ones).
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64; num_tiles, exact_budget, total_budget ``[Rs]``
-    int64 (:func:`tier_budgets`). Sinks and window are forced into the exact tier; both tiers
-    take the tiles in the sparq4 ranking's order, the exact tier the best."""
-    est = sparq4_tile_rank(q, side.kq, side.kz, bt, cfg.query_channels, cfg.tile_size)
-    kw = dict(sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles, impl=impl)
-    sel = select_tiles(est, num_tiles, exact_budget, **kw)
-    both = select_tiles(est, num_tiles, total_budget, **kw)
-    rs, hkv, M = est.shape
-    mask = torch.zeros(rs, hkv, M + 1, dtype=torch.bool, device=q.device)
-    mask.scatter_(-1, torch.where(both.tiles >= 0, both.tiles.long(), M), True)
-    mask.scatter_(-1, torch.where(sel.tiles >= 0, sel.tiles.long(), M), False)
-    idx = torch.where(mask[..., :M], torch.arange(M, device=q.device), M)
-    low = idx.sort(-1).values[..., : both.tiles.shape[-1]]
-    return sel, torch.where(low < M, low, -1).to(torch.int32)
+    int64 (:func:`tier_budgets`). One sparq4 ranking of the tiles beyond sinks and window
+    (C++ on CPU, reading the key copy through the block table; torch elsewhere): its best
+    ``exact_budget`` - sinks - window are read exactly with sinks and window, the next ones up
+    to ``total_budget`` from the low-bit copy."""
+    M = bt.shape[1] * side.scores.shape[2]
+    forced = cfg.sink_tiles + cfg.window_tiles
+    take_e = (exact_budget - forced).clamp_min(0)
+    take_t = (total_budget - forced).clamp_min(0)
+    # the C++ ranking reads 16-token chunks of the key copy
+    _, marks_fn = resolve("select_two_tiers", "torch" if cfg.tile_size % 16 else impl, q, _MARKS)
+    marks = marks_fn(cfg, q, side, bt, num_tiles, take_e, take_t, M)  # [Rs, Hkv, M]
+    sel = select_tiles(torch.zeros(marks.shape, device=q.device), num_tiles, exact_budget,
+                       sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles,
+                       lsh_match=marks == 1, lsh_cap=M, impl=impl)
+    return sel, _mask_tiles(marks == 2)
 
 
 def decode_two_tiers(cfg: PrescoreConfig, q: Tensor, key_cache: Tensor, value_cache: Tensor,
                      side: SideData, bt: Tensor, seq_lens: Tensor, num_tiles: Tensor,
                      exact_budget: Tensor, total_budget: Tensor, scale: float, *,
-                     kv_layout: str = "strided", kv_bytes: int = 2,
+                     kv_layout: str = "strided",
                      impl: str = "auto") -> tuple[Tensor, Tensor, Selection]:
     """Attention of sparse decode rows over both tiers: -> (out ``[Rs, Hq, D]`` fp32, bytes
-    read ``[Rs, Hkv]`` fp64 in exact-KV-token units (low-bit tokens at their cost), the exact
-    tier's :class:`Selection`).
+    read ``[Rs, Hkv]`` fp64 in exact-KV-token units (low-bit tokens at :func:`low_token_cost`),
+    the exact tier's :class:`Selection`).
 
     q ``[Rs, Hq, D]``; key_cache / value_cache ``[NB, Hkv, B, D]`` in ``kv_layout``; side: the
     layer's side data with its low-bit copy; bt ``[Rs, MB]`` int64; seq_lens ``[Rs]``;
-    num_tiles, exact_budget, total_budget ``[Rs]`` int64; ``kv_bytes``: bytes per cached
-    element (what a low-bit token is charged against)."""
+    num_tiles, exact_budget, total_budget ``[Rs]`` int64."""
     sel, low = select_two_tiers(cfg, q, side, bt, num_tiles, exact_budget, total_budget,
                                 impl=impl)
     out = two_tier_decode(q, key_cache, value_cache, side.low, bt.int(), seq_lens.int(),
-                          sel.tiles, low, cfg.tile_size, scale, kv_layout=kv_layout)
-    c = low_token_cost(cfg, q.shape[-1], kv_bytes, key_cache.shape[2])
+                          sel.tiles, low, cfg.tile_size, scale, kv_layout=kv_layout, impl=impl)
+    c = low_token_cost(cfg, q.shape[-1], key_cache.shape[2])
     read = (tokens_read(sel.tiles, seq_lens, cfg.tile_size).double()
             + c * tokens_read(low, seq_lens, cfg.tile_size).double())
     return out, read, sel

@@ -23,6 +23,11 @@ bfloat16``) is timed with:
               channels, PQ codes, or SparQ on the 4-bit key copy (``--sparq``, ``--pq``,
               ``--sparq4``; random codes: the cost, not the quality), each ``*_over_quest``
               the ratio of the per-layer call to Quest's, side by side;
+  * tiers:    (``--tiers BITS``) the backend's two-tier call (``prescore_backend.tiers``:
+              the sparq4 ranking in torch over every tile, the exact tier on the fused kernel,
+              the next tiles from a BITS-bit K/V copy in torch, merged), the budget split as
+              the backend splits it (75% of the free bytes to the copy); ``tiers_over_sparq4``
+              its ratio to ``sparse_sparq4`` (today's default), side by side;
   * kernel:   (``--kernel-column``) the sparse kernel alone on the same selection made ahead:
               sparse minus kernel is what the selection costs inside the fused call;
   * floor:    (``--floor-column``, bf16 "amx") ``read_floor.py`` reading the selection's K and V
@@ -80,6 +85,10 @@ from prescore_backend.kernels import (  # noqa: E402
 from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick,  # noqa: E402
                                                  cpu_sparq4_pick, cpu_sparq_pick)
 from prescore_backend.pq import rotary_pair_dims  # noqa: E402
+from prescore_backend.config import PrescoreConfig  # noqa: E402
+from prescore_backend.kernels.lowbit import LowBitCopy  # noqa: E402
+from prescore_backend.side_data import SideData  # noqa: E402
+from prescore_backend.tiers import decode_two_tiers, tier_budgets  # noqa: E402
 from prescore_backend.kernels.layouts import (  # noqa: E402
     amx_unpack_k,
     amx_unpack_v,
@@ -162,7 +171,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
     n_fns = 1 + args.floor_column + len(keeps) * (
         2 + (args.impl != "torch") + args.lsh + args.quest + bool(args.sparq) + bool(args.pq)
-        + bool(args.sparq4)
+        + bool(args.sparq4) + bool(args.tiers)
         + args.kernel_column
         + args.returning_column + args.floor_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
@@ -203,6 +212,17 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         z0 = torch.rand(blocks, Hkv, 2, D, generator=gen)
         kq_copy = [q0] + [q0.clone() for _ in range(layers - 1)]
         kq_scale = [z0] + [z0.clone() for _ in range(layers - 1)]
+    # two tiers: the 4-bit key copy above plus a low-bit K/V copy per layer (random codes)
+    tier_sides = []
+    if args.tiers:
+        low0 = LowBitCopy.allocate(blocks, Hkv, B, D, args.tiers)
+        for t in low0.tensors():
+            t.copy_(torch.randint(0, 256, t.shape, generator=gen).to(t.dtype) if t.dtype == torch.uint8
+                    else torch.rand(t.shape, generator=gen).to(t.dtype))
+        for li in range(layers):
+            low = low0 if li == 0 else LowBitCopy(*(t.clone() for t in low0.tensors()))
+            tier_sides.append(SideData(scores=tile_scores[li], masks=None, kmin=None, kmax=None,
+                                       kq=kq_copy[li], kz=kq_scale[li], low=low))
     tile_masks = block_masks = None
     if args.lsh:
         tm0 = bucket_masks(lsh.hash(plain_k(views[0][0][perm.long()].flatten(0, 1)).reshape(
@@ -266,7 +286,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     stats = torch.zeros(8, dtype=torch.int64)  # the backend's counters
 
     def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False,
-                    returning: bool = False, sparq: int = 0, pq: int = 0, sparq4: int = 0):
+                    returning: bool = False, sparq: int = 0, pq: int = 0, sparq4: int = 0,
+                    tiers: int = 0):
         budget = torch.full((batch,), max(1, M // keep))
         if sparq:  # keep_ratio counts the channels SparQ reads: fewer tiles for the same bytes
             budget = torch.full((batch,), max(1, math.ceil(M * (1 / keep - sparq / (2 * D)))))
@@ -274,9 +295,19 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
         bt64 = perm.long()
         lsh_caps = torch.full((batch,), cap)
+        if tiers:  # 1 sink tile, 2 window tiles, as the other columns
+            tier_cfg = PrescoreConfig(low_tier_bits=tiers, tile_size=T, sink_tokens=T,
+                                      window_tokens=2 * T, query_channels=args.sparq4 or 8)
+            t_exact, t_total = tier_budgets(tier_cfg, budget, num_tiles, D, B)
 
         def sparse_fn(i: int) -> None:
             li = i % layers
+            if tiers:  # the backend's two-tier call, its output copied into vLLM's rows
+                o, _, _ = decode_two_tiers(tier_cfg, query, *views[li], tier_sides[li], bt64,
+                                           seq_lens, num_tiles, t_exact, t_total, scale,
+                                           kv_layout=kvl)
+                out_buf.copy_(o)
+                return
             match, cap_i, in_place = None, 0, None
             if with_lsh and impl != "torch":  # the backend's "lsh" mode: hashed in the call
                 in_place = (lsh.proj, block_masks[li], lsh_caps)
@@ -336,6 +367,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             fns[f"sparse_pq_ms/{keep}"] = make_sparse(keep, False, pq=args.pq)[0]
         if args.sparq4:
             fns[f"sparse_sparq4_ms/{keep}"] = make_sparse(keep, False, sparq4=args.sparq4)[0]
+        if args.tiers:
+            fns[f"sparse_tiers_ms/{keep}"] = make_sparse(keep, False, tiers=args.tiers)[0]
         if args.returning_column:
             fns[f"sparse_ret_ms/{keep}"] = make_sparse(keep, False, returning=True)[0]
         if args.kernel_column:  # the kernel alone, on the same selection made ahead
@@ -371,7 +404,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 r[k] = med[k]
         for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
                   "sparse_quest_ms", "sparse_sparq_ms", "sparse_pq_ms", "sparse_sparq4_ms",
-                  "kernel_ms", "floor_ms"):
+                  "sparse_tiers_ms", "kernel_ms", "floor_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -386,6 +419,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             r["pq_over_quest"] = r["sparse_pq_ms"] / r["sparse_quest_ms"]
         if "sparse_sparq4_ms" in r and "sparse_quest_ms" in r:
             r["sparq4_over_quest"] = r["sparse_sparq4_ms"] / r["sparse_quest_ms"]
+        if "sparse_tiers_ms" in r and "sparse_sparq4_ms" in r:
+            r["tiers_over_sparq4"] = r["sparse_tiers_ms"] / r["sparse_sparq4_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -400,6 +435,7 @@ _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{
          ("sparse_sparq_ms", "{:>15.3f}"), ("sparq_over_quest", "{:>16.2f}"),
          ("sparse_pq_ms", "{:>12.3f}"), ("pq_over_quest", "{:>13.2f}"),
          ("sparse_sparq4_ms", "{:>16.3f}"), ("sparq4_over_quest", "{:>17.2f}"),
+         ("sparse_tiers_ms", "{:>15.3f}"), ("tiers_over_sparq4", "{:>17.2f}"),
          ("floor_ms", "{:>8.3f}"), ("readall_ms", "{:>10.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
          ("floor_speedup_vs_vllm", "{:>21.2f}"),
@@ -497,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse_sparq4 column: SparQ ranking on R channels of the 4-bit key copy "
                         "(random codes: the cost, not the quality) + selection + decode, the "
                         "same tile budget as sparse_quest (0 = skip)")
+    p.add_argument("--tiers", type=int, default=0, metavar="BITS",
+                   help="also time the two-tier call with a BITS-bit K/V copy (0: off)")
     p.add_argument("--no-quest", dest="quest", action="store_false",
                    help="skip the sparse_quest column (Quest ranking + selection + decode)")
     p.add_argument("--iters", type=int, default=0, help="fixed iterations (default: scaled by context)")

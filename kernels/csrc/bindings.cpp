@@ -9,6 +9,7 @@
 #include "picks.h"
 #include "select_decode.h"
 #include "side.h"
+#include "lowbit.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_decode_cpu", torch::wrap_pybind_function(sparse_decode_cpu), "sparse_decode_cpu");
@@ -22,4 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_decode_cpu", torch::wrap_pybind_function(select_decode_cpu), "select_decode_cpu");
   m.def("select_decode_into_cpu", torch::wrap_pybind_function(select_decode_into_cpu),
         "select_decode_into_cpu");
+  m.def("sparq4_tiers_pick_cpu", torch::wrap_pybind_function(sparq4_tiers_pick_cpu),
+        "sparq4_tiers_pick_cpu");
+  m.def("lowbit_decode_cpu", torch::wrap_pybind_function(lowbit_decode_cpu), "lowbit_decode_cpu");
 }

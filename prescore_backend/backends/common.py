@@ -200,7 +200,7 @@ class StepPlanner:
         rt.num_layers = num_layers
         self.planner_block_size = block_size
         self.planner_kv_heads = num_kv_heads
-        self.planner_head_dim, self.planner_kv_bytes = head_dim, kv_bytes
+        self.planner_head_dim = head_dim
         # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
         self.side_fraction = side_read_fraction(self.config, head_dim, kv_bytes, block_size)
         if block_size % self.config.tile_size:
@@ -295,8 +295,7 @@ class StepPlanner:
         tier_budget = None
         if cfg.uses_low_tier:  # the budget's bytes split between exact and low-bit tiles
             sp_budget, tier_budget = tier_budgets(cfg, sp_budget, sp_tiles,
-                                                  self.planner_head_dim,
-                                                  self.planner_kv_bytes, B)
+                                                  self.planner_head_dim, B)
         return PrescorePlan(
             sparse_tok=first_tok[sparse_rows],
             sparse_seq_lens=sp_lens.to(torch.int32),

@@ -245,8 +245,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
             q = query[plan.sparse_tok]  # [Rs, Hq, D]
             out, read, sel = decode_two_tiers(
                 cfg, q, key_cache, value_cache, side, bt, plan.sparse_seq_lens, plan.num_tiles,
-                plan.budget, plan.tier_budget, self.scale, kv_layout=kv_layout,
-                kv_bytes=key_cache.element_size())
+                plan.budget, plan.tier_budget, self.scale, kv_layout=kv_layout)
             output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
             stats.decode_counts.add_(torch.cat([read.sum().round().long().view(1),
                                                 sel.source_counts]))

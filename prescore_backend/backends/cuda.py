@@ -234,8 +234,7 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
         if cfg.uses_low_tier:  # two precision tiers: torch ops around the Triton exact decode
             out, read, sel = decode_two_tiers(
                 cfg, q, key_cache, value_cache, side, plan.sparse_bt64, plan.sparse_seq_lens,
-                plan.num_tiles, plan.budget, plan.tier_budget, self.scale,
-                kv_bytes=key_cache.element_size())
+                plan.num_tiles, plan.budget, plan.tier_budget, self.scale)
             output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
             self.rt.stats.decode_counts.add_(torch.cat([read.sum().round().long().view(1),
                                                         sel.source_counts]))
