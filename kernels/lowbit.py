@@ -192,7 +192,8 @@ def _lowbit_cpp(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens:
     return o, lse
 
 
-_IMPLS = {"torch": _lowbit_torch, "cpp": _lowbit_cpp}
+# no Triton kernel yet: on GPUs ("triton") the torch ops run on the device
+_IMPLS = {"torch": _lowbit_torch, "cpp": _lowbit_cpp, "triton": _lowbit_torch}
 
 
 def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
@@ -205,8 +206,8 @@ def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_len
     ``[R, Hq]`` fp32 (natural log of the softmax denominator over those tokens; -inf and out 0
     where none), ready for :func:`~.sparse_decode.merge_attn_states`. ``impl``: "cpp" (one
     C++ task per (row, KV head): the block's K scales folded into the query, codes widened 8
-    at a time from their bit planes, online softmax; ``csrc/lowbit.h``), "torch", or "auto"
-    (:mod:`.dispatch`: cpp on CPU when it compiles, else torch)."""
+    at a time from their bit planes, online softmax; ``csrc/lowbit.h``), "torch", "triton"
+    (no Triton kernel yet: the torch ops on the GPU) or "auto" (:mod:`.dispatch`)."""
     _, fn = resolve("lowbit_decode", impl, query, _IMPLS)
     return fn(query, copy, block_tables, seq_lens, tiles, tile_size, scale)
 

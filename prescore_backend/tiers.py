@@ -82,7 +82,7 @@ def _marks_cpp(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_t
                                  window_tiles=cfg.window_tiles)
 
 
-_MARKS = {"torch": _marks_torch, "cpp": _marks_cpp}
+_MARKS = {"torch": _marks_torch, "cpp": _marks_cpp, "triton": _marks_torch}  # GPUs: torch ops
 
 
 def _mask_tiles(mask: Tensor) -> Tensor:
@@ -103,7 +103,7 @@ def select_two_tiers(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     (C++ on CPU, reading the key copy through the block table; torch elsewhere): its best
     ``exact_budget`` - sinks - window are read exactly with sinks and window, the next ones up
     to ``total_budget`` from the low-bit copy."""
-    M = bt.shape[1] * side.scores.shape[2]
+    M = bt.shape[1] * side.kq.shape[-1] * 2 // cfg.tile_size  # tile slots: blocks x B / T
     forced = cfg.sink_tiles + cfg.window_tiles
     take_e = (exact_budget - forced).clamp_min(0)
     take_t = (total_budget - forced).clamp_min(0)

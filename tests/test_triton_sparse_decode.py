@@ -296,3 +296,38 @@ def test_triton_decode_strided_seq_lens():
                                case.seq_lens, tiles, T, 0.125)
     torch.testing.assert_close(o.cpu().double(), ro, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.cpu().double(), rl, atol=1e-4, rtol=1e-5)
+
+
+def test_two_tiers_on_the_triton_path():
+    """Two precision tiers as the CUDA backend runs them (the Triton selection and sparse
+    decode for the exact tier, the ranking and the low-bit part as torch ops on the device)
+    == the same call on CPU with the torch ops."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.kernels.lowbit import LowBitCopy
+    from prescore_backend.side_data import SideData
+    from prescore_backend.keycopy import pack_blocks
+    from prescore_backend.tiers import decode_two_tiers, tier_budgets
+
+    Bt, lens, hkv = 128, [1100, 700], 2
+    case = make_paged_case(lens, hkv, 2, 64, Bt, seed=9, poison=None)
+    nb = case.key_cache.shape[0]
+    side = SideData.allocate(nb, hkv, Bt // T, block_size=Bt, key_copy_dim=64, low_bits=3)
+    for r, n in enumerate(lens):
+        ids = case.block_tables[r, : n // Bt].long()
+        side.kq[ids], side.kz[ids] = pack_blocks(case.key_cache[ids])
+        side.low.write(ids, case.key_cache[ids], case.value_cache[ids])
+    cfg = PrescoreConfig(low_tier_bits=3, sink_tokens=16, window_tokens=144)
+    nt = (case.seq_lens.long() + T - 1) // T
+    exact, total = tier_budgets(cfg, torch.tensor([16, 12]), nt, 64, Bt)
+    bt = case.block_tables.long()
+    ref, ref_read, _ = decode_two_tiers(cfg, case.query, case.key_cache, case.value_cache, side,
+                                        bt, case.seq_lens, nt, exact, total, 0.125, impl="torch")
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    sd = SideData(dev(side.scores), None, None, None, kq=dev(side.kq), kz=dev(side.kz),
+                  low=LowBitCopy(*(dev(t) for t in side.low.tensors())))
+    kc, vc = (dev(t) for t in (case.key_cache, case.value_cache))
+    out, read, sel = decode_two_tiers(cfg, dev(case.query), kc, vc, sd, dev(bt),
+                                      dev(case.seq_lens), dev(nt), dev(exact), dev(total), 0.125,
+                                      impl="triton")
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(read.cpu(), ref_read)

@@ -221,7 +221,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                     else torch.rand(t.shape, generator=gen).to(t.dtype))
         for li in range(layers):
             low = low0 if li == 0 else LowBitCopy(*(t.clone() for t in low0.tensors()))
-            tier_sides.append(SideData(scores=tile_scores[li], masks=None, kmin=None, kmax=None,
+            tier_sides.append(SideData(scores=torch.zeros(blocks, Hkv, B // T), masks=None,
+                                       kmin=None, kmax=None,
                                        kq=kq_copy[li], kz=kq_scale[li], low=low))
     tile_masks = block_masks = None
     if args.lsh:

@@ -21,7 +21,12 @@ with shuffled blocks (B 16, vLLM's GPU default; T 16):
               random pre-scores, 2 sink + 10 window tiles, the product's defaults);
   * step:     select then sparse: the whole decode step of one layer;
   * sel.static: the same selection as torch ops without host syncs (``select_tiles_static``);
-  * sel.torch: the general torch selection (``select_tiles(impl="torch")``, host syncs: eager only).
+  * sel.torch: the general torch selection (``select_tiles(impl="torch")``, host syncs: eager only);
+  * tiers:    (``--tiers BITS``) the two-tier step as the CUDA backend runs it
+              (``prescore_backend.tiers.decode_two_tiers``: the sparq4 ranking and the low-bit
+              part as torch ops, no Triton kernel for them yet; the Triton selection and sparse
+              decode for the exact tier), random key copy and BITS-bit K/V copy, the backend's
+              budget split; ``tiers_over_step`` its GPU time over ``step``'s.
 Several copies of the cache ("layers") are cycled so the working set exceeds the L2 cache.
 Each time is the median of ``--rounds`` rounds (methods in shuffled order per round) of
 ``--iters`` calls between CUDA events: replayed from a CUDA graph (GPU time, what a
@@ -67,6 +72,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--working-set-mb", type=float, default=512.0,
                    help="cycle cache copies until their bytes reach this")
+    p.add_argument("--tiers", type=int, default=0, metavar="BITS",
+                   help="also time the two-tier step with a BITS-bit K/V copy (0: off)")
     p.add_argument("--out", default="bench/out/triton_decode.json")
     return p.parse_args()
 
@@ -232,6 +239,37 @@ def _capture(fn, layers: int, iters: int):
     return g
 
 
+def _tiers_fn(q, views, bt, seq_lens, num_tiles, budget, M, blocks, Hkv, D, B, T, scale, g):
+    """The CUDA backend's two-tier call on random copies (a 4-bit key copy for the ranking and
+    an ARGS.tiers-bit K/V copy), one per layer."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.kernels.lowbit import LowBitCopy
+    from prescore_backend.side_data import SideData
+    from prescore_backend.tiers import decode_two_tiers, tier_budgets
+
+    cfg = PrescoreConfig(low_tier_bits=ARGS.tiers, tile_size=T, sink_tokens=SINK_TILES * T,
+                         window_tokens=max(WINDOW_TILES * T, B + T))
+    exact, total = tier_budgets(cfg, budget, num_tiles, D, B)
+    u8 = lambda *s: torch.randint(0, 256, s, generator=g, device=DEVICE, dtype=torch.uint8)  # noqa: E731
+    sides = []
+    for _ in views:
+        low = LowBitCopy(u8(blocks, Hkv, D, ARGS.tiers, B // 8),
+                         torch.rand(blocks, Hkv, 2, D, generator=g, device=DEVICE).half(),
+                         u8(blocks, Hkv, B, ARGS.tiers, D // 8),
+                         torch.rand(blocks, Hkv, B, 2, generator=g, device=DEVICE).half())
+        sides.append(SideData(torch.zeros(blocks, Hkv, B // T, device=DEVICE), None, None, None,
+                              kq=u8(blocks, Hkv, D, B // 2),
+                              kz=torch.rand(blocks, Hkv, 2, D, generator=g, device=DEVICE),
+                              low=low))
+    bt64 = bt.long()
+
+    def fn(li: int):
+        return decode_two_tiers(cfg, q, *views[li], sides[li], bt64, seq_lens, num_tiles, exact,
+                                total, scale)[0]
+
+    return fn
+
+
 def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.dtype) -> list[dict]:
     Hkv, G, D = PRESETS[preset]
     Hq, B, T = Hkv * G, ARGS.block_size, ARGS.tile
@@ -295,6 +333,9 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
         fns[f"select_static_ms/{keep}"] = select_static
         fns[f"step_ms/{keep}"] = lambda li, select=select: run(select(li).tiles, li)
         fns[f"select_torch_ms/{keep}"] = select_torch
+        if ARGS.tiers:
+            fns[f"tiers_ms/{keep}"] = _tiers_fn(q, views, bt, seq_lens, num_tiles, budget, M,
+                                                blocks, Hkv, D, B, T, scale, g)
 
     # Correctness on this cell: dense kernel == SDPA; the same for the sparse kernel with a
     # selection of every tile is covered by --check.
@@ -316,13 +357,20 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
     iters = ARGS.iters if DEVICE == "cuda" else 1
     graphs = None
     if DEVICE == "cuda":  # the kernels alone (the selection syncs with the host: eager only)
-        graphs = {k: _capture(fn, layers, iters) for k, fn in fns.items()
-                  if not k.startswith("select_torch")}
+        graphs = {}
+        for k, fn in fns.items():
+            if k.startswith("select_torch"):
+                continue
+            try:
+                graphs[k] = _capture(fn, layers, iters)
+            except Exception as e:  # noqa: BLE001  (a path that syncs: eager time only)
+                print(f"# {k}: not capturable ({type(e).__name__}); eager time only")
     rounds = [_time_round(fns, layers, iters, graphs)
               for _ in range(ARGS.rounds if DEVICE == "cuda" else 1)]
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     for k in fns:  # without graphs (the interpreter) the GPU-time columns are the eager ones
-        med.setdefault(f"graph:{k}", med[k])
+        if DEVICE != "cuda":
+            med.setdefault(f"graph:{k}", med[k])
     tpi = max(1, (ARGS.block_n or max(16, 8192 // D)) // T)
     ns, per = tsd.plan_splits(batch, Hkv, M, tpi, tsd._num_sms(q.device))
     out = []
@@ -342,6 +390,12 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
                    select_torch_eager_ms=med[f"select_torch_ms/{keep}"],
                    dense_splits=ns, sparse_splits=ns_k, max_abs_diff_dense_vs_sdpa=diff,
                    select_matches_ref=sel_ok)
+        if ARGS.tiers:
+            row["tiers_ms"] = med.get(f"graph:tiers_ms/{keep}")
+            row["tiers_eager_ms"] = med[f"tiers_ms/{keep}"]
+            t = row["tiers_ms"] if row["tiers_ms"] is not None else row["tiers_eager_ms"]
+            row["tiers_over_step"] = t / (row["step_ms"] if row["tiers_ms"] is not None
+                                          else row["step_eager_ms"])
         row["kernel_speedup_vs_dense"] = row["dense_ms"] / row["sparse_ms"]
         row["step_speedup_vs_dense"] = row["dense_ms"] / row["step_ms"]
         row["step_speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
@@ -403,6 +457,10 @@ def main() -> int:
                               f"{r['sparse_GBps']:7.0f}|{r['dense_eager_ms']:8.4f} "
                               f"{r['step_eager_ms']:8.4f} {r['select_torch_eager_ms']:9.4f}",
                               flush=True)
+                        if ARGS.tiers:
+                            print(f"{'':25}  tiers: GPU {r['tiers_ms'] or float('nan'):.4f} ms, "
+                                  f"eager {r['tiers_eager_ms']:.4f} ms, "
+                                  f"{r['tiers_over_step']:.2f}x the step", flush=True)
         data["results"] = rows
     Path(ARGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ARGS.out).write_text(json.dumps(data, indent=1))

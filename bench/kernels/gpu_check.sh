@@ -6,7 +6,7 @@
 #    the oracles) on CUDA tensors - when vLLM with CUDA is installed, else said so in the log;
 # 3. the kernels' correctness sweep against a float64 oracle;
 # 4. the kernel benchmark (GPU times replayed from captured CUDA graphs of the selection and
-#    sparse decode of one step; eager times beside them).
+#    sparse decode of one step, and of the two-tier step; eager times beside them).
 # The package is imported from this checkout; where it is not installed, it is installed into
 # a scratch folder without dependencies (torch and triton must be there). Exit status: the
 # number of parts that failed. ``--list`` prints the parts' commands and runs nothing.
@@ -40,7 +40,7 @@ else
         | tee "$OUT/pytest_backend.log"
 fi
 run triton_check "$PY" bench/kernels/bench_triton_decode.py --check --no-time --out "$OUT/triton_check.json"
-run triton_decode "$PY" bench/kernels/bench_triton_decode.py --contexts 4096,16384 --rounds 3 \
+run triton_decode "$PY" bench/kernels/bench_triton_decode.py --contexts 4096,16384 --rounds 3 --tiers 3 \
     --out "$OUT/triton_decode.json"
 echo "$failed part(s) failed; results in $OUT"
 exit "$failed"
