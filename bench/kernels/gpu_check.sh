@@ -32,9 +32,9 @@ run() {  # run NAME CMD...: its output in $OUT/NAME.log
     [ -n "$LIST" ] && return 0
     if "$@" > "$OUT/$name.log" 2>&1; then echo "   ok"; else echo "   FAILED (see $OUT/$name.log)"; failed=$((failed + 1)); fi
 }
-run pytest_kernels "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_sparse_decode.py
+run pytest_kernels "$PY" -P -m pytest -q -p no:cacheprovider tests/test_triton_sparse_decode.py
 if [ -n "$LIST" ] || "$PY" -c "import vllm, torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    run pytest_backend "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
+    run pytest_backend "$PY" -P -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
 else
     echo "vLLM (CUDA build) is not installed here: tests/test_cuda_backend.py not run" \
         | tee "$OUT/pytest_backend.log"
