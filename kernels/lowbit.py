@@ -244,13 +244,16 @@ def lowbit_decode_ref(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq
 def two_tier_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, copy: LowBitCopy,
                     block_tables: Tensor, seq_lens: Tensor, exact_tiles: Tensor,
                     low_tiles: Tensor, tile_size: int, scale: float, *,
-                    kv_layout: str = "strided", impl: str = "auto") -> Tensor:
+                    kv_layout: str = "strided", impl: str = "auto",
+                    copy_block_tables: Tensor | None = None) -> Tensor:
     """One softmax over exact tiles (read from the cache, :func:`~.sparse_decode.sparse_decode`)
     and low-bit tiles (from ``copy``, :func:`lowbit_decode`), disjoint: -> out ``[R, Hq, D]``
-    fp32. block_tables ``[R, MB]`` int32; other arguments as the two calls'."""
+    fp32. block_tables ``[R, MB]`` int32 (of the cache, and of the copy unless
+    ``copy_block_tables`` is given: the copy indexed apart from the cache); other arguments as
+    the two calls'."""
     o1, lse1 = sparse_decode(query, key_cache, value_cache, block_tables, seq_lens, exact_tiles,
                              tile_size, scale, impl=impl, kv_layout=kv_layout)
-    o2, lse2 = lowbit_decode(query, copy, block_tables, seq_lens, low_tiles, tile_size, scale,
-                             impl=impl)
+    cbt = block_tables if copy_block_tables is None else copy_block_tables
+    o2, lse2 = lowbit_decode(query, copy, cbt, seq_lens, low_tiles, tile_size, scale, impl=impl)
     o, _ = merge_attn_states(o1.float(), lse1, o2, lse2)
     return o

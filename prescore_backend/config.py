@@ -105,8 +105,10 @@ class PrescoreConfig:
         "bytes. Needs query_aware='sparq4' (the ranking orders every tile beyond sinks and "
         "window; query_cap_ratio and the pre-scores do not apply) and tile_size >= 8; not "
         "with residual_tiles. Memory: 2 x bits / 16 of a bf16 KV plus scales (3 bits: +21%). "
-        "Runs as torch ops (the exact tier on the fused kernel): per layer slower than the "
-        "default; see docs/results/selection_tiers.md."))
+        "A low-bit token is charged its bytes against a bf16 token on every host. Quality "
+        "and cost: docs/results/selection_tiers.md, docs/results/tiers_speed.md (on CPU the "
+        "pick and the low-bit decode are C++, several times the default's per-layer cost; on "
+        "GPUs torch ops, not usable yet)."))
     low_tier_share: float = field(default=0.75, metadata=_doc(
         "With low_tier_bits: the fraction of the budget's bytes beyond sinks and window spent "
         "on the low-bit tier, in (0, 1]."))

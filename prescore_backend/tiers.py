@@ -119,19 +119,23 @@ def select_two_tiers(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
 def decode_two_tiers(cfg: PrescoreConfig, q: Tensor, key_cache: Tensor, value_cache: Tensor,
                      side: SideData, bt: Tensor, seq_lens: Tensor, num_tiles: Tensor,
                      exact_budget: Tensor, total_budget: Tensor, scale: float, *,
-                     kv_layout: str = "strided",
-                     impl: str = "auto") -> tuple[Tensor, Tensor, Selection]:
+                     kv_layout: str = "strided", impl: str = "auto",
+                     side_bt: Tensor | None = None) -> tuple[Tensor, Tensor, Selection]:
     """Attention of sparse decode rows over both tiers: -> (out ``[Rs, Hq, D]`` fp32, bytes
     read ``[Rs, Hkv]`` fp64 in exact-KV-token units (low-bit tokens at :func:`low_token_cost`),
     the exact tier's :class:`Selection`).
 
     q ``[Rs, Hq, D]``; key_cache / value_cache ``[NB, Hkv, B, D]`` in ``kv_layout``; side: the
     layer's side data with its low-bit copy; bt ``[Rs, MB]`` int64; seq_lens ``[Rs]``;
-    num_tiles, exact_budget, total_budget ``[Rs]`` int64."""
-    sel, low = select_two_tiers(cfg, q, side, bt, num_tiles, exact_budget, total_budget,
+    num_tiles, exact_budget, total_budget ``[Rs]`` int64; side_bt ``[Rs, MB]`` int64: the side
+    data's block table where it differs from the cache's (the evaluation keeps one side-data
+    range per scorer), default bt."""
+    sbt = bt if side_bt is None else side_bt
+    sel, low = select_two_tiers(cfg, q, side, sbt, num_tiles, exact_budget, total_budget,
                                 impl=impl)
     out = two_tier_decode(q, key_cache, value_cache, side.low, bt.int(), seq_lens.int(),
-                          sel.tiles, low, cfg.tile_size, scale, kv_layout=kv_layout, impl=impl)
+                          sel.tiles, low, cfg.tile_size, scale, kv_layout=kv_layout, impl=impl,
+                          copy_block_tables=sbt)
     c = low_token_cost(cfg, q.shape[-1], key_cache.shape[2])
     read = (tokens_read(sel.tiles, seq_lens, cfg.tile_size).double()
             + c * tokens_read(low, seq_lens, cfg.tile_size).double())

@@ -6,6 +6,7 @@ The full runs (`make results`) are not run here; a tiny configuration of each is
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -316,8 +317,12 @@ def test_tier_and_mean_value_probes(model: Llama, tokens: torch.Tensor) -> None:
         assert torch.allclose(got, dense, atol=tol), (m, got, dense)
     assert res.read[("tier8v8s100", 0.6)] <= 0.6 * res.total[("tier8v8s100", 0.6)]
     assert res.token_nll[("sparq4", 0.25)] != res.token_nll[("dense", 1.0)]
-    res = eval_core.run_context(model, seq, ctx, steps, ["sparq4", "tier3v3s75"], [0.25],
+    # prescore_leverage's side data comes first: the tiers' side data ("random") is a range
+    # of blocks apart from the KV cache's, read through its own block table
+    res = eval_core.run_context(model, seq, ctx, steps, ["prescore_leverage", "sparq4",
+                                                         "tier3v3s75"], [0.25],
                                 equal_bytes=True, log=lambda s: None)
+    assert all(math.isfinite(x) for x in res.token_nll[("tier3v3s75", 0.25)])
     frac = res.read[("tier3v3s75", 0.25)] / res.total[("tier3v3s75", 0.25)]
     assert 0.23 <= frac <= 0.25, frac
     assert res.token_nll[("tier3v3s75", 0.25)] != res.token_nll[("sparq4", 0.25)]

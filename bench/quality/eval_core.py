@@ -331,8 +331,8 @@ class PrescoreMethod(EvalMethod):
         exact, total = tier_budgets(self.cfg, rows.budget, rows.num_tiles, d,
                                     block_size=BLOCK_SIZE)
         out, read, _ = decode_two_tiers(self.cfg, rows.q, env.key_cache, env.value_cache,
-                                        env.side, rows.side_bt, rows.seq_lens, rows.num_tiles,
-                                        exact, total, env.scale)
+                                        env.side, rows.bt, rows.seq_lens, rows.num_tiles,
+                                        exact, total, env.scale, side_bt=rows.side_bt)
         return out, read
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:

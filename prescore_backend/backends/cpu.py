@@ -12,7 +12,8 @@ Data path of one engine step (see docs/architecture.md):
   :func:`prescore_backend.kernels.select_decode.select_and_decode_into` (tile selection and sparse decode
   in one C++ call that reads vLLM's query rows and writes its output rows in place; with a
   HyperAttention residual, :func:`~prescore_backend.selection.select_decode_tiles` then
-  :func:`prescore_backend.kernels.sparse_decode.sparse_decode`).
+  :func:`prescore_backend.kernels.sparse_decode.sparse_decode`; with two precision tiers,
+  :func:`prescore_backend.tiers.decode_two_tiers`).
 
 The vLLM-independent pieces live in modules named for their stage of the data path, which
 the quality evaluation calls as well: :mod:`prescore_backend.side_data` (store: side data,
@@ -241,7 +242,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         t0 = time.perf_counter()
         bt = plan.sparse_bt64  # [Rs, MB]
         lsh = lsh_for(self.head_size) if cfg.uses_lsh else None
-        if cfg.uses_low_tier:  # two precision tiers: torch ops around the fused exact decode
+        if cfg.uses_low_tier:  # two precision tiers: C++ pick, exact + low-bit decode, merge
             q = query[plan.sparse_tok]  # [Rs, Hq, D]
             out, read, sel = decode_two_tiers(
                 cfg, q, key_cache, value_cache, side, bt, plan.sparse_seq_lens, plan.num_tiles,
