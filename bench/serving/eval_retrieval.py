@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                        " cores, no GPU",
             "model": "SmolLM2-135M-Instruct (embedded), vLLM CPU, bf16",
             "settings": {k: settings[k] for k in ("method", "keep_ratio", "query_aware",
-                                                  "min_seq_len", "tile_size")},
+                                                  "min_seq_len", "tile_size", "low_tier_bits",
+                                                  "low_tier_share") if k in settings},
             "command": "python bench/serving/eval_retrieval.py " + " ".join(argv or sys.argv[1:])}
     path = write(rows, meta, Path(args.out))
     print(path.read_text())
