@@ -272,6 +272,43 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
     assert int(e.rt.stats.counts.abs().sum()) == 0  # flushed by the step's last layer
 
 
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4",
+                                                    PRESCORE_LOW_TIER_BITS="3"))],
+                         ids=["tiers"], indirect=True)
+def test_two_tiers_through_the_cuda_backend(engine):
+    """``low_tier_bits=3``: the prefill's score jobs write the 3-bit K/V copy of the full
+    blocks; the plan splits the budget (exact + low-bit tiles); a long decode row equals
+    :func:`prescore_backend.tiers.decode_two_tiers` run with the torch ops on the same inputs,
+    reads the budget's bytes (low-bit tokens at their cost) and differs from exact attention;
+    a short row stays exact."""
+    from prescore_backend.kernels.layouts import vllm_triton_kv_views
+    from prescore_backend.tiers import decode_two_tiers
+
+    e = engine
+    e.step([(0, 300, 300), (1, 40, 40)])
+    side = e.impl.side
+    blocks = e.bt[0, :300 // B]
+    assert side.low is not None
+    assert (side.low.kc[blocks] != 0).any(dim=(1, 2, 3, 4)).all()
+    assert (side.low.vz[blocks][..., 1] > 0).all()  # every full block's V steps written
+    out, ref, md = e.step([(0, 1, 301), (1, 1, 41)])
+    plan, cfg = md.plan, e.rt.config
+    assert plan.num_sparse == 1 and plan.tier_budget is not None
+    assert int(plan.tier_budget[0]) > int(plan.budget[0])
+    torch.testing.assert_close(out[1], ref[1], **TOL)  # short row: exact
+    k, v = vllm_triton_kv_views(e.kv, D)
+    want, read, _ = decode_two_tiers(cfg, e.q[:1], k, v, side, plan.sparse_bt64,
+                                     plan.sparse_seq_lens, plan.num_tiles, plan.budget,
+                                     plan.tier_budget, D ** -0.5, impl="torch")
+    torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
+    assert (out[0] - ref[0]).abs().max() > 1e-3  # it really is sparse
+    budget = -(-int(plan.num_tiles[0]) // 4)  # keep 1/4 of the tiles' bytes
+    per_head = read[0].tolist()
+    # short of it by at most the partial last tile and a low-bit tile the bytes left could not buy
+    assert all((budget - 2) * cfg.tile_size < x <= budget * cfg.tile_size for x in per_head), (
+        per_head, budget, plan.budget, plan.tier_budget, plan.num_tiles)
+
+
 # ----------------------------------------------------------------------------- engine
 
 
