@@ -188,7 +188,8 @@ def _add_prescore_flags(parser) -> None:
     for f in dataclasses.fields(PrescoreConfig):
         group.add_argument(flag_name(f.name), dest=f"prescore_{f.name}", default=argparse.SUPPRESS,
                            metavar=str(f.type).upper(),
-                           help=f"{docs[f.name]} Default: {f.default}.")
+                           # argparse formats help with %: a literal one must be doubled
+                           help=f"{docs[f.name]} Default: {f.default}.".replace("%", "%%"))
 
 
 def _export_prescore_flags(args) -> None:
