@@ -11,34 +11,16 @@ torch::Tensor sparq4_tiers_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Te
                                     torch::Tensor take_exact, torch::Tensor take_total,
                                     int64_t NC, int64_t M, int64_t T, int64_t sink,
                                     int64_t window) {
-  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
-  const Sparq4Copy cp = sparq4_copy(kq, kz, Hq, D, T, NC, "sparq4_tiers_pick_cpu");
-  const int64_t Hkv = cp.Hkv, G = Hq / Hkv, MB = bt.size(1);
-  auto marks = torch::zeros({R, Hkv, M}, torch::dtype(torch::kByte));
-  const float* qp = q.data_ptr<float>();
-  const int64_t* btp = bt.data_ptr<int64_t>();
-  const int64_t bts = bt.stride(0);
-  const int64_t* nt = num_tiles.data_ptr<int64_t>();
+  const Sparq4Copy cp = sparq4_copy(kq, kz, q.size(1), q.size(2), T, NC, "sparq4_tiers_pick_cpu");
+  auto marks = torch::zeros({q.size(0), cp.Hkv, M}, torch::dtype(torch::kByte));
   const int64_t* te = take_exact.data_ptr<int64_t>();
   const int64_t* tt = take_total.data_ptr<int64_t>();
   uint8_t* mk = marks.data_ptr<uint8_t>();
-  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<v16u_t> uv((M + 15) / 16);
-    uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
-    Sparq4Scratch w;
-    for (int64_t rh = begin; rh < end; ++rh) {
-      const int64_t r = rh / Hkv;
-      const int64_t n = std::clamp<int64_t>(nt[r], 0, M);
-      const int64_t lo = std::min(sink, n), hi = std::max<int64_t>(n - window, 0);
-      const int64_t nv = (n + 15) / 16;
-      std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
-      const int64_t k = sparq4_rank(cp, qp + rh * G * D, G, rh % Hkv, btp + r * bts, MB, T, lo,
-                                    hi, u, w);
-      uint8_t* row = mk + rh * M;
-      mark_top(uv.data(), nv, n, k, std::min(k, std::max<int64_t>(tt[r], 0)), row, 2);
-      mark_top(uv.data(), nv, n, k, std::min(k, std::max<int64_t>(te[r], 0)), row, 1);
-    }
-  });
+  sparq4_rows(cp, q, bt, num_tiles, M, T, sink, window,
+              [&](int64_t rh, int64_t r, const v16u_t* uv, int64_t nv, int64_t n, int64_t k) {
+                mark_top(uv, nv, n, k, std::min(k, std::max<int64_t>(tt[r], 0)), mk + rh * M, 2);
+                mark_top(uv, nv, n, k, std::min(k, std::max<int64_t>(te[r], 0)), mk + rh * M, 1);
+              });
   return marks;
 }
 

@@ -572,21 +572,18 @@ static int64_t sparq4_rank(const Sparq4Copy& c, const float* qg, int64_t G, int6
   return k;
 }
 
-torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor kz,
-                              torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
-                              int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
-  // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D, B/2] uint8 and kz [NB, Hkv, 2, D] fp32
-  // (min, step), both contiguous; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels.
+// The sparq4 ranking of every (row, KV head) in parallel, each handed to
+// mark(rh, r, uv, nv, n, k) (sparq4_rank's keys in uv, n tiles, k ranked) to mark its picks.
+template <typename F>
+static void sparq4_rows(const Sparq4Copy& cp, const torch::Tensor& q, const torch::Tensor& bt,
+                        const torch::Tensor& num_tiles, int64_t M, int64_t T, int64_t sink,
+                        int64_t window, F&& mark) {
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
-  const Sparq4Copy cp = sparq4_copy(kq, kz, Hq, D, T, NC, "sparq4_pick_cpu");
   const int64_t Hkv = cp.Hkv, G = Hq / Hkv, MB = bt.size(1);
-  auto pick = torch::zeros({R, Hkv, M}, torch::dtype(torch::kBool));
   const float* qp = q.data_ptr<float>();
   const int64_t* btp = bt.data_ptr<int64_t>();
   const int64_t bts = bt.stride(0);
   const int64_t* nt = num_tiles.data_ptr<int64_t>();
-  const int64_t* cap = caps.data_ptr<int64_t>();
-  bool* pk = pick.data_ptr<bool>();
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<v16u_t> uv((M + 15) / 16);
     uint32_t* u = reinterpret_cast<uint32_t*>(uv.data());
@@ -599,10 +596,24 @@ torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor k
       std::fill(uv.begin(), uv.begin() + nv, v16u_t{});
       const int64_t k = sparq4_rank(cp, qp + rh * G * D, G, rh % Hkv, btp + r * bts, MB, T, lo,
                                     hi, u, w);
-      const int64_t take = std::min(k, std::max<int64_t>(cap[r], 0));
-      mark_top(uv.data(), nv, n, k, take, reinterpret_cast<uint8_t*>(pk + rh * M), 1);
+      mark(rh, r, uv.data(), nv, n, k);
     }
   });
+}
+
+torch::Tensor sparq4_pick_cpu(torch::Tensor q, torch::Tensor kq, torch::Tensor kz,
+                              torch::Tensor bt, torch::Tensor num_tiles, torch::Tensor caps,
+                              int64_t NC, int64_t M, int64_t T, int64_t sink, int64_t window) {
+  // q [R, Hq, D] fp32 contiguous; kq [NB, Hkv, D, B/2] uint8 and kz [NB, Hkv, 2, D] fp32
+  // (min, step), both contiguous; bt [R, MB] int64; num_tiles, caps [R] int64; NC channels.
+  const Sparq4Copy cp = sparq4_copy(kq, kz, q.size(1), q.size(2), T, NC, "sparq4_pick_cpu");
+  auto pick = torch::zeros({q.size(0), cp.Hkv, M}, torch::dtype(torch::kBool));
+  const int64_t* cap = caps.data_ptr<int64_t>();
+  uint8_t* pk = reinterpret_cast<uint8_t*>(pick.data_ptr<bool>());
+  sparq4_rows(cp, q, bt, num_tiles, M, T, sink, window,
+              [&](int64_t rh, int64_t r, const v16u_t* uv, int64_t nv, int64_t n, int64_t k) {
+                mark_top(uv, nv, n, k, std::min(k, std::max<int64_t>(cap[r], 0)), pk + rh * M, 1);
+              });
   return pick;
 }
 
