@@ -18,6 +18,10 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "PRESCORE_"
 QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq", "sparq4", "pq")
+#: query_channels=0 with 'sparq4': the share of the budget's bytes the ranking may read
+#: (fitted on the calibration text at 8k tokens: 16 channels beat 8 and 32 at keep 1/8, 8
+#: beat 16 at 1/16; docs/results/selection_channels.md).
+AUTO_CHANNEL_SHARE = 0.3
 
 
 class ConfigError(ValueError):
@@ -45,10 +49,13 @@ class PrescoreConfig:
         "kernel_kmeans, kmedian, key_norm, random (the clustering scorers refit per KV block "
         "and cost far more than leverage)."))
     keep_ratio: float = field(default=0.125, metadata=_doc(
-        "Fraction of a sequence's KV tiles read per decode step (sinks, window and "
-        "query-aware picks included), in (0, 1]; 1 = exact. The query-aware ranking reads "
-        "side data on top (Quest bounds: 1/tile_size of the KV; SparQ: query_channels / "
-        "(2 x head_dim)), counted in prescore_decode_side_tokens_total."))
+        "Fraction of a sequence's KV bytes read per decode step, in (0, 1]; 1 = exact. It "
+        "counts everything the step reads: the tiles (sinks, window and picks included) and "
+        "the selection's side data (4-bit key channels and scales, pre-scores, Quest bounds, "
+        "codes), the side data charged against a bf16 KV on every host, so one setting reads "
+        "the same tiles on fp32 and bf16 hosts (docs/results/selection.md counts the same "
+        "way); never fewer tiles than sinks + window. Side data read: "
+        "prescore_decode_side_tokens_total."))
     max_tokens: int = field(default=0, metadata=_doc(
         "If > 0, an absolute decode budget in tokens per (sequence, KV head) instead of "
         "keep_ratio (rounded up to whole tiles)."))
@@ -73,9 +80,15 @@ class PrescoreConfig:
         "scales; head_dim / 2 bytes per token held); 'pq' = tiles ranked by max q.k "
         "estimated from product-quantized key codes (pq_subspaces bytes per token and KV "
         "head; codebooks from `prescore-models calibrate`, see pq_codebook); 'none'."))
-    query_channels: int = field(default=8, metadata=_doc(
+    query_channels: int = field(default=0, metadata=_doc(
         "Key channels read per token by query_aware='sparq' / 'sparq4': the query group's "
-        "largest |q| channels (in adjacent pairs for 'sparq'); an even number."))
+        "largest |q| channels (in adjacent pairs for 'sparq'); an even number, or 0 (the "
+        "default) for a count that follows the budget: with 'sparq4', the most multiples of 8 "
+        "(at least 8, at most the head dim) whose bytes read per step (4-bit codes and the "
+        "blocks' scales) stay within 30% of keep_ratio's bytes: 16 of 64 channels at keep 1/8, "
+        "8 at 1/16, 32 at 1/4 (the share fitted on the calibration text: "
+        "docs/results/selection_channels.md); 8 with 'sparq', with max_tokens > 0 and with "
+        "low_tier_bits (as evaluated)."))
     pq_subspaces: int = field(default=4, metadata=_doc(
         "Subspaces of query_aware='pq': each cached key gets this many one-byte codes per KV "
         "head (256 centroids per subspace); must divide the head dim."))
@@ -83,12 +96,13 @@ class PrescoreConfig:
         "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
         "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
         "none, the backend logs a warning and ranks with 'quest' instead."))
-    query_cap_ratio: float = field(default=0.5, metadata=_doc(
+    query_cap_ratio: float = field(default=1.0, metadata=_doc(
         "At most this fraction of a row's budget goes to query-aware tiles (never more than "
         "the budget left after sinks and window); the rest is filled by the highest "
-        "pre-scores. 1 = the query-aware ranking alone picks every tile beyond sinks and "
-        "window (with 'pq' that looped in greedy generation at 4k tokens; see "
-        "docs/results/selection.md)."))
+        "pre-scores. 1 (the default) = the query-aware ranking alone picks every tile beyond "
+        "sinks and window: with 'sparq4' it beat the leverage fill at every budget on the "
+        "calibration texts (docs/results/selection_channels.md); with 'pq' it looped in "
+        "greedy generation at 4k tokens (docs/results/selection.md)."))
     lsh_bits: int = field(default=7, metadata=_doc(
         "Bits of the angular LSH (HyperAttention); 2^bits buckets."))
     residual_tiles: int = field(default=0, metadata=_doc(
@@ -143,8 +157,8 @@ class PrescoreConfig:
             raise bad("query_aware", f"valid: {', '.join(QUERY_AWARE_MODES)}")
         if not 0.0 <= self.query_cap_ratio <= 1.0:
             raise bad("query_cap_ratio", "must be in [0, 1]")
-        if self.query_channels < 2 or self.query_channels % 2:
-            raise bad("query_channels", "must be an even number >= 2")
+        if self.query_channels < 0 or self.query_channels % 2:
+            raise bad("query_channels", "must be 0 (follow the budget) or an even number >= 2")
         if self.pq_subspaces < 1 or self.pq_subspaces > 64:
             raise bad("pq_subspaces", "must be in [1, 64] (and divide the head dim)")
         if not 1 <= self.lsh_bits <= 10:
@@ -195,6 +209,21 @@ class PrescoreConfig:
     def uses_low_tier(self) -> bool:
         """Two precision tiers: a low-bit K/V copy beside the cache (kernels/lowbit.py)."""
         return self.low_tier_bits > 0
+
+    def ranking_channels(self, head_dim: int, block_size: int = 128) -> int:
+        """Key channels per token the 'sparq' / 'sparq4' ranking reads (``query_channels``, or
+        with 0 the count that follows the budget: see the setting's doc)."""
+        if self.query_channels:
+            return min(self.query_channels, head_dim)
+        if (self.query_aware != "sparq4" or self.max_tokens > 0 or self.uses_low_tier
+                or self.keep_ratio >= 1.0):
+            return min(8, head_dim)
+        # bytes per token and KV head: the budget's (K and V charged as bf16), one channel's
+        # (a 4-bit code, and its block's fp32 min and step)
+        budget = self.keep_ratio * 2 * head_dim * 2
+        per_channel = 0.5 + 8 / block_size
+        c = 8 * int(AUTO_CHANNEL_SHARE * budget / per_channel // 8)
+        return max(8, min(c, head_dim))
 
     @property
     def sink_tiles(self) -> int:

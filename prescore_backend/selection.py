@@ -39,6 +39,7 @@ from prescore_backend.pq import pq_tile_rank
 from prescore_backend.side_data import SideData
 
 __all__ = [
+    "CHARGE_KV_BYTES",
     "config_budget",
     "floor_budget",
     "gather_tile_scores",
@@ -54,6 +55,12 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- budgets
+
+
+#: Bytes per cached element the budget charges side data (and low-bit tokens) against: a bf16
+#: KV on every host (the evaluation's accounting), so one setting reads the same tiles on fp32
+#: and bf16 hosts.
+CHARGE_KV_BYTES = 2
 
 
 def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
@@ -75,11 +82,12 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
     if cfg.uses_lsh:
         f += 8 * num_words(cfg.lsh_bits) / tile_kv
     if cfg.uses_keys:
-        f += cfg.query_channels / (2 * head_dim)
+        f += cfg.ranking_channels(head_dim, block_size) / (2 * head_dim)
     if cfg.uses_codes:
         f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
-    if cfg.uses_key_copy:  # 4-bit codes of query_channels channels, their blocks' scales
-        per_token = cfg.query_channels / 2 + scale_bytes_per_token(cfg.query_channels, block_size)
+    if cfg.uses_key_copy:  # 4-bit codes of the ranking's channels, their blocks' scales
+        nc = cfg.ranking_channels(head_dim, block_size)
+        per_token = nc / 2 + scale_bytes_per_token(nc, block_size)
         f += per_token / (2 * head_dim * kv_bytes)
     return f
 
@@ -187,6 +195,13 @@ class _PickInputs:
     key_bt: Tensor
     kv_layout: str
 
+    @property
+    def channels(self) -> int:
+        """Key channels of the SparQ rankings (:meth:`PrescoreConfig.ranking_channels`)."""
+        kq = self.side.kq if self.side is not None else None
+        block = kq.shape[-1] * 2 if kq is not None else 128
+        return self.cfg.ranking_channels(self.q.shape[-1], block)
+
     def slots(self) -> dict:
         c = self.cfg
         return dict(num_tile_slots=self.M, sink_tiles=c.sink_tiles, window_tiles=c.window_tiles)
@@ -220,25 +235,23 @@ def _quest_cpp(x: _PickInputs) -> Tensor:  # the bounds read through the block t
 
 
 def _sparq_rank(x: _PickInputs) -> Tensor:
-    return sparq_tile_rank(x.q, x.key_cache, x.key_bt, x.cfg.query_channels, x.cfg.tile_size,
+    return sparq_tile_rank(x.q, x.key_cache, x.key_bt, x.channels, x.cfg.tile_size,
                            kv_layout=x.kv_layout)
 
 
 def _sparq_cpp(x: _PickInputs) -> Tensor:
     return cpu_sparq_pick(x.q, x.key_cache, x.key_bt, x.num_tiles, x.caps,
-                          channels=x.cfg.query_channels, tile_size=x.cfg.tile_size,
+                          channels=x.channels, tile_size=x.cfg.tile_size,
                           kv_layout=x.kv_layout, **x.slots())
 
 
 def _sparq4_rank(x: _PickInputs) -> Tensor:
-    return sparq4_tile_rank(x.q, x.side.kq, x.side.kz, x.bt, x.cfg.query_channels,
-                            x.cfg.tile_size)
+    return sparq4_tile_rank(x.q, x.side.kq, x.side.kz, x.bt, x.channels, x.cfg.tile_size)
 
 
 def _sparq4_cpp(x: _PickInputs) -> Tensor:
     return cpu_sparq4_pick(x.q, x.side.kq, x.side.kz, x.bt, x.num_tiles, x.caps,
-                           channels=x.cfg.query_channels, tile_size=x.cfg.tile_size,
-                           **x.slots())
+                           channels=x.channels, tile_size=x.cfg.tile_size, **x.slots())
 
 
 def _pq_rank(x: _PickInputs) -> Tensor:

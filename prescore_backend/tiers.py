@@ -25,14 +25,12 @@ from prescore_backend.kernels.cpu_select import cpu_sparq4_tiers_pick
 from prescore_backend.kernels.dispatch import resolve
 from prescore_backend.kernels.lowbit import bytes_per_token, two_tier_decode
 from prescore_backend.kernels.select import Selection, select_tiles, tokens_read
+from prescore_backend.selection import CHARGE_KV_BYTES
 from prescore_backend.side_data import SideData
 
 __all__ = ["low_token_cost", "tier_budgets", "select_two_tiers", "decode_two_tiers"]
 
 
-#: Bytes per cached element a low-bit token is charged against: a bf16 KV on every host (the
-#: evaluation's accounting), so one setting reads the same tiles on fp32 and bf16 hosts.
-CHARGE_KV_BYTES = 2
 
 
 def low_token_cost(cfg: PrescoreConfig, head_dim: int, block_size: int = 128) -> float:
@@ -59,10 +57,14 @@ def tier_budgets(cfg: PrescoreConfig, budget: Tensor, num_tiles: Tensor, head_di
             torch.where(covers, budget, total))
 
 
+def _channels(cfg: PrescoreConfig, q: Tensor, side: SideData) -> int:
+    return cfg.ranking_channels(q.shape[-1], side.kq.shape[-1] * 2)
+
+
 def _marks_torch(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,
                  take_exact: Tensor, take_total: Tensor, M: int) -> Tensor:
     """Torch twin of :func:`~prescore_backend.kernels.cpu_select.cpu_sparq4_tiers_pick`."""
-    est = sparq4_tile_rank(q, side.kq, side.kz, bt, cfg.query_channels, cfg.tile_size)
+    est = sparq4_tile_rank(q, side.kq, side.kz, bt, _channels(cfg, q, side), cfg.tile_size)
     idx = torch.arange(M, device=q.device)
     n = num_tiles.view(-1, 1, 1)
     elig = (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)
@@ -77,7 +79,7 @@ def _marks_torch(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num
 def _marks_cpp(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,
                take_exact: Tensor, take_total: Tensor, M: int) -> Tensor:
     return cpu_sparq4_tiers_pick(q, side.kq, side.kz, bt, num_tiles, take_exact, take_total,
-                                 num_tile_slots=M, channels=cfg.query_channels,
+                                 num_tile_slots=M, channels=_channels(cfg, q, side),
                                  tile_size=cfg.tile_size, sink_tiles=cfg.sink_tiles,
                                  window_tiles=cfg.window_tiles)
 

@@ -193,18 +193,20 @@ def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
     d = sparse8["metrics_delta"]
     ctx, read = d["prescore_decode_context_tokens_total"], d["prescore_decode_read_tokens_total"]
     assert ctx > 0
-    ratio = read / ctx
-    # Budget = ceil(tiles / 8) per (row, layer, head), at least sinks + window (10 tiles).
-    assert 0.10 <= ratio <= 0.16, ratio
-    for src in ("sink", "window", "query", "prescore"):
+    for src in ("sink", "window", "query"):
         assert d.get(f'prescore_selected_tiles_total{{source="{src}"}}', 0) > 0, src
-    # The default ranks on the 4-bit key copy, read on top: 8 channels x 4 bits per token and
-    # KV head plus each block's scales of those channels (8 x 2 x 4 bytes per 128 tokens)
-    # against 2 x 64 fp32 K and V values (4.5 / 512), in KV-token equivalents, plus 4 bytes of
-    # pre-score per tile
+    # query_cap_ratio 1: the ranking alone picks every tile beyond sinks and window
+    assert d.get('prescore_selected_tiles_total{source="prescore"}', 0) == 0
+    # The default ranks on the 4-bit key copy; at keep 1/8 and head dim 64 on 16 channels
+    # (query_channels=0 follows the budget): 16 x 4 bits per token and KV head plus each
+    # block's scales of those channels (16 x 2 x 4 bytes per 128 tokens) against 2 x 64 fp32
+    # K and V values (9 / 512), in KV-token equivalents; the pre-scores are not read.
     assert "'query_aware': 'sparq4'" in sparse8["log"]
     side = d["prescore_decode_side_tokens_total"] / ctx
-    assert 0.0090 <= side <= 0.0096, side
+    assert 0.0173 <= side <= 0.0179, side
+    # keep_ratio counts the side data, charged against a bf16 KV (twice its fp32 share): the
+    # tiles are ceil((1/8 - side) x tiles) per (row, layer, head), at least sinks + window.
+    assert 0.115 <= read / ctx + 2 * side <= 0.14, (read / ctx, side)
     assert d.get("prescore_scoring_seconds_count", 0) > 0
     # the fused select+decode call reports its selection time (plus the query-aware pick)
     assert d.get("prescore_selection_seconds_count", 0) > 0
@@ -248,5 +250,6 @@ def test_two_tiers_serve_one_eighth_of_the_bytes_coherently(tiers, reference):
     assert tiers["chunked_keep_all"] == reference["chunked"]
     d = tiers["metrics_delta"]
     ctx, read = d["prescore_decode_context_tokens_total"], d["prescore_decode_read_tokens_total"]
-    assert ctx > 0 and 0.10 <= read / ctx <= 0.14, read / ctx
+    side = d["prescore_decode_side_tokens_total"] / ctx  # the sparq4 ranking on 8 channels
+    assert ctx > 0 and 0.115 <= read / ctx + 2 * side <= 0.14, (read / ctx, side)
     assert_no_more_repetitive(tiers["long_set"], reference["long_set"], "two tiers at keep 1/8")

@@ -45,10 +45,39 @@ def test_validation_switch_is_not_a_setting():
     ({"PRESCORE_QUERY_AWARE": "oracle"}, "PRESCORE_QUERY_AWARE"),
     ({"PRESCORE_QUERY_CAP_RATIO": "2"}, "PRESCORE_QUERY_CAP_RATIO"),
     ({"PRESCORE_QUERY_CHANNELS": "3"}, "PRESCORE_QUERY_CHANNELS"),
-    ({"PRESCORE_QUERY_CHANNELS": "0"}, "even number"),
+    ({"PRESCORE_QUERY_CHANNELS": "-2"}, "even number"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
 ])
 def test_invalid_values_name_the_setting(env, needle):
     with pytest.raises(ConfigError) as e:
         PrescoreConfig.from_env(env)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("changes,head_dim,block,want", [
+    ({}, 64, 128, 16),  # keep 1/8: 16 x (0.5 + 8/128) bytes = 28% of 32 bytes per token
+    ({"keep_ratio": 1 / 16}, 64, 128, 8),
+    ({"keep_ratio": 0.25}, 64, 128, 32),
+    ({"keep_ratio": 1 / 32}, 64, 128, 8),  # never fewer than 8
+    ({"keep_ratio": 1.0}, 64, 128, 8),
+    ({}, 128, 128, 32),  # the same share of a larger head
+    ({}, 64, 32, 8),  # small blocks: the scales cost 4x more per token
+    ({"query_channels": 12}, 64, 128, 12),  # an explicit count wins
+    ({"query_channels": 96}, 64, 128, 64),  # at most the head dim
+    ({"max_tokens": 2048}, 64, 128, 8),  # no ratio to follow
+    ({"query_aware": "sparq"}, 64, 128, 8),
+    ({"low_tier_bits": 3}, 64, 128, 8),  # the two tiers as evaluated
+])
+def test_ranking_channels_follow_the_budget(changes, head_dim, block, want):
+    from prescore_backend.config import AUTO_CHANNEL_SHARE
+    from prescore_backend.keycopy import scale_bytes_per_token
+
+    cfg = PrescoreConfig(**changes)
+    nc = cfg.ranking_channels(head_dim, block)
+    assert nc == want
+    if (not changes or list(changes) == ["keep_ratio"]) and cfg.keep_ratio < 1:
+        # the rule: the most multiples of 8 whose bytes stay within the share of the budget
+        budget = cfg.keep_ratio * 2 * head_dim * 2
+        cost = lambda c: c / 2 + scale_bytes_per_token(c, block)  # noqa: E731
+        assert nc == 8 or cost(nc) <= AUTO_CHANNEL_SHARE * budget
+        assert nc + 8 > head_dim or cost(nc + 8) > AUTO_CHANNEL_SHARE * budget

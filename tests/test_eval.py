@@ -156,14 +156,24 @@ def test_side_read_fraction_counts_each_estimator() -> None:
         1 / 16)  # no pre-scored fill: no pre-scores read
     assert f(PrescoreConfig(query_aware="quest", query_cap_ratio=0.5), 64) == pytest.approx(
         1 / 16 + score)
-    # default: 8 channels x 4 bits per token + each block's 8 x 2 fp32 scales per 128 tokens
-    assert f(PrescoreConfig(), 64) == pytest.approx(4.5 / 256 + score)
-    assert f(PrescoreConfig(query_aware="pq"), 64) == pytest.approx(4 / 256 + score)  # 4 codes
+    # default at keep 1/8: 16 channels x 4 bits per token + each block's 16 x 2 fp32 scales
+    # per 128 tokens, no pre-scores (the ranking alone); at 1/16, 8 channels
+    assert f(PrescoreConfig(), 64) == pytest.approx(9 / 256)
+    assert f(PrescoreConfig(keep_ratio=1 / 16), 64) == pytest.approx(4.5 / 256)
+    assert f(PrescoreConfig(query_channels=8, query_cap_ratio=0.5), 64) == pytest.approx(
+        4.5 / 256 + score)  # the previous default
+    # the harness's methods charge the channels of the row's own keep ratio
+    m = eval_core.method("sparq4")
+    assert m.side_read_fraction(64, 0.125) == pytest.approx(9 / 256)
+    assert m.side_read_fraction(64, 0.0625) == pytest.approx(4.5 / 256)
+    assert f(PrescoreConfig(query_aware="pq", query_cap_ratio=0.5), 64) == pytest.approx(
+        4 / 256 + score)  # 4 codes
     assert f(PrescoreConfig(query_aware="sparq", query_channels=4, query_cap_ratio=0.5),
              64) == pytest.approx(4 / 128 + score)
     assert f(PrescoreConfig(query_aware="sparq", query_cap_ratio=1.0, query_channels=16),
              64) == pytest.approx(16 / 128)
     assert f(PrescoreConfig(query_aware="none"), 64) == pytest.approx(score)
+    assert f(PrescoreConfig(query_aware="none", query_cap_ratio=0.5), 64) == pytest.approx(score)
     assert eval_core.method("streaming").side_read_fraction(64) == 0.0
 
 

@@ -170,7 +170,7 @@ def test_avx2_build_picks_the_same_tiles() -> None:
     nt = torch.tensor([-(-n // 16) for n in lens])
     caps = torch.tensor([9, 4, 6])
     M = bt.shape[1] * B // 16
-    cfg = PrescoreConfig(query_aware="sparq4", query_cap_ratio=1.0)
+    cfg = PrescoreConfig(query_aware="sparq4", query_cap_ratio=1.0, query_channels=8)
     want = query_aware_pick(cfg, q, side, bt, torch.zeros(len(lens), hkv, M), nt, caps,
                             lsh=None, impl="torch")
     got = avx2.sparq4_pick_cpu(q, side.kq, side.kz, bt, nt, caps, 8, M, 16, cfg.sink_tiles,

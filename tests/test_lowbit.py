@@ -224,7 +224,7 @@ def test_two_tiers_pick_in_ranking_order_and_decode_as_rederived(impl: str) -> N
     exact_b, total_b = tier_budgets(cfg, budget, num_tiles, 64)
     sel, low = select_two_tiers(cfg, case.query, side, bt, num_tiles, exact_b, total_b,
                                 impl=impl)
-    est = sparq4_tile_rank(case.query, side.kq, side.kz, bt, cfg.query_channels, T)
+    est = sparq4_tile_rank(case.query, side.kq, side.kz, bt, cfg.ranking_channels(64, B), T)
     both = select_tiles(est, num_tiles, total_b, sink_tiles=2, window_tiles=10)
     for r in range(2):
         for h in range(3):
@@ -276,8 +276,9 @@ def test_settings_of_the_two_tiers() -> None:
     with pytest.raises(ConfigError, match="low_tier_share"):
         PrescoreConfig(low_tier_bits=3, low_tier_share=0.0)
     # no pre-scores read with two tiers: only the ranking's channels of the key copy
-    one = side_read_fraction(PrescoreConfig(query_cap_ratio=1.0), 64)
-    assert side_read_fraction(cfg, 64) == one < side_read_fraction(PrescoreConfig(), 64)
+    one = side_read_fraction(PrescoreConfig(query_cap_ratio=1.0, query_channels=8), 64)
+    assert side_read_fraction(cfg, 64) == one < side_read_fraction(
+        PrescoreConfig(query_cap_ratio=0.5, query_channels=8), 64)
     assert PrescoreConfig.from_env({"PRESCORE_LOW_TIER_BITS": "4"}).low_tier_bits == 4
 
 

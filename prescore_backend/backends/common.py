@@ -23,6 +23,7 @@ from vllm.v1.attention.backend import AttentionType
 
 from prescore_backend.config import PrescoreConfig, testing_exact_via_sparse
 from prescore_backend.selection import (
+    CHARGE_KV_BYTES,
     config_budget,
     floor_budget,
     query_caps,
@@ -201,8 +202,11 @@ class StepPlanner:
         self.planner_block_size = block_size
         self.planner_kv_heads = num_kv_heads
         self.planner_head_dim = head_dim
-        # what the selection reads besides the tiles, per KV byte (counted, not budgeted)
+        # what the selection reads besides the tiles, per KV byte: counted in the cache's
+        # dtype, and taken out of keep_ratio's budget charged against a bf16 KV (as the
+        # evaluation counts it, the same tiles on every host)
         self.side_fraction = side_read_fraction(self.config, head_dim, kv_bytes, block_size)
+        self.budget_side = side_read_fraction(self.config, head_dim, CHARGE_KV_BYTES, block_size)
         if block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
@@ -240,7 +244,7 @@ class StepPlanner:
         if controls:  # per-request controls (vllm_xargs) of some rows
             budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs, controls)
         else:
-            budget, forced_dense = config_budget(cfg, num_tiles), None
+            budget, forced_dense = config_budget(cfg, num_tiles, self.budget_side), None
         budget = floor_budget(cfg, budget)
         covers = budget >= num_tiles
         sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.exact_via_sparse)
@@ -332,13 +336,13 @@ class StepPlanner:
         """Budgets honouring per-request controls (batch row -> controls, only the rows that
         sent some); also the rows that asked for exact decode."""
         T = self.config.tile_size
-        budget = config_budget(self.config, num_tiles)  # [R]
+        budget = config_budget(self.config, num_tiles, self.budget_side)  # [R]
         dense = torch.zeros(num_reqs, dtype=torch.bool)
         for r, c in controls.items():
             if c.max_tokens is not None:
                 budget[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
-                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio))
+                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio, self.budget_side))
             dense[r] = c.dense
         return budget, dense
 
