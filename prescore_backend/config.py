@@ -206,6 +206,15 @@ class PrescoreConfig:
         return self.query_aware == "sparq4"
 
     @property
+    def reads_prescores(self) -> bool:
+        """The selection reads the pre-scores: they fill what the query-aware part leaves
+        (query_cap_ratio < 1), or rank the tiles ('none') and the LSH matches ('lsh',
+        'lsh_quest'). Else the prefill skips the scorer (the score jobs still write the key
+        copy and the other side data)."""
+        return (self.query_aware in ("none", "lsh", "lsh_quest")
+                or (self.query_cap_ratio < 1.0 and not self.uses_low_tier))
+
+    @property
     def uses_low_tier(self) -> bool:
         """Two precision tiers: a low-bit K/V copy beside the cache (kernels/lowbit.py)."""
         return self.low_tier_bits > 0

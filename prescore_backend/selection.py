@@ -75,7 +75,7 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
     ``kv_bytes``: bytes per cached element; ``block_size``: tokens per KV block."""
     tile_kv = 2 * cfg.tile_size * head_dim * kv_bytes
     f = 0.0
-    if (cfg.query_cap_ratio < 1.0 or cfg.query_aware == "none") and not cfg.uses_low_tier:
+    if cfg.reads_prescores:
         f += 4 / tile_kv  # the pre-scores (two tiers rank every tile by the estimate alone)
     if cfg.uses_bounds:
         f += 1 / cfg.tile_size

@@ -168,7 +168,7 @@ def record_codes(side: SideData, keys: Tensor, block: Tensor, offset: Tensor, *,
 def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                    scorer_for: Callable[[str | None], Scorer], tile_size: int, aggregate: str,
                    lsh: AngularLSH | None, lsh_bits: int, kv_layout: str = "strided",
-                   value_cache: Tensor | None = None) -> None:
+                   value_cache: Tensor | None = None, scores: bool = True) -> None:
     """Score the blocks each job filled (and write their 4-bit key copy and low-bit K/V copy)
     and record its per-token data.
 
@@ -178,6 +178,8 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
     scorer of a job (``None``: the configured one). A full block's scores come from a fit on
     every key of the sequence up to the block's end (``Scorer.score_prefixes``), aggregated
     per tile; tiles the job wrote in the incomplete last block are set unscored (-inf).
+    ``scores=False`` (nothing reads the pre-scores: ``PrescoreConfig.reads_prescores``) skips
+    the scorer; full blocks' tiles then all score 0.
     """
     T = tile_size
     _, hkv, bs, d = key_cache.shape
@@ -189,11 +191,14 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
             keys = amx_unpack_k(keys)
         keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s]  # [Hkv, s, D]
         b0, b1 = job.blocks_done
-        if b1 > b0:  # full blocks: final scores, fitted on the prefix up to each block end
+        if b1 > b0 and scores:  # full blocks: final scores, fitted on the prefix to each end
             ends = [(b + 1) * bs for b in range(b0, b1)]
             ks = scorer_for(job.method).score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
             tiles = aggregate_tiles(ks, T, aggregate)  # [Hkv, (b1 - b0) * tpb]
             side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
+        elif b1 > b0:  # scored alike (no stale -inf from a block's previous sequence)
+            side.scores[job.block_ids[b0:b1]] = 0.0
+        if b1 > b0:
             if side.kq is not None:  # the 4-bit key copy: per block, once it is full
                 full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
                 side.kq[job.block_ids[b0:b1]], side.kz[job.block_ids[b0:b1]] = pack_blocks(full)

@@ -252,3 +252,36 @@ def test_ratio_tiles_can_fund_the_selections_side_data() -> None:
     assert ratio_tiles(nt, 0.05, quest).tolist() == [0, 0]  # the floor adds sinks + window
     cfg = PrescoreConfig(max_tokens=320, query_aware="quest")
     assert config_budget(cfg, nt, quest).tolist() == [20, 20]
+
+
+def test_score_jobs_skip_the_scorer_when_nothing_reads_the_pre_scores() -> None:
+    """With the defaults (the sparq4 ranking picks every tile beyond sinks and window) the
+    pre-scores are never read, so the jobs skip the scorer: full blocks' tiles score 0 (not a
+    stale -inf), the 4-bit key copy is written as with scoring, the tail stays unscored."""
+    cfg = PrescoreConfig()
+    assert not cfg.reads_prescores
+    assert cfg.replace(query_cap_ratio=0.5).reads_prescores
+    assert all(PrescoreConfig(query_aware=m).reads_prescores for m in ("none", "lsh", "lsh_quest"))
+    assert not PrescoreConfig(low_tier_bits=3, query_cap_ratio=0.5).reads_prescores
+    B, hkv, d, n = 128, 3, 64, 300
+    case = make_paged_case([n], hkv, 3, d, B, seed=5, poison=None)
+    job = ScoreJob(block_ids=case.block_tables[0, :-(-n // B)].long(), seq_len=n, first_pos=0,
+                   per_token=False, blocks_done=(0, n // B))
+    sides = []
+    for scores in (True, False):
+        side = SideData.allocate(case.key_cache.shape[0], hkv, B // 16, block_size=B,
+                                 key_copy_dim=d)
+
+        def scorer_for(_m, scores=scores):
+            assert scores, "the scorer ran although nothing reads its scores"
+            return get_scorer("leverage")
+
+        run_score_jobs(side, [job], case.key_cache, scorer_for=scorer_for, tile_size=16,
+                       aggregate="max", lsh=None, lsh_bits=7, scores=scores)
+        sides.append(side)
+    scored, skipped = sides
+    full, tail = job.block_ids[: n // B], job.block_ids[n // B]
+    assert torch.isfinite(scored.scores[full]).all() and bool((scored.scores[full] != 0).any())
+    assert bool((skipped.scores[full] == 0).all())
+    assert torch.equal(scored.kq, skipped.kq) and torch.equal(scored.kz, skipped.kz)
+    assert bool((skipped.scores[tail, :, (n % B) // 16 + 1:] == float("-inf")).all())

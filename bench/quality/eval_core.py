@@ -808,16 +808,23 @@ def method(spec: str) -> EvalMethod:
     label = f"{base.label} [{rest}]"
     if base_name.startswith("prescore_"):  # "prescore <scorer> + <its query_aware>" [others]
         others = [i for i in rest.split("+") if not i.startswith("query_aware=")]
-        label = (f"prescore {base.scorer} + {changes.get('query_aware', BASE.query_aware)}"
+        label = (_prescore_label(base.scorer, BASE.replace(**changes))
                  + (f" [{'+'.join(others)}]" if others else ""))
     return register(replace(base, name=spec, label=label, changes=changes))
+
+
+def _prescore_label(scorer: str, cfg: PrescoreConfig) -> str:
+    """"prescore <scorer> + <ranking>", or "prescore <ranking> alone" where the ranking picks
+    every tile beyond sinks and window (query_cap_ratio 1: the pre-scores are not read)."""
+    if cfg.query_cap_ratio >= 1.0 and cfg.query_aware not in ("none", "lsh", "lsh_quest"):
+        return f"prescore {cfg.query_aware} alone"
+    return f"prescore {scorer} + {cfg.query_aware}"
 
 
 def _register_defaults() -> None:
     register(DenseMethod("dense", "dense (exact)"))
     for s in available_scorers():
-        register(PrescoreMethod(f"prescore_{s}", f"prescore {s} + {BASE.query_aware}",
-                                scorer=s))
+        register(PrescoreMethod(f"prescore_{s}", _prescore_label(s, BASE), scorer=s))
     for s in available_scorers():
         if s != "random":
             register(PrescoreMethod(f"scores_only_{s}", f"pre-scores only ({s})", scorer=s,

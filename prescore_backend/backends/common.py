@@ -414,7 +414,8 @@ class SideDataUpkeep:
         run_score_jobs(side, plan.score_jobs, key_cache, scorer_for=job_scorer,
                        tile_size=cfg.tile_size, aggregate=cfg.aggregate,
                        lsh=lsh_for(self.head_size) if cfg.uses_lsh else None,
-                       lsh_bits=cfg.lsh_bits, kv_layout=kv_layout, value_cache=value_cache)
+                       lsh_bits=cfg.lsh_bits, kv_layout=kv_layout, value_cache=value_cache,
+                       scores=cfg.reads_prescores)
 
     def update_side_data(self, plan: PrescorePlan, key: Tensor, key_cache: Tensor,
                          value_cache: Tensor, side: SideData, kv_layout: str) -> None:
