@@ -19,7 +19,7 @@ help:
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model and build the CPU kernels (idempotent)"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
-	@echo "make results-selection  selection quality at equal bytes, 4k (3 texts + calibration) and 8k -> docs/results/selection*.{json,md,png} (~100 min)"
+	@echo "make results-selection  selection quality at equal bytes, 4k (3 texts + calibration) and 8k, the default's rows -> docs/results/selection*.{json,md,png} (~3 h)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
 	@echo "make results-kernels  sparse decode kernel vs vLLM's CPU op -> docs/results/kernels*.{json,md} (~10 min)"
 	@echo "make gpu-check        on a GPU machine: Triton kernel + CUDA backend tests, kernel benchmark -> bench/out/gpu_check/"
@@ -73,6 +73,11 @@ results-selection: model
 		--out docs/results/selection_8k.json
 	$(BIN)/python bench/quality/eval_selection.py \
 		--plot docs/results/selection.json,docs/results/selection_8k.json
+	for ctx in 4096 8192; do $(BIN)/python bench/quality/eval_selection.py --texts play,prose,code \
+		--context $$ctx --methods dense,streaming,oracle,prescore_leverage,prescore_leverage@query_channels=8+query_cap_ratio=0.5 \
+		--out docs/results/selection_default_$$(($$ctx / 1024))k.json; done
+	$(BIN)/python bench/quality/eval_selection.py --png docs/results/selection_default.png \
+		--plot docs/results/selection_default_4k.json,docs/results/selection_default_8k.json
 
 # Config variants at 4k and 8k (docs/results/tuning.json, shown in the report when present).
 results-tuning: model

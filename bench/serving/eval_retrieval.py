@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                        " cores, no GPU",
             "model": "SmolLM2-135M-Instruct (embedded), vLLM CPU, bf16",
             "settings": {k: settings[k] for k in ("method", "keep_ratio", "query_aware",
+                                                  "query_channels", "query_cap_ratio",
                                                   "min_seq_len", "tile_size", "low_tier_bits",
                                                   "low_tier_share") if k in settings},
             "command": "python bench/serving/eval_retrieval.py " + " ".join(argv or sys.argv[1:])}
