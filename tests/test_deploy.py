@@ -493,6 +493,10 @@ def test_prescore_settings_are_valid_prescore_config():
         assert str(getattr(cfg, known[key])) == value, key
     # compose reads the same settings from deploy/prescore.env.
     assert read_env_file(DEPLOY / "prescore.env") == data
+    # The shipped files spell out the defaults (a deployment serves what the README measured;
+    # they once pinned a ranking two defaults old).
+    assert cfg == PrescoreConfig(), {k: v for k, v in data.items()
+                                     if str(getattr(PrescoreConfig(), known[k])) != v}
 
 
 # ------------------------------------------------------------------------------ compose
