@@ -19,8 +19,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "PRESCORE_"
 QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq", "sparq4", "pq")
 #: query_channels=0 with 'sparq4': the share of the budget's bytes the ranking may read
-#: (fitted on the calibration text at 8k tokens: 16 channels beat 8 and 32 at keep 1/8, 8
-#: beat 16 at 1/16; docs/results/selection_channels.md).
+#: (fitted on the two calibration texts at 8k tokens: at keep 1/8 16 channels beat 8 and were
+#: not beaten by 24 or 32, at 1/16 8 beat 16; docs/results/selection_channels.md).
 AUTO_CHANNEL_SHARE = 0.3
 
 

@@ -167,6 +167,7 @@ class PrescorePlan:
     max_budget: int = 0  # the largest min(budget, num_tiles) of the sparse rows
     max_cap: int = 0  # the largest query cap of the sparse rows
     caps_uniform: bool = True  # every sparse row has that cap
+    rank_channels: int = 8  # key channels of the SparQ rankings (config.ranking_channels)
     # the decode tokens' per-token side data changes something this step: a token starts a
     # tile (its pre-score becomes -inf until the block is scored), or LSH bucket sets or
     # Quest bounds are kept per token; else the upkeep is skipped (15 of 16 decode steps with
@@ -207,6 +208,7 @@ class StepPlanner:
         # evaluation counts it, the same tiles on every host)
         self.side_fraction = side_read_fraction(self.config, head_dim, kv_bytes, block_size)
         self.budget_side = side_read_fraction(self.config, head_dim, CHARGE_KV_BYTES, block_size)
+        self.rank_channels = self.config.ranking_channels(head_dim, block_size)
         if block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
@@ -329,6 +331,7 @@ class StepPlanner:
             max_cap=int(caps.max()) if num_sparse else 0,
             caps_uniform=bool((caps == caps.max()).all()) if num_sparse else True,
             tier_budget=tier_budget,
+            rank_channels=self.rank_channels,
         )
 
     def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int,

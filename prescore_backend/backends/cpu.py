@@ -262,9 +262,8 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                 if cfg.query_aware == "lsh":
                     pick_kw["lsh_in_place"] = (lsh.proj, side.masks, plan.query_caps)
                 else:
-                    pick_kw["sparq4_in_place"] = (
-                        side.kq, side.kz, plan.query_caps,
-                        cfg.ranking_channels(query.shape[-1], side.kq.shape[-1] * 2))
+                    pick_kw["sparq4_in_place"] = (side.kq, side.kz, plan.query_caps,
+                                                 plan.rank_channels)
             else:
                 q = query[plan.sparse_tok]  # [Rs, Hq, D] for the query-aware pick
                 scores, pick = scores_and_pick(cfg, q, side, bt, plan.num_tiles,
