@@ -86,9 +86,10 @@ class PrescoreConfig:
         "default) for a count that follows the budget: with 'sparq4', the most multiples of 8 "
         "(at least 8, at most the head dim) whose bytes read per step (4-bit codes and the "
         "blocks' scales) stay within 30% of keep_ratio's bytes: 16 of 64 channels at keep 1/8, "
-        "8 at 1/16, 32 at 1/4 (the share fitted on the calibration text: "
+        "8 at 1/16, 32 at 1/4 (the share fitted on the calibration texts: "
         "docs/results/selection_channels.md); 8 with 'sparq', with max_tokens > 0 and with "
-        "low_tier_bits (as evaluated)."))
+        "low_tier_bits (as evaluated). The configured keep_ratio decides: a request's own "
+        "prescore_keep_ratio reads the same channels (their bytes taken from its budget)."))
     pq_subspaces: int = field(default=4, metadata=_doc(
         "Subspaces of query_aware='pq': each cached key gets this many one-byte codes per KV "
         "head (256 centroids per subspace); must divide the head dim."))
