@@ -550,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the same tile budget as sparse_quest (0 = skip)")
     p.add_argument("--sparq4", type=int, default=8, metavar="R",
                    help="sparse_sparq4 column: SparQ ranking on R channels of the 4-bit key copy "
-                        "(random codes: the cost, not the quality) + selection + decode, the "
-                        "same tile budget as sparse_quest (0 = skip)")
+                        "(random codes: the cost, not the quality) + selection + decode, its "
+                        "budget per --sparq4-budget and --sparq4-cap (0 = skip)")
     p.add_argument("--sparq4-wide", type=int, default=0, metavar="R",
                    help="sparse_sparq4w column: the same call ranking on R channels, "
                         "sparq4w_over_sparq4 its ratio to sparse_sparq4, side by side")
