@@ -37,6 +37,39 @@ PREFIX_PAIR = [SHARED_PREFIX + "\n\nQuestion: which types are mutable? Answer:",
                SHARED_PREFIX + "\n\nQuestion: what is a method? Answer:"]
 
 
+def prompt_ids(text: str, n: int) -> list[int]:
+    """The first ``n`` token ids of ``text`` with the model's tokenizer."""
+    from tokenizers import Tokenizer
+
+    from prescore_backend.server.models import model_dir
+
+    ids = Tokenizer.from_file(str(model_dir(MODEL) / "tokenizer.json")).encode(text).ids
+    assert len(ids) >= n
+    return ids[:n]
+
+
+# Prompts of 1 + a multiple of the CPU block size (128) past min_seq_len (1024), sharing no
+# prefix with the others: 1025 tokens are prefilled as 1024 + 1 (the step budget), 1281 as
+# 1024 + 257 cold and as its last token alone after a prefix-cache hit (1280 tokens cached).
+ONE_TOKEN_CHUNK_PROMPTS = {"1025": (doc_text(8000, "debugger"), 1025),
+                           "1281": (doc_text(9000, "formatstrings"), 1281)}
+
+
+def first_logprobs(srv: Server) -> dict[str, tuple[float, list[int]]]:
+    """Per prompt of ONE_TOKEN_CHUNK_PROMPTS (1281 twice: cold, then from the prefix cache):
+    the first generated token's logprob and 8 greedy tokens."""
+    out = {}
+    for key in ("1025", "1281", "1281-cached"):
+        text, n = ONE_TOKEN_CHUNK_PROMPTS[key.split("-")[0]]
+        r = requests.post(srv.url + "/v1/completions", json={
+            "model": MODEL, "prompt": prompt_ids(text, n), "max_tokens": 8, "temperature": 0,
+            "logprobs": 1, "return_token_ids": True}, timeout=600)
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        out[key] = (c["logprobs"]["token_logprobs"][0], token_ids(c))
+    return out
+
+
 def complete(srv: Server, prompt, max_tokens: int = GEN_TOKENS) -> list[dict]:
     r = requests.post(srv.url + "/v1/completions", json={
         "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -81,8 +114,10 @@ def assert_no_more_repetitive(choices: list[dict], exact: list[dict], label: str
     assert sum(rep) / len(rep) <= sum(ref) / len(ref) + 0.4, (rep, ref, texts)
 
 
-def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False) -> dict:
-    res = {"short": [token_ids(c) for c in complete(srv, SHORT)],
+def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False,
+              with_one_token_chunks: bool = False) -> dict:
+    res = {"one_token_chunks": first_logprobs(srv)} if with_one_token_chunks else {}
+    res |= {"short": [token_ids(c) for c in complete(srv, SHORT)],
            "chunked": token_ids(complete(srv, LONG_CHUNKED)[0]),
            "mixed": [token_ids(c) for c in complete(srv, MIXED)]}
     before = scrape(srv)
@@ -111,7 +146,8 @@ def serve_and_run(env: dict[str, str], extra: list[str] | None = None, **kw) -> 
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    return serve_and_run({}, ["--attention-backend", "CPU_ATTN"], with_long_set=True)
+    return serve_and_run({}, ["--attention-backend", "CPU_ATTN"], with_long_set=True,
+                         with_one_token_chunks=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +162,7 @@ def keep_all(model_path, reference):
 @pytest.fixture(scope="module")
 def sparse8(model_path, keep_all):
     return serve_and_run({"PRESCORE_KEEP_RATIO": "0.125", "PRESCORE_MIN_SEQ_LEN": "1024"},
-                         with_prefix=True, with_long_set=True)
+                         with_prefix=True, with_long_set=True, with_one_token_chunks=True)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +263,19 @@ def test_keep_one_eighth_stays_coherent(sparse8, reference):
           f"{len(reference['long4k'])} tokens")
     # Short prompts never reach min_seq_len: exact, identical to CPU_ATTN.
     assert sparse8["short"] == reference["short"]
+
+
+def test_one_token_prompt_chunks_stay_exact(sparse8, reference):
+    """A prompt's last token computed alone (a chunk of one token, or the one token a
+    prefix-cache hit leaves) is a prompt token: attended exactly, so the first output token's
+    logprob is CPU_ATTN's, cold or from the cache (before the fix, keep 1/8 decoded it
+    sparsely: a different logprob, and other K/V for the later layers)."""
+    got, ref = sparse8["one_token_chunks"], reference["one_token_chunks"]
+    print("first-token logprobs, keep 1/8 vs CPU_ATTN:", got, ref)
+    for key in ("1025", "1281", "1281-cached"):
+        assert abs(got[key][0] - ref[key][0]) < 1e-3, (key, got[key], ref[key])
+    assert abs(got["1281-cached"][0] - got["1281"][0]) < 1e-4, got
+    assert got["1281-cached"][1] == got["1281"][1]
 
 
 def test_shared_prefix_matches_runs_alone(sparse8):

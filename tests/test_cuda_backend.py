@@ -123,8 +123,10 @@ class Engine:
         self.mp.undo()
         common.runtime.cache_clear()
 
-    def common(self, rows: list[tuple[int, int, int]]):
-        """rows: (block-table row, query_len, seq_len), decode rows first (vLLM's order)."""
+    def common(self, rows: list[tuple[int, int, int]], prefilling: list[bool] | None = None):
+        """rows: (block-table row, query_len, seq_len), decode rows first (vLLM's order);
+        prefilling: vLLM's ``is_prefilling`` per row (num_computed_tokens < prompt length),
+        by default the rows with more than one query token."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         ql = torch.tensor([q for _, q, _ in rows])
@@ -139,14 +141,17 @@ class Engine:
             seq_lens=torch.tensor([s for _, _, s in rows], dtype=torch.int32, device=d),
             num_reqs=len(rows), num_actual_tokens=int(ql.sum()), max_query_len=int(ql.max()),
             max_seq_len=max(s for _, _, s in rows), block_table_tensor=bt.to(d),
-            slot_mapping=slots.to(d), causal=True)
+            slot_mapping=slots.to(d), causal=True,
+            is_prefilling=torch.tensor(prefilling if prefilling is not None else
+                                       [q > 1 for _, q, _ in rows]))
 
-    def step(self, rows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, object]:
+    def step(self, rows: list[tuple[int, int, int]],
+             prefilling: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """One step: KV written by vLLM's kernel, then prescore's forward and vLLM's on the same
         cache. Returns (prescore output, vLLM output) ``[N, Hq, D]`` and the metadata."""
         from vllm.config import set_current_vllm_config
 
-        cm = self.common(rows)
+        cm = self.common(rows, prefilling)
         n = cm.num_actual_tokens
         q, k, v = (torch.randn(n, h, D, generator=self.gen).to(self.dev)
                    for h in (self.heads, self.kv_heads, self.kv_heads))
@@ -250,6 +255,28 @@ def test_sparse_decode_matches_the_oracles(engine):
                                 sel.tiles, cfg.tile_size, D ** -0.5)
     torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
     assert (out[0] - ref[0]).abs().max() > 1e-3  # it really is sparse
+
+
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4"))],
+                         ids=["sparq4"], indirect=True)
+def test_one_token_prompt_chunk_is_exact(engine):
+    """A prompt's last token computed alone (a one-token chunk, or what a prefix-cache hit
+    leaves: vLLM marks the row ``is_prefilling``) is a prompt token: exact attention, its
+    per-token side data and its block's scoring from the row's job, like any prefill chunk;
+    the same row as a generated token is a sparse decode row."""
+    e = engine
+    e.step([(0, 288, 288), (1, 288, 288)])
+    # row 0: the prompt's 289th token alone (289 = 1 mod B); row 1: a generated token
+    out, ref, md = e.step([(0, 1, 289), (1, 1, 289)], prefilling=[True, False])
+    plan = md.plan
+    assert plan.num_sparse == 1 and plan.sparse_tok.tolist() == [1]
+    assert plan.dense_tok.tolist() == [0]
+    torch.testing.assert_close(out[0], ref[0], **TOL)
+    assert (out[1] - ref[1]).abs().max() > 1e-3  # the decode row really is sparse
+    assert plan.dec_tok.tolist() == [1]  # decode upkeep for the generated token only
+    # the prompt row's job records its token's per-token side data (the decode row fills no
+    # block: no job)
+    assert [(j.first_pos, j.per_token) for j in plan.score_jobs] == [(288, True)]
 
 
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq"))],

@@ -235,7 +235,15 @@ class StepPlanner:
         num_reqs = cm.num_reqs
         seq_lens = cm.seq_lens[:num_reqs].to("cpu", torch.int64)  # [R]
         query_lens = (qsl[1:] - qsl[:-1]).to(torch.int64)  # [R]
+        # A decode row generates: one query token and the prompt already computed. A row with
+        # one query token may also be a prompt's chunk (a prefix-cache hit recomputes only
+        # the prompt's last token; a chunk budget can leave one token): such prompt tokens
+        # stay exact, or the same prompt would give other K/V with and without a cache hit.
+        # vLLM's runners mark those rows (num_computed_tokens < num_prompt_tokens).
         is_decode = query_lens == 1  # [R]
+        prefilling = getattr(cm, "is_prefilling", None)
+        if prefilling is not None:
+            is_decode &= ~prefilling[:num_reqs].to("cpu", torch.bool)
         first_tok = qsl[:-1].to(torch.int64)  # [R]
         slots = cm.slot_mapping[: cm.num_actual_tokens].to("cpu", torch.int64)  # [N]
         written = slots >= 0  # padded tokens (CUDA-graph capture, dummy runs) write nothing
@@ -274,11 +282,12 @@ class StepPlanner:
         job_rows = ((~is_decode) | (seq_lens % B == 0)).nonzero().flatten().tolist()
         if job_rows:
             sl_list, ql_list = seq_lens.tolist(), query_lens.tolist()
+            dec_list = is_decode.tolist()
             for r in job_rows:  # a few rows per step, never on the per-layer path
                 s, first = sl_list[r], sl_list[r] - ql_list[r]
                 ctl = controls.get(r)
                 jobs.append(ScoreJob(block_ids=block_table[r, :(s + B - 1) // B].to(torch.int64),
-                                     seq_len=s, first_pos=first, per_token=ql_list[r] > 1,
+                                     seq_len=s, first_pos=first, per_token=not dec_list[r],
                                      blocks_done=(first // B, s // B),
                                      method=ctl.method if ctl is not None else None))
 
