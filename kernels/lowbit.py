@@ -187,6 +187,8 @@ def _lowbit_cpp(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens:
                 tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
     from .cpu_ext import extension
 
+    if query.shape[1] > 8 * copy.kc.shape[1]:  # the C++ loop keeps GQA groups of 1 to 8
+        return _lowbit_torch(query, copy, block_tables, seq_lens, tiles, tile_size, scale)
     o, lse = extension().lowbit_decode_cpu(query, *copy.tensors(), block_tables, seq_lens,
                                            tiles, int(tile_size), float(scale))
     return o, lse

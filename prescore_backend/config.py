@@ -156,6 +156,10 @@ class PrescoreConfig:
             raise bad("window_tokens", f"must be at least 2 tiles ({2 * self.tile_size})")
         if self.query_aware not in QUERY_AWARE_MODES:
             raise bad("query_aware", f"valid: {', '.join(QUERY_AWARE_MODES)}")
+        if self.query_aware == "sparq4" and self.tile_size < 16:
+            # the 4-bit key copy is ranked 16 tokens at a time (two per byte, 8-byte lanes)
+            raise bad("tile_size", "query_aware='sparq4' (the default ranking) needs "
+                      "tile_size >= 16; raise it, or choose another query_aware")
         if not 0.0 <= self.query_cap_ratio <= 1.0:
             raise bad("query_cap_ratio", "must be in [0, 1]")
         if self.query_channels < 0 or self.query_channels % 2:

@@ -7,7 +7,9 @@ callback, so the evaluation can run it through prescore's own decode path
 on a paged cache in vLLM's CPU layout). Llama architecture as in transformers'
 ``LlamaForCausalLM``: RMSNorm, rotary embedding (``rope_theta`` of the config, default
 rope type only), grouped-query attention, SiLU-gated MLP, tied embeddings when the config
-says so. fp32 throughout. No vLLM, no transformers.
+says so; q/k/v projection biases when the checkpoint has them, which makes it Qwen2's
+forward too (``Qwen2ForCausalLM`` = this + those biases; Qwen2's sliding window is refused).
+fp32 throughout. No vLLM, no transformers.
 
 Shapes: ``n`` tokens, ``R`` decode rows, ``H`` hidden size, ``Hq``/``Hkv`` query/KV heads,
 ``D`` head dim, ``V`` vocabulary.
@@ -50,6 +52,8 @@ class LlamaSpec:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope type {rope_type!r} not supported by this reference forward")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported by this reference forward")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         heads = cfg["num_attention_heads"]
         return cls(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
@@ -84,11 +88,13 @@ class Llama:
             # q, k, v fused in one [H, (Hq + 2 Hkv) D] matrix: one GEMM per layer.
             qkv = torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"],
                              w[a + "v_proj.weight"]]).t().contiguous()
+            qkv_bias = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"],
+                                   w[a + "v_proj.bias"]]) if a + "q_proj.bias" in w else None)
             gate_up = torch.cat([w[p + "mlp.gate_proj.weight"],
                                  w[p + "mlp.up_proj.weight"]]).t().contiguous()
             self.layer_w.append({
                 "ln1": w[p + "input_layernorm.weight"], "ln2": w[p + "post_attention_layernorm.weight"],
-                "qkv": qkv, "o": w[a + "o_proj.weight"].t().contiguous(),
+                "qkv": qkv, "qkv_bias": qkv_bias, "o": w[a + "o_proj.weight"].t().contiguous(),
                 "gate_up": gate_up, "down": w[p + "mlp.down_proj.weight"].t().contiguous()})
         d = s.head_dim
         self.inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -112,7 +118,10 @@ class Llama:
     def _qkv(self, i: int, h: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h ``[n, H]`` -> q ``[n, Hq, D]``, k, v ``[n, Hkv, D]`` (q, k rotated)."""
         s = self.spec
-        x = self._rms(h, self.layer_w[i]["ln1"]) @ self.layer_w[i]["qkv"]
+        lw = self.layer_w[i]
+        x = self._rms(h, lw["ln1"]) @ lw["qkv"]
+        if lw["qkv_bias"] is not None:
+            x = x + lw["qkv_bias"]
         nq, nk = s.heads * s.head_dim, s.kv_heads * s.head_dim
         q = x[:, :nq].view(-1, s.heads, s.head_dim)
         k = x[:, nq:nq + nk].view(-1, s.kv_heads, s.head_dim)

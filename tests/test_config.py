@@ -47,6 +47,9 @@ def test_validation_switch_is_not_a_setting():
     ({"PRESCORE_QUERY_CHANNELS": "3"}, "PRESCORE_QUERY_CHANNELS"),
     ({"PRESCORE_QUERY_CHANNELS": "-2"}, "even number"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
+    # the default ranking's key copy is read 16 tokens at a time (crashed mid-serving before)
+    ({"PRESCORE_TILE_SIZE": "8", "PRESCORE_SINK_TOKENS": "16", "PRESCORE_WINDOW_TOKENS": "128"},
+     "PRESCORE_TILE_SIZE / --prescore-tile-size): query_aware='sparq4'"),
 ])
 def test_invalid_values_name_the_setting(env, needle):
     with pytest.raises(ConfigError) as e:
@@ -81,3 +84,8 @@ def test_ranking_channels_follow_the_budget(changes, head_dim, block, want):
         cost = lambda c: c / 2 + scale_bytes_per_token(c, block)  # noqa: E731
         assert nc == 8 or cost(nc) <= AUTO_CHANNEL_SHARE * budget
         assert nc + 8 > head_dim or cost(nc + 8) > AUTO_CHANNEL_SHARE * budget
+
+
+def test_small_tiles_with_other_rankings_are_accepted():
+    cfg = PrescoreConfig(tile_size=8, query_aware="quest")
+    assert cfg.tile_size == 8

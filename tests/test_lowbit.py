@@ -98,7 +98,7 @@ def _random_full_tiles(lens, hkv, S, g):
 
 @pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("hkv,group,d,bits", [(2, 1, 64, 3), (3, 3, 64, 4), (2, 4, 128, 2),
-                                              (1, 8, 64, 8)])
+                                              (1, 8, 64, 8), (1, 16, 64, 3)])
 def test_lowbit_decode_matches_oracle(hkv: int, group: int, d: int, bits: int, impl: str) -> None:
     lens = [700, 1031, 256, 300]  # ragged; the last row selects nothing
     case = make_paged_case(lens, hkv, group, d, B, seed=hkv + d)

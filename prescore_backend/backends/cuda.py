@@ -98,6 +98,15 @@ class PrescoreCUDAMetadataBuilder(StepPlanner, TritonAttentionMetadataBuilder):
         self.init_planner(block_size=self.block_size, num_kv_heads=self.num_heads_kv,
                           head_dim=self.headdim, kv_bytes=kv_cache_spec.dtype.itemsize,
                           num_layers=len(layer_names))
+        from prescore_backend.kernels.triton_select import MAX_TILES
+
+        max_len = vllm_config.model_config.max_model_len
+        if -(-max_len // self.config.tile_size) > MAX_TILES:  # refused now, not mid-serving
+            raise ValueError(
+                f"--attention-backend prescore on GPUs selects among at most {MAX_TILES} tiles "
+                f"per sequence: --max-model-len {max_len} needs tiles of at least "
+                f"{-(-max_len // MAX_TILES)} tokens (--prescore-tile-size / "
+                "PRESCORE_TILE_SIZE), or a smaller --max-model-len")
         runtime().stats.to(device)  # layers add their counts on the GPU, flushed per step
         # Decode rows first: the dense subset is then mostly one contiguous prefill run.
         self._init_reorder_batch_threshold(1)
