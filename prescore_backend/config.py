@@ -211,6 +211,14 @@ class PrescoreConfig:
         return self.query_aware == "sparq4"
 
     @property
+    def streams_without_room(self) -> bool:
+        """Rows whose budget, less the ranking's side data, buys no tile beyond sinks and
+        window skip the ranking and read the most recent tiles with all of the budget
+        (StreamingLLM at equal bytes; ``selection.ratio_budgets``): configs whose pre-scores
+        are not read (they are then the tiles' positions), other than two tiers."""
+        return not self.reads_prescores and not self.uses_low_tier and self.query_aware != "none"
+
+    @property
     def reads_prescores(self) -> bool:
         """The selection reads the pre-scores: they fill what the query-aware part leaves
         (query_cap_ratio < 1), or rank the tiles ('none') and the LSH matches ('lsh',

@@ -45,6 +45,7 @@ __all__ = [
     "gather_tile_scores",
     "query_aware_pick",
     "query_caps",
+    "ratio_budgets",
     "ratio_tiles",
     "scores_and_pick",
     "select_decode_tiles",
@@ -99,6 +100,27 @@ def ratio_tiles(num_tiles: Tensor, ratio: float, side_fraction: float = 0.0) -> 
     if ratio >= 1.0:
         return num_tiles.clone()
     return torch.ceil(num_tiles.double() * max(ratio - side_fraction, 0.0)).long()
+
+
+def ratio_budgets(cfg: PrescoreConfig, num_tiles: Tensor, ratios: Tensor,
+                  side_fraction: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Tiles per (row, KV head) at keep ratios ``ratios [R]`` (float64) and whether each row
+    ranks (``[R]`` bool): :func:`ratio_tiles` with the selection's own reads
+    (``side_fraction``) taken out, for the rows where that buys at least one tile beyond sinks
+    and window. Where it does not (short contexts at small ratios), reading the ranking's side
+    data would only shorten the window: with a config that reads no pre-scores
+    (:attr:`PrescoreConfig.streams_without_room`, the default) such a row reads no side data
+    and spends all of its ratio's bytes on tiles: the sinks and the most recent tiles (its
+    unscored blocks' pre-scores are their positions, ``run_score_jobs(scores=False)``), i.e.
+    StreamingLLM's selection at equal bytes. Other configs rank every row, as before."""
+    n = num_tiles.double()
+    full = ratios >= 1.0
+    with_side = torch.where(full, n, torch.ceil(n * (ratios - side_fraction).clamp_min(0.0)))
+    ranks = torch.ones_like(num_tiles, dtype=torch.bool)
+    if cfg.streams_without_room and side_fraction > 0.0:
+        ranks = with_side > cfg.sink_tiles + cfg.window_tiles
+    budget = torch.where(ranks | full, with_side, torch.ceil(n * ratios))
+    return budget.long(), ranks
 
 
 def config_budget(cfg: PrescoreConfig, num_tiles: Tensor, side_fraction: float = 0.0) -> Tensor:

@@ -179,7 +179,9 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
     every key of the sequence up to the block's end (``Scorer.score_prefixes``), aggregated
     per tile; tiles the job wrote in the incomplete last block are set unscored (-inf).
     ``scores=False`` (nothing reads the pre-scores: ``PrescoreConfig.reads_prescores``) skips
-    the scorer; full blocks' tiles then all score 0.
+    the scorer; full blocks' tiles then score their position in the sequence (a function of the
+    block's place alone, as prefix caching needs), so a row that skips the ranking
+    (``selection.ratio_budgets``) fills its budget with the most recent tiles.
     """
     T = tile_size
     _, hkv, bs, d = key_cache.shape
@@ -196,8 +198,9 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
             ks = scorer_for(job.method).score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
             tiles = aggregate_tiles(ks, T, aggregate)  # [Hkv, (b1 - b0) * tpb]
             side.scores[job.block_ids[b0:b1]] = tiles.view(hkv, b1 - b0, tpb).transpose(0, 1)
-        elif b1 > b0:  # scored alike (no stale -inf from a block's previous sequence)
-            side.scores[job.block_ids[b0:b1]] = 0.0
+        elif b1 > b0:  # the tiles' positions: a fill by pre-score is then the recent tiles
+            pos = torch.arange(b0 * tpb, b1 * tpb, device=keys.device, dtype=side.scores.dtype)
+            side.scores[job.block_ids[b0:b1]] = pos.view(b1 - b0, 1, tpb)
         if b1 > b0:
             if side.kq is not None:  # the 4-bit key copy: per block, once it is full
                 full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)

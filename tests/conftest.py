@@ -95,3 +95,14 @@ def model_path() -> str:
     if not is_prepared("smollm2-135m"):
         pytest.fail("embedded model not prepared: run `make model` (make test does it)")
     return str(model_dir("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> str:
+    """The long-context model (Qwen2.5-Coder-0.5B-Instruct, 32k), prepared by `make test`."""
+    from prescore_backend.server.models import is_prepared, model_dir
+
+    if not is_prepared("qwen2.5-coder-0.5b"):
+        pytest.fail("long-context model not prepared: run `prescore-models prepare "
+                    "qwen2.5-coder-0.5b` (make test does it)")
+    return str(model_dir("qwen2.5-coder-0.5b"))

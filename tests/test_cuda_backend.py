@@ -279,6 +279,36 @@ def test_one_token_prompt_chunk_is_exact(engine):
     assert [(j.first_pos, j.per_token) for j in plan.score_jobs] == [(288, True)]
 
 
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4"))],
+                         ids=["sparq4"], indirect=True)
+def test_no_room_to_rank_reads_streamingllm_tiles(engine):
+    """keep 1/4 of 22 tiles (B 32, tile 16: the 24-channel ranking's side data is 7% of the
+    bytes): ceil(22 x (1/4 - 7%)) = 4 tiles would buy nothing beyond the sink tile and the
+    3-tile window, so the row skips the ranking (no side data read) and spends 1/4 of its
+    bytes on tiles, ceil(22 / 4) = 6: the sink and the 5 most recent tiles (StreamingLLM at
+    equal bytes, checked against the float64 oracle on those tiles); a 25-tile row in the same
+    batch ranks."""
+    from prescore_backend.kernels import sparse_decode_ref
+    from prescore_backend.kernels.layouts import vllm_triton_kv_views
+
+    e = engine
+    e.step([(0, 340, 340), (1, 399, 399)])
+    out, ref, md = e.step([(0, 1, 341), (1, 1, 400)])
+    plan = md.plan
+    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [22, 25]
+    assert plan.budget[0] == 6 and plan.query_caps[0] == 0  # the ranking skipped
+    assert plan.query_caps[1] > 0  # the other row ranks
+    side_tokens = int(plan.layer_counts[3]) // e.kv_heads
+    assert side_tokens == round(400 * e.builder.side_fraction)  # row 1's side data only
+    tiles = torch.full((1, e.kv_heads, 6), -1, dtype=torch.int32)
+    tiles[0, :] = torch.tensor([0, 17, 18, 19, 20, 21], dtype=torch.int32)
+    k, v = vllm_triton_kv_views(e.kv, D)
+    want, _ = sparse_decode_ref(e.q[:1], k, v, plan.sparse_block_table[:1],
+                                plan.sparse_seq_lens[:1], tiles, 16, D ** -0.5)
+    torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
+    assert (out[0] - ref[0]).abs().max() > 1e-3  # sparse, not exact
+
+
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq"))],
                          ids=["sparq"], indirect=True)
 def test_decode_tokens_keep_side_data_and_fill_blocks(engine):

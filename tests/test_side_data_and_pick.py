@@ -254,10 +254,32 @@ def test_ratio_tiles_can_fund_the_selections_side_data() -> None:
     assert config_budget(cfg, nt, quest).tolist() == [20, 20]
 
 
+def test_ratio_budgets_give_the_window_what_the_ranking_cannot_buy() -> None:
+    """The default (no pre-scores read): a row ranks when keep_ratio's bytes less the side
+    data buy a tile beyond sinks + window (12 tiles); else it reads no side data and gets
+    ceil(n x ratio) tiles (sinks + most recent: StreamingLLM at equal bytes). A config that
+    reads pre-scores, and a ratio of 1, keep the plain rule."""
+    from prescore_backend.selection import ratio_budgets
+
+    cfg = PrescoreConfig()  # 2 sink + 10 window tiles
+    nt = torch.tensor([256, 150, 100, 40])
+    ratios = torch.tensor([0.0625, 0.125, 0.125, 1.0], dtype=torch.float64)
+    budget, ranks = ratio_budgets(cfg, nt, ratios, 0.03)
+    # 256 x (1/16 - 0.03) = 8.3 -> 9 <= 12: no room, 16 tiles; 150 x 0.095 = 14.25 -> 15 > 12
+    assert budget.tolist() == [16, 15, 13, 40] and ranks.tolist() == [False, True, False, True]
+    assert cfg.streams_without_room
+    fill = cfg.replace(query_cap_ratio=0.5)
+    assert not fill.streams_without_room
+    budget, ranks = ratio_budgets(fill, nt, ratios, 0.03)
+    assert budget.tolist() == [9, 15, 10, 40] and bool(ranks.all())
+    assert not PrescoreConfig(low_tier_bits=3).streams_without_room
+
+
 def test_score_jobs_skip_the_scorer_when_nothing_reads_the_pre_scores() -> None:
     """With the defaults (the sparq4 ranking picks every tile beyond sinks and window) the
-    pre-scores are never read, so the jobs skip the scorer: full blocks' tiles score 0 (not a
-    stale -inf), the 4-bit key copy is written as with scoring, the tail stays unscored."""
+    pre-scores are never read, so the jobs skip the scorer: full blocks' tiles score their
+    position (not a stale -inf), the 4-bit key copy is written as with scoring, the tail stays
+    unscored."""
     cfg = PrescoreConfig()
     assert not cfg.reads_prescores
     assert cfg.replace(query_cap_ratio=0.5).reads_prescores
@@ -282,6 +304,21 @@ def test_score_jobs_skip_the_scorer_when_nothing_reads_the_pre_scores() -> None:
     scored, skipped = sides
     full, tail = job.block_ids[: n // B], job.block_ids[n // B]
     assert torch.isfinite(scored.scores[full]).all() and bool((scored.scores[full] != 0).any())
-    assert bool((skipped.scores[full] == 0).all())
+    # their positions: a fill by pre-score is the most recent tiles
+    pos = torch.arange(n // B * (B // 16), dtype=torch.float32).view(-1, 1, B // 16)
+    assert torch.equal(skipped.scores[full], pos.expand(-1, hkv, -1))
     assert torch.equal(scored.kq, skipped.kq) and torch.equal(scored.kz, skipped.kz)
     assert bool((skipped.scores[tail, :, (n % B) // 16 + 1:] == float("-inf")).all())
+    # A row that skips the ranking (query cap 0, selection.ratio_budgets) in the fused CPU
+    # call: the sink, the window and then the most recent tiles: StreamingLLM's selection.
+    from prescore_backend.kernels.dispatch import cpu_kernels_available
+    from prescore_backend.kernels.select_decode import select_and_decode
+
+    if cpu_kernels_available():
+        nt = torch.tensor([-(-n // 16)])  # 19 tiles
+        *_, sel, _ = select_and_decode(
+            case.query, case.key_cache, case.value_cache, case.block_tables, case.seq_lens,
+            skipped.scores, nt, torch.tensor([7]), tile_size=16, scale=0.125, sink_tiles=1,
+            window_tiles=3, sparq4_in_place=(skipped.kq, skipped.kz, torch.tensor([0]), 8),
+            paged_scores=True, kv_layout=case.kv_layout, impl="cpp")
+        assert sel.tiles[0].tolist() == [[0, 13, 14, 15, 16, 17, 18]] * hkv

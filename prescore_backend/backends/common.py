@@ -27,7 +27,7 @@ from prescore_backend.selection import (
     config_budget,
     floor_budget,
     query_caps,
-    ratio_tiles,
+    ratio_budgets,
     side_read_fraction,
 )
 from prescore_backend.side_data import (
@@ -251,10 +251,7 @@ class StepPlanner:
 
         num_tiles = (seq_lens + T - 1) // T  # [R]
         controls = ROWS.for_batch(num_reqs, getattr(cm, "req_idx", None))
-        if controls:  # per-request controls (vllm_xargs) of some rows
-            budget, forced_dense = self._budgets_with_controls(num_tiles, num_reqs, controls)
-        else:
-            budget, forced_dense = config_budget(cfg, num_tiles, self.budget_side), None
+        budget, ranks, forced_dense = self._budgets(num_tiles, num_reqs, controls)
         budget = floor_budget(cfg, budget)
         covers = budget >= num_tiles
         sparse = is_decode & (seq_lens >= cfg.min_seq_len) & (~covers | self.exact_via_sparse)
@@ -291,11 +288,11 @@ class StepPlanner:
                                      blocks_done=(first // B, s // B),
                                      method=ctl.method if ctl is not None else None))
 
-        sp_budget = budget[sparse_rows]
+        sp_budget, sp_ranks = budget[sparse_rows], ranks[sparse_rows]
         sp_lens, sp_tiles = seq_lens[sparse_rows], num_tiles[sparse_rows]
         # the selection's own reads, in KV tokens (rows whose budget covers the context have
-        # nothing to choose and are not charged)
-        side_tokens = (sp_lens[sp_budget < sp_tiles].double()
+        # nothing to choose, and rows that skip the ranking read none: not charged)
+        side_tokens = (sp_lens[(sp_budget < sp_tiles) & sp_ranks].double()
                        * self.side_fraction).round().long().sum()
         num_sparse = int(sparse_rows.numel())
         # The block table's columns the sparse rows need (rounded up to a power of two, so
@@ -306,7 +303,7 @@ class StepPlanner:
             need = -(-int(sp_lens.max()) // B)
             cols = min(cols, 1 << (need - 1).bit_length())
         sp_bt = block_table[sparse_rows, :cols]
-        caps = query_caps(cfg, sp_budget)
+        caps = torch.where(sp_ranks, query_caps(cfg, sp_budget), 0)  # 0: the ranking skipped
         tier_budget = None
         if cfg.uses_low_tier:  # the budget's bytes split between exact and low-bit tiles
             sp_budget, tier_budget = tier_budgets(cfg, sp_budget, sp_tiles,
@@ -343,20 +340,29 @@ class StepPlanner:
             rank_channels=self.rank_channels,
         )
 
-    def _budgets_with_controls(self, num_tiles: Tensor, num_reqs: int,
-                               controls: dict) -> tuple[Tensor, Tensor]:
-        """Budgets honouring per-request controls (batch row -> controls, only the rows that
-        sent some); also the rows that asked for exact decode."""
-        T = self.config.tile_size
-        budget = config_budget(self.config, num_tiles, self.budget_side)  # [R]
-        dense = torch.zeros(num_reqs, dtype=torch.bool)
+    def _budgets(self, num_tiles: Tensor, num_reqs: int,
+                 controls: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Tiles per row ``[R]``, whether each row ranks (``selection.ratio_budgets``) and
+        the rows that asked for exact decode (None: no controls), honouring per-request
+        controls (batch row -> controls, only the rows that sent some)."""
+        cfg, T = self.config, self.config.tile_size
+        ratios = torch.full((num_reqs,), cfg.keep_ratio, dtype=torch.float64)
+        own_ratio = torch.zeros(num_reqs, dtype=torch.bool)
+        fixed: dict[int, int] = {}  # row -> tiles of a request's absolute budget
+        dense = torch.zeros(num_reqs, dtype=torch.bool) if controls else None
         for r, c in controls.items():
             if c.max_tokens is not None:
-                budget[r] = -(-c.max_tokens // T)
+                fixed[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
-                budget[r] = int(ratio_tiles(num_tiles[r:r + 1], c.keep_ratio, self.budget_side))
+                ratios[r], own_ratio[r] = c.keep_ratio, True
             dense[r] = c.dense
-        return budget, dense
+        budget, ranks = ratio_budgets(cfg, num_tiles, ratios, self.budget_side)
+        if cfg.max_tokens > 0:  # an absolute budget, but for rows that sent a keep ratio
+            budget = torch.where(own_ratio, budget, config_budget(cfg, num_tiles))
+            ranks |= ~own_ratio
+        for r, tiles in fixed.items():
+            budget[r], ranks[r] = tiles, True
+        return budget, ranks, dense
 
 
 # ----------------------------------------------------------------------------- side data

@@ -1,0 +1,203 @@
+"""Long-context task accuracy through a real server: dense vs prescore at several keep ratios.
+
+    python bench/serving/eval_longctx.py [--lengths 8192 16384 32768] [--contexts 3]
+        [--keep-ratios 0.25 0.125 0.0625] [--url URL] [--out docs/results/longctx.json]
+
+Without ``--url`` it starts ``prescore-serve qwen2.5-coder-0.5b`` (the 32k model; prepare it
+first with ``prescore-models prepare qwen2.5-coder-0.5b``) and stops it at the end. The tasks
+are :mod:`longctx_tasks` (RULER-style, generated locally with fixed seeds): per length,
+``--contexts`` haystacks with nine questions each. Each question is asked once per method on
+the same server, the method chosen per request (``vllm_xargs``): ``prescore_dense`` (exact
+attention through vLLM's kernel) and ``prescore_keep_ratio`` r (prescore's default ranking
+at that share of the bytes, side data included). Questions and methods of one context share
+its prefill through the prefix cache: the first question is asked alone, the rest together.
+Greedy, chat template. Writes JSON and a Markdown table (accuracy, Wilson 95% intervals, the
+paired difference to dense with a bootstrap interval over questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from longctx_tasks import TASKS, chat_messages, make_context  # noqa: E402
+
+MODEL = "qwen2.5-coder-0.5b"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def paired_diff(a: list[bool], b: list[bool], reps: int = 2000, seed: int = 0):
+    """Mean of a - b (accuracy points) with a bootstrap 95% interval over questions."""
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    if not d:
+        return 0.0, (0.0, 0.0)
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(reps))
+    return sum(d) / len(d), (means[int(0.025 * reps)], means[int(0.975 * reps) - 1])
+
+
+def methods(keep_ratios: list[float]) -> dict[str, dict]:
+    out = {"dense": {"prescore_dense": True}}
+    for r in keep_ratios:
+        out[f"keep {r:g}"] = {"prescore_keep_ratio": r}
+    return out
+
+
+def ask(url: str, messages: list[dict], xargs: dict, max_tokens: int) -> tuple[str, int]:
+    r = requests.post(url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        "vllm_xargs": xargs}, timeout=3600)
+    r.raise_for_status()
+    j = r.json()
+    return j["choices"][0]["message"]["content"], j["usage"]["prompt_tokens"]
+
+
+def run(url: str, lengths: list[int], n_contexts: int, keep_ratios: list[float], seed: int,
+        tokenizer, workers: int) -> list[dict]:
+    rows = []
+    meth = methods(keep_ratios)
+    for length in lengths:
+        for c in range(n_contexts):
+            ctx = make_context(tokenizer, length, c, seed)
+            jobs = [(qi, q, name, xargs) for qi, q in enumerate(ctx.questions)
+                    for name, xargs in meth.items()]
+            t0 = time.perf_counter()
+            first = jobs[0]  # prefills the context; the rest hit the prefix cache
+            results = {(first[0], first[2]): ask(url, chat_messages(ctx, first[1]), first[3], 64)}
+            ttft = time.perf_counter() - t0
+            with cf.ThreadPoolExecutor(workers) as pool:
+                futs = {pool.submit(ask, url, chat_messages(ctx, q), xargs, 64): (qi, name)
+                        for qi, q, name, xargs in jobs[1:]}
+                for f in cf.as_completed(futs):
+                    results[futs[f]] = f.result()
+            for qi, q, name, _ in jobs:
+                reply, ptoks = results[(qi, name)]
+                rows.append({"length": length, "context": c, "question": qi, "task": q.task,
+                             "method": name, "prompt_tokens": ptoks, "reply": reply,
+                             "answers": q.answers, "correct": q.correct(reply)})
+            acc = {n: sum(r["correct"] for r in rows if r["length"] == length and
+                          r["context"] == c and r["method"] == n) for n in meth}
+            print(f"[longctx] {length} tokens, context {c}: first request {ttft:.0f} s, "
+                  f"all {time.perf_counter() - t0:.0f} s; correct of {len(ctx.questions)}: "
+                  f"{acc}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict = {}
+    lengths = sorted({r["length"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    for length in lengths:
+        sub = [r for r in rows if r["length"] == length]
+        key = lambda r: (r["context"], r["question"])  # noqa: E731
+        dense = {key(r): r["correct"] for r in sub if r["method"] == "dense"}
+        cell: dict = {}
+        for name in names:
+            rs = [r for r in sub if r["method"] == name]
+            k, n = sum(r["correct"] for r in rs), len(rs)
+            d, ci = paired_diff([r["correct"] for r in rs], [dense[key(r)] for r in rs])
+            cell[name] = {"correct": k, "n": n, "accuracy": k / n if n else 0.0,
+                          "wilson95": wilson(k, n), "vs_dense": d, "vs_dense95": ci,
+                          "by_task": {t: [sum(r["correct"] for r in rs if r["task"] == t),
+                                          sum(r["task"] == t for r in rs)] for t in TASKS}}
+        out[str(length)] = cell
+    return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [f"# Long-context task accuracy ({meta['model']}, {meta['dtype']})", "",
+             f"Host: {meta['host']}. Command: `{meta['command']}`.", "",
+             "Accuracy over all questions of a length (Wilson 95% interval); vs dense: the paired "
+             "difference in points (bootstrap 95% interval over questions; negative = worse than "
+             "dense). Per task: correct / asked.", "",
+             "| context | method | accuracy | 95% CI | vs dense | " +
+             " | ".join(TASKS) + " |", "|---|---|---|---|---|" + "---|" * len(TASKS)]
+    for length, cell in summary.items():
+        for name, c in cell.items():
+            lo, hi = c["wilson95"]
+            d, (dlo, dhi) = c["vs_dense"], c["vs_dense95"]
+            tasks = " | ".join(f"{k}/{n}" for k, n in c["by_task"].values())
+            lines.append(f"| {length} | {name} | {100 * c['accuracy']:.1f}% ({c['correct']}/"
+                         f"{c['n']}) | [{100 * lo:.0f}, {100 * hi:.0f}] | "
+                         f"{100 * d:+.1f} [{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {tasks} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--contexts", type=int, default=3, help="haystacks per length (9 questions each)")
+    p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.125, 0.0625])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=8, help="requests in flight per context")
+    p.add_argument("--url", help="a running server (else prescore-serve is started)")
+    p.add_argument("--dtype", default=None, help="--dtype of the started server (default: host's)")
+    p.add_argument("--serve-args", default="--max-num-batched-tokens 4096",
+                   help="extra flags of the started server")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "longctx.json")
+    args = p.parse_args(argv)
+
+    from tokenizers import Tokenizer
+
+    from prescore_backend.kernels import host
+    from prescore_backend.server.models import model_dir, resolve_model
+
+    tokenizer = Tokenizer.from_file(str(Path(resolve_model(MODEL)) / "tokenizer.json"))
+    srv = None
+    url = args.url
+    if url is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import Server
+
+        extra = args.serve_args.split() + (["--dtype", args.dtype] if args.dtype else [])
+        srv = Server(args=[MODEL, *extra]).start()
+        url = srv.url
+    try:
+        t0 = time.perf_counter()
+        rows = run(url, args.lengths, args.contexts, args.keep_ratios, args.seed, tokenizer,
+                   args.workers)
+        cfg = requests.get(url + "/v1/prescore/config", timeout=30).json()
+    finally:
+        log = srv.log() if srv else ""
+        if srv:
+            srv.stop()
+    dtype = args.dtype or ("bfloat16" if host.has_native_bf16() else "float32")
+    for line in log.splitlines():
+        if "dtype=" in line and "Initializing" in line:
+            dtype = line.split("dtype=")[1].split(",")[0]
+            break
+    meta = {"model": MODEL, "model_dir": str(model_dir(MODEL)), "dtype": dtype,
+            "host": f"{host.cpu_model()} ({host.isa()}), {platform.machine()}",
+            "prescore_config": cfg, "seconds": round(time.perf_counter() - t0),
+            "command": "python bench/serving/eval_longctx.py " + " ".join(argv or sys.argv[1:])}
+    summary = summarize(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
+    md = markdown(summary, meta)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
