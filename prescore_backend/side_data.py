@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 from torch.nn.functional import pad
 
+from prescore_backend.config import PrescoreConfig
 from prescore_backend.keycopy import pack_blocks
 from prescore_backend.kernels.cpu_side import cpu_record_bounds, cpu_record_codes
 from prescore_backend.kernels.dispatch import resolve
 from prescore_backend.kernels.layouts import amx_unpack_k, amx_unpack_v
 from prescore_backend.kernels.lowbit import LowBitCopy
-from prescore_backend.kernels.lsh import AngularLSH, bucket_masks
+from prescore_backend.kernels.lsh import AngularLSH, bucket_masks, num_words
 from prescore_backend.pq import LayerCodebook, pq_encode
 from prescore_backend.scoring import Scorer
 from prescore_backend.scoring.tiles import aggregate_tiles
@@ -65,17 +66,20 @@ class SideData:
                  lsh_words: int = 0, head_dim: int = 0,
                  dtype: torch.dtype = torch.float32, block_size: int = 0,
                  codebook: LayerCodebook | None = None, key_copy_dim: int = 0,
-                 low_bits: int = 0, device: torch.device | str = "cpu") -> "SideData":
+                 low_bits: int = 0, device: torch.device | str = "cpu",
+                 pq_subspaces: int = 0) -> "SideData":
         """``head_dim`` > 0: Quest bounds; ``codebook`` (with ``block_size``; on ``device``):
-        PQ codes; ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key
-        copy, and with ``low_bits`` > 0 the low-bit K/V copy of two precision tiers.
-        Everything on ``device`` (the KV cache's)."""
+        PQ codes (``pq_subspaces`` of them per token without a codebook: for sizing);
+        ``key_copy_dim`` > 0 (the head dim, with ``block_size``): the 4-bit key copy, and
+        with ``low_bits`` > 0 the low-bit K/V copy of two precision tiers. Everything on
+        ``device`` (the KV cache's)."""
         shape = (num_blocks, num_kv_heads, tiles_per_block)
         bounds = head_dim > 0
         codes = kq = kz = None
         u8 = dict(dtype=torch.uint8, device=device)
-        if codebook is not None:
-            codes = torch.zeros((num_blocks, num_kv_heads, block_size, codebook.subspaces), **u8)
+        m = codebook.subspaces if codebook is not None else pq_subspaces
+        if m:
+            codes = torch.zeros((num_blocks, num_kv_heads, block_size, m), **u8)
         if key_copy_dim:
             kq = torch.zeros((num_blocks, num_kv_heads, key_copy_dim, block_size // 2), **u8)
             kz = torch.zeros((num_blocks, num_kv_heads, 2, key_copy_dim), device=device)
@@ -88,6 +92,21 @@ class SideData:
             codes=codes, codebook=codebook, kq=kq, kz=kz,
             low=(LowBitCopy.allocate(num_blocks, num_kv_heads, block_size, key_copy_dim,
                                      low_bits, device) if low_bits and key_copy_dim else None))
+
+    @classmethod
+    def for_config(cls, cfg: PrescoreConfig, num_blocks: int, num_kv_heads: int,
+                   head_dim: int, block_size: int, dtype: torch.dtype, *,
+                   codebook: LayerCodebook | None = None,
+                   device: torch.device | str = "cpu") -> "SideData":
+        """What ``cfg``'s selection keeps beside a cache of ``num_blocks`` blocks (on the
+        "meta" device: its size, for the memory budget, with no codebook needed)."""
+        return cls.allocate(
+            num_blocks, num_kv_heads, block_size // cfg.tile_size,
+            lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
+            head_dim=head_dim if cfg.uses_bounds else 0, dtype=dtype, block_size=block_size,
+            codebook=codebook, key_copy_dim=head_dim if cfg.uses_key_copy else 0,
+            low_bits=cfg.low_tier_bits, device=device,
+            pq_subspaces=cfg.pq_subspaces if cfg.uses_codes and codebook is None else 0)
 
     def bytes_per_token(self, block_size: int) -> float:
         low = self.low.tensors() if self.low is not None else ()
@@ -188,11 +207,14 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
     tpb = bs // T
     for job in jobs:
         s = job.seq_len
-        keys = key_cache[job.block_ids]  # [nblk, Hkv, B, D]
+        b0, b1 = job.blocks_done
+        # The scorer fits on the whole prefix; everything else reads only the blocks this job
+        # wrote, from block lo on (a decode row that fills a block reads that block alone).
+        lo = 0 if b1 > b0 and scores else min(b0, job.first_pos // bs)
+        keys = key_cache[job.block_ids[lo:]]  # [nblk - lo, Hkv, B, D]
         if kv_layout == "amx":
             keys = amx_unpack_k(keys)
-        keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s]  # [Hkv, s, D]
-        b0, b1 = job.blocks_done
+        keys = keys.permute(1, 0, 2, 3).reshape(hkv, -1, d)[:, :s - lo * bs]  # [Hkv, s - lo B, D]
         if b1 > b0 and scores:  # full blocks: final scores, fitted on the prefix to each end
             ends = [(b + 1) * bs for b in range(b0, b1)]
             ks = scorer_for(job.method).score_prefixes(keys.float(), b0 * bs, ends, grain=bs)
@@ -202,8 +224,9 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
             pos = torch.arange(b0 * tpb, b1 * tpb, device=keys.device, dtype=side.scores.dtype)
             side.scores[job.block_ids[b0:b1]] = pos.view(b1 - b0, 1, tpb)
         if b1 > b0:
+            full = keys[:, (b0 - lo) * bs:(b1 - lo) * bs].reshape(hkv, b1 - b0, bs, d)
+            full = full.transpose(0, 1)  # [b1 - b0, Hkv, B, D]
             if side.kq is not None:  # the 4-bit key copy: per block, once it is full
-                full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
                 side.kq[job.block_ids[b0:b1]], side.kz[job.block_ids[b0:b1]] = pack_blocks(full)
             if side.low is not None:  # the two tiers' low-bit K/V copy, also once per block
                 if value_cache is None:
@@ -212,27 +235,27 @@ def run_score_jobs(side: SideData, jobs: list[ScoreJob], key_cache: Tensor, *,
                 vals = value_cache[ids]
                 if kv_layout == "amx":
                     vals = amx_unpack_v(vals)
-                full = keys[:, b0 * bs:b1 * bs].reshape(hkv, b1 - b0, bs, d).transpose(0, 1)
                 side.low.write(ids, full, vals)
         if s > b1 * bs:  # tiles this step wrote in the incomplete last block: unscored
             t = torch.arange(max(b1 * bs, job.first_pos) // T, (s + T - 1) // T,
                              device=keys.device)
             side.scores[job.block_ids[(t * T) // bs], :, t % tpb] = float("-inf")
         if job.per_token:
-            record_chunk_tokens(side, job, keys, tile_size=T, lsh=lsh, lsh_bits=lsh_bits)
+            record_chunk_tokens(side, job, keys, tile_size=T, lsh=lsh, lsh_bits=lsh_bits,
+                                first_key=lo * bs)
 
 
 def record_chunk_tokens(side: SideData, job: ScoreJob, keys: Tensor, *, tile_size: int,
-                        lsh: AngularLSH | None, lsh_bits: int) -> None:
+                        lsh: AngularLSH | None, lsh_bits: int, first_key: int = 0) -> None:
     """Per-token side data (LSH bits, key bounds) of the tiles a prefill chunk touched.
 
-    keys ``[Hkv, seq_len, D]``: the row's keys from position 0 (the first touched tile's
-    earlier keys are included in its data).
+    keys ``[Hkv, seq_len - first_key, D]``: the row's keys from position ``first_key`` (at
+    most the first touched tile's start: its earlier keys are included in its data).
     """
     T, s = tile_size, job.seq_len
     hkv, _, d = keys.shape
     t_lo, t_hi = job.first_pos // T, (s + T - 1) // T
-    seg = keys[:, t_lo * T:]  # [Hkv, L, D]
+    seg = keys[:, t_lo * T - first_key:]  # [Hkv, L, D]
     npad = (t_hi - t_lo) * T - seg.shape[1]
     t = torch.arange(t_lo, t_hi, device=keys.device)
     bs = side.tiles_per_block * T

@@ -278,6 +278,23 @@ def test_one_token_prompt_chunks_stay_exact(sparse8, reference):
     assert got["1281-cached"][1] == got["1281"][1]
 
 
+def test_side_data_fits_in_the_kv_cache_budget(sparse8, reference):
+    """The KV cache and the side data together stay within the KV-cache budget the user set
+    (prescore-serve's default 2 GiB here): the worker reports the budget less the side
+    data's share, so the cache gets fewer blocks than CPU_ATTN's; the split is logged."""
+    from prescore_backend.server.cli import _CPU_KV_CACHE_BYTES as budget
+
+    def tokens(log: str) -> int:
+        return int(re.search(r"KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
+
+    layers, kv = 30, 2 * 3 * 64 * 4  # SmolLM2-135M, float32: bytes per token and layer
+    side = 108.75  # the default's side data: 4-bit key copy, its scales, the pre-scores
+    assert f"of side data ({side} bytes per token and layer beside {kv} of KV" in sparse8["log"]
+    used = tokens(sparse8["log"]) * layers * (kv + side)
+    assert 0.99 * budget <= used <= budget, (used, budget)
+    assert tokens(reference["log"]) * layers * kv <= budget < tokens(reference["log"]) * layers * (kv + side)
+
+
 def test_shared_prefix_matches_runs_alone(sparse8):
     assert sparse8["prefix_together"] == sparse8["prefix_alone"]
 

@@ -322,3 +322,40 @@ def test_score_jobs_skip_the_scorer_when_nothing_reads_the_pre_scores() -> None:
             window_tiles=3, sparq4_in_place=(skipped.kq, skipped.kz, torch.tensor([0]), 8),
             paged_scores=True, kv_layout=case.kv_layout, impl="cpp")
         assert sel.tiles[0].tolist() == [[0, 13, 14, 15, 16, 17, 18]] * hkv
+
+
+@pytest.mark.parametrize("first_pos,blocks_done", [(255, (1, 2)), (200, (1, 2)), (300, (2, 2))])
+def test_score_jobs_without_scores_read_only_the_blocks_they_write(first_pos, blocks_done):
+    """Without the scorer (the defaults), a job reads only the blocks it writes: a decode row
+    that fills a block (first_pos 255), a prefill chunk crossing a block end (200), a chunk
+    inside the last block (300). The row's earlier blocks poisoned with NaN change nothing
+    (before, every job gathered the whole prefix: O(context) per job and layer)."""
+    B, hkv, d, T = 128, 2, 64, 16
+    n = 256 if first_pos < 256 else 320
+    case = make_paged_case([n], hkv, 2, d, B, seed=3, poison=None)
+    lo = min(blocks_done[0], first_pos // B)
+    job = ScoreJob(block_ids=case.block_tables[0, :-(-n // B)].long(), seq_len=n,
+                   first_pos=first_pos, per_token=True, blocks_done=blocks_done)
+    gathered: list[int] = []
+
+    class Spy(torch.Tensor):  # records the blocks each gather of the cache reads
+        def __getitem__(self, idx):
+            if isinstance(idx, torch.Tensor):
+                gathered.append(idx.numel())
+            return super().__getitem__(idx).as_subclass(torch.Tensor)
+
+    sides = []
+    for poison in (False, True):
+        cache = case.key_cache.clone()
+        if poison:
+            cache[job.block_ids[:lo]] = float("nan")
+        side = SideData.allocate(cache.shape[0], hkv, B // T, head_dim=d, block_size=B,
+                                 key_copy_dim=d)
+        run_score_jobs(side, [job], cache.as_subclass(Spy), scorer_for=lambda m: None,
+                       tile_size=T, aggregate="max", lsh=None, lsh_bits=7, scores=False)
+        sides.append(side)
+    assert gathered == [len(job.block_ids) - lo] * 2, gathered
+    clean, poisoned = sides
+    for name in ("scores", "kmin", "kmax", "kq", "kz"):
+        a, b = getattr(clean, name), getattr(poisoned, name)
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and not b.isnan().any(), name

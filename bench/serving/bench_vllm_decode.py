@@ -37,8 +37,18 @@ def _text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def _prompts(tok, n_tokens: int, batch: int) -> list[list[int]]:
+def _prompts(tok, n_tokens: int, batch: int, shared_suffix: int = 0) -> list[list[int]]:
+    """``batch`` prompts of ``n_tokens`` tokens; with ``shared_suffix`` > 0 they share all
+    but their last ``shared_suffix`` tokens (one prefill for every row, by the prefix cache)."""
     ids = tok(_text())["input_ids"]
+    if shared_suffix:
+        base = n_tokens - shared_suffix
+        while len(ids) < n_tokens + batch * shared_suffix:  # a 32k context needs the text twice
+            ids = ids + ids
+        return [ids[:base] + ids[n_tokens + i * shared_suffix: n_tokens + (i + 1) * shared_suffix]
+                for i in range(batch)]
+    while len(ids) < n_tokens * batch:
+        ids = ids + ids
     step = max(1, (len(ids) - n_tokens) // max(batch, 1))
     return [ids[i * step: i * step + n_tokens] for i in range(batch)]
 
@@ -68,10 +78,13 @@ def _worker(label: str, args: dict, q) -> None:
     rows = []
     for ctx in args["contexts"]:
         for batch in args["batches"]:
-            if ctx * batch > args["max_batch_tokens"]:
+            if ctx * (1 if args["shared_prefix"] else batch) > args["max_batch_tokens"]:
                 continue
-            prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts(tok, ctx, batch)]
-            llm.reset_prefix_cache()  # each cell prefills from scratch
+            shared = args["shared_prefix"]
+            prompts = [TokensPrompt(prompt_token_ids=p)
+                       for p in _prompts(tok, ctx, batch, 32 if shared else 0)]
+            if not shared or batch == args["batches"][0]:
+                llm.reset_prefix_cache()  # the cell prefills from scratch
             # The batch's prefill, in chunks: time to first token of its last row.
             pre = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
                                use_tqdm=False)
@@ -128,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine runs per backend, alternating the order (A B, B A, ...)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="tokens per prefill step (vLLM's max_num_batched_tokens)")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="a context's rows share all but their last 32 tokens, so one prefill "
+                        "(the first batch size's cell) serves every batch size of the context "
+                        "through the prefix cache; the later cells' TTFT is then a cache hit's")
     p.add_argument("--out", default=None)
     p.add_argument("--report", default=None, help="directory for speed.{json,md,png}")
     a = p.parse_args(argv)
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 batches=[int(x) for x in a.batches.split(",")], decode_tokens=a.decode_tokens,
                 dtype=a.dtype, threads=a.threads, kv_bytes=int(a.kv_gib * 1024**3),
                 max_model_len=max(contexts) + a.decode_tokens + 8,
-                max_batch_tokens=a.max_batch_tokens, prefill_chunk=a.prefill_chunk)
+                max_batch_tokens=a.max_batch_tokens, prefill_chunk=a.prefill_chunk,
+                shared_prefix=a.shared_prefix)
     ctx_mp = mp.get_context("spawn")
     labels = a.backends.split(",")
     if a.keep_ratios:

@@ -6,7 +6,8 @@
 Without ``--url`` it starts ``prescore-serve qwen2.5-coder-0.5b`` (the 32k model; prepare it
 first with ``prescore-models prepare qwen2.5-coder-0.5b``) and stops it at the end. The tasks
 are :mod:`longctx_tasks` (RULER-style, generated locally with fixed seeds): per length,
-``--contexts`` haystacks with nine questions each. Each question is asked once per method on
+``--contexts`` haystacks with nine questions each, each context ``HEADROOM`` tokens short
+of the length (room for the template, the question and the answer). Each question is asked once per method on
 the same server, the method chosen per request (``vllm_xargs``): ``prescore_dense`` (exact
 attention through vLLM's kernel) and ``prescore_keep_ratio`` r (prescore's default ranking
 at that share of the bytes, side data included). Questions and methods of one context share
@@ -72,13 +73,24 @@ def ask(url: str, messages: list[dict], xargs: dict, max_tokens: int) -> tuple[s
     return j["choices"][0]["message"]["content"], j["usage"]["prompt_tokens"]
 
 
+#: tokens a context leaves of its length for the chat template, the question and the answer
+#: (a 32768-token cell fits the model's 32768-token context)
+HEADROOM = 200
+
+
 def run(url: str, lengths: list[int], n_contexts: int, keep_ratios: list[float], seed: int,
-        tokenizer, workers: int) -> list[dict]:
-    rows = []
+        tokenizer, workers: int, rows: list[dict] | None = None,
+        checkpoint=lambda rows: None) -> list[dict]:
+    """Every (length, context)'s questions under every method; ``rows``: results of an
+    earlier run (their (length, context) cells are skipped); ``checkpoint(rows)`` after each
+    context."""
+    rows = list(rows or [])
     meth = methods(keep_ratios)
     for length in lengths:
         for c in range(n_contexts):
-            ctx = make_context(tokenizer, length, c, seed)
+            if any(r["length"] == length and r["context"] == c for r in rows):
+                continue
+            ctx = make_context(tokenizer, length - HEADROOM, c, seed)
             jobs = [(qi, q, name, xargs) for qi, q in enumerate(ctx.questions)
                     for name, xargs in meth.items()]
             t0 = time.perf_counter()
@@ -100,6 +112,7 @@ def run(url: str, lengths: list[int], n_contexts: int, keep_ratios: list[float],
             print(f"[longctx] {length} tokens, context {c}: first request {ttft:.0f} s, "
                   f"all {time.perf_counter() - t0:.0f} s; correct of {len(ctx.questions)}: "
                   f"{acc}", flush=True)
+            checkpoint(rows)
     return rows
 
 
@@ -155,7 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="--max-num-batched-tokens 4096",
                    help="extra flags of the started server")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "longctx.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in --out (or its .partial.json) and run the rest")
     args = p.parse_args(argv)
+    partial = args.out.with_suffix(".partial.json")
+    done: list[dict] = []
+    if args.resume:
+        for f in (args.out, partial):
+            if f.is_file():
+                done = json.loads(f.read_text())["rows"]
+                break
+
+    def checkpoint(rows: list[dict]) -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"rows": rows}))
 
     from tokenizers import Tokenizer
 
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         rows = run(url, args.lengths, args.contexts, args.keep_ratios, args.seed, tokenizer,
-                   args.workers)
+                   args.workers, done, checkpoint)
         cfg = requests.get(url + "/v1/prescore/config", timeout=30).json()
     finally:
         log = srv.log() if srv else ""
@@ -195,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     md = markdown(summary, meta)
     args.out.with_suffix(".md").write_text(md)
+    partial.unlink(missing_ok=True)
     print(md)
     return 0
 

@@ -37,7 +37,7 @@ from prescore_backend.side_data import (
     record_decode_tokens,
     run_score_jobs,
 )
-from prescore_backend.kernels.lsh import AngularLSH, num_words
+from prescore_backend.kernels.lsh import AngularLSH
 from prescore_backend.metrics import PrescoreStats, get_metrics
 from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
@@ -390,14 +390,9 @@ class SideDataUpkeep:
             books = None
             if cfg.uses_codes:
                 books = self._rank_codebook(layer).to(kv_cache.device)
-            self.side = SideData.allocate(
-                nb, self.num_kv_heads, bs // cfg.tile_size,
-                lsh_words=num_words(cfg.lsh_bits) if cfg.uses_lsh else 0,
-                head_dim=self.head_size if cfg.uses_bounds else 0, dtype=kv_cache.dtype,
-                block_size=bs, codebook=books,
-                key_copy_dim=self.head_size if cfg.uses_key_copy else 0,
-                low_bits=cfg.low_tier_bits,
-                device=kv_cache.device)
+            self.side = SideData.for_config(cfg, nb, self.num_kv_heads, self.head_size, bs,
+                                            kv_cache.dtype, codebook=books,
+                                            device=kv_cache.device)
             if not self.rt.logged_side:
                 self.rt.logged_side = True
                 logger.info("prescore side data: %.2f bytes per token per layer",

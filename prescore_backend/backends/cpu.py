@@ -73,6 +73,7 @@ from prescore_backend.backends.common import (
     refuse_unsupported,
     runtime,
 )
+from prescore_backend.memory import patch_worker
 from prescore_backend.selection import scores_and_pick, select_decode_tiles
 from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.dispatch import cpu_kernels_available
@@ -295,3 +296,13 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         stats.decode_counts.add_(torch.cat([
             tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
             sel.source_counts]))
+
+
+def _budget_side_data() -> None:
+    """The CPU worker reports KV + side data within vLLM's KV-cache budget (memory.py)."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    patch_worker(CPUWorker)
+
+
+_budget_side_data()  # imported in the worker when the model's layers get this backend

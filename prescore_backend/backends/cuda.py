@@ -65,6 +65,7 @@ from prescore_backend.backends.common import (
     refuse_unsupported,
     runtime,
 )
+from prescore_backend.memory import patch_worker
 from prescore_backend.selection import scores_and_pick
 from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.layouts import vllm_triton_kv_views
@@ -268,3 +269,13 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
         self.rt.stats.decode_counts.add_(torch.cat([
             tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
             sel.source_counts]))
+
+
+def _budget_side_data() -> None:
+    """The GPU worker reports KV + side data within vLLM's KV-cache budget (memory.py)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    patch_worker(Worker)
+
+
+_budget_side_data()  # imported in the worker when the model's layers get this backend
