@@ -118,8 +118,10 @@ class PrescoreConfig:
         "are split between the tiers (low_tier_share), a copy token costing its bytes "
         "(3 bits, head dim 64: 0.21 of a bf16 token), so more tiles are read for the same "
         "bytes. Needs query_aware='sparq4' (the ranking orders every tile beyond sinks and "
-        "window; query_cap_ratio and the pre-scores do not apply) and tile_size >= 8; not "
-        "with residual_tiles. Memory: 2 x bits / 16 of a bf16 KV plus scales (3 bits: +21%). "
+        "window; query_cap_ratio and the pre-scores do not apply) and tile_size >= 16; not "
+        "with residual_tiles. Memory per token and KV head: 2 x bits x head_dim / 8 bytes of "
+        "codes, 4 of V scales and 4 x head_dim / block_size of K scales (3 bits, head dim 64, "
+        "block 128: 54 bytes, 21% of a bf16 KV), taken from vLLM's KV-cache budget. "
         "A low-bit token is charged its bytes against a bf16 token on every host. Quality "
         "and cost: docs/results/selection_tiers.md, docs/results/tiers_speed.md (on CPU the "
         "pick and the low-bit decode are C++, several times the default's per-layer cost; on "
@@ -319,3 +321,42 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
 def field_docs() -> dict[str, str]:
     """Field name -> documentation (used by ``--help`` and the README)."""
     return {f.name: f.metadata.get("doc", "") for f in fields(PrescoreConfig)}
+
+
+#: Per-request keys (``vllm_xargs``) of the settings a request may change for itself.
+REQUEST_KEYS = {"keep_ratio": "prescore_keep_ratio", "max_tokens": "prescore_max_tokens",
+                "method": "prescore_method"}
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every setting with its flag, variable, per-request key and
+    default, from the fields' docs (the source of ``prescore-serve --help=prescore`` too)."""
+    import re
+
+    docs, defaults = field_docs(), PrescoreConfig().to_dict()
+    out = ["# Configuration reference", "",
+           "Generated from `prescore_backend.config.PrescoreConfig` "
+           "(`python -m prescore_backend.config > docs/configuration.md`; a test keeps it "
+           "current). Every setting is a `prescore-serve` flag and a `PRESCORE_*` environment "
+           "variable (plain `vllm serve` and `LLM(...)` read the variables). Precedence: a "
+           "request's own key (`vllm_xargs`) over the flag, the flag over the variable, the "
+           "variable over the default. An invalid value stops the start with a message naming "
+           "the flag and the variable; an invalid per-request value gets HTTP 400.", "",
+           "| setting | flag | variable | per request | default | what it does |",
+           "|---|---|---|---|---|---|"]
+    for name, doc in docs.items():
+        first = re.split(r"(?<=\.)\s", doc, maxsplit=1)[0]
+        req = f"`{REQUEST_KEYS[name]}`" if name in REQUEST_KEYS else "-"
+        out.append(f"| `{name}` | `{flag_name(name)}` | `{env_name(name)}` | {req} | "
+                   f"`{defaults[name]!r}` | {first.replace('|', chr(92) + '|')} |")
+    out += ["", "Per request only: `prescore_dense` (`true`: exact attention for this request).",
+            "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "
+            "are read only when `query_cap_ratio` < 1 or the ranking is `none` / `lsh`.", "",
+            "## Details", ""]
+    for name, doc in docs.items():
+        out += [f"### `{name}`", "", doc, ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

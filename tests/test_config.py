@@ -89,3 +89,16 @@ def test_ranking_channels_follow_the_budget(changes, head_dim, block, want):
 def test_small_tiles_with_other_rankings_are_accepted():
     cfg = PrescoreConfig(tile_size=8, query_aware="quest")
     assert cfg.tile_size == 8
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the fields' docs: regenerate it with
+    `python -m prescore_backend.config > docs/configuration.md`."""
+    from pathlib import Path
+
+    from prescore_backend.config import flag_name, reference_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert page.read_text() == reference_markdown()
+    for name in PrescoreConfig().to_dict():
+        assert f"`{flag_name(name)}`" in page.read_text()
