@@ -9,7 +9,6 @@ Tensors in, tensors out: nothing here imports vLLM or ``prescore_backend``.
 from .layouts import rowmajor_cpu_kv_views, vllm_cpu_kv_views, vllm_gpu_kv_views
 from .lsh import AngularLSH, bucket_masks, masks_intersect, num_words
 from .sparse_decode import (
-    clear_workspace,
     expand_kv_heads,
     merge_attn_states,
     sparse_decode,
@@ -24,7 +23,6 @@ __all__ = [
     "bucket_masks",
     "masks_intersect",
     "num_words",
-    "clear_workspace",
     "expand_kv_heads",
     "merge_attn_states",
     "sparse_decode",

@@ -49,7 +49,6 @@ __all__ = [
     "sparse_decode_ref",
     "merge_attn_states",
     "expand_kv_heads",
-    "clear_workspace",
 ]
 
 _NEG_INF = float("-inf")
@@ -131,26 +130,26 @@ def _gather_tiles(cache: Tensor, blk: Tensor, tiles: Tensor, tile_size: int) -> 
 
 
 _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+#: scratch kept between calls per (name, dtype, device) at most; larger requests are one-off
+WORKSPACE_MAX_BYTES = 256 * 1024**2
 
 
 def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reusable scratch tensor (grown on demand, never shrunk; see :func:`clear_workspace`).
+    """A reusable scratch tensor (grown on demand up to WORKSPACE_MAX_BYTES; larger ones are
+    allocated for the call and freed after it, so the kept memory stays bounded).
 
     Large per-step gathers (100+ MB at 64k x 8 rows) freshly allocated each call are mmap'ed
     and page-faulted every time; reusing them removed most of the system time measured.
     Single-threaded use per process (one vLLM worker per process).
     """
     numel = math.prod(shape)
+    if numel * torch.empty((), dtype=dtype).element_size() > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
     key = (name, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WORKSPACE[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
-
-
-def clear_workspace() -> None:
-    """Free the scratch buffers of the torch path."""
-    _WORKSPACE.clear()
 
 
 @functools.lru_cache(maxsize=64)
@@ -385,7 +384,3 @@ def sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, block_t
     out.copy_(o)
     return out, lse
 
-
-def scale_for(head_dim: int) -> float:
-    """The usual softmax scale 1/sqrt(D)."""
-    return 1.0 / math.sqrt(head_dim)

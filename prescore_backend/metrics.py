@@ -123,6 +123,3 @@ class PrescoreStats:
             self.counts.zero_()
             self.scoring_s = 0.0
             self.selection_s = 0.0
-
-    def snapshot(self) -> list[int]:
-        return self.counts.tolist()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,9 @@ def test_in_fresh_process():
                        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    # the child ran the tests (a run where every test skipped would pass too)
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 10 and " skipped" not in r.stdout, r.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------- harness
@@ -307,6 +311,33 @@ def test_no_room_to_rank_reads_streamingllm_tiles(engine):
                                 plan.sparse_seq_lens[:1], tiles, 16, D ** -0.5)
     torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
     assert (out[0] - ref[0]).abs().max() > 1e-3  # sparse, not exact
+
+
+@pytest.mark.parametrize("engine", [(2, 2, _FULL)], ids=["mha"], indirect=True)
+def test_counters_flush_after_the_last_layer_of_every_kv_cache_group(engine):
+    """One builder per KV-cache group: the step's layer count is over all of them (each
+    builder used to overwrite it, so with two groups the counters flushed mid-step)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from prescore_backend.backends.cuda import PrescoreCUDAMetadataBuilder
+
+    e = engine
+    with set_current_vllm_config(e.vc):
+        spec = FullAttentionSpec(block_size=B, num_kv_heads=2, head_size=D, dtype=torch.float32)
+        PrescoreCUDAMetadataBuilder(spec, ["model.layers.1.self_attn.attn",
+                                           "model.layers.2.self_attn.attn"], e.vc, e.dev)
+        PrescoreCUDAMetadataBuilder(spec, ["model.layers.1.self_attn.attn",
+                                           "model.layers.2.self_attn.attn"], e.vc, e.dev)
+    assert e.rt.num_layers == 3  # [LAYER] + two more, a rebuilt builder counted once
+    e.step([(0, 64, 64)])
+    e.rt.stats.counts.fill_(1)
+    e.rt.layers_done = 0
+    for _ in range(2):
+        e.impl.end_layer()
+    assert int(e.rt.stats.counts.sum()) > 0  # not flushed before the third layer
+    e.impl.end_layer()
+    assert int(e.rt.stats.counts.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq"))],

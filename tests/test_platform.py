@@ -116,7 +116,7 @@ def _amx_layout_case():
                 seq_lens=torch.tensor(lens, dtype=torch.int32), nb=nb, hkv=hkv, bs=bs, d=d)
 
 
-def test_cpu_amx_packed_layout_read_in_place_equals_vllm_attention():
+def test_our_amx_packing_read_in_place_equals_vllm_vec_attention():
     """The packed "amx" layout (what vLLM writes for bf16 on AMX CPUs), built here by
     ``amx_pack`` so it runs on every host: unpacking gives back exactly the tokens written, and
     the fused kernel reading the packed cache in place (all tiles selected) equals vLLM's own
@@ -236,3 +236,5 @@ def test_unsupported_model_features_stop_the_start_by_name():
                                          r"chunked-lookback attention; serve this model"):
         refuse_unsupported("decoder", **bad, **{"chunked-lookback attention": True})
     refuse_unsupported("encoder_only", **bad)
+    with pytest.raises(ValueError, match="KV-cache sharing between layers; serve"):
+        refuse_unsupported("decoder", **dict(ok, kv_sharing_target_layer_name="model.layers.0"))

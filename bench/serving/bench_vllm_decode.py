@@ -47,7 +47,7 @@ def _prompts(tok, n_tokens: int, batch: int, shared_suffix: int = 0) -> list[lis
             ids = ids + ids
         return [ids[:base] + ids[n_tokens + i * shared_suffix: n_tokens + (i + 1) * shared_suffix]
                 for i in range(batch)]
-    while len(ids) < n_tokens * batch:
+    while len(ids) < n_tokens:
         ids = ids + ids
     step = max(1, (len(ids) - n_tokens) // max(batch, 1))
     return [ids[i * step: i * step + n_tokens] for i in range(batch)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -63,7 +63,8 @@ class _Runtime:
     pq: PQCodebooks | None = None  # per-layer PQ codebooks (query_aware="pq")
     total_kv_heads: int = 0  # the model's KV heads over all tensor-parallel ranks
     logged_side: bool = False
-    num_layers: int = 0  # attention layers run per step (set by the builder)
+    num_layers: int = 0  # attention layers run per step: over every KV-cache group's builder
+    group_layers: dict = field(default_factory=dict)  # a builder's layer names -> their count
     layers_done: int = 0  # layers run so far in this step
     exact_via_sparse: bool = False  # tests only: config.testing_exact_via_sparse()
 
@@ -195,11 +196,13 @@ class StepPlanner:
     """
 
     def init_planner(self, *, block_size: int, num_kv_heads: int, head_dim: int,
-                     kv_bytes: int, num_layers: int) -> None:
+                     kv_bytes: int, layer_names: list[str]) -> None:
         rt = runtime()
         self.config = rt.config
         self.exact_via_sparse = rt.exact_via_sparse  # tests only
-        rt.num_layers = num_layers
+        # one builder per KV-cache group: the step's last layer is the last of all groups
+        rt.group_layers[tuple(layer_names)] = len(layer_names)
+        rt.num_layers = sum(rt.group_layers.values())
         self.planner_block_size = block_size
         self.planner_kv_heads = num_kv_heads
         self.planner_head_dim = head_dim

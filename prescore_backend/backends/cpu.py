@@ -116,7 +116,7 @@ class PrescoreCPUMetadataBuilder(StepPlanner, CPUAttentionMetadataBuilder):
         logger.info_once("prescore reads vLLM's %r CPU KV cache layout", self.isa)
         self.init_planner(block_size=self.block_size, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, kv_bytes=self.dtype.itemsize,
-                          num_layers=len(layer_names))
+                          layer_names=layer_names)
         # Decode rows first: the dense subset is then mostly one contiguous prefill run.
         self._init_reorder_batch_threshold(1)
 

@@ -98,7 +98,7 @@ class PrescoreCUDAMetadataBuilder(StepPlanner, TritonAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.init_planner(block_size=self.block_size, num_kv_heads=self.num_heads_kv,
                           head_dim=self.headdim, kv_bytes=kv_cache_spec.dtype.itemsize,
-                          num_layers=len(layer_names))
+                          layer_names=layer_names)
         from prescore_backend.kernels.triton_select import MAX_TILES
 
         max_len = vllm_config.model_config.max_model_len
