@@ -399,3 +399,28 @@ def test_greedy_rows_generate_their_own_tokens(model: Llama, tokens: torch.Tenso
     assert res.generated[("dense", 1.0)] == want
     assert len(res.generated[("streaming", 0.25)]) == n
     assert all(x >= 0 for x in res.token_nll[("dense", 1.0)])
+
+
+def test_long_context_tasks_are_deterministic_and_planted(model_path: str) -> None:
+    """bench/serving/longctx_tasks.py: a context of about the asked length, every needle in it
+    once, nine questions whose answers are the needles' values; the same seed gives the same
+    context, another index another one; replies are scored by containment."""
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import longctx_tasks
+
+    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    a, b = (longctx_tasks.make_context(tok, 3000, 0, seed=1) for _ in range(2))
+    c = longctx_tasks.make_context(tok, 3000, 1, seed=1)
+    assert a.text == b.text and a.text != c.text
+    assert 2900 <= len(tok.encode(a.text).ids) <= 3100
+    assert [q.task for q in a.questions].count("niah_number") == 4 and len(a.questions) == 9
+    assert {q.task for q in a.questions} == set(longctx_tasks.TASKS)
+    for q in a.questions:
+        assert a.text.count(q.answers[0]) == (2 if q.task == "passkey" else 1), q
+        assert q.correct(f"It is {q.answers[0]}.") and not q.correct("I do not know.")
+    assert len({q.prompt for q in a.questions}) == 9  # every question names its own subject
+    msgs = longctx_tasks.chat_messages(a, a.questions[0])
+    assert msgs[0]["content"].startswith(a.text) and msgs[0]["content"].endswith(
+        a.questions[0].prompt)

@@ -80,8 +80,8 @@ def test_logits_match_the_reference_forward(server, qwen_path):
 
 
 def test_long_context_answers_stay_right_with_sparse_decode(server):
-    """Nine questions over one ~2.6k-token haystack (seven keys, a multi-value key, a
-    variable chain; bench/serving/longctx_tasks.py), asked with exact attention and with
+    """Nine questions over one ~2.6k-token haystack (nine distinct needles: numbers, words,
+    UUIDs, a passkey; bench/serving/longctx_tasks.py), asked with exact attention and with
     prescore at keep 1/4 on the same server (the context prefilled once, shared through the
     prefix cache): the model retrieves (exact gets most right), and prescore answers every
     question exact answers."""
