@@ -307,3 +307,30 @@ def test_shared_prefix_prompts_differ_only_in_their_last_tokens() -> None:
     assert len({tuple(r[8968:]) for r in rows}) == 4
     plain = bench_vllm_decode._prompts(tok, 3000, 2)
     assert [len(r) for r in plain] == [3000, 3000] and plain[0] != plain[1]
+
+
+def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
+    """eval_longctx.py's report from rows: accuracy with Wilson intervals, the paired
+    difference to dense per question, per-task counts, the Markdown table and the plot."""
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import eval_longctx
+
+    rows = []
+    for q in range(10):
+        for method, ok in (("dense", q < 9), ("keep 0.125", q < 8), ("keep 0.0625", q < 5)):
+            rows.append(dict(length=8192, context=0, question=q, task="niah_number",
+                             method=method, correct=ok))
+    s = eval_longctx.summarize(rows)["8192"]
+    assert (s["dense"]["correct"], s["keep 0.125"]["correct"]) == (9, 8)
+    lo, hi = s["dense"]["wilson95"]
+    assert 0.59 < lo < 0.6 and 0.98 < hi < 0.99  # Wilson 9/10
+    assert s["keep 0.125"]["vs_dense"] == pytest.approx(-0.1)
+    assert s["keep 0.0625"]["vs_dense95"][1] < 0  # 4 of 10 lost: the interval excludes 0
+    assert s["keep 0.125"]["by_task"]["niah_number"] == [8, 10]
+    meta = {"model": "m", "dtype": "bf16", "host": "h", "command": "c"}
+    md = eval_longctx.markdown({"8192": s}, meta)
+    assert "| 8192 | keep 0.125 | 80.0% (8/10) |" in md
+    eval_longctx.plot({"8192": s}, meta, tmp_path / "p.png",
+                      {"rows": [{"ctx": 8192, "batch": 1, "backend": "PRESCORE@0.125",
+                                 "speedup_vs_cpu_attn": 2.0}]})
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -252,33 +252,6 @@ def aggregate(runs: dict[str, list[list[dict]]]) -> list[dict]:
     return table
 
 
-def side_data_bytes_per_token(env: dict, num_kv_heads: int = 3, head_dim: int = 64,
-                              elt: int = 4, block: int = 128) -> tuple[float, str]:
-    """Side data per token and layer held beside the cache under the run's PRESCORE_*
-    settings (as ``SideData.bytes_per_token``), and what it holds: an fp32 score per tile and
-    KV head, plus the query-aware part's data (Quest key bounds in the cache dtype, PQ codes,
-    the 4-bit key copy with its per-block scales, LSH bitmask words)."""
-    from prescore_backend.config import PrescoreConfig
-    from prescore_backend.kernels.lsh import num_words
-
-    cfg = PrescoreConfig.from_env(env)
-    t = cfg.tile_size
-    per_head, parts = 4 / t, ["scores"]
-    if cfg.uses_bounds:
-        per_head += 2 * head_dim * elt / t
-        parts.append("Quest key bounds")
-    if cfg.uses_codes:
-        per_head += cfg.pq_subspaces
-        parts.append("PQ codes")
-    if cfg.uses_key_copy:
-        per_head += head_dim / 2 + 2 * head_dim * 4 / block
-        parts.append("4-bit key copy")
-    if cfg.uses_lsh:
-        per_head += 8 * num_words(cfg.lsh_bits) / t
-        parts.append("LSH bits")
-    return num_kv_heads * per_head, " + ".join(parts)
-
-
 def write_report(data: dict, out_dir: Path) -> Path:
     """speed.json + speed.md (table, TTFT overhead, side-data memory) + speed_vs_context.png."""
     import matplotlib
@@ -290,13 +263,24 @@ def write_report(data: dict, out_dir: Path) -> Path:
     rows = data["rows"]
     slim = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
     (out_dir / "speed.json").write_text(json.dumps({**data, "rows": slim}, indent=1))
-    elt = 2 if data["args"]["dtype"] in ("bfloat16", "float16") else 4
-    side, what = side_data_bytes_per_token(data.get("prescore_env", {}), elt=elt)
-    kv = 2 * 3 * 64 * elt
+    import torch
+
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.memory import side_bytes_per_token
+
+    model = Path(data["args"]["model"])
+    mc = json.loads((model / "config.json").read_text())
+    hkv = mc.get("num_key_value_heads", mc["num_attention_heads"])
+    d = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+    dtype = getattr(torch, data["args"]["dtype"])
+    cfg = PrescoreConfig.from_env(data.get("prescore_env", {}))
+    side = side_bytes_per_token(cfg, hkv, d, 128, dtype)
+    what = "the 4-bit key copy and its scales, the tiles' pre-scores" if cfg.uses_key_copy else cfg.query_aware
+    kv = 2 * hkv * d * torch.empty((), dtype=dtype).element_size()
     machine = f"{data['machine']}, {data['args']['threads']} thread(s) per engine"
     rounds = data.get("rounds", 1)
     lines = ["# Decode speed through vLLM: PRESCORE vs CPU_ATTN", "",
-             f"Host: {machine}, no GPU. Model: SmolLM2-135M-Instruct (embedded), "
+             f"Host: {machine}, no GPU. Model: {model.name}, "
              f"{data['args']['dtype']}, eager. Prompts: CPython's reference text. "
              f"{data['args']['decode_tokens']} decode tokens per request, ignore_eos; each batch "
              f"prefilled in chunks of {data['args'].get('prefill_chunk', '-')} tokens, then "
@@ -315,11 +299,11 @@ def write_report(data: dict, out_dir: Path) -> Path:
                      f"{r['decode_ms_max']:.1f}] | {r['decode_tok_s']:.1f} | {sp} | {ag} |")
     lines += ["", f"Side data per token and layer ({what}, {data['args']['dtype']}"
               f" cache): {side:.2f} bytes, vs {kv} bytes of K and V ({100 * side / kv:.1f}%).",
-              "TTFT vs CPU_ATTN is the cost of pre-scoring: prescore reads the cache layout vLLM "
-              "picks (AMX-packed for bf16 on AMX CPUs), so both prefill with vLLM's kernels.", "",
+              "TTFT vs CPU_ATTN is prescore's cost at prefill (both prefill on vLLM's kernels; "
+              "prescore also writes the side data of every full KV block).", "",
               "![speedup vs context](speed_vs_context.png)", "",
               f"*Figure: decode speedup of PRESCORE over CPU_ATTN (ms/step ratio) vs context; "
-              f"{machine}; SmolLM2-135M; `{data['command']}`.*", ""]
+              f"{machine}; {model.name}; `{data['command']}`.*", ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in sorted({r["backend"] for r in rows} - {"CPU_ATTN"}):
         for batch in sorted({r["batch"] for r in rows}):

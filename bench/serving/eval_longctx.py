@@ -156,6 +156,48 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> None:
+    """Accuracy against keep ratio per context length (dense at 1), and, with ``speed`` (a
+    bench_vllm_decode.py JSON), decode speedup over CPU_ATTN against keep ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if speed else 1, figsize=(10 if speed else 5.5, 4))
+    ax = axes[0] if speed else axes
+    for length, cell in summary.items():
+        pts = sorted((1.0 if n == "dense" else float(n.split()[1]), 100 * c["accuracy"],
+                      100 * c["wilson95"][0], 100 * c["wilson95"][1]) for n, c in cell.items())
+        x, y, lo, hi = zip(*pts)
+        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
+                    marker="o", capsize=3, label=f"{int(length) // 1024}k tokens")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("keep ratio (share of KV bytes read per step; 1 = dense)")
+    ax.set_ylabel("questions answered (%), 95% CI")
+    ax.set_title(f"Long-context tasks, {meta['model']}")
+    ax.legend(fontsize=8)
+    if speed:
+        ax2 = axes[1]
+        for ctx in sorted({r["ctx"] for r in speed["rows"]}):
+            for batch in sorted({r["batch"] for r in speed["rows"]}):
+                pts = sorted((float(r["backend"].split("@")[1]), r["speedup_vs_cpu_attn"])
+                             for r in speed["rows"] if r["ctx"] == ctx and r["batch"] == batch
+                             and "@" in r["backend"] and r.get("speedup_vs_cpu_attn"))
+                if pts:
+                    ax2.plot(*zip(*([(1.0, 1.0)] + pts)), marker="o",
+                             label=f"{ctx // 1024}k tokens, batch {batch}")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("keep ratio (1 = vLLM's exact CPU attention)")
+        ax2.set_ylabel("decode speedup vs CPU_ATTN (x)")
+        ax2.set_title("Decode step through vLLM")
+        ax2.legend(fontsize=8)
+    fig.suptitle(f"{meta['host']}, {meta['dtype']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
@@ -168,9 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-args", default="--max-num-batched-tokens 4096",
                    help="extra flags of the started server")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "longctx.json")
+    p.add_argument("--plot", action="store_true",
+                   help="only redraw the plot of --out (with --speed: beside the decode speedup)")
+    p.add_argument("--speed", type=Path, help="a bench_vllm_decode.py JSON for the plot")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (or its .partial.json) and run the rest")
     args = p.parse_args(argv)
+    if args.plot:
+        data = json.loads(args.out.read_text())
+        speed = json.loads(args.speed.read_text()) if args.speed else None
+        plot(data["summary"], data["meta"], args.out.with_suffix(".png"), speed)
+        return 0
     partial = args.out.with_suffix(".partial.json")
     done: list[dict] = []
     if args.resume:
@@ -221,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
     md = markdown(summary, meta)
     args.out.with_suffix(".md").write_text(md)
+    plot(summary, meta, args.out.with_suffix(".png"))
     partial.unlink(missing_ok=True)
     print(md)
     return 0
