@@ -186,6 +186,44 @@ def _sparse_env(**kw: str) -> dict[str, str]:
     return env
 
 
+def _sparq4_ranks_loop(q, kq, kz, bt, num_tiles, channels, T, sink, window):
+    """Independent oracle of the sparq4 ranking, float64 loops: per (row, KV head) the
+    ``channels`` largest of |q| summed over the group (ties to the lower channel), each token's
+    q.k on them from its 4-bit code (byte i of a 16-token chunk: token i low nibble, i + 8
+    high; value min + code * step), the max over the tile's tokens and the group's heads.
+    -> per (row, KV head) the tiles outside sinks and window, best first (ties to the lower
+    tile)."""
+    R, Hq, D = q.shape
+    Hkv, Bh = kq.shape[1], kq.shape[3]
+    G, Bk = Hq // Hkv, 2 * Bh
+    q64, codes, zs = q.double().cpu(), kq.cpu(), kz.double().cpu()
+    out = []
+    for r in range(R):
+        n = int(num_tiles[r])
+        per_head = []
+        for h in range(Hkv):
+            mag = [sum(abs(float(q64[r, h * G + g, c])) for g in range(G)) for c in range(D)]
+            chs = sorted(sorted(range(D), key=lambda c: (-mag[c], c))[:channels])
+            est = {}
+            for t in range(sink, n - window):
+                best = float("-inf")
+                for tok in range(t * T, (t + 1) * T):
+                    blk, off = int(bt[r, tok // Bk]), tok % Bk
+                    byte_i = (off // 16) * 8 + off % 8
+                    for g in range(G):
+                        acc = 0.0
+                        for c in chs:
+                            b = int(codes[blk, h, c, byte_i])
+                            code = (b & 15) if off % 16 < 8 else (b >> 4)
+                            acc += float(q64[r, h * G + g, c]) * float(
+                                zs[blk, h, 0, c] + code * zs[blk, h, 1, c])
+                        best = max(best, acc)
+                est[t] = best
+            per_head.append(sorted(est, key=lambda t: (-est[t], t)))
+        out.append(per_head)
+    return out
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -229,11 +267,11 @@ def test_sparse_decode_matches_the_oracles(engine):
 
     e = engine
     assert e.rt.config.query_aware == os.environ["PRESCORE_QUERY_AWARE"]
-    e.step([(0, 300, 300), (1, 40, 40)])
+    e.step([(0, 450, 450), (1, 40, 40)])
     side = e.impl.side
-    blocks = e.bt[0, :300 // B]
+    blocks = e.bt[0, :450 // B]
     assert torch.isfinite(side.scores[blocks]).all()  # full blocks scored at prefill
-    assert torch.isinf(side.scores[e.bt[0, 300 // B]]).all()  # the partial one is not
+    assert torch.isinf(side.scores[e.bt[0, 450 // B]]).all()  # the partial one is not
     qa = e.rt.config.query_aware
     if qa == "quest":
         assert (side.kmin[blocks] <= side.kmax[blocks]).all()
@@ -241,14 +279,24 @@ def test_sparse_decode_matches_the_oracles(engine):
     else:  # PQ codes of every key written, the key copy of every full block
         data = side.codes if qa == "pq" else side.kq
         assert (data[blocks] != 0).any(dim=tuple(range(1, data.dim()))).all()
-    out, ref, md = e.step([(0, 1, 301), (1, 1, 41)])
+    out, ref, md = e.step([(0, 1, 451), (1, 1, 41)])
     plan, cfg = md.plan, e.rt.config
     assert plan.num_sparse == 1 and plan.dense_tok.tolist() == [1]
+    assert int(plan.query_caps[0]) > 0  # 29 tiles leave the ranking room at keep 1/4
     torch.testing.assert_close(out[1], ref[1], **TOL)  # short row: exact
     q = e.q[:1]
     k, v = vllm_triton_kv_views(e.kv, D)
     scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
                                    plan.query_caps, impl="torch", key_cache=k)
+    if qa == "sparq4":  # the ranking itself against an independent float64 loop
+        ranks = _sparq4_ranks_loop(q, side.kq, side.kz, plan.sparse_bt64, plan.num_tiles,
+                                   plan.rank_channels, cfg.tile_size, cfg.sink_tiles,
+                                   cfg.window_tiles)
+        cap = int(plan.query_caps[0])
+        loop = torch.zeros_like(pick)
+        for h, order in enumerate(ranks[0]):
+            loop[0, h, order[:cap]] = True
+        assert cap > 0 and torch.equal(pick.cpu(), loop)
     sel = select_tiles_ref(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
                            window_tiles=cfg.window_tiles, lsh_match=pick,
                            lsh_cap=plan.max_cap)
