@@ -413,11 +413,14 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
                          ids=["tiers"], indirect=True)
 def test_two_tiers_through_the_cuda_backend(engine):
     """``low_tier_bits=3``: the prefill's score jobs write the 3-bit K/V copy of the full
-    blocks; the plan splits the budget (exact + low-bit tiles); a long decode row equals
-    :func:`prescore_backend.tiers.decode_two_tiers` run with the torch ops on the same inputs,
-    reads the budget's bytes (low-bit tokens at their cost) and differs from exact attention;
-    a short row stays exact."""
+    blocks; the plan splits the budget (exact + low-bit tiles); a long decode row equals an
+    independent float64 oracle (the loop ranking; sinks, window and its best tiles through
+    ``sparse_decode_ref``, the next ones through ``lowbit_decode_ref``, merged by their
+    log-sum-exps), reads the budget's bytes (low-bit tokens at their cost) and differs from
+    exact attention; a short row stays exact."""
+    from prescore_backend.kernels import sparse_decode_ref
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
+    from prescore_backend.kernels.lowbit import lowbit_decode_ref
     from prescore_backend.tiers import decode_two_tiers
 
     e = engine
@@ -433,9 +436,29 @@ def test_two_tiers_through_the_cuda_backend(engine):
     assert int(plan.tier_budget[0]) > int(plan.budget[0])
     torch.testing.assert_close(out[1], ref[1], **TOL)  # short row: exact
     k, v = vllm_triton_kv_views(e.kv, D)
-    want, read, _ = decode_two_tiers(cfg, e.q[:1], k, v, side, plan.sparse_bt64,
-                                     plan.sparse_seq_lens, plan.num_tiles, plan.budget,
-                                     plan.tier_budget, D ** -0.5, impl="torch")
+    _, read, _ = decode_two_tiers(cfg, e.q[:1], k, v, side, plan.sparse_bt64,
+                                  plan.sparse_seq_lens, plan.num_tiles, plan.budget,
+                                  plan.tier_budget, D ** -0.5, impl="torch")
+    n, forced = int(plan.num_tiles[0]), cfg.sink_tiles + cfg.window_tiles
+    ranks = _sparq4_ranks_loop(e.q[:1], side.kq, side.kz, plan.sparse_bt64, plan.num_tiles,
+                               cfg.ranking_channels(D, B), cfg.tile_size, cfg.sink_tiles,
+                               cfg.window_tiles)[0]
+    n_exact, n_total = int(plan.budget[0]) - forced, int(plan.tier_budget[0]) - forced
+    assert 0 <= n_exact < n_total, (plan.budget, plan.tier_budget, n)  # low-bit tiles read
+    forced_tiles = list(range(cfg.sink_tiles)) + list(range(n - cfg.window_tiles, n))
+    ex = torch.full((1, e.kv_heads, n), -1, dtype=torch.int32)
+    lo = torch.full((1, e.kv_heads, n), -1, dtype=torch.int32)
+    for h, order in enumerate(ranks):
+        a = sorted(forced_tiles + order[:n_exact])
+        b = sorted(order[n_exact:n_total])
+        ex[0, h, :len(a)], lo[0, h, :len(b)] = torch.tensor(a), torch.tensor(b)
+    o1, l1 = sparse_decode_ref(e.q[:1], k, v, plan.sparse_block_table, plan.sparse_seq_lens,
+                               ex, cfg.tile_size, D ** -0.5)
+    o2, l2 = lowbit_decode_ref(e.q[:1], side.low, plan.sparse_bt64, plan.sparse_seq_lens, lo,
+                               cfg.tile_size, D ** -0.5)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    want = (o1 * w1.unsqueeze(-1) + o2 * w2.unsqueeze(-1)) / (w1 + w2).unsqueeze(-1)
     torch.testing.assert_close(out[:1], want.to(out.dtype), **TOL)
     assert (out[0] - ref[0]).abs().max() > 1e-3  # it really is sparse
     budget = -(-int(plan.num_tiles[0]) // 4)  # keep 1/4 of the tiles' bytes
