@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.keycopy import scale_bytes_per_token, sparq4_tile_rank
+from prescore_backend.keycopy import scale_bytes_per_token, sparq4_tile_rank, top_channels
 from prescore_backend.kernels.cpu_select import (cpu_pq_pick, cpu_quest_pick, cpu_sparq4_pick,
                                                  cpu_sparq_pick)
 from prescore_backend.kernels.dispatch import resolve
@@ -233,10 +233,13 @@ class _PickInputs:
 class Ranking:
     """One query-aware estimator of each tile's largest q.k. ``rank`` (torch, any device):
     the estimate ``[Rs, Hkv, M]``, the pick being its top caps[r] eligible tiles; ``cpp_pick``
-    (CPU, optional): the same pick in one C++ call, reading the side data in place."""
+    (CPU, optional): the same pick in one C++ call, reading the side data in place;
+    ``triton_rank`` (GPU, optional): the estimate from a Triton kernel reading the side data
+    through the block table (no gathered copy)."""
 
     rank: Callable[[_PickInputs], Tensor]
     cpp_pick: Callable[[_PickInputs], Tensor] | None = None
+    triton_rank: Callable[[_PickInputs], Tensor] | None = None
 
 
 def _quest_rank(x: _PickInputs) -> Tensor:
@@ -276,6 +279,13 @@ def _sparq4_cpp(x: _PickInputs) -> Tensor:
                            channels=x.channels, tile_size=x.cfg.tile_size, **x.slots())
 
 
+def _sparq4_triton(x: _PickInputs) -> Tensor:
+    from prescore_backend.kernels.triton_sparq4 import triton_sparq4_tile_rank
+
+    ch = top_channels(x.q, x.side.kq.shape[1], x.channels)  # [Rs, Hkv, NC]
+    return triton_sparq4_tile_rank(x.q, x.side.kq, x.side.kz, x.bt, ch, x.cfg.tile_size)
+
+
 def _pq_rank(x: _PickInputs) -> Tensor:
     return pq_tile_rank(x.q, x.side.codes, x.bt, x.side.codebook, x.cfg.tile_size)
 
@@ -292,10 +302,10 @@ RANKINGS: dict[str, Ranking] = {
     "lsh_quest": Ranking(_quest_rank, _quest_cpp),
     "lsh": Ranking(lambda x: x.tile_scores.clone()),
     "sparq": Ranking(_sparq_rank, _sparq_cpp),
-    "sparq4": Ranking(_sparq4_rank, _sparq4_cpp),
+    "sparq4": Ranking(_sparq4_rank, _sparq4_cpp, _sparq4_triton),
     "pq": Ranking(_pq_rank, _pq_cpp),
 }
-_PICK_IMPLS = {"cpp": "cpp", "torch": "torch"}
+_PICK_IMPLS = {"cpp": "cpp", "torch": "torch", "triton": "triton"}
 
 
 def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
@@ -316,7 +326,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
     :func:`prescore_backend.keycopy.sparq4_tile_rank` on the side data's 4-bit key copy of the
     full blocks.
     ``impl``: "cpp" ranks Quest bounds and SparQ estimates in C++ (CPU), "torch" with batched
-    matmuls, "auto" picks cpp on CPU when it compiles. ``max_cap`` (= caps.max()) and
+    matmuls, "triton" the sparq4 estimate in a Triton kernel (the others in torch), "auto"
+    picks triton on CUDA and cpp on CPU when it compiles. ``max_cap`` (= caps.max()) and
     ``caps_uniform`` (every cap equals it), when the caller knows them on the host, spare
     the torch path two host syncs.
     """
@@ -335,7 +346,8 @@ def query_aware_pick(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                     key_cache, bt if key_bt is None else key_bt, kv_layout)
     if impl == "cpp" and ranking.cpp_pick is not None:
         return ranking.cpp_pick(x)
-    rank = ranking.rank(x)  # [Rs, Hkv, M]
+    use_triton = impl == "triton" and ranking.triton_rank is not None
+    rank = (ranking.triton_rank if use_triton else ranking.rank)(x)  # [Rs, Hkv, M]
     idx = torch.arange(M, device=q.device)
     n = num_tiles.view(rs, 1, 1)
     elig = (idx < n) & (idx >= cfg.sink_tiles) & (idx < n - cfg.window_tiles)

@@ -251,7 +251,7 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
             return
         lsh = lsh_for(self.head_size).to(q.device) if cfg.uses_lsh else None
         scores, pick = scores_and_pick(cfg, q, side, plan.sparse_bt64, plan.num_tiles,
-                                       plan.query_caps, lsh=lsh, impl="torch",
+                                       plan.query_caps, lsh=lsh, impl="triton",
                                        key_cache=key_cache, kv_layout="strided",
                                        max_cap=plan.max_cap, caps_uniform=plan.caps_uniform)
         sel = select_tiles(scores, plan.num_tiles, plan.budget, sink_tiles=cfg.sink_tiles,
