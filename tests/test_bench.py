@@ -219,7 +219,8 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
     rows = data["results"]
     assert [(r["ctx"], r["batch"], r["keep"]) for r in rows] == [(256, 2, "1/8")]
     for r in rows:
-        for k in ("dense_ms", "sdpa_ms", "sparse_ms", "select_ms", "step_ms", "select_torch_eager_ms"):
+        for k in ("dense_ms", "sdpa_ms", "sparse_ms", "select_ms", "step_ms", "select_torch_eager_ms",
+                  "rank_ms", "rank_torch_eager_ms"):
             assert r[k] > 0, k
         assert r["max_abs_diff_dense_vs_sdpa"] < 2e-2  # bf16: our dense kernel == SDPA
         assert r["select_matches_ref"] is True

@@ -22,6 +22,9 @@ with shuffled blocks (B 16, vLLM's GPU default; T 16):
   * step:     select then sparse: the whole decode step of one layer;
   * sel.static: the same selection as torch ops without host syncs (``select_tiles_static``);
   * sel.torch: the general torch selection (``select_tiles(impl="torch")``, host syncs: eager only);
+  * rank:     the default sparq4 ranking's Triton kernel (``triton_sparq4_tile_rank``: the
+              4-bit key copy read through the block table) and, eagerly, the torch ops it
+              replaced (gather and unpack the chosen channels of every block);
   * tiers:    (``--tiers BITS``) the two-tier step as the CUDA backend runs it
               (``prescore_backend.tiers.decode_two_tiers``: the sparq4 ranking and the low-bit
               part as torch ops, no Triton kernel for them yet; the Triton selection and sparse
@@ -306,7 +309,20 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
         return tsd.triton_sparse_decode(q, *views[li], bt, seq_lens, tiles, T, scale, out_dtype=dtype,
                                 block_n=ARGS.block_n)
 
+    # the default ranking (sparq4 on the 4-bit key copy): the Triton kernel reading the copy
+    # through the block table, against the torch ops it replaced (gather + unpack)
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.keycopy import pack_blocks, sparq4_tile_rank, top_channels
+    from prescore_backend.kernels.triton_sparq4 import triton_sparq4_tile_rank
+
+    nc = PrescoreConfig().ranking_channels(D, B)
+    copies = [pack_blocks(c[:, 0].permute(0, 2, 1, 3).float()) for c in caches]
+    chans = top_channels(q, Hkv, nc)
+    bt64 = bt.long()
+
     fns = {
+        "rank_ms": lambda li: triton_sparq4_tile_rank(q, *copies[li], bt, chans, T),
+        "rank_torch_ms": lambda li: sparq4_tile_rank(q, *copies[li], bt64, nc, T),
         "dense_ms": lambda li: run(allt, li),
         "sdpa_ms": lambda li: torch.nn.functional.scaled_dot_product_attention(
             q4, *kv_contig[li], scale=scale, enable_gqa=True),
@@ -389,7 +405,8 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
                    dense_eager_ms=med["dense_ms"], step_eager_ms=med[f"step_ms/{keep}"],
                    select_torch_eager_ms=med[f"select_torch_ms/{keep}"],
                    dense_splits=ns, sparse_splits=ns_k, max_abs_diff_dense_vs_sdpa=diff,
-                   select_matches_ref=sel_ok)
+                   select_matches_ref=sel_ok, rank_channels=nc,
+                   rank_ms=med["graph:rank_ms"], rank_torch_eager_ms=med["rank_torch_ms"])
         if ARGS.tiers:
             row["tiers_ms"] = med.get(f"graph:tiers_ms/{keep}")
             row["tiers_eager_ms"] = med[f"tiers_ms/{keep}"]
@@ -405,7 +422,7 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
         row["sparse_GBps"] = (batch * S * T * Hkv * D * 2 * dtype.itemsize
                               / row["sparse_ms"] / 1e6)
         out.append(row)
-    del caches, views, kv_contig
+    del caches, views, kv_contig, copies
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return out
