@@ -331,6 +331,8 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
     meta = {"model": "m", "dtype": "bf16", "host": "h", "command": "c"}
     md = eval_longctx.markdown({"8192": s}, meta)
     assert "| 8192 | keep 0.125 | 80.0% (8/10) |" in md
+    # the kept-task table: niah_number kept (dense 9/10 >= 80%), the others never asked
+    assert "| 8192 | niah_number | - | 90.0% (9/10) | 80.0% (8/10) | 50.0% (5/10) |" in md
     eval_longctx.plot({"8192": s}, meta, tmp_path / "p.png",
                       {"rows": [{"ctx": 8192, "batch": 1, "backend": "PRESCORE@0.125",
                                  "speedup_vs_cpu_attn": 2.0}]})

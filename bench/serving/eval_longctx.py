@@ -73,6 +73,8 @@ def ask(url: str, messages: list[dict], xargs: dict, max_tokens: int) -> tuple[s
     return j["choices"][0]["message"]["content"], j["usage"]["prompt_tokens"]
 
 
+#: a task is kept at a length when dense attention answers at least this share of it
+KEEP_TASK = 0.8
 #: tokens a context leaves of its length for the chat template, the question and the answer
 #: (a 32768-token cell fits the model's 32768-token context)
 HEADROOM = 200
@@ -153,6 +155,23 @@ def markdown(summary: dict, meta: dict) -> str:
             lines.append(f"| {length} | {name} | {100 * c['accuracy']:.1f}% ({c['correct']}/"
                          f"{c['n']}) | [{100 * lo:.0f}, {100 * hi:.0f}] | "
                          f"{100 * d:+.1f} [{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {tasks} |")
+    lines += ["", f"Tasks kept per length: those dense answers at least {KEEP_TASK:.0%} of (a "
+              "task the model cannot do with exact attention says nothing about the "
+              "selection). Accuracy on the kept tasks:", "",
+              "| context | kept tasks | dropped (dense accuracy) | " +
+              " | ".join(next(iter(summary.values())).keys()) + " |",
+              "|---|---|---|" + "---|" * len(next(iter(summary.values())))]
+    for length, cell in summary.items():
+        dense = cell["dense"]["by_task"]
+        kept = [t for t, (k, n) in dense.items() if n and k / n >= KEEP_TASK]
+        dropped = ", ".join(f"{t} ({k}/{n})" for t, (k, n) in dense.items()
+                            if n and t not in kept) or "-"
+        accs = []
+        for c in cell.values():
+            k = sum(c["by_task"][t][0] for t in kept)
+            n = sum(c["by_task"][t][1] for t in kept)
+            accs.append(f"{100 * k / n:.1f}% ({k}/{n})" if n else "-")
+        lines.append(f"| {length} | {', '.join(kept) or '-'} | {dropped} | {' | '.join(accs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra flags of the started server")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "longctx.json")
     p.add_argument("--plot", action="store_true",
-                   help="only redraw the plot of --out (with --speed: beside the decode speedup)")
+                   help="only redraw the table and plot of --out (with --speed: the decode "
+                        "speedup beside the accuracy)")
     p.add_argument("--speed", type=Path, help="a bench_vllm_decode.py JSON for the plot")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (or its .partial.json) and run the rest")
@@ -219,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         data = json.loads(args.out.read_text())
         speed = json.loads(args.speed.read_text()) if args.speed else None
-        plot(data["summary"], data["meta"], args.out.with_suffix(".png"), speed)
+        summary = summarize(data["rows"])
+        plot(summary, data["meta"], args.out.with_suffix(".png"), speed)
+        args.out.with_suffix(".md").write_text(markdown(summary, data["meta"]))
         return 0
     partial = args.out.with_suffix(".partial.json")
     done: list[dict] = []
