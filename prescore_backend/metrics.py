@@ -53,8 +53,9 @@ def get_metrics() -> Metrics:
             "prescore_decode_read_tokens", "Tokens the sparse decode read (selected tiles), "
             "summed over (row, layer, KV head)."),
         side_tokens=Counter(
-            "prescore_decode_side_tokens", "Side data the query-aware selection read (Quest "
-            "bounds, SparQ key channels, pre-scores, LSH bits), in KV-token equivalents "
+            "prescore_decode_side_tokens", "Side data the query-aware selection read (the 4-bit "
+            "key copy's channels and scales, Quest bounds, SparQ key channels, PQ codes, "
+            "pre-scores, LSH bits), in KV-token equivalents "
             "(bytes / bytes of one token's K and V), summed over (row, layer, KV head)."),
         sparse_rows=Counter(
             "prescore_sparse_decode_rows", "Decode rows (per layer) served by the sparse path."),
