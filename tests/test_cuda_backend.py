@@ -187,40 +187,25 @@ def _sparse_env(**kw: str) -> dict[str, str]:
 
 
 def _sparq4_ranks_loop(q, kq, kz, bt, num_tiles, channels, T, sink, window):
-    """Independent oracle of the sparq4 ranking, float64 loops: per (row, KV head) the
-    ``channels`` largest of |q| summed over the group (ties to the lower channel), each token's
-    q.k on them from its 4-bit code (byte i of a 16-token chunk: token i low nibble, i + 8
-    high; value min + code * step), the max over the tile's tokens and the group's heads.
-    -> per (row, KV head) the tiles outside sinks and window, best first (ties to the lower
-    tile)."""
+    """Independent oracle of the sparq4 ranking: per (row, KV head) the ``channels`` largest
+    of |q| summed over the group (ties to the lower channel, by a Python sort), the estimates
+    of the float64 loop ``sparq4_tile_rank_ref`` (every code read by its byte and nibble)
+    -> the tiles outside sinks and window, best first (ties to the lower tile)."""
+    from prescore_backend.kernels.triton_sparq4 import sparq4_tile_rank_ref
+
     R, Hq, D = q.shape
-    Hkv, Bh = kq.shape[1], kq.shape[3]
-    G, Bk = Hq // Hkv, 2 * Bh
-    q64, codes, zs = q.double().cpu(), kq.cpu(), kz.double().cpu()
+    Hkv = kq.shape[1]
+    G = Hq // Hkv
+    qc = q.double().cpu()
+    chs = [[sorted(sorted(range(D), key=lambda c: (-float(qc[r, h * G:(h + 1) * G, c].abs().sum()),
+                                                    c))[:channels]) for h in range(Hkv)]
+           for r in range(R)]
+    est = sparq4_tile_rank_ref(q, kq, kz, bt.cpu(), torch.tensor(chs), T)
     out = []
     for r in range(R):
         n = int(num_tiles[r])
-        per_head = []
-        for h in range(Hkv):
-            mag = [sum(abs(float(q64[r, h * G + g, c])) for g in range(G)) for c in range(D)]
-            chs = sorted(sorted(range(D), key=lambda c: (-mag[c], c))[:channels])
-            est = {}
-            for t in range(sink, n - window):
-                best = float("-inf")
-                for tok in range(t * T, (t + 1) * T):
-                    blk, off = int(bt[r, tok // Bk]), tok % Bk
-                    byte_i = (off // 16) * 8 + off % 8
-                    for g in range(G):
-                        acc = 0.0
-                        for c in chs:
-                            b = int(codes[blk, h, c, byte_i])
-                            code = (b & 15) if off % 16 < 8 else (b >> 4)
-                            acc += float(q64[r, h * G + g, c]) * float(
-                                zs[blk, h, 0, c] + code * zs[blk, h, 1, c])
-                        best = max(best, acc)
-                est[t] = best
-            per_head.append(sorted(est, key=lambda t: (-est[t], t)))
-        out.append(per_head)
+        out.append([sorted(range(sink, n - window), key=lambda t: (-float(est[r, h, t]), t))
+                    for h in range(Hkv)])
     return out
 
 
