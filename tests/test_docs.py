@@ -31,3 +31,16 @@ def test_readme_is_short_and_names_its_install_and_commands() -> None:
     for needle in ('pip install ".[cpu]"', "make serve", "make test",
                    "--attention-backend prescore", "docs/configuration.md", "LICENSE"):
         assert needle in text, needle
+
+
+def test_readme_figures_come_from_its_linked_results() -> None:
+    """Every percentage and speed ratio the README quotes appears in a results file it links:
+    no number without its source."""
+    text = (REPO / "README.md").read_text()
+    linked = [REPO / t.split("#")[0] for t in LINK.findall(text)
+              if t.startswith("docs/results/") and t.endswith(".md")]
+    sources = "\n".join(p.read_text() for p in linked)
+    figures = set(re.findall(r"[+-]?\d+\.\d+(?:%|x)", text))
+    assert figures, "the README quotes no figure"
+    missing = sorted(f for f in figures if f not in sources)
+    assert not missing, missing
