@@ -205,7 +205,7 @@ def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> No
                              and "@" in r["backend"] and r.get("speedup_vs_cpu_attn"))
                 if pts:
                     ax2.plot(*zip(*([(1.0, 1.0)] + pts)), marker="o",
-                             label=f"{ctx // 1024}k tokens, batch {batch}")
+                             label=f"{round(ctx / 1000)}k tokens, batch {batch}")
         ax2.set_xscale("log", base=2)
         ax2.set_xlabel("keep ratio (1 = vLLM's exact CPU attention)")
         ax2.set_ylabel("decode speedup vs CPU_ATTN (x)")
