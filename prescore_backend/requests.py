@@ -9,6 +9,12 @@ A request may send ``"vllm_xargs": {"prescore_keep_ratio": 0.25}`` (completions 
   Blocks it got from the prefix cache keep the scores of the request that computed them
   (scores live with the shared blocks); this is the documented limit of the control.
 * ``prescore_dense`` (bool): decode this request with exact attention.
+* ``prescore_streaming`` (bool): decode this request with StreamingLLM's selection at its
+  budget's bytes (the sinks and the most recent tiles, no ranking and no side data read): the
+  recency baseline, on the same server and prefix cache, to compare the ranking against.
+  Needs a configuration whose selection reads no pre-scores and keeps one precision tier
+  (:attr:`~prescore_backend.config.PrescoreConfig.streams_without_room`, the default's):
+  only then are the tiles' pre-scores their positions; other servers refuse it (HTTP 400).
 
 Unknown ``prescore_*`` keys and invalid values are refused at admission (HTTP 400) through a
 logits-processor plugin (vLLM's supported seam for per-request parameters): its
@@ -23,6 +29,7 @@ processor never changes logits.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +45,7 @@ class RequestControls:
     max_tokens: int | None = None
     method: str | None = None
     dense: bool = False
+    streaming: bool = False
 
 
 def _keep_ratio(v: Any) -> float:
@@ -67,8 +75,28 @@ def _dense(v: Any) -> bool:
     return bool(v)
 
 
+def _streaming(v: Any) -> bool:
+    if not isinstance(v, bool) and v not in (0, 1):
+        raise ValueError(f"prescore_streaming must be true or false, got {v!r}")
+    if v and not _server_streams():
+        raise ValueError("prescore_streaming needs a server whose selection reads no "
+                         "pre-scores and keeps one precision tier (query_cap_ratio 1, "
+                         "query_aware sparq4 / sparq / pq / quest, low_tier_bits 0: the "
+                         "defaults); this server's settings rank every tile")
+    return bool(v)
+
+
+@functools.lru_cache(maxsize=1)
+def _server_streams() -> bool:
+    # the API server and the workers read the same PRESCORE_* variables (prescore-serve
+    # exports its flags as them)
+    from prescore_backend.config import PrescoreConfig
+
+    return PrescoreConfig.from_env().streams_without_room
+
+
 _PARSERS = {"keep_ratio": _keep_ratio, "max_tokens": _max_tokens, "method": _method,
-            "dense": _dense}
+            "dense": _dense, "streaming": _streaming}
 
 
 def parse_controls(extra_args: dict[str, Any] | None) -> RequestControls | None:

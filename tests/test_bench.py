@@ -318,7 +318,8 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
 
     rows = []
     for q in range(10):
-        for method, ok in (("dense", q < 9), ("keep 0.125", q < 8), ("keep 0.0625", q < 5)):
+        for method, ok in (("dense", q < 9), ("keep 0.125", q < 8), ("keep 0.0625", q < 5),
+                           ("streaming 0.125", q < 3)):
             rows.append(dict(length=8192, context=0, question=q, task="niah_number",
                              method=method, correct=ok))
     s = eval_longctx.summarize(rows)["8192"]
@@ -328,11 +329,18 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
     assert s["keep 0.125"]["vs_dense"] == pytest.approx(-0.1)
     assert s["keep 0.0625"]["vs_dense95"][1] < 0  # 4 of 10 lost: the interval excludes 0
     assert s["keep 0.125"]["by_task"]["niah_number"] == [8, 10]
+    # against StreamingLLM at the same ratio, paired; no StreamingLLM row at 1/16: no pair
+    assert s["keep 0.125"]["vs_streaming"] == pytest.approx(0.5)
+    assert s["keep 0.125"]["vs_streaming95"][0] > 0 and "vs_streaming" not in s["keep 0.0625"]
     meta = {"model": "m", "dtype": "bf16", "host": "h", "command": "c"}
     md = eval_longctx.markdown({"8192": s}, meta)
     assert "| 8192 | keep 0.125 | 80.0% (8/10) |" in md
     # the kept-task table: niah_number kept (dense 9/10 >= 80%), the others never asked
-    assert "| 8192 | niah_number | - | 90.0% (9/10) | 80.0% (8/10) | 50.0% (5/10) |" in md
+    assert ("| 8192 | niah_number | - | 90.0% (9/10) | 80.0% (8/10) | 50.0% (5/10) | "
+            "30.0% (3/10) |") in md
+    assert "| 8192 | 0.125 | 8/10 | 3/10 | +50.0 [" in md
+    assert list(eval_longctx.methods([0.125], [0.125]).values())[-1] == {
+        "prescore_keep_ratio": 0.125, "prescore_streaming": True}
     eval_longctx.plot({"8192": s}, meta, tmp_path / "p.png",
                       {"rows": [{"ctx": 8192, "batch": 1, "backend": "PRESCORE@0.125",
                                  "speedup_vs_cpu_attn": 2.0}]})

@@ -346,6 +346,39 @@ def test_no_room_to_rank_reads_streamingllm_tiles(engine):
     assert (out[0] - ref[0]).abs().max() > 1e-3  # sparse, not exact
 
 
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4"))],
+                         ids=["sparq4"], indirect=True)
+def test_streaming_request_reads_sinks_and_recent_tiles_at_its_bytes(engine):
+    """A request that sends ``prescore_streaming`` (row 1, its worker-side controls) skips the
+    ranking in a batch whose other row ranks: no side data read, all of keep 1/4's bytes on
+    tiles, ceil(25 / 4) = 7: the sink tile and the 6 most recent (the float64 oracle on those
+    tiles), where the same row without the control reads fewer tiles plus side data."""
+    from prescore_backend import requests as rq
+    from prescore_backend.kernels import sparse_decode_ref
+    from prescore_backend.kernels.layouts import vllm_triton_kv_views
+
+    e = engine
+    e.step([(0, 399, 399), (1, 399, 399)])
+    rq.ROWS.rows[1] = rq.RequestControls(streaming=True)
+    try:
+        out, ref, md = e.step([(0, 1, 400), (1, 1, 400)])
+    finally:
+        rq.ROWS.clear()
+    plan = md.plan
+    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [25, 25]
+    assert plan.budget[1] == 7 and plan.query_caps[1] == 0
+    assert plan.budget[0] < 7 and plan.query_caps[0] > 0  # the default row ranks
+    side_tokens = int(plan.layer_counts[3]) // e.kv_heads
+    assert side_tokens == round(400 * e.builder.side_fraction)  # row 0's side data only
+    tiles = torch.full((1, e.kv_heads, 7), -1, dtype=torch.int32)
+    tiles[0, :] = torch.tensor([0, 19, 20, 21, 22, 23, 24], dtype=torch.int32)
+    k, v = vllm_triton_kv_views(e.kv, D)
+    want, _ = sparse_decode_ref(e.q[1:2], k, v, plan.sparse_block_table[1:2],
+                                plan.sparse_seq_lens[1:2], tiles, 16, D ** -0.5)
+    torch.testing.assert_close(out[1:2], want.to(out.dtype), **TOL)
+    assert (out[1] - ref[1]).abs().max() > 1e-3  # sparse, not exact
+
+
 @pytest.mark.parametrize("engine", [(2, 2, _FULL)], ids=["mha"], indirect=True)
 def test_counters_flush_after_the_last_layer_of_every_kv_cache_group(engine):
     """One builder per KV-cache group: the step's layer count is over all of them (each

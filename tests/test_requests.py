@@ -15,6 +15,27 @@ def test_parse_controls():
                            "prescore_dense": False, "x": 1})
     assert c == rq.RequestControls(keep_ratio=0.25, method="kmeans", dense=False)
     assert rq.parse_controls({"prescore_max_tokens": 512}).max_tokens == 512
+    assert rq.parse_controls({"prescore_streaming": True}).streaming
+
+
+def test_streaming_is_refused_where_the_tiles_are_ranked_by_their_prescores(monkeypatch):
+    """prescore_streaming reads the tiles' pre-scores as their positions: a server whose
+    selection reads its scorer's pre-scores (query_cap_ratio < 1) or keeps two tiers refuses
+    it at admission; the default accepts it."""
+    for env, ok in (({}, True), ({"PRESCORE_QUERY_CAP_RATIO": "0.5"}, False),
+                    ({"PRESCORE_LOW_TIER_BITS": "3"}, False)):
+        for k in ("PRESCORE_QUERY_CAP_RATIO", "PRESCORE_LOW_TIER_BITS"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        rq._server_streams.cache_clear()
+        assert rq.parse_controls({"prescore_streaming": False}).streaming is False
+        if ok:
+            assert rq.parse_controls({"prescore_streaming": True}).streaming
+        else:
+            with pytest.raises(ValueError, match="prescore_streaming needs a server"):
+                rq.parse_controls({"prescore_streaming": True})
+    rq._server_streams.cache_clear()
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -25,6 +46,7 @@ def test_parse_controls():
     ({"prescore_max_tokens": -3}, "prescore_max_tokens"),
     ({"prescore_method": "magic"}, "prescore_method must be one of"),
     ({"prescore_dense": "yes"}, "prescore_dense"),
+    ({"prescore_streaming": "yes"}, "prescore_streaming must be true or false"),
     ({"prescore_budget": 3}, "unknown prescore control 'prescore_budget'"),
 ])
 def test_invalid_controls_are_refused(args, needle):

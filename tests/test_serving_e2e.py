@@ -147,14 +147,32 @@ def test_openai_client_completions_chat_and_streaming(server, client):
     assert text == chat.choices[0].message.content
 
 
-def _ratio_of_one_request(server, client, extra: dict | None) -> float:
+def _ratio_of_one_request(server, client, extra: dict | None, side: bool = False):
+    """Share of the context one request's sparse decode read in tiles (with ``side``: and
+    in side data)."""
     before = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
     client.completions.create(model="smollm2-135m", prompt=doc_text(11000, offset=500),
                               max_tokens=8, temperature=0,
                               extra_body={"vllm_xargs": extra} if extra else None)
     after = requests.get(server.url + "/v1/prescore/stats", timeout=10).json()
     ctx = after["decode_context_tokens"] - before["decode_context_tokens"]
-    return (after["decode_read_tokens"] - before["decode_read_tokens"]) / ctx if ctx else 1.0
+    tiles = (after["decode_read_tokens"] - before["decode_read_tokens"]) / ctx if ctx else 1.0
+    if not side:
+        return tiles
+    return tiles, (after["decode_side_tokens"] - before["decode_side_tokens"]) / ctx
+
+
+def test_streaming_request_reads_its_bytes_as_recent_tiles(server, client):
+    """prescore_streaming: the request's keep ratio read in tiles (sinks and the most recent)
+    and no side data; the default at the same ratio spends part of it on the ranking's side
+    data (and so reads fewer tiles)."""
+    st_tiles, st_side = _ratio_of_one_request(
+        server, client, {"prescore_keep_ratio": 0.125, "prescore_streaming": True}, side=True)
+    tiles, side = _ratio_of_one_request(server, client, {"prescore_keep_ratio": 0.125},
+                                        side=True)
+    assert st_side == 0.0 and side > 0.01, (st_side, side)
+    assert 0.12 < st_tiles < 0.14, st_tiles
+    assert tiles < st_tiles and 0.11 < tiles + side < 0.14, (tiles, side)
 
 
 def test_per_request_keep_ratio_changes_tokens_read(server, client):

@@ -57,10 +57,15 @@ def paired_diff(a: list[bool], b: list[bool], reps: int = 2000, seed: int = 0):
     return sum(d) / len(d), (means[int(0.025 * reps)], means[int(0.975 * reps) - 1])
 
 
-def methods(keep_ratios: list[float]) -> dict[str, dict]:
+def methods(keep_ratios: list[float], streaming_ratios: list[float] = ()) -> dict[str, dict]:
+    """Method name -> the request's ``vllm_xargs``: dense, prescore's default ranking at each
+    keep ratio, and StreamingLLM (sinks + most recent tiles, ``prescore_streaming``) at the
+    same bytes."""
     out = {"dense": {"prescore_dense": True}}
     for r in keep_ratios:
         out[f"keep {r:g}"] = {"prescore_keep_ratio": r}
+    for r in streaming_ratios:
+        out[f"streaming {r:g}"] = {"prescore_keep_ratio": r, "prescore_streaming": True}
     return out
 
 
@@ -80,17 +85,19 @@ KEEP_TASK = 0.8
 HEADROOM = 200
 
 
-def run(url: str, lengths: list[int], n_contexts: int, keep_ratios: list[float], seed: int,
+def run(url: str, lengths: list[int], n_contexts: int, meth: dict[str, dict], seed: int,
         tokenizer, workers: int, rows: list[dict] | None = None,
         checkpoint=lambda rows: None) -> list[dict]:
-    """Every (length, context)'s questions under every method; ``rows``: results of an
-    earlier run (their (length, context) cells are skipped); ``checkpoint(rows)`` after each
-    context."""
+    """Every (length, context)'s questions under every method of ``meth`` (:func:`methods`);
+    ``rows``: results of an earlier run (the methods a (length, context) already has are
+    skipped there); ``checkpoint(rows)`` after each context."""
     rows = list(rows or [])
-    meth = methods(keep_ratios)
+    all_meth = meth
     for length in lengths:
         for c in range(n_contexts):
-            if any(r["length"] == length and r["context"] == c for r in rows):
+            have = {r["method"] for r in rows if r["length"] == length and r["context"] == c}
+            meth = {n: x for n, x in all_meth.items() if n not in have}
+            if not meth:
                 continue
             ctx = make_context(tokenizer, length - HEADROOM, c, seed)
             jobs = [(qi, q, name, xargs) for qi, q in enumerate(ctx.questions)
@@ -135,6 +142,14 @@ def summarize(rows: list[dict]) -> dict:
                           "wilson95": wilson(k, n), "vs_dense": d, "vs_dense95": ci,
                           "by_task": {t: [sum(r["correct"] for r in rs if r["task"] == t),
                                           sum(r["task"] == t for r in rs)] for t in TASKS}}
+        for name, c in cell.items():  # the ranking against StreamingLLM at equal bytes
+            base = name.replace("keep ", "streaming ")
+            if name.startswith("keep ") and base in cell:
+                rs = sorted((r for r in sub if r["method"] == name), key=key)
+                st = {key(r): r["correct"] for r in sub if r["method"] == base}
+                c["vs_streaming"], c["vs_streaming95"] = paired_diff(
+                    [r["correct"] for r in rs if key(r) in st], [st[key(r)] for r in rs
+                                                                  if key(r) in st])
         out[str(length)] = cell
     return out
 
@@ -155,6 +170,20 @@ def markdown(summary: dict, meta: dict) -> str:
             lines.append(f"| {length} | {name} | {100 * c['accuracy']:.1f}% ({c['correct']}/"
                          f"{c['n']}) | [{100 * lo:.0f}, {100 * hi:.0f}] | "
                          f"{100 * d:+.1f} [{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {tasks} |")
+    vs = [(length, name, c) for length, cell in summary.items() for name, c in cell.items()
+          if "vs_streaming" in c]
+    if vs:
+        lines += ["", "The default ranking against StreamingLLM (`prescore_streaming`: sinks and "
+                  "the most recent tiles) reading the same bytes per step, paired over the same "
+                  "questions (positive = the ranking answered more):", "",
+                  "| context | keep ratio | ranking | StreamingLLM | ranking - StreamingLLM "
+                  "(95% CI) | dense |", "|---|---|---|---|---|---|"]
+        for length, name, c in vs:
+            st, de = summary[length][name.replace("keep ", "streaming ")], summary[length]["dense"]
+            d, (lo, hi) = c["vs_streaming"], c["vs_streaming95"]
+            lines.append(f"| {length} | {name.split()[1]} | {c['correct']}/{c['n']} | "
+                         f"{st['correct']}/{st['n']} | {100 * d:+.1f} [{100 * lo:+.0f}, "
+                         f"{100 * hi:+.0f}] | {de['correct']}/{de['n']} |")
     lines += ["", f"Tasks kept per length: those dense answers at least {KEEP_TASK:.0%} of (a "
               "task the model cannot do with exact attention says nothing about the "
               "selection). Accuracy on the kept tasks:", "",
@@ -187,10 +216,17 @@ def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> No
     ax = axes[0] if speed else axes
     for length, cell in summary.items():
         pts = sorted((1.0 if n == "dense" else float(n.split()[1]), 100 * c["accuracy"],
-                      100 * c["wilson95"][0], 100 * c["wilson95"][1]) for n, c in cell.items())
+                      100 * c["wilson95"][0], 100 * c["wilson95"][1]) for n, c in cell.items()
+                     if not n.startswith("streaming"))
         x, y, lo, hi = zip(*pts)
-        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
-                    marker="o", capsize=3, label=f"{int(length) // 1024}k tokens")
+        line = ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)],
+                                       [b - a for a, b in zip(y, hi)]],
+                           marker="o", capsize=3, label=f"{int(length) // 1024}k tokens")
+        st = sorted((float(n.split()[1]), 100 * c["accuracy"]) for n, c in cell.items()
+                    if n.startswith("streaming"))
+        if st:
+            ax.plot(*zip(*st), linestyle="--", marker="x", color=line[0].get_color(),
+                    label=f"{int(length) // 1024}k, StreamingLLM")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("keep ratio (share of KV bytes read per step; 1 = dense)")
     ax.set_ylabel("questions answered (%), 95% CI")
@@ -222,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--contexts", type=int, default=3, help="haystacks per length (9 questions each)")
     p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.125, 0.0625])
+    p.add_argument("--streaming-ratios", type=float, nargs="*", default=[0.125, 0.0625],
+                   help="StreamingLLM at these keep ratios' bytes (prescore_streaming)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=8, help="requests in flight per context")
     p.add_argument("--url", help="a running server (else prescore-serve is started)")
@@ -272,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         url = srv.url
     try:
         t0 = time.perf_counter()
-        rows = run(url, args.lengths, args.contexts, args.keep_ratios, args.seed, tokenizer,
+        rows = run(url, args.lengths, args.contexts,
+                   methods(args.keep_ratios, args.streaming_ratios), args.seed, tokenizer,
                    args.workers, done, checkpoint)
         cfg = requests.get(url + "/v1/prescore/config", timeout=30).json()
     finally:

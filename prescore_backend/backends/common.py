@@ -353,18 +353,25 @@ class StepPlanner:
         own_ratio = torch.zeros(num_reqs, dtype=torch.bool)
         fixed: dict[int, int] = {}  # row -> tiles of a request's absolute budget
         dense = torch.zeros(num_reqs, dtype=torch.bool) if controls else None
+        streaming: list[int] = []  # rows that asked for StreamingLLM's selection
         for r, c in controls.items():
             if c.max_tokens is not None:
                 fixed[r] = -(-c.max_tokens // T)
             elif c.keep_ratio is not None:
                 ratios[r], own_ratio[r] = c.keep_ratio, True
             dense[r] = c.dense
+            if c.streaming:
+                streaming.append(r)
         budget, ranks = ratio_budgets(cfg, num_tiles, ratios, self.budget_side)
         if cfg.max_tokens > 0:  # an absolute budget, but for rows that sent a keep ratio
             budget = torch.where(own_ratio, budget, config_budget(cfg, num_tiles))
             ranks |= ~own_ratio
         for r, tiles in fixed.items():
             budget[r], ranks[r] = tiles, True
+        for r in streaming:  # no side data read: the whole budget buys tiles
+            ranks[r] = False
+            if r not in fixed and (cfg.max_tokens <= 0 or own_ratio[r]):
+                budget[r] = int(torch.ceil(num_tiles[r].double() * ratios[r]))
         return budget, ranks, dense
 
 
