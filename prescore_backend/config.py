@@ -38,6 +38,10 @@ def _doc(text: str) -> dict[str, Any]:
     return {"doc": text}
 
 
+#: tile aggregates a server can use (scoring.tiles' topk_count needs the context's global top-k)
+SERVER_AGGREGATES = ("max", "sum", "mean")
+
+
 @dataclass(frozen=True)
 class PrescoreConfig:
     """Settings of the PRESCORE attention backend (validated on construction)."""
@@ -132,11 +136,12 @@ class PrescoreConfig:
     min_seq_len: int = field(default=2048, metadata=_doc(
         "Sequences shorter than this decode with vLLM's exact kernel."))
     aggregate: str = field(default="max", metadata=_doc(
-        "How key scores become a tile score: max, sum, mean, topk_count."))
+        "How key scores become a tile score: max, sum or mean over the tile's keys (the "
+        "scoring library's topk_count needs the whole context's top-k, which a block scored "
+        "when it fills does not see: not a server setting)."))
     seed: int = field(default=0, metadata=_doc("Seed of the scorers, LSH projections and sampling."))
     def __post_init__(self) -> None:
         from prescore_backend.scoring import available_scorers
-        from prescore_backend.scoring.tiles import AGGREGATORS
 
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"invalid prescore setting {name}={getattr(self, name)!r} "
@@ -185,8 +190,8 @@ class PrescoreConfig:
             raise bad("low_tier_share", "must be in (0, 1]")
         if self.min_seq_len < 0:
             raise bad("min_seq_len", "must be >= 0")
-        if self.aggregate not in AGGREGATORS:
-            raise bad("aggregate", f"valid: {', '.join(sorted(AGGREGATORS))}")
+        if self.aggregate not in SERVER_AGGREGATES:
+            raise bad("aggregate", f"valid: {', '.join(SERVER_AGGREGATES)}")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -349,7 +354,10 @@ def reference_markdown() -> str:
         req = f"`{REQUEST_KEYS[name]}`" if name in REQUEST_KEYS else "-"
         out.append(f"| `{name}` | `{flag_name(name)}` | `{env_name(name)}` | {req} | "
                    f"`{defaults[name]!r}` | {first.replace('|', chr(92) + '|')} |")
-    out += ["", "Per request only: `prescore_dense` (`true`: exact attention for this request).",
+    out += ["", "Per request only: `prescore_dense` (`true`: exact attention for this request); "
+            "`prescore_streaming` (`true`: StreamingLLM's selection, the sinks and the most "
+            "recent tiles, at the request's bytes: the recency baseline beside the ranking; "
+            "only where `query_cap_ratio` is 1 and `low_tier_bits` 0, else HTTP 400).",
             "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "
             "are read only when `query_cap_ratio` < 1 or the ranking is `none` / `lsh`.", "",
             "## Details", ""]

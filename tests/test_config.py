@@ -47,6 +47,9 @@ def test_validation_switch_is_not_a_setting():
     ({"PRESCORE_QUERY_CHANNELS": "3"}, "PRESCORE_QUERY_CHANNELS"),
     ({"PRESCORE_QUERY_CHANNELS": "-2"}, "even number"),
     ({"PRESCORE_AGGREGATE": "median"}, "PRESCORE_AGGREGATE"),
+    # needs the whole context's top-k: crashed the first prefill's scoring before
+    ({"PRESCORE_AGGREGATE": "topk_count", "PRESCORE_QUERY_CAP_RATIO": "0.5"},
+     "PRESCORE_AGGREGATE / --prescore-aggregate): valid: max, sum, mean"),
     # the default ranking's key copy is read 16 tokens at a time (crashed mid-serving before)
     ({"PRESCORE_TILE_SIZE": "8", "PRESCORE_SINK_TOKENS": "16", "PRESCORE_WINDOW_TOKENS": "128"},
      "PRESCORE_TILE_SIZE / --prescore-tile-size): query_aware='sparq4'"),
