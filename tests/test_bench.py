@@ -319,7 +319,7 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
     rows = []
     for q in range(10):
         for method, ok in (("dense", q < 9), ("keep 0.125", q < 8), ("keep 0.0625", q < 5),
-                           ("streaming 0.125", q < 3)):
+                           ("streaming 0.125", q < 3), ("tiers keep 0.125", q < 7)):
             rows.append(dict(length=8192, context=0, question=q, task="niah_number",
                              method=method, correct=ok))
     s = eval_longctx.summarize(rows)["8192"]
@@ -332,13 +332,14 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
     # against StreamingLLM at the same ratio, paired; no StreamingLLM row at 1/16: no pair
     assert s["keep 0.125"]["vs_streaming"] == pytest.approx(0.5)
     assert s["keep 0.125"]["vs_streaming95"][0] > 0 and "vs_streaming" not in s["keep 0.0625"]
+    assert s["tiers keep 0.125"]["vs_streaming"] == pytest.approx(0.4)  # another server's rows
     meta = {"model": "m", "dtype": "bf16", "host": "h", "command": "c"}
     md = eval_longctx.markdown({"8192": s}, meta)
     assert "| 8192 | keep 0.125 | 80.0% (8/10) |" in md
     # the kept-task table: niah_number kept (dense 9/10 >= 80%), the others never asked
     assert ("| 8192 | niah_number | - | 90.0% (9/10) | 80.0% (8/10) | 50.0% (5/10) | "
-            "30.0% (3/10) |") in md
-    assert "| 8192 | 0.125 | 8/10 | 3/10 | +50.0 [" in md
+            "30.0% (3/10) | 70.0% (7/10) |") in md
+    assert "| 8192 | keep 0.125 | 8/10 | 3/10 | +50.0 [" in md
     assert list(eval_longctx.methods([0.125], [0.125]).values())[-1] == {
         "prescore_keep_ratio": 0.125, "prescore_streaming": True}
     eval_longctx.plot({"8192": s}, meta, tmp_path / "p.png",

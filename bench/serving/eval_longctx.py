@@ -57,13 +57,15 @@ def paired_diff(a: list[bool], b: list[bool], reps: int = 2000, seed: int = 0):
     return sum(d) / len(d), (means[int(0.025 * reps)], means[int(0.975 * reps) - 1])
 
 
-def methods(keep_ratios: list[float], streaming_ratios: list[float] = ()) -> dict[str, dict]:
-    """Method name -> the request's ``vllm_xargs``: dense, prescore's default ranking at each
-    keep ratio, and StreamingLLM (sinks + most recent tiles, ``prescore_streaming``) at the
-    same bytes."""
+def methods(keep_ratios: list[float], streaming_ratios: list[float] = (),
+            label: str = "") -> dict[str, dict]:
+    """Method name -> the request's ``vllm_xargs``: dense, the server's selection at each keep
+    ratio (named ``"{label}keep r"``; the label tells another server configuration's rows
+    apart), and StreamingLLM (sinks + most recent tiles, ``prescore_streaming``) at the same
+    bytes."""
     out = {"dense": {"prescore_dense": True}}
     for r in keep_ratios:
-        out[f"keep {r:g}"] = {"prescore_keep_ratio": r}
+        out[f"{label}keep {r:g}"] = {"prescore_keep_ratio": r}
     for r in streaming_ratios:
         out[f"streaming {r:g}"] = {"prescore_keep_ratio": r, "prescore_streaming": True}
     return out
@@ -143,8 +145,8 @@ def summarize(rows: list[dict]) -> dict:
                           "by_task": {t: [sum(r["correct"] for r in rs if r["task"] == t),
                                           sum(r["task"] == t for r in rs)] for t in TASKS}}
         for name, c in cell.items():  # the ranking against StreamingLLM at equal bytes
-            base = name.replace("keep ", "streaming ")
-            if name.startswith("keep ") and base in cell:
+            base = "streaming " + name.split("keep ")[-1]
+            if "keep " in name and base in cell:
                 rs = sorted((r for r in sub if r["method"] == name), key=key)
                 st = {key(r): r["correct"] for r in sub if r["method"] == base}
                 c["vs_streaming"], c["vs_streaming95"] = paired_diff(
@@ -176,12 +178,12 @@ def markdown(summary: dict, meta: dict) -> str:
         lines += ["", "The default ranking against StreamingLLM (`prescore_streaming`: sinks and "
                   "the most recent tiles) reading the same bytes per step, paired over the same "
                   "questions (positive = the ranking answered more):", "",
-                  "| context | keep ratio | ranking | StreamingLLM | ranking - StreamingLLM "
+                  "| context | method | ranking | StreamingLLM | ranking - StreamingLLM "
                   "(95% CI) | dense |", "|---|---|---|---|---|---|"]
         for length, name, c in vs:
-            st, de = summary[length][name.replace("keep ", "streaming ")], summary[length]["dense"]
+            st, de = summary[length]["streaming " + name.split("keep ")[-1]], summary[length]["dense"]
             d, (lo, hi) = c["vs_streaming"], c["vs_streaming95"]
-            lines.append(f"| {length} | {name.split()[1]} | {c['correct']}/{c['n']} | "
+            lines.append(f"| {length} | {name} | {c['correct']}/{c['n']} | "
                          f"{st['correct']}/{st['n']} | {100 * d:+.1f} [{100 * lo:+.0f}, "
                          f"{100 * hi:+.0f}] | {de['correct']}/{de['n']} |")
     lines += ["", f"Tasks kept per length: those dense answers at least {KEEP_TASK:.0%} of (a "
@@ -217,7 +219,7 @@ def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> No
     for length, cell in summary.items():
         pts = sorted((1.0 if n == "dense" else float(n.split()[1]), 100 * c["accuracy"],
                       100 * c["wilson95"][0], 100 * c["wilson95"][1]) for n, c in cell.items()
-                     if not n.startswith("streaming"))
+                     if n == "dense" or n.startswith("keep "))
         x, y, lo, hi = zip(*pts)
         line = ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)],
                                        [b - a for a, b in zip(y, hi)]],
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.125, 0.0625])
     p.add_argument("--streaming-ratios", type=float, nargs="*", default=[0.125, 0.0625],
                    help="StreamingLLM at these keep ratios' bytes (prescore_streaming)")
+    p.add_argument("--label", default="",
+                   help="prefix of the keep-ratio rows' names (another server configuration "
+                        "added to --out with --resume, e.g. 'tiers ')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=8, help="requests in flight per context")
     p.add_argument("--url", help="a running server (else prescore-serve is started)")
@@ -283,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     partial = args.out.with_suffix(".partial.json")
     done: list[dict] = []
+    old_meta: dict | None = None
     if args.resume:
-        for f in (args.out, partial):
+        for f in (partial, args.out):
             if f.is_file():
                 done = json.loads(f.read_text())["rows"]
                 break
+        if args.out.is_file():
+            old_meta = json.loads(args.out.read_text()).get("meta")
 
     def checkpoint(rows: list[dict]) -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         rows = run(url, args.lengths, args.contexts,
-                   methods(args.keep_ratios, args.streaming_ratios), args.seed, tokenizer,
+                   methods(args.keep_ratios, args.streaming_ratios, args.label), args.seed,
+                   tokenizer,
                    args.workers, done, checkpoint)
         cfg = requests.get(url + "/v1/prescore/config", timeout=30).json()
     finally:
@@ -327,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             "host": f"{host.cpu_model()} ({host.isa()}), {platform.machine()}",
             "prescore_config": cfg, "seconds": round(time.perf_counter() - t0),
             "command": "python bench/serving/eval_longctx.py " + " ".join(argv or sys.argv[1:])}
+    if old_meta is not None and old_meta.get("prescore_config") != cfg:
+        # rows of another server configuration added: the first run's settings stay the
+        # file's, each later one is listed with its own
+        meta = {**old_meta, "more_runs": old_meta.get("more_runs", []) + [
+            {k: meta[k] for k in ("prescore_config", "seconds", "command")}]}
     summary = summarize(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1))
