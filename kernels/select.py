@@ -75,9 +75,8 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
         tile_scores: ``[R, Hkv, M]`` float pre-scores of each row's logical tiles; entries at
             index >= num_tiles[r] are ignored whatever their value (NaN counts as -inf).
         num_tiles: ``[R]`` valid tiles per row, including the partial last one.
-        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included,
-            or ``[R, Hkv]`` one budget per (row, KV head) (the "torch" path only; "auto"
-            takes it there). Rows with budget >= num_tiles take every tile (exact attention).
+        budget: ``[R]`` total tiles to read per (row, head), sinks, window and LSH included.
+            Rows with budget >= num_tiles take every tile (exact attention).
         sink_tiles: the first tiles, always kept (StreamingLLM sinks).
         window_tiles: the last tiles (incl. the partial last one), always kept.
         lsh_match: optional ``[R, Hkv, M]`` bool, tiles whose bucket set holds the query's bucket.
@@ -101,12 +100,7 @@ def select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink
     Returns:
         :class:`Selection`.
     """
-    per_head = budget.dim() == 2
-    if per_head and impl == "auto":
-        impl = "torch"
     impl, fn = resolve("select_tiles", impl, tile_scores, _IMPLS)
-    if per_head and impl != "torch":
-        raise ValueError(f"per-head budgets [R, Hkv] need impl='torch', got {impl!r}")
     return fn(tile_scores, num_tiles, budget, sink_tiles=sink_tiles, window_tiles=window_tiles,
               lsh_match=lsh_match, lsh_cap=lsh_cap, num_slots=num_slots)
 
@@ -149,13 +143,12 @@ def _select_triton(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, nu
 def _select_torch(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, sink_tiles: int,
                   window_tiles: int, lsh_match: Tensor | None, lsh_cap: int,
                   num_slots: int | None) -> Selection:
-    """Vectorized torch ops, any device; budget ``[R]`` or ``[R, Hkv]``."""
-    per_head = budget.dim() == 2
+    """Vectorized torch ops, any device."""
     R, H, M = tile_scores.shape
     dev = tile_scores.device
     n = num_tiles.to(dev).long().clamp(0, M).view(R, 1, 1)  # [R, 1, 1]
     b = budget.to(dev).long()
-    keep = torch.minimum(b.view(R, H if per_head else 1, 1).clamp_min(0), n)  # [R, 1|H, 1]
+    keep = torch.minimum(b.view(R, 1, 1).clamp_min(0), n)  # [R, 1, 1]
     S = int(keep.max()) if R > 0 and M > 0 else 0
     idx = torch.arange(M, device=dev)  # [M]
     all_valid = R > 0 and int(n.min()) == M  # common: every row has M tiles
@@ -334,9 +327,9 @@ def select_tiles_ref(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, *, 
                      window_tiles: int, lsh_match: Tensor | None = None,
                      lsh_cap: int = 0) -> Selection:
     """Oracle for :func:`select_tiles`: the same rules with plain loops (ties: lower index first).
-    budget: ``[R]`` or ``[R, Hkv]``."""
+    budget: ``[R]``."""
     R, H, M = tile_scores.shape
-    budget = budget.view(R, H) if budget.dim() == 2 else budget.view(R, 1).expand(R, H)
+    budget = budget.view(R, 1).expand(R, H)
     rows: list[list[list[int]]] = []
     counts = [0, 0, 0, 0]
     for r in range(R):

@@ -268,47 +268,6 @@ def test_selection_targets_are_judged_per_text() -> None:
     assert eval_selection.targets(summary, ["prose"], [0.125]) == []  # no such cells
 
 
-def test_head_budget_profile_splits_the_same_total(model: Llama, tokens: torch.Tensor,
-                                                   tmp_path: Path) -> None:
-    """The per-(layer, KV head) budget probe (bench/quality/head_budgets.py): calibration curves rise
-    from 0 to 1 with the forced sinks and window first; a split keeps the step's total tiles,
-    every pair at least the forced tiles; a ``heads:`` method reads what its uniform
-    counterpart reads (the same total over layers and heads) and differs in what it picks."""
-    from head_budgets import BudgetProfile, ProfileAccumulator
-
-    s, cfg = model.spec, eval_core.BASE
-    acc = ProfileAccumulator(s.layers, s.kv_heads, cfg.tile_size, grid=64,
-                             sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles)
-    keys = {}
-    pos = torch.arange(CTX - 1 - 16 * 7, CTX, 16)
-    model.prefill(tokens[:CTX], on_kv=lambda i, k, v: keys.__setitem__(i, k),
-                  on_q=lambda i, q: acc.add(i, q[:, pos], keys[i], pos, model.scale),
-                  logits="none")
-    prof = acc.profile(text="test")
-    c = prof.curves
-    assert c.shape == (s.layers, s.kv_heads, 65)
-    assert torch.all(c[..., 0] == 0) and torch.allclose(c[..., -1], torch.ones(()).double())
-    assert bool((c.diff(dim=-1) >= -1e-12).all())
-    prof.save(tmp_path / "p.pt")
-    prof = BudgetProfile.load(tmp_path / "p.pt")
-    n, b, floor = CTX // cfg.tile_size, CTX // cfg.tile_size // 2, cfg.sink_tiles + cfg.window_tiles
-    split = prof.budgets(b, n, floor)
-    assert int(split.sum()) == s.layers * s.kv_heads * b
-    assert int(split.min()) >= floor and int(split.max()) <= n and len(set(split.view(-1).tolist())) > 1
-
-    eval_core.BUDGET_PROFILE = prof
-    try:
-        steps = 2
-        seq = tokens[3000:3000 + CTX + steps + 1]
-        ms = ["dense", "oracle", "heads:oracle"]
-        res = eval_core.run_context(model, seq, CTX, steps, ms, [0.5], log=lambda s: None)
-    finally:
-        eval_core.BUDGET_PROFILE = None
-    uniform, heads = res.read[("oracle", 0.5)], res.read[("heads:oracle", 0.5)]
-    assert abs(heads - uniform) <= (cfg.tile_size - 1) * s.layers * s.kv_heads * steps
-    assert res.token_nll[("heads:oracle", 0.5)] != res.token_nll[("oracle", 0.5)]
-
-
 def test_stale_probe_reuses_the_scan_of_an_earlier_step(model: Llama,
                                                         tokens: torch.Tensor) -> None:
     """``probe_stale<N>_maxlogit`` (docs/results/selection-probes.md): rescanned every step it

@@ -275,33 +275,6 @@ def test_select_fast_path_matches_ref(seed, use_lsh, impl):
     assert torch.equal(sel.source_counts, ref.source_counts)
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("sink,window,cap", [(0, 0, 0), (1, 2, 3), (2, 3, 4)])
-@pytest.mark.parametrize("use_lsh", [False, True])
-def test_select_per_head_budgets_match_ref(seed, sink, window, cap, use_lsh):
-    """Budgets ``[R, Hkv]`` (one per KV head, as a calibrated budget profile gives): the torch
-    path follows the oracle per (row, head), on both of its paths; the same budget on every
-    head selects what the ``[R]`` budget does; the fused paths refuse them by name."""
-    scores, num_tiles, budget, lsh = _random_problem(seed)
-    R, H, M = scores.shape
-    g = torch.Generator().manual_seed(100 + seed)
-    kw = dict(sink_tiles=sink, window_tiles=window, lsh_match=lsh if use_lsh else None, lsh_cap=cap)
-    for per_head in (torch.randint(0, M + 5, (R, H), generator=g),  # general path
-                     torch.randint(sink + window + cap, M + 5, (R, H), generator=g)):  # fast
-        sel = select_tiles(scores, num_tiles, per_head, impl="auto", **kw)
-        ref = select_tiles_ref(scores, num_tiles, per_head, **kw)
-        assert torch.equal(sel.tiles, ref.tiles)
-        assert torch.equal(sel.num_selected, ref.num_selected)
-        assert torch.equal(sel.num_selected, torch.minimum(per_head, num_tiles.view(R, 1)).int())
-        assert torch.equal(sel.source_counts, ref.source_counts)
-    same = select_tiles(scores, num_tiles, budget.view(R, 1).expand(R, H).contiguous(),
-                        impl="torch", **kw)
-    assert torch.equal(same.tiles, select_tiles(scores, num_tiles, budget, impl="torch", **kw).tiles)
-    for impl in ("cpp", "static"):
-        with pytest.raises(ValueError, match="per-head budgets"):
-            select_tiles(scores, num_tiles, per_head, impl=impl, **kw)
-
-
 @pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("layout,dtype,group", [("cpu", torch.float32, 3), ("cpu_amx", torch.bfloat16, 3),
                                                 ("cpu", torch.bfloat16, 9), ("gpu", torch.float32, 2),

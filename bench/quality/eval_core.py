@@ -28,7 +28,6 @@ reads the backend's budget for r (ceil(r * tiles), at least sinks + window) in t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -62,7 +61,6 @@ from prescore_backend.side_data import (
     record_decode_tokens,
     run_score_jobs,
 )
-from head_budgets import BudgetProfile  # noqa: E402  (bench/)
 from prescore_backend.kernels.layouts import vllm_cpu_kv_views
 from prescore_backend.pq import PQCodebooks, codebook_path
 from prescore_backend.kernels.lsh import AngularLSH, num_words
@@ -472,15 +470,6 @@ class OracleMethod(EvalMethod):
         return Chosen(sel.tiles)
 
 
-#: The budget profile of ``heads:`` methods (:func:`set_budget_profile`).
-BUDGET_PROFILE: BudgetProfile | None = None
-
-
-def set_budget_profile(path: str | Path) -> None:
-    global BUDGET_PROFILE
-    BUDGET_PROFILE = BudgetProfile.load(path)
-
-
 @dataclass
 class WrappedMethod(EvalMethod):
     """A method built on another (``base``): reads the same side data, charged the same bytes."""
@@ -520,32 +509,6 @@ class WrappedMethod(EvalMethod):
 
     def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
         return self.base.choose(env, rows)
-
-
-@dataclass
-class HeadBudgetMethod(WrappedMethod):
-    """``heads[P]:<method>``: the method with its per-row budget split across layers and KV
-    heads by :data:`BUDGET_PROFILE` (``bench/quality/head_budgets.py``): same total tiles
-    per step over all (layer, head) pairs, each pair's budget from the calibration curves, at
-    least P% of the uniform budget (default: only the forced sinks + window)."""
-
-    min_share: float = 0.0  # every head keeps at least this share of the uniform budget
-
-    def fuse_key(self) -> object:
-        return ("heads", self.min_share, self.base.fuse_key())
-
-    def choose(self, env: LayerEnv, rows: RowBatch) -> Chosen:
-        prof = BUDGET_PROFILE
-        if prof is None:
-            raise ValueError(f"{self.name}: no budget profile (--budget-profile)")
-        if env.layer >= prof.layers or env.key_cache.shape[1] != prof.kv_heads:
-            raise ValueError(f"budget profile is {prof.layers} layers x {prof.kv_heads} KV "
-                             f"heads; layer {env.layer} of a {env.key_cache.shape[1]}-head model")
-        cfg = self.cfg
-        floor = cfg.sink_tiles + cfg.window_tiles
-        per_head = torch.stack([prof.budgets(int(b), int(n), max(floor, math.ceil(self.min_share * b)))[env.layer]
-                                for b, n in zip(rows.budget.tolist(), rows.num_tiles.tolist())])
-        return self.base.choose(env, dataclasses.replace(rows, budget=per_head))
 
 
 @dataclass
@@ -814,13 +777,6 @@ def method(spec: str) -> EvalMethod:
             raise KeyError(f"{spec!r}: unknown compensation mode {mode!r}")
         return register(CompensatedMethod(spec, f"{inner.label} [+ tail {mode}]",
                                           scorer=inner.scorer, base=inner, mode=mode))
-    if spec.startswith("heads") and ":" in spec:  # heads[P]:<method>
-        head, _, inner_spec = spec.partition(":")
-        inner = method(inner_spec)
-        share = int(head[len("heads"):] or 0)
-        return register(HeadBudgetMethod(
-            spec, f"{inner.label} [per-head budgets" + (f", >= {share}%]" if share else "]"),
-            scorer=inner.scorer, base=inner, min_share=share / 100))
     base_name, sep, rest = spec.partition("@")
     base = METHODS.get(base_name)
     if not sep or not isinstance(base, PrescoreMethod):

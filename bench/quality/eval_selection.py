@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_core import Llama, method, run_context, set_budget_profile, text_tokens  # noqa: E402
+from eval_core import Llama, method, run_context, text_tokens  # noqa: E402
 from eval_quality import git_commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -306,9 +306,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="experiment: PQ codebooks of C centroids refitted on each context's "
                         "prefix keys (PQCache's per-request codebook; the backend uses the "
                         "calibrated ones; the codebook's own bytes are not counted)")
-    p.add_argument("--budget-profile", default=None, metavar="PT",
-                   help="per-(layer, KV head) budget profile of the heads:<method> methods "
-                        "(bench/quality/calibrate_budgets.py)")
     p.add_argument("--smoke", action="store_true",
                    help="tests: 512-token context, one window of 32 tokens, 2 texts")
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "selection.json"))
@@ -350,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     texts = [t for t in args.texts.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in args.ratios.split(",")]
-    if args.budget_profile:
-        set_budget_profile(args.budget_profile)
     for m in methods:
         method(m)
     if args.new_tokens % 32:
