@@ -114,9 +114,46 @@ def assert_no_more_repetitive(choices: list[dict], exact: list[dict], label: str
     assert sum(rep) / len(rep) <= sum(ref) / len(ref) + 0.4, (rep, ref, texts)
 
 
+def _greedy(srv: Server, prompt: str, xargs: dict, n: int = 12) -> tuple[list[str], list[float]]:
+    r = requests.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 1,
+        "ignore_eos": True, "vllm_xargs": xargs}, timeout=600)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return lp["tokens"], lp["token_logprobs"]
+
+
+#: four requests in flight with other controls (test_concurrent_requests_keep_their_controls)
+MAPPING_CONTROLS = [{"prescore_dense": True}, {"prescore_keep_ratio": 0.5},
+                    {"prescore_keep_ratio": 0.125, "prescore_streaming": True}, {}]
+
+
+def controls_mapping(srv: Server) -> dict:
+    """Four ~2.7k-token prompts, each with MAPPING_CONTROLS[i]: alone under its own controls
+    and under its neighbour's, then all four together, staggered (rows added while others
+    decode), with a short request that finishes first (its row removed, the batch condensed)."""
+    import time
+
+    prompts = [doc_text(11000, offset=12000 * i) for i in range(4)]
+    own = [_greedy(srv, p, c) for p, c in zip(prompts, MAPPING_CONTROLS)]
+    other = [_greedy(srv, p, MAPPING_CONTROLS[(i + 1) % 4]) for i, p in enumerate(prompts)]
+
+    def staggered(i: int):
+        time.sleep(0.4 * i)
+        return _greedy(srv, prompts[i], MAPPING_CONTROLS[i])
+
+    with cf.ThreadPoolExecutor(5) as pool:
+        short = pool.submit(_greedy, srv, "The capital of France is", {}, 2)
+        together = [f.result() for f in [pool.submit(staggered, i) for i in range(4)]]
+        short.result()
+    return {"own": own, "other": other, "together": together}
+
+
 def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False,
-              with_one_token_chunks: bool = False) -> dict:
+              with_one_token_chunks: bool = False, with_mapping: bool = False) -> dict:
     res = {"one_token_chunks": first_logprobs(srv)} if with_one_token_chunks else {}
+    if with_mapping:
+        res["mapping"] = controls_mapping(srv)
     res |= {"short": [token_ids(c) for c in complete(srv, SHORT)],
            "chunked": token_ids(complete(srv, LONG_CHUNKED)[0]),
            "mixed": [token_ids(c) for c in complete(srv, MIXED)]}
@@ -162,7 +199,8 @@ def keep_all(model_path, reference):
 @pytest.fixture(scope="module")
 def sparse8(model_path, keep_all):
     return serve_and_run({"PRESCORE_KEEP_RATIO": "0.125", "PRESCORE_MIN_SEQ_LEN": "1024"},
-                         with_prefix=True, with_long_set=True, with_one_token_chunks=True)
+                         with_prefix=True, with_long_set=True, with_one_token_chunks=True,
+                         with_mapping=True)
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +331,27 @@ def test_side_data_fits_in_the_kv_cache_budget(sparse8, reference):
     used = tokens(sparse8["log"]) * layers * (kv + side)
     assert 0.99 * budget <= used <= budget, (used, budget)
     assert tokens(reference["log"]) * layers * kv <= budget < tokens(reference["log"]) * layers * (kv + side)
+
+
+def _gap(a, b) -> float:
+    """Largest logprob difference over the decode positions (the first token comes from the
+    prefill) up to the first differing token; inf if one of the first 3 tokens differs."""
+    same = next((i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y), len(a[0]))
+    if same < 3:
+        return float("inf")
+    return max(abs(x - y) for x, y in zip(a[1][1:same], b[1][1:same]))
+
+
+def test_concurrent_requests_keep_their_controls(sparse8):
+    """The V1 runner's request -> row mapping with several requests in flight (exact, keep
+    1/2, StreamingLLM at 1/8, the default; staggered, a short request finishing first): every
+    request's decoded logprobs are those it gets alone under its own controls (float32:
+    batching moves them by ~1e-5), and far from those under its neighbour's."""
+    m = sparse8["mapping"]
+    gaps = [(_gap(t, o), _gap(t, x)) for t, o, x in zip(m["together"], m["own"], m["other"])]
+    print("logprob gaps (own controls, neighbour's):", gaps)
+    for near, far in gaps:
+        assert near < 1e-3 and far > 0.05, gaps
 
 
 def test_shared_prefix_matches_runs_alone(sparse8):

@@ -187,54 +187,6 @@ def test_per_request_keep_ratio_changes_tokens_read(server, client):
     assert dense_rows_after["dense_fallback_rows"] > dense_rows_before["dense_fallback_rows"]
 
 
-def _greedy(server, prompt: str, xargs: dict, n: int = 12) -> tuple[list[str], list[float]]:
-    r = requests.post(server.url + "/v1/completions", json={
-        "model": "smollm2-135m", "prompt": prompt, "max_tokens": n, "temperature": 0,
-        "logprobs": 1, "ignore_eos": True, "vllm_xargs": xargs}, timeout=300)
-    assert r.status_code == 200, r.text
-    lp = r.json()["choices"][0]["logprobs"]
-    return lp["tokens"], lp["token_logprobs"]
-
-
-def _gap(a, b) -> float:
-    """Largest logprob difference over the decode positions (the first token comes from the
-    prefill) up to the first differing token; inf if the first decoded tokens differ."""
-    same = next((i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y), len(a[0]))
-    if same < 3:
-        return float("inf")
-    return max(abs(x - y) for x, y in zip(a[1][1:same], b[1][1:same]))
-
-
-def test_concurrent_requests_keep_their_own_controls(server):
-    """The V1 runner's request -> row mapping with several requests in flight: four long
-    prompts sent together, staggered so rows are added while others decode, and a short
-    request that finishes first (its row removed, the batch condensed), each with other
-    controls (exact, keep 1/2, StreamingLLM at 1/8, the default). Every request's decoded
-    logprobs are those it gets alone under its own controls, and far from those it gets alone
-    under its neighbour's (the mapping, not numerics, decides)."""
-    import concurrent.futures as cf
-    import time
-
-    controls = [{"prescore_dense": True}, {"prescore_keep_ratio": 0.5},
-                {"prescore_keep_ratio": 0.125, "prescore_streaming": True}, {}]
-    prompts = [doc_text(11000, offset=12000 * i) for i in range(4)]
-    own = [_greedy(server, p, c) for p, c in zip(prompts, controls)]
-    other = [_greedy(server, p, controls[(i + 1) % 4]) for i, p in enumerate(prompts)]
-
-    def staggered(i: int):
-        time.sleep(0.4 * i)
-        return _greedy(server, prompts[i], controls[i])
-
-    with cf.ThreadPoolExecutor(5) as pool:
-        short = pool.submit(_greedy, server, "The capital of France is", {}, 2)
-        futs = [pool.submit(staggered, i) for i in range(4)]
-        together = [f.result() for f in futs]
-        assert len(short.result()[0]) == 2
-    for i in range(4):
-        near, far = _gap(together[i], own[i]), _gap(together[i], other[i])
-        assert near < 0.05 and far > 4 * max(near, 0.01), (i, near, far)
-
-
 def _assert_openai_error(r: requests.Response, status: int = 400, needle: str = "") -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
