@@ -62,6 +62,7 @@ serve-long: model-long
 # prescore at keep 1/4, 1/8, 1/16 on one server (~1 h on a 2-core AVX-512 host in bf16).
 results-longctx: model-long
 	$(BIN)/python bench/serving/eval_longctx.py --lengths 8192 16384 32768 --contexts 3 \
+		--keep-ratios 0.25 0.125 0.0625 --streaming-ratios 0.25 0.125 0.0625 \
 		--out docs/results/longctx_qwen.json
 
 test: model model-long kvpress-venv
