@@ -383,3 +383,27 @@ def test_long_context_tasks_are_deterministic_and_planted(model_path: str) -> No
     msgs = longctx_tasks.chat_messages(a, a.questions[0])
     assert msgs[0]["content"].startswith(a.text) and msgs[0]["content"].endswith(
         a.questions[0].prompt)
+
+
+def test_code_task_plants_each_function_once_far_from_its_call(model_path: str) -> None:
+    """The long-file code task: a Python file of about the asked length (the standard
+    library's source), nine functions of unique names planted once each at top-level
+    boundaries, each question a call to complete, answered by the parameter names of that
+    function's definition (all of them needed); deterministic per seed."""
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import longctx_tasks
+
+    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    a, b = (longctx_tasks.make_code_context(tok, 6000, 0, seed=1) for _ in range(2))
+    assert a.text == b.text != longctx_tasks.make_code_context(tok, 6000, 1, seed=1).text
+    assert 5800 <= len(tok.encode(a.text).ids) <= 6200
+    assert len(a.questions) == 9 and {q.task for q in a.questions} == {"code_call"}
+    for q in a.questions:
+        name = q.prompt.rsplit("result = ", 1)[1].rstrip("(")
+        head = f"def {name}({', '.join(q.answers)}):"
+        assert a.text.count(f"def {name}(") == 1 and head in a.text
+        assert a.text.index(head) == 0 or a.text[a.text.index(head) - 1] == "\n"
+        assert q.correct(f"{name}({'=1, '.join(q.answers)}=1)")
+        assert not q.correct(f"{name}({q.answers[0]}=1)")

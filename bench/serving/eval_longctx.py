@@ -32,7 +32,11 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longctx_tasks import TASKS, chat_messages, make_context  # noqa: E402
+from longctx_tasks import chat_messages, make_code_context, make_context  # noqa: E402
+
+#: task suites: ``needles`` (nine distinct needles per context) and ``code`` (calls to
+#: functions defined far back in a long Python file)
+SUITES = {"needles": make_context, "code": make_code_context}
 
 MODEL = "qwen2.5-coder-0.5b"
 
@@ -89,7 +93,7 @@ HEADROOM = 200
 
 def run(url: str, lengths: list[int], n_contexts: int, meth: dict[str, dict], seed: int,
         tokenizer, workers: int, rows: list[dict] | None = None,
-        checkpoint=lambda rows: None) -> list[dict]:
+        checkpoint=lambda rows: None, suite: str = "needles") -> list[dict]:
     """Every (length, context)'s questions under every method of ``meth`` (:func:`methods`);
     ``rows``: results of an earlier run (the methods a (length, context) already has are
     skipped there); ``checkpoint(rows)`` after each context."""
@@ -101,7 +105,7 @@ def run(url: str, lengths: list[int], n_contexts: int, meth: dict[str, dict], se
             meth = {n: x for n, x in all_meth.items() if n not in have}
             if not meth:
                 continue
-            ctx = make_context(tokenizer, length - HEADROOM, c, seed)
+            ctx = SUITES[suite](tokenizer, length - HEADROOM, c, seed)
             jobs = [(qi, q, name, xargs) for qi, q in enumerate(ctx.questions)
                     for name, xargs in meth.items()]
             t0 = time.perf_counter()
@@ -130,6 +134,7 @@ def run(url: str, lengths: list[int], n_contexts: int, meth: dict[str, dict], se
 def summarize(rows: list[dict]) -> dict:
     out: dict = {}
     lengths = sorted({r["length"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     names = list(dict.fromkeys(r["method"] for r in rows))
     for length in lengths:
         sub = [r for r in rows if r["length"] == length]
@@ -143,7 +148,7 @@ def summarize(rows: list[dict]) -> dict:
             cell[name] = {"correct": k, "n": n, "accuracy": k / n if n else 0.0,
                           "wilson95": wilson(k, n), "vs_dense": d, "vs_dense95": ci,
                           "by_task": {t: [sum(r["correct"] for r in rs if r["task"] == t),
-                                          sum(r["task"] == t for r in rs)] for t in TASKS}}
+                                          sum(r["task"] == t for r in rs)] for t in tasks}}
         for name, c in cell.items():  # the ranking against StreamingLLM at equal bytes
             base = "streaming " + name.split("keep ")[-1]
             if "keep " in name and base in cell:
@@ -157,21 +162,22 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(summary: dict, meta: dict) -> str:
+    tasks = list(next(iter(next(iter(summary.values())).values()))["by_task"])
     lines = [f"# Long-context task accuracy ({meta['model']}, {meta['dtype']})", "",
              f"Host: {meta['host']}. Command: `{meta['command']}`.", "",
              "Accuracy over all questions of a length (Wilson 95% interval); vs dense: the paired "
              "difference in points (bootstrap 95% interval over questions; negative = worse than "
              "dense). Per task: correct / asked.", "",
              "| context | method | accuracy | 95% CI | vs dense | " +
-             " | ".join(TASKS) + " |", "|---|---|---|---|---|" + "---|" * len(TASKS)]
+             " | ".join(tasks) + " |", "|---|---|---|---|---|" + "---|" * len(tasks)]
     for length, cell in summary.items():
         for name, c in cell.items():
             lo, hi = c["wilson95"]
             d, (dlo, dhi) = c["vs_dense"], c["vs_dense95"]
-            tasks = " | ".join(f"{k}/{n}" for k, n in c["by_task"].values())
+            per_task = " | ".join(f"{k}/{n}" for k, n in c["by_task"].values())
             lines.append(f"| {length} | {name} | {100 * c['accuracy']:.1f}% ({c['correct']}/"
                          f"{c['n']}) | [{100 * lo:.0f}, {100 * hi:.0f}] | "
-                         f"{100 * d:+.1f} [{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {tasks} |")
+                         f"{100 * d:+.1f} [{100 * dlo:+.0f}, {100 * dhi:+.0f}] | {per_task} |")
     vs = [(length, name, c) for length, cell in summary.items() for name, c in cell.items()
           if "vs_streaming" in c]
     if vs:
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.125, 0.0625])
     p.add_argument("--streaming-ratios", type=float, nargs="*", default=[0.125, 0.0625],
                    help="StreamingLLM at these keep ratios' bytes (prescore_streaming)")
+    p.add_argument("--suite", choices=sorted(SUITES), default="needles",
+                   help="the task suite (longctx_tasks.py): needles, or code (complete a call "
+                        "to a function defined far back in a long Python file)")
     p.add_argument("--label", default="",
                    help="prefix of the keep-ratio rows' names (another server configuration "
                         "added to --out with --resume, e.g. 'tiers ')")
@@ -320,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rows = run(url, args.lengths, args.contexts,
                    methods(args.keep_ratios, args.streaming_ratios, args.label), args.seed,
-                   tokenizer,
-                   args.workers, done, checkpoint)
+                   tokenizer, args.workers, done, checkpoint, args.suite)
         cfg = requests.get(url + "/v1/prescore/config", timeout=30).json()
     finally:
         log = srv.log() if srv else ""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 TASKS = ("niah_number", "niah_word", "niah_uuid", "passkey")
 _WORDS = ("Apple Banana Cherry Dragon Eagle Falcon Garnet Harbor Island Jasmine Kettle Lantern "
@@ -119,6 +120,74 @@ def make_context(tokenizer, tokens: int, index: int, seed: int = 0) -> LongConte
 
 
 _KIND = {"niah_number": "number", "niah_word": "word", "niah_uuid": "key", "passkey": "number"}
+
+# ----------------------------------------------------------------------------- code task
+
+CODE_TASKS = ("code_call",)
+_VERBS = ("reconcile", "summarize", "normalize", "dispatch", "archive", "validate", "project",
+          "allocate", "throttle", "estimate", "rebalance", "quarantine")
+_NOUNS = ("ledger", "telemetry", "invoice", "manifest", "beacon", "roster", "tariff",
+          "harvest", "voyage", "glacier", "orchard", "pipeline", "quarry", "lantern")
+_PARAMS = ("cutoff_day", "strict_mode", "max_retries", "region_code", "batch_label",
+           "decay_rate", "owner_email", "grace_period", "shard_count", "unit_price",
+           "dry_run", "source_path", "target_path", "timeout_s", "priority_level",
+           "currency", "min_score", "tag_prefix")
+
+
+def python_source(n_chars: int, offset: int) -> str:
+    """Real Python code: the standard library's top-level modules of this interpreter,
+    concatenated in name order (each under a ``# file:`` line), from ``offset``."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))
+    start = offset % len(files)
+    parts: list[str] = []
+    total = 0
+    for f in files[start:] + files[:start]:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(f"# file: {f.name}\n{text}")
+        total += len(parts[-1])
+        if total >= n_chars:
+            break
+    return "\n".join(parts)[:n_chars]
+
+
+def make_code_context(tokenizer, tokens: int, index: int, seed: int = 0,
+                      functions: int = 9) -> LongContext:
+    """A long Python file of about ``tokens`` tokens (the standard library's modules) with
+    ``functions`` functions of unique names planted at top-level boundaries at random depths,
+    and one question each: complete a call to it, passing every parameter by keyword (the
+    long-file code task: the parameters are only in the definition, far back). Correct when
+    the reply names every parameter."""
+    rng = random.Random(f"code-{seed}-{tokens}-{index}")
+    names = rng.sample([f"{v}_{n}" for v in _VERBS for n in _NOUNS], functions)
+    defs, questions = [], []
+    for name in names:
+        params = rng.sample(_PARAMS, 3)
+        verb, noun = name.split("_", 1)
+        defs.append(f"def {name}({', '.join(params)}):\n"
+                    f"    \"\"\"{verb.capitalize()} the {noun} records.\"\"\"\n"
+                    f"    return _{verb}({', '.join(params)})\n")
+        questions.append(Question(
+            "code_call", "Complete this call to the function defined in the file above, "
+            "passing every one of its parameters by keyword. Reply with the call only.\n"
+            f"result = {name}(", params))
+    def_tokens = sum(len(tokenizer.encode(d).ids) + 2 for d in defs)
+    chars = python_source(tokens * 5, offset=rng.randrange(1 << 20))
+    ids = tokenizer.encode(chars).ids[: max(tokens - def_tokens, 0)]
+    lines = tokenizer.decode(ids).split("\n")
+    tops = [i for i, line in enumerate(lines) if line.startswith(("def ", "class "))] or [0]
+    slots: dict[int, list[str]] = {}
+    for d in defs:
+        depth = rng.uniform(0.05, 0.9)
+        at = min(tops, key=lambda i: abs(i - depth * len(lines)))  # before a top-level def
+        slots.setdefault(at, []).append(d)
+    out = []
+    for li, line in enumerate(lines):
+        out += slots.get(li, [])
+        out.append(line)
+    return LongContext(tokens, index, "\n".join(out), questions)
 
 
 def chat_messages(ctx: LongContext, q: Question) -> list[dict]:
