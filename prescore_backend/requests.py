@@ -69,21 +69,24 @@ def _method(v: Any) -> str:
     return v
 
 
-def _dense(v: Any) -> bool:
+def _flag(name: str, v: Any) -> bool:
     if not isinstance(v, bool) and v not in (0, 1):
-        raise ValueError(f"prescore_dense must be true or false, got {v!r}")
+        raise ValueError(f"{PREFIX}{name} must be true or false, got {v!r}")
     return bool(v)
 
 
+def _dense(v: Any) -> bool:
+    return _flag("dense", v)
+
+
 def _streaming(v: Any) -> bool:
-    if not isinstance(v, bool) and v not in (0, 1):
-        raise ValueError(f"prescore_streaming must be true or false, got {v!r}")
+    v = _flag("streaming", v)
     if v and not _server_streams():
         raise ValueError("prescore_streaming needs a server whose selection reads no "
                          "pre-scores and keeps one precision tier (query_cap_ratio 1, "
                          "query_aware sparq4 / sparq / pq / quest, low_tier_bits 0: the "
                          "defaults); this server's settings rank every tile")
-    return bool(v)
+    return v
 
 
 @functools.lru_cache(maxsize=1)
