@@ -75,33 +75,39 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     """The engine-internal breakdown runs on a real PRESCORE engine and sees every phase: the
     prefill's scoring jobs inside its attention, and one side-data update and one fused
     selection + sparse attention per layer and decode step; with the default query-aware part
-    (sparq4) that call ranks the tiles itself: no separate gather of the selection's inputs."""
+    (sparq4) that call ranks the tiles itself: no separate gather of the selection's inputs.
+    With ``--shared-prefix`` two batch sizes run on one engine after one prefill of the shared
+    prefix; each batch then prefills only its rows' tails (one chunk)."""
     out = tmp_path / "b.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "serving" / "bench_breakdown.py"), "--backend", "PRESCORE",
-         "--context", "2304", "--decode-tokens", "2", "--out", str(out)],
+         "--context", "2304", "--batch", "1,2", "--shared-prefix", "--decode-tokens", "2",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
-    layers = d["calls"]["attention_prefill"]
-    assert layers == 30  # SmolLM2-135M, one prefill chunk
-    assert 0 < d["prefill_s"]["scoring_jobs"] < d["prefill_s"]["attention_prefill"]
-    # decode steps: 2 (+1 token from the prefill step's sampling, not counted as decode)
-    n = d["calls"]["selection_and_sparse_attention"]
-    assert d["calls"]["selection_and_decode"] == n
-    assert d["calls"].get("selection_inputs", 0) == 0  # ranked inside the fused call
-    assert n % layers == 0 and n >= 2 * layers
-    ms = d["decode_ms_per_step"]
-    assert 0 < ms["selection_and_decode"] < ms["attention_decode"]
-    # The ledger: decode steps only, every part non-negative (nested timers differenced), the
-    # parts summing to the engine step, attention inside it.
-    led = d["ledger_ms_per_step"]
-    assert led["decode_steps"] == 2
-    parts = {k: v for k, v in led.items() if k not in ("step", "attention", "decode_steps")}
-    assert all(v >= -0.01 for v in parts.values()), parts
-    assert sum(parts.values()) == pytest.approx(led["step"], abs=0.05)
-    assert 0 < led["attention"] < led["step"]
-    assert led["attention: fused selection + sparse attention"] > 0
+    cells = json.loads(out.read_text())
+    assert [d["batch"] for d in cells] == [1, 2] and all(d["shared_prefix"] for d in cells)
+    for d in cells:
+        layers = d["calls"]["attention_prefill"]
+        assert layers == 30  # SmolLM2-135M: the batch's tails in one prefill step
+        # the shared prefix's prefill (2304 tokens, its full blocks scored), once
+        assert 0 < d["prefill_s"]["scoring_jobs"] < d["prefill_s"]["attention_prefill"]
+        # decode steps: 2 (+1 token from the prefill step's sampling, not counted as decode)
+        n = d["calls"]["selection_and_sparse_attention"]
+        assert d["calls"]["selection_and_decode"] == n
+        assert d["calls"].get("selection_inputs", 0) == 0  # ranked inside the fused call
+        assert n % layers == 0 and n >= 2 * layers
+        ms = d["decode_ms_per_step"]
+        assert 0 < ms["selection_and_decode"] < ms["attention_decode"]
+        # The ledger: decode steps only, every part non-negative (nested timers differenced),
+        # the parts summing to the engine step, attention inside it.
+        led = d["ledger_ms_per_step"]
+        assert led["decode_steps"] == 2
+        parts = {k: v for k, v in led.items() if k not in ("step", "attention", "decode_steps")}
+        assert all(v >= -0.01 for v in parts.values()), parts
+        assert sum(parts.values()) == pytest.approx(led["step"], abs=0.05)
+        assert 0 < led["attention"] < led["step"]
+        assert led["attention: fused selection + sparse attention"] > 0
 
 
 def test_bench_ledger_amdahl_limit_and_table() -> None:
@@ -140,6 +146,10 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     slow_model = bench_ledger.cell_row(8000, 8, cpu, slow, read=0.25)
     assert slow_model["share_of_attainable_gain"] == pytest.approx(10 / 45, abs=1e-3)
     assert slow_model["attention_share"] == pytest.approx(30 / 45, abs=1e-3)
+    # engines: one per cell, or with a shared prefix one per context for its batch sizes
+    cells = [(16000, 1), (16000, 4), (32000, 1), (32000, 4)]
+    assert bench_ledger.engine_groups(cells, False) == [(c, [b]) for c, b in cells]
+    assert bench_ledger.engine_groups(cells, True) == [(16000, [1, 4]), (32000, [1, 4])]
 
 
 def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:

@@ -407,3 +407,35 @@ def test_code_task_plants_each_function_once_far_from_its_call(model_path: str) 
         assert a.text.index(head) == 0 or a.text[a.text.index(head) - 1] == "\n"
         assert q.correct(f"{name}({'=1, '.join(q.answers)}=1)")
         assert not q.correct(f"{name}({q.answers[0]}=1)")
+
+
+def test_common_word_task_counts_and_choices(model_path: str) -> None:
+    """Common-word extraction: a numbered word list of about the asked length in which each
+    question's answer occurs ``common_freq`` times and each of its four other options
+    ``rare_freq`` times; a reply naming the answer alone is correct, one naming another
+    option too (or instead) is not; deterministic per seed."""
+    import re
+    from collections import Counter
+
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import longctx_tasks
+
+    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    a, b = (longctx_tasks.make_words_context(tok, 6000, 0, seed=1) for _ in range(2))
+    assert a.text == b.text != longctx_tasks.make_words_context(tok, 6000, 1, seed=1).text
+    assert 5700 <= len(tok.encode(a.text).ids) <= 6000
+    lines = a.text.split("\n")[1:]
+    assert [int(x.split(". ")[0]) for x in lines] == list(range(1, len(lines) + 1))
+    counts = Counter(x.split(". ", 1)[1] for x in lines)
+    assert set(counts.values()) == {30, 3}
+    assert len(a.questions) == 9 and {q.task for q in a.questions} == {"common_word"}
+    assert len({q.answers[0] for q in a.questions}) == 9
+    for q in a.questions:
+        opts = re.search(r": (.*)\? Answer", q.prompt).group(1).split(", ")
+        assert sorted(opts) == sorted(q.answers + q.wrong) and len(opts) == 5
+        assert counts[q.answers[0]] == 30 and all(counts[w] == 3 for w in q.wrong)
+        assert q.correct(q.answers[0].capitalize() + ".")
+        assert not q.correct(f"{q.answers[0]}, {q.wrong[0]}")
+        assert not q.correct(q.wrong[1])

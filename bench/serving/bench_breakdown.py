@@ -14,6 +14,12 @@ backend per process; compare two runs side by side:
 
 Wall-clock (the engine's threads share the process); a diagnostic, not a speed claim.
 
+Long contexts (``--model qwen2.5-coder-0.5b --context 32000``): ``--batch 1,4`` runs several
+batch sizes on one engine, and ``--shared-prefix`` gives a batch's rows all but their last 32
+tokens in common, prefilled once (chunked, ``--prefill-chunk``) and then served from vLLM's
+prefix cache to every batch size, as ``bench_vllm_decode.py --shared-prefix`` does: one
+32k-token prefill per engine instead of one per row and cell.
+
 ``ledger_ms_per_step`` attributes 100% of a decode step's wall time (``LLMEngine.step``, decode
 steps only) to: the frontend (output processing), the scheduler and bookkeeping, the metadata
 builder (prescore's per-step plan), the model outside attention (embeddings, linear layers,
@@ -37,20 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="PRESCORE", choices=["PRESCORE", "CPU_ATTN"])
     p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="batch size, or several (1,4): one engine")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="auto",
                    help="auto = bfloat16 where the CPU has native bf16, else float32")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the engine")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="rows share all but their last 32 tokens (one prefill, prefix cache)")
+    p.add_argument("--prefill-chunk", type=int, default=4096,
+                   help="tokens per prefill step with --shared-prefix")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    batches = [int(b) for b in str(a.batch).split(",") if b]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as prescore-serve
 
     import torch
 
-    torch.set_num_threads(1)
-    from pydoc_data.topics import topics
+    torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     secs: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
     step_secs: dict[str, float] = collections.defaultdict(float)  # decode steps only
-    phase = {"decode": False}  # set by the model runner from the step's scheduled tokens
+    phase = {"decode": False, "batch": batches[0]}  # set by the model runner each step
 
     def timed(owner, name: str, key: str, by_phase: bool = False) -> None:
         fn = getattr(owner, name)
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         def wrapper(*args, **kw):
             k = key
             if by_phase:  # forward(self, layer, query, ...): decode steps have one token per row
-                k += "_decode" if args[2].shape[0] <= a.batch else "_prefill"
+                k += "_decode" if args[2].shape[0] <= phase["batch"] else "_prefill"
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kw)
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def execute_model(self, scheduler_output, *args, **kw):
         # A decode step schedules one token per running request and nothing else.
-        phase["decode"] = 0 < scheduler_output.total_num_scheduled_tokens <= a.batch
+        phase["decode"] = 0 < scheduler_output.total_num_scheduled_tokens <= phase["batch"]
         if phase["decode"]:
             step_secs["decode_steps"] += 1
         return run_model(self, scheduler_output, *args, **kw)
@@ -120,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(model)
-    ids = tok("\n\n".join(topics[k] for k in sorted(topics)))["input_ids"]
-    step = max(1, (len(ids) - a.context) // max(a.batch, 1))
-    prompts = [TokensPrompt(prompt_token_ids=ids[i * step:i * step + a.context]) for i in range(a.batch)]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_vllm_decode import _prompts
+
     from prescore_backend.kernels import host
 
     dtype = a.dtype if a.dtype != "auto" else (
@@ -132,26 +143,47 @@ def main(argv: list[str] | None = None) -> int:
     hf = AutoConfig.from_pretrained(model)
     per_token = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (
         hf.hidden_size // hf.num_attention_heads) * (2 if dtype == "bfloat16" else 4)
-    kv_bytes = max(2 << 30, int(1.3 * a.batch * (a.context + a.decode_tokens + 64) * per_token))
+    nb = max(batches)
+    tail = 32 if a.shared_prefix else 0
+    held = (a.context + nb * (tail + a.decode_tokens + 256) if a.shared_prefix
+            else nb * (a.context + a.decode_tokens + 64))
+    kv_bytes = max(2 << 30, int(1.3 * held * per_token))
     llm = LLM(model, attention_backend=a.backend, enforce_eager=True, dtype=dtype,
               max_model_len=a.context + a.decode_tokens + 64, kv_cache_memory_bytes=kv_bytes,
-              max_num_seqs=a.batch, enable_prefix_caching=False,
-              max_num_batched_tokens=a.context * a.batch + 64)
-    # warm-up (extension loads, first-call costs) on short prompts: the timed run prefills anew
-    warm = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"][:512]) for p in prompts]
-    llm.generate(warm, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    secs.clear(), calls.clear(), step_secs.clear()
-    llm.generate(prompts, SamplingParams(max_tokens=a.decode_tokens + 1, ignore_eos=True),
-                 use_tqdm=False)
-    steps = a.decode_tokens
-    step_kinds = ("engine_step", "engine_core_step", "model_execute", "sample", "builder")
-    out = dict(backend=a.backend, context=a.context, batch=a.batch, decode_steps=steps,
-               dtype=dtype, host=host.describe(),
-               prefill_s={k: round(v, 3) for k, v in secs.items() if k in ("attention_prefill", "scoring_jobs")},
-               decode_ms_per_step={k: round(1e3 * v / steps, 2) for k, v in secs.items()
-                                   if k not in ("attention_prefill", "scoring_jobs", *step_kinds)},
-               ledger_ms_per_step=ledger(step_secs, a.backend),
-               calls=dict(calls))
+              max_num_seqs=nb, enable_prefix_caching=a.shared_prefix,
+              enable_chunked_prefill=a.shared_prefix,
+              max_num_batched_tokens=(a.prefill_chunk if a.shared_prefix
+                                      else a.context * nb + 64))
+    # warm-up (extension loads, first-call costs) on a short prompt: the timed run prefills anew
+    llm.generate([TokensPrompt(prompt_token_ids=_prompts(tok, 512, 1)[0])],
+                 SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    prefill_s: dict[str, float] = {}
+    if a.shared_prefix:  # the shared prefix, once, before any timed batch
+        secs.clear()
+        llm.generate([TokensPrompt(prompt_token_ids=_prompts(tok, a.context, 1, tail)[0])],
+                     SamplingParams(max_tokens=1), use_tqdm=False)
+        prefill_s = {k: round(v, 3) for k, v in secs.items()
+                     if k in ("attention_prefill", "scoring_jobs")}
+    results = []
+    for batch in batches:
+        phase["batch"] = batch
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts(tok, a.context, batch, tail)]
+        secs.clear(), calls.clear(), step_secs.clear()
+        llm.generate(prompts, SamplingParams(max_tokens=a.decode_tokens + 1, ignore_eos=True),
+                     use_tqdm=False)
+        steps = a.decode_tokens
+        step_kinds = ("engine_step", "engine_core_step", "model_execute", "sample", "builder")
+        prefill = ("attention_prefill", "scoring_jobs")
+        results.append(dict(
+            backend=a.backend, model=a.model, context=a.context, batch=batch,
+            decode_steps=steps, dtype=dtype, threads=a.threads, shared_prefix=a.shared_prefix,
+            host=host.describe(),
+            prefill_s=prefill_s or {k: round(v, 3) for k, v in secs.items() if k in prefill},
+            decode_ms_per_step={k: round(1e3 * v / steps, 2) for k, v in secs.items()
+                                if k not in (*prefill, *step_kinds)},
+            ledger_ms_per_step=ledger(step_secs, a.backend),
+            calls=dict(calls)))
+    out = results[0] if len(results) == 1 else results
     print(json.dumps(out, indent=1))
     path = Path(a.out or f"bench/out/breakdown_{a.backend}_{a.context}x{a.batch}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

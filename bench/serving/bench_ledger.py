@@ -12,6 +12,8 @@ everything else stayed as it is.
 
     .venv/bin/python bench/serving/bench_ledger.py --cells 4096x1,8000x1,4096x8,8000x8 \\
         --report docs/results/ledger_avx-512
+    .venv/bin/python bench/serving/bench_ledger.py --model qwen2.5-coder-0.5b --threads 2 \\
+        --shared-prefix --cells 16000x1,16000x4,32000x1,32000x4 --report docs/results/ledger_qwen
 
 Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
 timers inside a 2-core engine drift between runs (the model's time outside attention most of
@@ -75,20 +77,39 @@ def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) ->
                 # attention, which drifts between engines and runs on a shared host
                 attention_share=round((cpu["attention"] - pre["attention"]) / gain, 3)
                 if gain > 0 else None,
-                dtype=pre_run["dtype"], host=pre_run["host"])
+                dtype=pre_run["dtype"], host=pre_run["host"],
+                model=pre_run.get("model", "smollm2-135m"), threads=pre_run.get("threads", 1),
+                shared_prefix=pre_run.get("shared_prefix", False))
 
 
-def run_cell(backend: str, ctx: int, batch: int, a) -> dict:
+def run_cells(backend: str, ctx: int, batches: list[int], a) -> list[dict]:
+    """One engine (``bench_breakdown.py``) for ``backend`` at ``ctx`` tokens: one result per
+    batch size (several only with ``--shared-prefix``, which prefills the context once)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "b.json"
         cmd = [sys.executable, str(REPO / "bench" / "serving" / "bench_breakdown.py"), "--backend", backend,
-               "--context", str(ctx), "--batch", str(batch), "--decode-tokens",
-               str(a.decode_tokens), "--dtype", a.dtype, "--out", str(out)]
-        print(f"[ledger] {backend} {ctx}x{batch}", file=sys.stderr, flush=True)
+               "--context", str(ctx), "--batch", ",".join(map(str, batches)), "--decode-tokens",
+               str(a.decode_tokens), "--dtype", a.dtype, "--model", a.model,
+               "--threads", str(a.threads), "--out", str(out)]
+        if a.shared_prefix:
+            cmd += ["--shared-prefix", "--prefill-chunk", str(a.prefill_chunk)]
+        print(f"[ledger] {backend} {ctx}x{','.join(map(str, batches))}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+        res = json.loads(out.read_text())
+        return res if isinstance(res, list) else [res]
+
+
+def engine_groups(cells: list[tuple[int, int]], shared_prefix: bool) -> list[tuple[int, list[int]]]:
+    """The engines a run starts, in order: one per cell, or with a shared prefix one per context
+    for all of its batch sizes (its prefill is the cost at 16k-32k tokens)."""
+    if not shared_prefix:
+        return [(c, [b]) for c, b in cells]
+    groups: dict[int, list[int]] = {}
+    for c, b in cells:
+        groups.setdefault(c, []).append(b)
+    return list(groups.items())
 
 
 def rounds_row(ctx: int, batch: int, cpu_runs: list[dict], pre_runs: list[dict],
@@ -113,17 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default=None, metavar="DIR")
     p.add_argument("--rounds", type=int, default=1,
                    help="runs per cell and backend, alternating the order (A B, B A, ...)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    p.add_argument("--shared-prefix", action="store_true",
+                   help="one engine per context and backend for all its batch sizes, the rows "
+                        "sharing a prefix prefilled once (what makes 16k-32k cells affordable)")
+    p.add_argument("--prefill-chunk", type=int, default=4096)
     a = p.parse_args(argv)
     cells = [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",") if c]
     rows = []
-    for i, (ctx, batch) in enumerate(cells):
+    for i, (ctx, batches) in enumerate(engine_groups(cells, a.shared_prefix)):
         order = ["CPU_ATTN", "PRESCORE"] if i % 2 == 0 else ["PRESCORE", "CPU_ATTN"]
-        res: dict[str, list[dict]] = {"CPU_ATTN": [], "PRESCORE": []}
+        res: dict[str, list[list[dict]]] = {"CPU_ATTN": [], "PRESCORE": []}
         for k in range(a.rounds):
             for b in (order if k % 2 == 0 else order[::-1]):
-                res[b].append(run_cell(b, ctx, batch, a))
-        read = sum(read_fraction(ctx, res["PRESCORE"][0]["dtype"]))
-        rows.append(rounds_row(ctx, batch, res["CPU_ATTN"], res["PRESCORE"], read))
+                res[b].append(run_cells(b, ctx, batches, a))
+        read = sum(read_fraction(ctx, res["PRESCORE"][0][0]["dtype"]))
+        for j, batch in enumerate(batches):
+            rows.append(rounds_row(ctx, batch, [r[j] for r in res["CPU_ATTN"]],
+                                   [r[j] for r in res["PRESCORE"]], read))
     md = markdown(rows, a, " ".join(sys.argv[1:] if argv is None else argv))
     print(md)
     if a.report:
@@ -139,8 +168,10 @@ def markdown(rows: list[dict], a, args: str) -> str:
     keep = os.environ.get("PRESCORE_KEEP_RATIO", "the default")
     lines = [f"# Decode step ledger: PRESCORE vs CPU_ATTN "
              f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d})", "",
-             f"Host: {rows[0]['host']}; {rows[0]['dtype']}; SmolLM2-135M, one thread per engine, "
-             f"eager; {a.decode_tokens} decode steps per cell; {getattr(a, 'rounds', 1)} round(s) "
+             f"Host: {rows[0]['host']}; {rows[0]['dtype']}; {rows[0].get('model', 'smollm2-135m')}, "
+             f"{rows[0].get('threads', 1)} thread(s) per engine, eager"
+             f"{'; rows sharing a prefix prefilled once' if rows[0].get('shared_prefix') else ''}"
+             f"; {a.decode_tokens} decode steps per cell; {getattr(a, 'rounds', 1)} round(s) "
              f"per cell (each part: its median over the rounds); keep ratio: {keep}. Command: "
              f"`python bench/serving/bench_ledger.py {args}`.", "",
              "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "

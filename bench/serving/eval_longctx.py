@@ -36,7 +36,7 @@ from longctx_tasks import chat_messages, make_code_context, make_context  # noqa
 
 #: task suites: ``needles`` (nine distinct needles per context) and ``code`` (calls to
 #: functions defined far back in a long Python file)
-SUITES = {"needles": make_context, "code": make_code_context}
+SUITES = {"needles": make_context, "code": make_code_context, "words": make_words_context}
 
 MODEL = "qwen2.5-coder-0.5b"
 

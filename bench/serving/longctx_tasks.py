@@ -18,11 +18,16 @@ on a 16k context; docs/results/longctx_qwen_first_suite.md), so those tasks were
 
 Scoring: the reply contains the value. Deterministic: the same (tokenizer, length, index,
 seed) gives the same context and questions.
+
+Two more suites share the scoring and the prefix cache: ``make_code_context`` (a long Python
+file, complete a call to a function defined far back) and ``make_words_context`` (common-word
+extraction: which of five words occurs most often in a long numbered word list).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,10 +73,12 @@ class Question:
     task: str
     prompt: str  # asked after the context
     answers: list[str]  # every one must appear in the reply
+    wrong: list[str] = field(default_factory=list)  # none may appear (a choice's other options)
 
     def correct(self, reply: str) -> bool:
         low = reply.lower()
-        return all(a.lower() in low for a in self.answers)
+        return (all(a.lower() in low for a in self.answers)
+                and not any(re.search(rf"\b{re.escape(w.lower())}\b", low) for w in self.wrong))
 
 
 @dataclass
@@ -188,6 +195,66 @@ def make_code_context(tokenizer, tokens: int, index: int, seed: int = 0,
         out += slots.get(li, [])
         out.append(line)
     return LongContext(tokens, index, "\n".join(out), questions)
+
+
+# ------------------------------------------------------------------ common-word extraction
+
+WORDS_TASKS = ("common_word",)
+
+
+def word_pool() -> list[str]:
+    """Distinct lowercase English words of 4-10 letters from the Python language reference
+    (shipped with CPython), sorted: the vocabulary of the word lists."""
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    return sorted({w for w in re.findall(r"\b[a-z]{4,10}\b", text)})
+
+
+def make_words_context(tokenizer, tokens: int, index: int, seed: int = 0,
+                       common: int = 9, common_freq: int = 30, rare_freq: int = 3,
+                       choices: int = 5) -> LongContext:
+    """Common-word extraction (RULER's CWE, arXiv 2404.06654, as multiple choice): a numbered
+    list of about ``tokens`` tokens in which ``common`` words occur ``common_freq`` times each
+    and every other word ``rare_freq`` times, in random order. One question per common word:
+    which of ``choices`` words (it and ``choices - 1`` rare ones) occurs most often in the
+    list. RULER asks for the ten most common words at once and scores recall; one choice per
+    question keeps nine questions per context (one prefill) and a yes/no score: correct when
+    the reply names the common word and none of the other options. The answer needs counts
+    over the whole list, no single passage: the aggregation that a sparse selection can miss."""
+    rng = random.Random(f"words-{seed}-{tokens}-{index}")
+    pool = word_pool()
+    words = rng.sample(pool, len(pool))
+    top, spare = words[:common], words[common:]
+    head = ("Below is a numbered list of words. Some of the words appear more often than "
+            "others.\n")
+    budget = tokens - len(tokenizer.encode(head).ids)
+
+    def listing(n_rare: int) -> str:
+        items = [w for w in top for _ in range(common_freq)]
+        items += [w for w in spare[:n_rare] for _ in range(rare_freq)]
+        random.Random(f"words-{seed}-{tokens}-{index}-{n_rare}").shuffle(items)
+        return "\n".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+
+    n_rare = max(choices, budget // (4 * rare_freq))
+    for _ in range(4):  # the rare words' count, scaled until the list fits the length
+        used = len(tokenizer.encode(listing(n_rare)).ids)
+        n_rare = max(choices, int(n_rare * budget / used) - (used > budget))
+    while n_rare > choices and len(tokenizer.encode(listing(n_rare)).ids) > budget:
+        n_rare -= max(1, n_rare // 200)
+    if n_rare > len(spare):
+        raise ValueError(f"{tokens} tokens need {common + n_rare} distinct words; "
+                         f"the pool has {len(pool)}")
+    rare = spare[:n_rare]
+    questions = []
+    for w in top:
+        others = rng.sample(rare, choices - 1)
+        opts = others + [w]
+        rng.shuffle(opts)
+        questions.append(Question(
+            "common_word", "Which of these words appears most often in the list above: "
+            f"{', '.join(opts)}? Answer with the word only.", [w], others))
+    return LongContext(tokens, index, head + listing(n_rare), questions)
 
 
 def chat_messages(ctx: LongContext, q: Question) -> list[dict]:
