@@ -356,3 +356,25 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
                       {"rows": [{"ctx": 8192, "batch": 1, "backend": "PRESCORE@0.125",
                                  "speedup_vs_cpu_attn": 2.0}]})
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_bench_load_shared_documents_and_alternation() -> None:
+    """bench_load with --shared-docs: the long prompts are questions about the same few
+    documents (one prefill each per server, then prefix-cache hits), each prompt its own
+    question; the servers run A B, B A, ... and each number is its median over the rounds."""
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import bench_load
+
+    docs = bench_load.shared_docs(2, 20_000)
+    assert len(docs) == 2 and docs[0] != docs[1] and all(len(d) == 20_000 for d in docs)
+    prompts = bench_load.make_prompts(40, 0.5, 20_000, seed=3, docs=docs)
+    long = [p for p in prompts if len(p) > 20_000]
+    assert 10 < len(long) < 30 and {p[:20_000] for p in long} == set(docs)
+    assert len(set(long)) == len(long)  # one question each
+    assert bench_load.make_prompts(40, 0.5, 20_000, seed=3) != prompts  # own texts without docs
+    assert bench_load.alternate(["A", "B"], 3) == ["A", "B", "B", "A", "A", "B"]
+    both = bench_load.combine([{"requests_per_s": 1.0, "itl_p50_ms": 50.0, "backend": "A"},
+                               {"requests_per_s": 3.0, "itl_p50_ms": 70.0, "backend": "A"},
+                               {"requests_per_s": 2.0, "itl_p50_ms": 90.0, "backend": "A"}])
+    assert both["requests_per_s"] == 2.0 and both["itl_p50_ms"] == 70.0
+    assert both["rounds"] == 3 and both["requests_per_s_per_round"] == [1.0, 3.0, 2.0]

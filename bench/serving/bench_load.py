@@ -53,13 +53,26 @@ def english_text(n_chars: int, offset: int = 0) -> str:
     return joined[offset:offset + n_chars]
 
 
-def make_prompts(n: int, long_fraction: float, long_chars: int, seed: int = 0) -> list[str]:
+def shared_docs(count: int, long_chars: int) -> list[str]:
+    """``count`` long documents that the long prompts of ``make_prompts(docs=...)`` share."""
+    return [english_text(long_chars, offset=20_000 + 97_000 * k) for k in range(count)]
+
+
+def make_prompts(n: int, long_fraction: float, long_chars: int, seed: int = 0,
+                 docs: list[str] | None = None) -> list[str]:
     """``n`` prompts: short questions and, with probability ``long_fraction``, long documents
-    (``long_chars`` characters, about 4.3 characters per token) with a question at the end."""
+    (``long_chars`` characters, about 4.3 characters per token) with a question at the end.
+    With ``docs`` the long prompts are questions about those documents (many users asking
+    about one long document: after its first prefill, vLLM's prefix cache serves it, and
+    the request's cost is its decode over the long context)."""
     rng = random.Random(seed)
     prompts = []
     for i in range(n):
         if rng.random() < long_fraction:
+            if docs:
+                prompts.append(rng.choice(docs) + f"\n\nQuestion {i}: what does this text say "
+                               "about the topic of its last paragraph? Answer:")
+                continue
             doc = english_text(long_chars, offset=rng.randrange(0, 200_000))
             prompts.append(doc + "\n\nQuestion: what is this text about? Answer:")
         else:
@@ -169,17 +182,21 @@ def _bench_backend(backend: str, args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import Server  # the same server helper the tests use
 
-    srv = Server(args=["smollm2-135m", "--attention-backend", backend,
-                       "--max-model-len", "8192"]).start()
+    srv = Server(args=[args.model, "--attention-backend", backend, "--max-model-len",
+                       str(args.max_model_len), *args.serve_args.split()]).start()
+    docs = shared_docs(args.shared_docs, args.long_chars) if args.shared_docs else None
     try:
-        warm = make_prompts(args.warmup, args.long_fraction, args.long_chars, seed=1)
-        run_load(srv.url, "smollm2-135m", warm, concurrency=args.concurrency,
+        for d in docs or []:  # each shared document prefilled once, before the clock starts
+            one_request(srv.url, args.model, d, False, 1, {}, 3600.0)
+        warm = make_prompts(args.warmup, args.long_fraction, args.long_chars, seed=1, docs=docs)
+        run_load(srv.url, args.model, warm, concurrency=args.concurrency,
                  max_tokens=args.max_tokens)
         rss = [engine_rss_mb(srv.proc.pid)]
-        prompts = make_prompts(args.requests, args.long_fraction, args.long_chars, seed=2)
+        prompts = make_prompts(args.requests, args.long_fraction, args.long_chars, seed=2,
+                               docs=docs)
         results, wall = [], 0.0
         for i in range(0, len(prompts), args.round):  # RSS sampled after every round
-            res, w = run_load(srv.url, "smollm2-135m", prompts[i:i + args.round],
+            res, w = run_load(srv.url, args.model, prompts[i:i + args.round],
                               concurrency=args.concurrency, max_tokens=args.max_tokens)
             results += res
             wall += w
@@ -189,6 +206,23 @@ def _bench_backend(backend: str, args) -> dict:
     out = summarize(results, wall)
     out.update(backend=backend, rss_after_warmup_mb=rss[0], rss_after_run_mb=rss[-1],
                rss_growth_mb=rss[-1] - rss[0], rss_per_round_mb=rss)
+    return out
+
+
+def alternate(backends: list[str], rounds: int) -> list[str]:
+    """The order the servers run in: A B, then B A, ... (these hosts drift within an hour)."""
+    return [b for k in range(rounds) for b in (backends if k % 2 == 0 else backends[::-1])]
+
+
+def combine(runs: list[dict]) -> dict:
+    """One backend's runs over rounds: each number its median, plus the per-round throughput."""
+    out = dict(runs[-1])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+                isinstance(r.get(k), (int, float)) for r in runs):
+            out[k] = statistics.median(r[k] for r in runs)
+    out["rounds"] = len(runs)
+    out["requests_per_s_per_round"] = [r["requests_per_s"] for r in runs]
     return out
 
 
@@ -202,9 +236,27 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--long-fraction", type=float, default=0.1)
     ap.add_argument("--long-chars", type=int, default=11000, help="~2.5k tokens")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--serve-args", default="", help="more prescore-serve arguments")
+    ap.add_argument("--shared-docs", type=int, default=0, metavar="N",
+                    help="long prompts ask about N shared documents (prefilled once per server, "
+                         "then served from the prefix cache); 0: each its own text")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="servers per backend, alternating the order (A B, B A, ...); "
+                         "each number is its median over the rounds")
     ap.add_argument("--out", default=str(REPO / "bench" / "out" / "load.json"))
     args = ap.parse_args()
-    rows = [_bench_backend(b, args) for b in args.backends]
+    runs: dict[str, list[dict]] = {b: [] for b in args.backends}
+    for b in alternate(args.backends, args.rounds):
+        runs[b].append(_bench_backend(b, args))
+    rows = [combine(runs[b]) for b in args.backends]
+    if len(rows) == 2:
+        ratio = [a["requests_per_s"] / b["requests_per_s"]
+                 for a, b in zip(runs[args.backends[0]], runs[args.backends[1]])]
+        print(f"{args.backends[0]} / {args.backends[1]} requests/s per round: "
+              + ", ".join(f"{x:.2f}x" for x in ratio))
+        rows[0]["throughput_ratio_per_round"] = ratio
     cols = ["backend", "requests", "errors", "wall_s", "requests_per_s", "output_tokens_per_s",
             "ttft_p50_s", "ttft_p90_s", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
             "rss_after_warmup_mb", "rss_after_run_mb", "rss_growth_mb"]
