@@ -72,15 +72,6 @@ class Engine:
 
     def __init__(self, tmp_path, heads: int, kv_heads: int, env: dict[str, str],
                  num_blocks: int = 128) -> None:
-        from types import SimpleNamespace
-
-        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
-        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-        from prescore_backend.backends import common
-        from prescore_backend.backends.cuda import PrescoreCUDAImpl, PrescoreCUDAMetadataBuilder
-
         (tmp_path / "config.json").write_text(json.dumps({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": heads * D, "head_dim": D, "num_attention_heads": heads,
@@ -90,10 +81,28 @@ class Engine:
         if env.get("PRESCORE_QUERY_AWARE") == "pq":  # a codebook beside the model, as calibrate
             from prescore_backend.pq import PQCodebooks, fit_codebook  # writes it
 
-            book = fit_codebook(torch.randn(kv_heads, 512, D), 4, seed=0)
+            m = int(env.get("PRESCORE_PQ_SUBSPACES", "4"))
+            book = fit_codebook(torch.randn(kv_heads, 512, D), m, seed=0)
             PQCodebooks(book.centroids[None], book.weights[None], book.dims, {}).save(
-                tmp_path / "prescore_pq4.pt")
+                tmp_path / f"prescore_pq{m}.pt")
         self.mp = pytest.MonkeyPatch()
+        try:
+            self._start(tmp_path, heads, kv_heads, env, num_blocks)
+        except BaseException:  # a start refused: leave no setting behind for later tests
+            self.close()
+            raise
+
+    def _start(self, tmp_path, heads: int, kv_heads: int, env: dict[str, str],
+               num_blocks: int) -> None:
+        from types import SimpleNamespace
+
+        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from prescore_backend.backends import common
+        from prescore_backend.backends.cuda import PrescoreCUDAImpl, PrescoreCUDAMetadataBuilder
+
         if not ON_GPU:  # vLLM's KV-write launcher asks the GPU's generation for a tile size
             self.mp.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
         # one process, no tensor parallelism: the rank's share of the codebook is all of it
@@ -587,3 +596,85 @@ def test_decode_upkeep_runs_when_it_changes_something(engine):
         _, _, md = e.step([(0, 1, seq_len)])
         assert md.plan.dec_upkeep == (begins or quest)
         assert bool(torch.isinf(e.impl.side.scores[blk, :, tile]).all()) == begins
+
+
+# ----------------------------------------------------------------------------- settings sweep
+
+
+def _cuda_setting_cases():
+    """The settings that choose a code path on the CUDA backend (tests/test_settings_sweep.py
+    sweeps the CPU backend with hundreds of cases; the Triton interpreter costs seconds per
+    step here, so each case below covers several axes): every ranking once, tiles of 8, 16
+    and 32 tokens across them, the two tiers' lowest and highest bits, and each other field
+    away from its default once."""
+    base = dict(PRESCORE_KEEP_RATIO="0.5", PRESCORE_MIN_SEQ_LEN="64",
+                PRESCORE_WINDOW_TOKENS="48", PRESCORE_METHOD="leverage")
+    cases = []
+    for qa, tile, kw in [("sparq4", 16, dict(PRESCORE_METHOD="kmeans", PRESCORE_AGGREGATE="sum")),
+                         ("sparq4", 8, {}),  # refused: the key copy's ranking needs 16
+                         ("sparq", 32, dict(PRESCORE_QUERY_CHANNELS="2")),
+                         ("quest", 8, dict(PRESCORE_RESIDUAL_TILES="2")),
+                         ("lsh", 16, dict(PRESCORE_LSH_BITS="3", PRESCORE_METHOD="random")),
+                         ("lsh_quest", 32, dict(PRESCORE_QUERY_CAP_RATIO="0.5")),
+                         ("pq", 16, dict(PRESCORE_PQ_SUBSPACES="8",
+                                         PRESCORE_METHOD="key_norm")),
+                         ("none", 8, dict(PRESCORE_METHOD="recency", PRESCORE_AGGREGATE="mean"))]:
+        cases.append((f"{qa}-tile{tile}", {**base, "PRESCORE_QUERY_AWARE": qa,
+                                           "PRESCORE_TILE_SIZE": str(tile),
+                                           "PRESCORE_SINK_TOKENS": str(tile),
+                                           "PRESCORE_WINDOW_TOKENS": str(B + tile), **kw}))
+    for bits in (2, 8):
+        cases.append((f"tiers{bits}", {**base, "PRESCORE_QUERY_AWARE": "sparq4",
+                                       "PRESCORE_LOW_TIER_BITS": str(bits),
+                                       "PRESCORE_KEEP_RATIO": "0.5"}))
+    for name, kw in [("topk_count", dict(PRESCORE_AGGREGATE="topk_count")),  # refused
+                     ("max_tokens48-channels64", dict(PRESCORE_MAX_TOKENS="48",
+                                                      PRESCORE_QUERY_CHANNELS="64")),
+                     ("keep0.01-nosinks-cap0", dict(PRESCORE_KEEP_RATIO="0.01",
+                                                    PRESCORE_SINK_TOKENS="0",
+                                                    PRESCORE_QUERY_CAP_RATIO="0"))]:
+        cases.append((name, {**base, **kw}))
+    return cases
+
+
+@pytest.mark.parametrize("env", [c[1] for c in _cuda_setting_cases()],
+                         ids=[c[0] for c in _cuda_setting_cases()])
+def test_settings_decode_or_are_refused_at_start(tmp_path, env):
+    """Each setting is refused by validation or at the backend's start with a message naming
+    it, or the CUDA backend prefills exactly (a one-token prompt chunk included) and decodes
+    finite outputs through its Triton kernels, exactly where the budget covers the context."""
+    from prescore_backend.config import PrescoreConfig
+
+    names = lambda e: "PRESCORE_" in str(e) or "--prescore-" in str(e)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            PrescoreConfig.from_env()
+        except ValueError as err:
+            assert names(err), err
+            return
+    # GQA 2 (4 query heads, 2 KV heads) on the default ranking's paths; one KV head elsewhere
+    # (the interpreter's cost grows with the heads; the other tests cover 2 KV heads there)
+    heads = (4, 2) if env.get("PRESCORE_QUERY_AWARE", "sparq4") == "sparq4" else (2, 1)
+    try:
+        e = Engine(tmp_path, *heads, env)
+    except ValueError as err:
+        assert names(err), err
+        return
+    try:
+        out, ref, _ = e.step([(0, 190, 190), (1, 39, 39)])
+        torch.testing.assert_close(out, ref, **TOL)  # prompt tokens: exact
+        out, ref, _ = e.step([(0, 1, 191)], [True])  # a one-token prompt chunk: exact
+        torch.testing.assert_close(out, ref, **TOL)
+        lens, sparse = [191, 39], 0
+        for _ in range(2):  # decode (row 1 below min_seq_len: dense), row 0 fills block 6
+            lens = [n + 1 for n in lens]
+            out, ref, md = e.step([(0, 1, lens[0]), (1, 1, lens[1])])
+            assert torch.isfinite(out).all()
+            sparse += md.plan.num_sparse
+            if md.plan.num_sparse == 0:
+                torch.testing.assert_close(out, ref, **TOL)
+        assert sparse == 2  # row 0: min_seq_len 64 and keep < 1, a sparse decode row
+    finally:
+        e.close()
