@@ -32,10 +32,11 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longctx_tasks import chat_messages, make_code_context, make_context  # noqa: E402
+from longctx_tasks import (chat_messages, make_code_context, make_context,  # noqa: E402
+                           make_words_context)
 
-#: task suites: ``needles`` (nine distinct needles per context) and ``code`` (calls to
-#: functions defined far back in a long Python file)
+#: task suites: ``needles`` (nine distinct needles per context), ``code`` (calls to
+#: functions defined far back in a long Python file) and ``words`` (common-word extraction)
 SUITES = {"needles": make_context, "code": make_code_context, "words": make_words_context}
 
 MODEL = "qwen2.5-coder-0.5b"
