@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -165,8 +166,10 @@ def summarize(rows: list[dict]) -> dict:
 def markdown(summary: dict, meta: dict) -> str:
     tasks = list(next(iter(next(iter(summary.values())).values()))["by_task"])
     lines = [f"# Long-context task accuracy ({meta['model']}, {meta['dtype']})", "",
-             f"Host: {meta['host']}. Command: `{meta['command']}`.", "",
-             "Accuracy over all questions of a length (Wilson 95% interval); vs dense: the paired "
+             f"Host: {meta['host']}. Command: `{meta['command']}`.", ""]
+    for run in meta.get("more_runs", []):  # another server configuration's labelled rows
+        lines += [f"More rows from another server: `{run['command']}`.", ""]
+    lines += ["Accuracy over all questions of a length (Wilson 95% interval); vs dense: the paired "
              "difference in points (bootstrap 95% interval over questions; negative = worse than "
              "dense). Per task: correct / asked.", "",
              "| context | method | accuracy | 95% CI | vs dense | " +
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": MODEL, "model_dir": str(model_dir(MODEL)), "dtype": dtype,
             "host": f"{host.cpu_model()} ({host.isa()}), {platform.machine()}",
             "prescore_config": cfg, "seconds": round(time.perf_counter() - t0),
-            "command": "python bench/serving/eval_longctx.py " + " ".join(argv or sys.argv[1:])}
+            "command": "python bench/serving/eval_longctx.py " + shlex.join(argv or sys.argv[1:])}
     if old_meta is not None and old_meta.get("prescore_config") != cfg:
         # rows of another server configuration added: the first run's settings stay the
         # file's, each later one is listed with its own
