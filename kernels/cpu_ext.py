@@ -27,7 +27,11 @@ __all__ = ["CSRC", "build", "ext_name", "extension", "sources"]
 #: The C++ sources, shipped as package data of ``prescore_backend.kernels``.
 CSRC = Path(__file__).resolve().parent / "csrc"
 _MAIN = "bindings.cpp"
-_CFLAGS = ["-O3", "-march=native"]
+# -fopenmp: at::parallel_for is an inline template whose "#pragma omp parallel" is compiled
+# into this extension; without the flag every (row, KV head) loop ran on one thread whatever
+# torch's thread count. The GOMP symbols are left to libtorch_cpu's own OpenMP runtime (no
+# -lgomp in the link: one thread pool, the one torch.set_num_threads and vLLM's binding set).
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def sources() -> list[Path]:
