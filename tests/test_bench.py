@@ -87,6 +87,7 @@ def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = json.loads(out.read_text())
     assert [d["batch"] for d in cells] == [1, 2] and all(d["shared_prefix"] for d in cells)
+    assert cells[0]["ttft_s"] == cells[1]["ttft_s"] > 0  # the one shared prefill, timed
     for d in cells:
         layers = d["calls"]["attention_prefill"]
         assert layers == 30  # SmolLM2-135M: the batch's tails in one prefill step
@@ -150,6 +151,14 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     cells = [(16000, 1), (16000, 4), (32000, 1), (32000, 4)]
     assert bench_ledger.engine_groups(cells, False) == [(c, [b]) for c, b in cells]
     assert bench_ledger.engine_groups(cells, True) == [(16000, [1, 4]), (32000, [1, 4])]
+    # time to first token (shared prefix): the median over rounds, one line per context
+    t = lambda r, s: dict(r, ttft_s=s)  # noqa: E731
+    rows = [bench_ledger.rounds_row(16000, b, [t(cpu, 10.0), t(cpu, 12.0), t(cpu, 30.0)],
+                                    [t(pre, 11.0), t(pre, 13.0), t(pre, 9.0)], read=0.25)
+            for b in (1, 4)]
+    assert rows[0]["ttft_s"] == dict(cpu_attn=12.0, prescore=11.0)
+    md = bench_ledger.markdown(rows, SimpleNamespace(decode_tokens=4, rounds=3), "--rounds 3")
+    assert md.count("| 16000 | 12.0 | 11.0 | 0.92x |") == 1
 
 
 def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:

@@ -20,6 +20,9 @@ tokens in common, prefilled once (chunked, ``--prefill-chunk``) and then served 
 prefix cache to every batch size, as ``bench_vllm_decode.py --shared-prefix`` does: one
 32k-token prefill per engine instead of one per row and cell.
 
+With ``--shared-prefix``, ``ttft_s`` is the shared prefix's time to first token: one prompt of
+``--context`` tokens prefilled in chunks on an idle engine.
+
 ``ledger_ms_per_step`` attributes 100% of a decode step's wall time (``LLMEngine.step``, decode
 steps only) to: the frontend (output processing), the scheduler and bookkeeping, the metadata
 builder (prescore's per-step plan), the model outside attention (embeddings, linear layers,
@@ -158,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     llm.generate([TokensPrompt(prompt_token_ids=_prompts(tok, 512, 1)[0])],
                  SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     prefill_s: dict[str, float] = {}
+    ttft_s = None  # the shared prefix's time to first token (its whole chunked prefill)
     if a.shared_prefix:  # the shared prefix, once, before any timed batch
         secs.clear()
+        t0 = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=_prompts(tok, a.context, 1, tail)[0])],
                      SamplingParams(max_tokens=1), use_tqdm=False)
+        ttft_s = round(time.perf_counter() - t0, 2)
         prefill_s = {k: round(v, 3) for k, v in secs.items()
                      if k in ("attention_prefill", "scoring_jobs")}
     results = []
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=a.backend, model=a.model, context=a.context, batch=batch,
             decode_steps=steps, dtype=dtype, threads=a.threads, shared_prefix=a.shared_prefix,
             host=host.describe(),
+            ttft_s=ttft_s,
             prefill_s=prefill_s or {k: round(v, 3) for k, v in secs.items() if k in prefill},
             decode_ms_per_step={k: round(1e3 * v / steps, 2) for k, v in secs.items()
                                 if k not in (*prefill, *step_kinds)},

@@ -17,8 +17,10 @@ everything else stayed as it is.
 
 Prints a table and writes ``ledger.json`` / ``ledger.md`` under ``--report``. Wall-clock
 timers inside a 2-core engine drift between runs (the model's time outside attention most of
-all; see docs/results/speed-targets.md), so ``--rounds N`` runs each cell N times: each part is its median over the rounds (with two rounds, the mean), and
-the table gives the range of the per-round shares of the attainable gain.
+all; see docs/results/speed-targets.md), so ``--rounds N`` runs each cell N times: each part is
+its median over the rounds (with two rounds, the mean), and the table gives the range of the
+per-round shares of the attainable gain. With ``--shared-prefix`` the report also gives each
+context's time to first token per backend (its shared prefix's chunked prefill).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def combine(runs: list[dict]) -> dict:
 
     led = {k: round(statistics.median(r["ledger_ms_per_step"][k] for r in runs), 3)
            for k in runs[0]["ledger_ms_per_step"]}
-    return dict(runs[0], ledger_ms_per_step=led, rounds=len(runs))
+    ttft = [r["ttft_s"] for r in runs if r.get("ttft_s") is not None]
+    return dict(runs[0], ledger_ms_per_step=led, rounds=len(runs),
+                ttft_s=round(statistics.median(ttft), 2) if ttft else None)
 
 
 def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) -> dict:
@@ -77,6 +81,8 @@ def cell_row(ctx: int, batch: int, cpu_run: dict, pre_run: dict, read: float) ->
                 # attention, which drifts between engines and runs on a shared host
                 attention_share=round((cpu["attention"] - pre["attention"]) / gain, 3)
                 if gain > 0 else None,
+                # time to first token of the cell's shared prefix (--shared-prefix only)
+                ttft_s=dict(cpu_attn=cpu_run.get("ttft_s"), prescore=pre_run.get("ttft_s")),
                 dtype=pre_run["dtype"], host=pre_run["host"],
                 model=pre_run.get("model", "smollm2-135m"), threads=pre_run.get("threads", 1),
                 shared_prefix=pre_run.get("shared_prefix", False))
@@ -192,6 +198,16 @@ def markdown(rows: list[dict], a, args: str) -> str:
                      f"| {p_['step']:.1f} ({p_['attention']:.1f}) | {r['speedup']:.2f}x "
                      f"| {r['read_fraction']:.3f} | {r['amdahl_limit_ms']:.1f} "
                      f"| {r['limit_speedup']:.2f}x | {share} | {pct(r.get('attention_share'))} |")
+    if all(r.get("ttft_s", {}).get("prescore") is not None for r in rows):
+        lines += ["", "Time to first token of each context's shared prefix (one prompt, chunked "
+                  "prefill, idle engine; s, median over the rounds):", "",
+                  "| context | CPU_ATTN TTFT s | PRESCORE TTFT s | PRESCORE / CPU_ATTN |",
+                  "|---|---|---|---|"]
+        for r in rows:
+            if r["batch"] != min(x["batch"] for x in rows if x["context"] == r["context"]):
+                continue  # one prefill per context: its batch sizes share it
+            c, p_ = r["ttft_s"]["cpu_attn"], r["ttft_s"]["prescore"]
+            lines.append(f"| {r['context']} | {c:.1f} | {p_:.1f} | {p_ / c:.2f}x |")
     lines += ["", "Where a decode step's time goes (ms per step; with one round the parts sum to the "
               "step, over rounds each is its own median):", ""]
     keys = [k for k in rows[0]["prescore"] if k not in ("step", "attention", "decode_steps")]
