@@ -365,6 +365,16 @@ def test_longctx_summary_intervals_table_and_plot(tmp_path: Path) -> None:
                       {"rows": [{"ctx": 8192, "batch": 1, "backend": "PRESCORE@0.125",
                                  "speedup_vs_cpu_attn": 2.0}]})
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    # the speed panel reads bench_vllm_decode's rows and bench_ledger's (one keep ratio)
+    assert eval_longctx.speed_points({"rows": [
+        {"ctx": 8000, "batch": 4, "backend": "PRESCORE@0.0625", "speedup_vs_cpu_attn": 2.5},
+        {"ctx": 8000, "batch": 4, "backend": "PRESCORE@0.125", "speedup_vs_cpu_attn": 2.0},
+        {"ctx": 8000, "batch": 4, "backend": "CPU_ATTN", "speedup_vs_cpu_attn": None}]}) == {
+        (8000, 4): [(0.0625, 2.5), (0.125, 2.0)]}
+    assert eval_longctx.speed_points({"rows": [
+        {"context": 32000, "batch": 4, "speedup": 2.3},
+        {"context": 16000, "batch": 1, "speedup": 1.2, "keep_ratio": 0.25}]}) == {
+        (16000, 1): [(0.25, 1.2)], (32000, 4): [(0.125, 2.3)]}
 
 
 def test_bench_load_shared_documents_and_alternation() -> None:

@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.report:
         d = Path(a.report)
         d.mkdir(parents=True, exist_ok=True)
+        from prescore_backend.config import PrescoreConfig
+
+        keep = PrescoreConfig.from_env().keep_ratio  # the run's, for readers of the JSON
+        for r in rows:
+            r["keep_ratio"] = keep
         (d / "ledger.json").write_text(json.dumps(dict(rows=rows, cmd=a.cells), indent=1) + "\n")
         (d / "ledger.md").write_text(md + "\n")
         print(f"# wrote {d}/ledger.{{json,md}}", file=sys.stderr)

@@ -216,9 +216,30 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_points(speed: dict) -> dict[tuple[int, int], list[tuple[float, float]]]:
+    """(context, batch) -> sorted (keep ratio, decode speedup over CPU_ATTN) from a
+    ``bench_vllm_decode.py`` JSON (rows ``PRESCORE@<keep ratio>``) or a ``bench_ledger.py``
+    JSON (one keep ratio per run: its ``keep_ratio``, else the default setting's)."""
+    pts: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for r in speed["rows"]:
+        if "ctx" in r:  # bench_vllm_decode
+            if "@" not in r["backend"] or not r.get("speedup_vs_cpu_attn"):
+                continue
+            key, pt = (r["ctx"], r["batch"]), (float(r["backend"].split("@")[1]),
+                                               r["speedup_vs_cpu_attn"])
+        else:  # bench_ledger
+            from prescore_backend.config import PrescoreConfig
+
+            keep = r.get("keep_ratio") or PrescoreConfig().keep_ratio
+            key, pt = (r["context"], r["batch"]), (float(keep), r["speedup"])
+        pts.setdefault(key, []).append(pt)
+    return {k: sorted(v) for k, v in sorted(pts.items())}
+
+
 def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> None:
     """Accuracy against keep ratio per context length (dense at 1), and, with ``speed`` (a
-    bench_vllm_decode.py JSON), decode speedup over CPU_ATTN against keep ratio."""
+    bench_vllm_decode.py or bench_ledger.py JSON), decode speedup over CPU_ATTN against keep
+    ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,14 +267,9 @@ def plot(summary: dict, meta: dict, path: Path, speed: dict | None = None) -> No
     ax.legend(fontsize=8)
     if speed:
         ax2 = axes[1]
-        for ctx in sorted({r["ctx"] for r in speed["rows"]}):
-            for batch in sorted({r["batch"] for r in speed["rows"]}):
-                pts = sorted((float(r["backend"].split("@")[1]), r["speedup_vs_cpu_attn"])
-                             for r in speed["rows"] if r["ctx"] == ctx and r["batch"] == batch
-                             and "@" in r["backend"] and r.get("speedup_vs_cpu_attn"))
-                if pts:
-                    ax2.plot(*zip(*([(1.0, 1.0)] + pts)), marker="o",
-                             label=f"{round(ctx / 1000)}k tokens, batch {batch}")
+        for (ctx, batch), pts in speed_points(speed).items():
+            ax2.plot(*zip(*([(1.0, 1.0)] + pts)), marker="o",
+                     label=f"{round(ctx / 1000)}k tokens, batch {batch}")
         ax2.set_xscale("log", base=2)
         ax2.set_xlabel("keep ratio (1 = vLLM's exact CPU attention)")
         ax2.set_ylabel("decode speedup vs CPU_ATTN (x)")
@@ -288,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", action="store_true",
                    help="only redraw the table and plot of --out (with --speed: the decode "
                         "speedup beside the accuracy)")
-    p.add_argument("--speed", type=Path, help="a bench_vllm_decode.py JSON for the plot")
+    p.add_argument("--speed", type=Path,
+                   help="a bench_vllm_decode.py or bench_ledger.py JSON for the plot")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in --out (or its .partial.json) and run the rest")
     args = p.parse_args(argv)
