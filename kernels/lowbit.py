@@ -194,8 +194,15 @@ def _lowbit_cpp(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens:
     return o, lse
 
 
-# no Triton kernel yet: on GPUs ("triton") the torch ops run on the device
-_IMPLS = {"torch": _lowbit_torch, "cpp": _lowbit_cpp, "triton": _lowbit_torch}
+def _lowbit_triton(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
+                   tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    from .triton_lowbit import triton_lowbit_decode  # lazy: triton is optional
+
+    return triton_lowbit_decode(query, *copy.tensors(), block_tables, seq_lens, tiles,
+                                tile_size, scale)
+
+
+_IMPLS = {"torch": _lowbit_torch, "cpp": _lowbit_cpp, "triton": _lowbit_triton}
 
 
 def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
@@ -209,37 +216,50 @@ def lowbit_decode(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_len
     where none), ready for :func:`~.sparse_decode.merge_attn_states`. ``impl``: "cpp" (one
     C++ task per (row, KV head): the block's K scales folded into the query, codes widened 8
     at a time from their bit planes, online softmax; ``csrc/lowbit.h``), "torch", "triton"
-    (no Triton kernel yet: the torch ops on the GPU) or "auto" (:mod:`.dispatch`)."""
+    (one kernel launch reading the planes through the block table, :mod:`.triton_lowbit`) or
+    "auto" (:mod:`.dispatch`)."""
     _, fn = resolve("lowbit_decode", impl, query, _IMPLS)
     return fn(query, copy, block_tables, seq_lens, tiles, tile_size, scale)
 
 
 def lowbit_decode_ref(query: Tensor, copy: LowBitCopy, block_tables: Tensor, seq_lens: Tensor,
                       tiles: Tensor, tile_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Oracle of :func:`lowbit_decode`: every block of each row dequantized whole, a token mask
-    from the tiles, float64 softmax per (row, head) in a loop."""
+    """Oracle of :func:`lowbit_decode`: a loop over rows, KV heads and the selected tiles'
+    tokens, each token's codes read bit by bit from its plane bytes (K: byte pos // 8 of each
+    channel's plane, bit pos % 8; V: byte c // 8 of the token's plane, bit c % 8), dequantized
+    and attended in float64."""
     R, hq, d = query.shape
     hkv = tiles.shape[1]
     g = hq // hkv
+    bits = copy.kc.shape[3]
+    B = 8 * copy.kc.shape[4]
+    kc, kz, vc, vz = (t.cpu() for t in copy.tensors())
+    ch = torch.arange(d)
+    w = (1 << torch.arange(bits)).view(-1, 1)  # [bits, 1] each plane's weight
     out = torch.zeros(R, hq, d, dtype=torch.float64)
     lse = torch.full((R, hq), float("-inf"), dtype=torch.float64)
     for r in range(R):
-        blocks = block_tables[r].long().cpu()
-        k = unpack_k(copy.kc[blocks].cpu(), copy.kz[blocks].cpu())  # [MB, Hkv, B, D]
-        v = unpack_v(copy.vc[blocks].cpu(), copy.vz[blocks].cpu())
-        k = k.transpose(0, 1).reshape(hkv, -1, d).double()
-        v = v.transpose(0, 1).reshape(hkv, -1, d).double()
+        n = int(seq_lens[r])
         for h in range(hkv):
-            idx = [int(t) * tile_size + i for t in tiles[r, h].tolist() if t >= 0
-                   for i in range(tile_size) if int(t) * tile_size + i < int(seq_lens[r])]
-            if not idx:
+            ks, vs = [], []
+            for t in tiles[r, h].tolist():
+                for pos in range(int(t) * tile_size, (int(t) + 1) * tile_size):
+                    if t < 0 or pos >= n:
+                        continue
+                    blk, off = int(block_tables[r, pos // B]), pos % B
+                    kb = (kc[blk, h, :, :, off // 8].long() >> (off % 8)) & 1  # [D, bits]
+                    kcode = (kb * w.view(1, -1)).sum(1).double()
+                    ks.append(kz[blk, h, 0].double() + kcode * kz[blk, h, 1].double())
+                    vb = (vc[blk, h, off][:, ch // 8].long() >> (ch % 8)) & 1  # [bits, D]
+                    vcode = (vb * w).sum(0).double()
+                    vs.append(vz[blk, h, off, 0].double() + vcode * vz[blk, h, off, 1].double())
+            if not ks:
                 continue
-            ix = torch.tensor(idx)
+            k, v = torch.stack(ks), torch.stack(vs)  # [n_sel, D]
             for gi in range(g):
-                qh = query[r, h * g + gi].double().cpu() * scale
-                lg = k[h, ix] @ qh
+                lg = k @ (query[r, h * g + gi].double().cpu() * scale)
                 lse[r, h * g + gi] = torch.logsumexp(lg, 0)
-                out[r, h * g + gi] = torch.softmax(lg, 0) @ v[h, ix]
+                out[r, h * g + gi] = torch.softmax(lg, 0) @ v
     return out.float(), lse.float()
 
 

@@ -15,6 +15,11 @@ decode it feeds (``bench/kernels/bench_triton_decode.py``, docs/cpu-kernels.md).
   the lower index;
 * the kept indices are compacted in ascending order with a prefix sum and stored, -1 padded.
 
+Two precision tiers split one ranking between the exact tier and the low-bit one:
+:func:`triton_tiers_pick` marks the best eligible tiles of the sparq4 estimate (top-k masks
+as above, nested) and compacts the low-bit ones with a prefix sum; its oracle is
+:func:`tiers_pick_ref`.
+
 The rules are exactly ``prescore_backend.kernels.select.select_tiles_ref``'s (ties to the lower
 index), which is the oracle the tests compare against tile for tile. Shapes are fixed by the
 caller's ``num_slots`` and nothing syncs with the host, so a CUDA graph can capture it.
@@ -29,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["triton_select_tiles", "MAX_TILES"]
+__all__ = ["triton_select_tiles", "triton_tiers_pick", "tiers_pick_ref", "MAX_TILES"]
 
 #: Most tiles per row (one program holds a row's keys in registers): 1M tokens at tile 16.
 MAX_TILES = 1 << 16
@@ -167,3 +172,95 @@ def triton_select_tiles(tile_scores: Tensor, num_tiles: Tensor, budget: Tensor, 
         num_warps=4 if block_m <= 2048 else 8 if block_m <= 8192 else 16,
     )
     return tiles, num, counts
+
+
+# ----------------------------------------------------------------------------- two tiers' pick
+
+
+@triton.jit
+def _tiers_pick_kernel(
+    est_ptr, nt_ptr, te_ptr, tt_ptr, marks_ptr, low_ptr,
+    M, S_LOW, sink_tiles, window_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    idx = tl.arange(0, BLOCK_M)
+    n = tl.minimum(tl.maximum(tl.load(nt_ptr + r).to(tl.int64), 0), M).to(tl.int32)
+    in_m = idx < M
+    est = tl.load(est_ptr + (r * H + h) * M + idx, mask=in_m, other=float("-inf"))
+    est = est.to(tl.float32) + 0.0  # -0.0 -> +0.0
+    finite = (est == est) & (est != float("inf")) & (est != float("-inf"))
+    ok = in_m & finite & (idx >= sink_tiles) & (idx < n - window_tiles)  # eligible
+    bits = est.to(tl.int32, bitcast=True)
+    score = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648  # [0, 2^32)
+    cnt = tl.sum(ok.to(tl.int32), 0)
+    k_tot = tl.minimum(tl.maximum(tl.load(tt_ptr + r).to(tl.int64), 0), cnt).to(tl.int32)
+    k_ex = tl.minimum(tl.maximum(tl.load(te_ptr + r).to(tl.int64), 0), k_tot).to(tl.int32)
+    total = _top_k_mask(tl.where(ok, score, -1), k_tot, 32) & ok
+    exact = _top_k_mask(tl.where(total, score, -1), k_ex, 32) & total
+    marks = tl.where(exact, 1, tl.where(total, 2, 0)).to(tl.uint8)
+    tl.store(marks_ptr + (r * H + h) * M + idx, marks, mask=in_m)
+    low = total & (exact == 0)
+    pos = tl.cumsum(low.to(tl.int32), 0) - 1  # ascending slot of each low-bit tile
+    base = low_ptr + (r * H + h) * S_LOW
+    tl.store(base + pos, idx, mask=low & (pos < S_LOW))
+    offs_s = tl.arange(0, BLOCK_S)
+    tl.store(base + offs_s, tl.full([BLOCK_S], -1, tl.int32),
+             mask=(offs_s >= tl.sum(low.to(tl.int32), 0)) & (offs_s < S_LOW))
+
+
+def triton_tiers_pick(estimate: Tensor, num_tiles: Tensor, take_exact: Tensor,
+                      take_total: Tensor, *, sink_tiles: int, window_tiles: int,
+                      num_low_slots: int | None = None) -> tuple[Tensor, Tensor]:
+    """Both tiers' tiles from one ranking, one program per (row, KV head) (grid ``(R, Hkv)``).
+
+    estimate ``[R, Hkv, M]`` fp32 (the sparq4 estimate); num_tiles, take_exact, take_total
+    ``[R]`` int: the tiles beyond sinks and window ranked (``sink_tiles <= i < num_tiles -
+    window_tiles``, finite estimates), the best ``take_exact`` marked 1 (read exactly), the
+    next ones up to ``take_total`` marked 2 (read from the low-bit copy); ties to the lower
+    index. Returns marks ``[R, Hkv, M]`` uint8 (0, 1, 2) and the low-bit tiles ``[R, Hkv,
+    num_low_slots]`` int32 ascending, -1 pad (default M slots; more low-bit tiles than slots
+    keep the lowest indices). The oracle is :func:`tiers_pick_ref`."""
+    R, H, M = estimate.shape
+    if M > MAX_TILES:
+        raise ValueError(f"triton_tiers_pick holds a row's tiles in registers: at most "
+                         f"{MAX_TILES} tiles per row, got {M}")
+    dev = estimate.device
+    S = M if num_low_slots is None else max(0, min(int(num_low_slots), M))
+    marks = torch.empty(R, H, M, dtype=torch.uint8, device=dev)
+    low = torch.empty(R, H, S, dtype=torch.int32, device=dev)
+    if R == 0 or H == 0 or M == 0:
+        low.fill_(-1)
+        marks.zero_()
+        return marks, low
+    as64 = lambda t: t.to(device=dev, dtype=torch.int64).contiguous()  # noqa: E731
+    block_m = max(16, triton.next_power_of_2(M))
+    _tiers_pick_kernel[(R, H)](
+        estimate.contiguous(), as64(num_tiles), as64(take_exact), as64(take_total), marks, low,
+        M, S, int(sink_tiles), int(window_tiles),
+        BLOCK_M=block_m, BLOCK_S=max(16, triton.next_power_of_2(max(S, 1))),
+        num_warps=4 if block_m <= 2048 else 8 if block_m <= 8192 else 16,
+    )
+    return marks, low
+
+
+def tiers_pick_ref(estimate: Tensor, num_tiles: Tensor, take_exact: Tensor, take_total: Tensor,
+                   *, sink_tiles: int, window_tiles: int) -> Tensor:
+    """Oracle of :func:`triton_tiers_pick`'s marks: per (row, KV head) a Python sort of the
+    eligible tiles by (estimate descending in float64, index ascending)."""
+    R, H, M = estimate.shape
+    est = estimate.double().cpu()
+    marks = torch.zeros(R, H, M, dtype=torch.uint8)
+    for r in range(R):
+        n = min(max(int(num_tiles[r]), 0), M)
+        te, tt = max(int(take_exact[r]), 0), max(int(take_total[r]), 0)
+        for h in range(H):
+            elig = [i for i in range(sink_tiles, n - window_tiles)
+                    if float(est[r, h, i]) not in (float("inf"), float("-inf"))
+                    and est[r, h, i] == est[r, h, i]]
+            order = sorted(elig, key=lambda i: (-float(est[r, h, i]), i))
+            for rank, i in enumerate(order[:tt]):
+                marks[r, h, i] = 1 if rank < te else 2
+    return marks

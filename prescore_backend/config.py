@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "PRESCORE_"
 QUERY_AWARE_MODES = ("none", "lsh", "quest", "lsh_quest", "sparq", "sparq4", "pq")
-#: query_channels=0 with 'sparq4': the share of the budget's bytes the ranking may read
-#: (fitted on the two calibration texts at 8k tokens: at keep 1/8 16 channels beat 8 and were
-#: not beaten by 24 or 32, at 1/16 8 beat 16; docs/results/selection_channels.md).
+#: query_channels=0 with 'sparq4': the share of the budget's bytes the ranking may read at
+#: KV block 128 (fitted on the two calibration texts at 8k tokens: at keep 1/8 16 channels beat 8
+#: and were not beaten by 24 or 32, at 1/16 8 beat 16; docs/results/selection_channels.md; the
+#: same counts won at block 16, docs/results/selection_channels_block16.md).
 AUTO_CHANNEL_SHARE = 0.3
 
 
@@ -88,10 +89,13 @@ class PrescoreConfig:
         "Key channels read per token by query_aware='sparq' / 'sparq4': the query group's "
         "largest |q| channels (in adjacent pairs for 'sparq'); an even number, or 0 (the "
         "default) for a count that follows the budget: with 'sparq4', the most multiples of 8 "
-        "(at least 8, at most the head dim) whose bytes read per step (4-bit codes and the "
+        "(at least 8, at most the head dim) whose bytes (4-bit codes and, at KV block 128, the "
         "blocks' scales) stay within 30% of keep_ratio's bytes: 16 of 64 channels at keep 1/8, "
-        "8 at 1/16, 32 at 1/4 (the share fitted on the calibration texts: "
-        "docs/results/selection_channels.md); 8 with 'sparq', with max_tokens > 0 and with "
+        "8 at 1/16, 32 at 1/4, at every block size (the share fitted on the calibration texts "
+        "at block 128: docs/results/selection_channels.md; at block 16, a GPU's, the scales "
+        "cost as much as the codes and are charged to the budget, and 16 channels at keep 1/8 "
+        "still beat 8 there: docs/results/selection_channels_block16.md); 8 with 'sparq', "
+        "with max_tokens > 0 and with "
         "low_tier_bits (as evaluated). The configured keep_ratio decides: a request's own "
         "prescore_keep_ratio reads the same channels (their bytes taken from its budget)."))
     pq_subspaces: int = field(default=4, metadata=_doc(
@@ -129,7 +133,7 @@ class PrescoreConfig:
         "A low-bit token is charged its bytes against a bf16 token on every host. Quality "
         "and cost: docs/results/selection_tiers.md, docs/results/tiers_speed.md (on CPU the "
         "pick and the low-bit decode are C++, several times the default's per-layer cost; on "
-        "GPUs torch ops, not usable yet)."))
+        "GPUs Triton kernels, tested under the Triton interpreter, not yet timed on a GPU)."))
     low_tier_share: float = field(default=0.75, metadata=_doc(
         "With low_tier_bits: the fraction of the budget's bytes beyond sinks and window spent "
         "on the low-bit tier, in (0, 1]."))
@@ -248,9 +252,12 @@ class PrescoreConfig:
                 or self.keep_ratio >= 1.0):
             return min(8, head_dim)
         # bytes per token and KV head: the budget's (K and V charged as bf16), one channel's
-        # (a 4-bit code, and its block's fp32 min and step)
+        # (a 4-bit code and its block's fp32 min and step) at the block size the share was
+        # fitted at (128), whatever the cache's: at block 16 the scales cost 8x more per token
+        # (charged to the budget all the same), and counting them there halved the channels
+        # where the calibrated count still won (selection_channels_block16.md).
         budget = self.keep_ratio * 2 * head_dim * 2
-        per_channel = 0.5 + 8 / block_size
+        per_channel = 0.5 + 8 / 128
         c = 8 * int(AUTO_CHANNEL_SHARE * budget / per_channel // 8)
         return max(8, min(c, head_dim))
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from prescore_backend.config import PrescoreConfig
-from prescore_backend.keycopy import sparq4_tile_rank
+from prescore_backend.keycopy import sparq4_tile_rank, top_channels
 from prescore_backend.kernels.cpu_select import cpu_sparq4_tiers_pick
 from prescore_backend.kernels.dispatch import resolve
 from prescore_backend.kernels.lowbit import bytes_per_token, two_tier_decode
@@ -63,7 +63,8 @@ def _channels(cfg: PrescoreConfig, q: Tensor, side: SideData) -> int:
 
 def _marks_torch(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,
                  take_exact: Tensor, take_total: Tensor, M: int) -> Tensor:
-    """Torch twin of :func:`~prescore_backend.kernels.cpu_select.cpu_sparq4_tiers_pick`."""
+    """Torch twin of :func:`~prescore_backend.kernels.cpu_select.cpu_sparq4_tiers_pick`: the
+    marks ``[Rs, Hkv, M]`` uint8 (1: exact, 2: low-bit)."""
     est = sparq4_tile_rank(q, side.kq, side.kz, bt, _channels(cfg, q, side), cfg.tile_size)
     idx = torch.arange(M, device=q.device)
     n = num_tiles.view(-1, 1, 1)
@@ -84,7 +85,22 @@ def _marks_cpp(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_t
                                  window_tiles=cfg.window_tiles)
 
 
-_MARKS = {"torch": _marks_torch, "cpp": _marks_cpp, "triton": _marks_torch}  # GPUs: torch ops
+def _marks_triton(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
+                  num_tiles: Tensor, take_exact: Tensor, take_total: Tensor, M: int,
+                  low_slots: int | None = None) -> tuple[Tensor, Tensor]:
+    """Two Triton launches: the sparq4 ranking read through the block table, then the pick
+    (marks and the low-bit tiles compacted, ``low_slots`` of them)."""
+    from prescore_backend.kernels.triton_select import triton_tiers_pick  # lazy: triton
+    from prescore_backend.kernels.triton_sparq4 import triton_sparq4_tile_rank
+
+    ch = top_channels(q, side.kq.shape[1], _channels(cfg, q, side))  # [Rs, Hkv, NC]
+    est = triton_sparq4_tile_rank(q, side.kq, side.kz, bt, ch, cfg.tile_size)  # [Rs, Hkv, M]
+    return triton_tiers_pick(est[..., :M], num_tiles, take_exact, take_total,
+                             sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles,
+                             num_low_slots=low_slots)
+
+
+_MARKS = {"torch": _marks_torch, "cpp": _marks_cpp, "triton": _marks_triton}
 
 
 def _mask_tiles(mask: Tensor) -> Tensor:
@@ -96,33 +112,45 @@ def _mask_tiles(mask: Tensor) -> Tensor:
 
 def select_two_tiers(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor,
                      num_tiles: Tensor, exact_budget: Tensor, total_budget: Tensor, *,
-                     impl: str = "auto") -> tuple[Selection, Tensor]:
-    """Both tiers' tiles: -> (the exact tier's :class:`Selection`, low-bit tiles ``[Rs, Hkv, M]``
-    int32 ascending, -1 pad, disjoint from the exact ones).
+                     impl: str = "auto", num_slots: int | None = None,
+                     low_slots: int | None = None) -> tuple[Selection, Tensor]:
+    """Both tiers' tiles: -> (the exact tier's :class:`Selection`, low-bit tiles ``[Rs, Hkv,
+    L]`` int32 ascending, -1 pad, disjoint from the exact ones).
 
     q ``[Rs, Hq, D]``; bt ``[Rs, MB]`` int64; num_tiles, exact_budget, total_budget ``[Rs]``
     int64 (:func:`tier_budgets`). One sparq4 ranking of the tiles beyond sinks and window
-    (C++ on CPU, reading the key copy through the block table; torch elsewhere): its best
-    ``exact_budget`` - sinks - window are read exactly with sinks and window, the next ones up
-    to ``total_budget`` from the low-bit copy."""
+    (C++ on CPU and Triton on GPUs, reading the key copy through the block table; or torch):
+    its best ``exact_budget`` - sinks - window are read exactly with sinks and window, the next
+    ones up to ``total_budget`` from the low-bit copy. ``num_slots``: the exact selection's
+    slots (the step's largest exact budget, known on the host); ``low_slots`` L: the low-bit
+    tiles' slots (the step's largest ``total_budget - exact_budget``), default M (the tile
+    slots)."""
     M = bt.shape[1] * side.kq.shape[-1] * 2 // cfg.tile_size  # tile slots: blocks x B / T
     forced = cfg.sink_tiles + cfg.window_tiles
     take_e = (exact_budget - forced).clamp_min(0)
     take_t = (total_budget - forced).clamp_min(0)
-    # the C++ ranking reads 16-token chunks of the key copy
-    _, marks_fn = resolve("select_two_tiers", "torch" if cfg.tile_size % 16 else impl, q, _MARKS)
-    marks = marks_fn(cfg, q, side, bt, num_tiles, take_e, take_t, M)  # [Rs, Hkv, M]
+    name, marks_fn = resolve("select_two_tiers", impl, q, _MARKS)
+    if name == "cpp" and cfg.tile_size % 16:  # the C++ ranking reads 16-token chunks
+        name, marks_fn = "torch", _marks_torch
+    if name == "triton":
+        marks, low = _marks_triton(cfg, q, side, bt, num_tiles, take_e, take_t, M, low_slots)
+    else:
+        marks = marks_fn(cfg, q, side, bt, num_tiles, take_e, take_t, M)  # [Rs, Hkv, M]
+        low = _mask_tiles(marks == 2)
+        if low_slots is not None:
+            low = low[..., :low_slots]
     sel = select_tiles(torch.zeros(marks.shape, device=q.device), num_tiles, exact_budget,
                        sink_tiles=cfg.sink_tiles, window_tiles=cfg.window_tiles,
-                       lsh_match=marks == 1, lsh_cap=M, impl=impl)
-    return sel, _mask_tiles(marks == 2)
+                       lsh_match=marks == 1, lsh_cap=M, impl=impl, num_slots=num_slots)
+    return sel, low
 
 
 def decode_two_tiers(cfg: PrescoreConfig, q: Tensor, key_cache: Tensor, value_cache: Tensor,
                      side: SideData, bt: Tensor, seq_lens: Tensor, num_tiles: Tensor,
                      exact_budget: Tensor, total_budget: Tensor, scale: float, *,
                      kv_layout: str = "strided", impl: str = "auto",
-                     side_bt: Tensor | None = None) -> tuple[Tensor, Tensor, Selection]:
+                     side_bt: Tensor | None = None, num_slots: int | None = None,
+                     low_slots: int | None = None) -> tuple[Tensor, Tensor, Selection]:
     """Attention of sparse decode rows over both tiers: -> (out ``[Rs, Hq, D]`` fp32, bytes
     read ``[Rs, Hkv]`` fp64 in exact-KV-token units (low-bit tokens at :func:`low_token_cost`),
     the exact tier's :class:`Selection`).
@@ -131,10 +159,10 @@ def decode_two_tiers(cfg: PrescoreConfig, q: Tensor, key_cache: Tensor, value_ca
     layer's side data with its low-bit copy; bt ``[Rs, MB]`` int64; seq_lens ``[Rs]``;
     num_tiles, exact_budget, total_budget ``[Rs]`` int64; side_bt ``[Rs, MB]`` int64: the side
     data's block table where it differs from the cache's (the evaluation keeps one side-data
-    range per scorer), default bt."""
+    range per scorer), default bt; num_slots, low_slots: :func:`select_two_tiers`'s."""
     sbt = bt if side_bt is None else side_bt
     sel, low = select_two_tiers(cfg, q, side, sbt, num_tiles, exact_budget, total_budget,
-                                impl=impl)
+                                impl=impl, num_slots=num_slots, low_slots=low_slots)
     out = two_tier_decode(q, key_cache, value_cache, side.low, bt.int(), seq_lens.int(),
                           sel.tiles, low, cfg.tile_size, scale, kv_layout=kv_layout, impl=impl,
                           copy_block_tables=sbt)

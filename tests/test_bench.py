@@ -225,11 +225,13 @@ def test_bench_vllm_decode_runs_real_engines(tmp_path: Path, model_path) -> None
 
 def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
     """The GPU check/benchmark script runs on CPU under the Triton interpreter (tiny shapes):
-    its check passes against its float64 oracle and every timing column is written."""
+    its check passes against its float64 oracle and every timing column is written (the
+    two-tier step's too)."""
     out = tmp_path / "t.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "kernels" / "bench_triton_decode.py"), "--device", "cpu",
-         "--check", "--keeps", "8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+         "--check", "--keeps", "8", "--tiers", "3", "--out", str(out)], capture_output=True,
+        text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["meta"]["interpreted"] is True
@@ -239,7 +241,7 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
     assert [(r["ctx"], r["batch"], r["keep"]) for r in rows] == [(256, 2, "1/8")]
     for r in rows:
         for k in ("dense_ms", "sdpa_ms", "sparse_ms", "select_ms", "step_ms", "select_torch_eager_ms",
-                  "rank_ms", "rank_torch_eager_ms"):
+                  "rank_ms", "rank_torch_eager_ms", "tiers_eager_ms"):
             assert r[k] > 0, k
         assert r["max_abs_diff_dense_vs_sdpa"] < 2e-2  # bf16: our dense kernel == SDPA
         assert r["select_matches_ref"] is True

@@ -67,7 +67,10 @@ def test_invalid_values_name_the_setting(env, needle):
     ({"keep_ratio": 1 / 32}, 64, 128, 8),  # never fewer than 8
     ({"keep_ratio": 1.0}, 64, 128, 8),
     ({}, 128, 128, 32),  # the same share of a larger head
-    ({}, 64, 32, 8),  # small blocks: the scales cost 4x more per token
+    ({}, 64, 32, 16),  # smaller blocks: the same count, their scales charged to the budget
+    ({}, 64, 16, 16),  # (re-fit at block 16: docs/results/selection_channels_block16.md)
+    ({"keep_ratio": 1 / 16}, 64, 16, 8),
+    ({"keep_ratio": 0.25}, 128, 16, 64),
     ({"query_channels": 12}, 64, 128, 12),  # an explicit count wins
     ({"query_channels": 96}, 64, 128, 64),  # at most the head dim
     ({"max_tokens": 2048}, 64, 128, 8),  # no ratio to follow
@@ -82,9 +85,10 @@ def test_ranking_channels_follow_the_budget(changes, head_dim, block, want):
     nc = cfg.ranking_channels(head_dim, block)
     assert nc == want
     if (not changes or list(changes) == ["keep_ratio"]) and cfg.keep_ratio < 1:
-        # the rule: the most multiples of 8 whose bytes stay within the share of the budget
+        # the rule: the most multiples of 8 whose bytes at block 128 stay within the share of
+        # the budget, at every block size
         budget = cfg.keep_ratio * 2 * head_dim * 2
-        cost = lambda c: c / 2 + scale_bytes_per_token(c, block)  # noqa: E731
+        cost = lambda c: c / 2 + scale_bytes_per_token(c, 128)  # noqa: E731
         assert nc == 8 or cost(nc) <= AUTO_CHANNEL_SHARE * budget
         assert nc + 8 > head_dim or cost(nc + 8) > AUTO_CHANNEL_SHARE * budget
 

@@ -302,18 +302,110 @@ def test_triton_decode_strided_seq_lens():
     torch.testing.assert_close(lse.cpu().double(), rl, atol=1e-4, rtol=1e-5)
 
 
-def test_two_tiers_on_the_triton_path():
-    """Two precision tiers as the CUDA backend runs them (the Triton selection and sparse
-    decode for the exact tier, the ranking and the low-bit part as torch ops on the device)
-    == the same call on CPU with the torch ops."""
-    from prescore_backend.config import PrescoreConfig
+def _lowbit_case(lens, hkv, group, d, bs, bits, seed):
+    """A paged case with shuffled blocks and the low-bit copy of every full block."""
     from prescore_backend.kernels.lowbit import LowBitCopy
-    from prescore_backend.side_data import SideData
-    from prescore_backend.keycopy import pack_blocks
-    from prescore_backend.tiers import decode_two_tiers, tier_budgets
 
-    Bt, lens, hkv = 128, [1100, 700], 2
-    case = make_paged_case(lens, hkv, 2, 64, Bt, seed=9, poison=None)
+    case = make_paged_case(lens, hkv, group, d, bs, seed=seed, poison=None)
+    nb = case.key_cache.shape[0]
+    copy = LowBitCopy.allocate(nb, hkv, bs, d, bits)
+    for r, n in enumerate(lens):
+        ids = case.block_tables[r, : n // bs].long()
+        if ids.numel():
+            copy.write(ids, case.key_cache[ids].float(), case.value_cache[ids].float())
+    return case, copy
+
+
+@pytest.mark.parametrize("hkv,group,d,bs,bits,splits", [
+    (2, 1, 64, 32, 3, None), (2, 7, 64, 16, 3, None), (1, 4, 128, 128, 2, 3),
+    (3, 2, 64, 32, 4, 2), (1, 8, 64, 16, 8, 1)],
+    ids=["mha", "gqa7-qwen-block16", "d128-block128-splits", "gqa2-4bit", "8bit"])
+def test_triton_lowbit_decode_matches_the_loop_oracle(hkv, group, d, bs, bits, splits):
+    """The low tier's Triton decode (codes rebuilt from the bit planes through a shuffled
+    block table, online softmax over the group, slices merged) equals the float64 loop
+    oracle on ragged rows; a row with no tile and an empty tile list give out 0, lse -inf."""
+    from prescore_backend.kernels.lowbit import lowbit_decode, lowbit_decode_ref
+    from prescore_backend.kernels.triton_lowbit import triton_lowbit_decode
+
+    lens = [5 * bs + 7, 3 * bs, 2 * bs + 1, bs - 1]  # the last row has no full block
+    case, copy = _lowbit_case(lens, hkv, group, d, bs, bits, seed=hkv + group + d + bs)
+    g = torch.Generator().manual_seed(bits)
+    S = 7
+    tiles = torch.full((len(lens), hkv, S), -1, dtype=torch.int32)
+    for r, n in enumerate(lens[:-1]):
+        m = (n // bs) * (bs // T)
+        for h in range(hkv):
+            k = int(torch.randint(1, min(S, m) + 1, (1,), generator=g))
+            tiles[r, h, :k] = torch.randperm(m, generator=g)[:k].sort().values.int()
+    scale = d ** -0.5
+    want_o, want_l = lowbit_decode_ref(case.query, copy, case.block_tables, case.seq_lens,
+                                       tiles, T, scale)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    args = (dev(case.query), *(dev(t) for t in copy.tensors()), dev(case.block_tables),
+            dev(case.seq_lens), dev(tiles), T, scale)
+    o, lse = triton_lowbit_decode(*args, num_splits=splits)
+    torch.testing.assert_close(o.cpu(), want_o, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.cpu(), want_l, atol=2e-5, rtol=1e-5)
+    assert bool(torch.isneginf(lse[-1]).all()) and bool((o[-1] == 0).all())
+    o2, _ = lowbit_decode(dev(case.query), copy.__class__(*(dev(t) for t in copy.tensors())),
+                          dev(case.block_tables), dev(case.seq_lens), dev(tiles), T, scale,
+                          impl="triton")  # the op's "triton" entry is this kernel
+    torch.testing.assert_close(o2.cpu(), want_o, atol=2e-5, rtol=1e-4)
+    e_o, e_l = triton_lowbit_decode(*args[:7], dev(tiles[..., :0]), T, scale)
+    assert bool((e_o == 0).all()) and bool(torch.isneginf(e_l).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triton_tiers_pick_matches_the_loop_oracle(seed):
+    """The two tiers' pick (best eligible tiles of the estimate exact, the next ones low-bit,
+    ties to the lower index, NaN / inf never picked) equals the loop oracle's marks for
+    budgets from none to more than the eligible tiles; the low-bit tiles come compacted
+    ascending, and truncated to the slots asked for."""
+    from prescore_backend.kernels.triton_select import tiers_pick_ref, triton_tiers_pick
+
+    g = torch.Generator().manual_seed(seed)
+    R, H, M = 6, 3, 90
+    est = torch.randn(R, H, M, generator=g)
+    if seed == 1:  # ties: few distinct values
+        est = (est * 2).round() / 2
+    est[0, 0, 10:25] = 0.5
+    est[1, 1, 5], est[2, 2, 7], est[3, 0, 9] = float("nan"), float("-inf"), float("inf")
+    est[3, 0, 30], est[3, 0, 31] = -0.0, 0.0
+    nt = torch.tensor([90, 60, 41, 77, 3, 50])
+    te = torch.tensor([5, 0, 3, 40, 2, 10])
+    tt = torch.tensor([20, 7, 3, 500, 4, 10])
+    kw = dict(sink_tiles=2, window_tiles=4)
+    want = tiers_pick_ref(est, nt, te, tt, **kw)
+    marks, low = triton_tiers_pick(est.to(DEVICE), nt.to(DEVICE), te.to(DEVICE),
+                                   tt.to(DEVICE), **kw)
+    assert torch.equal(marks.cpu(), want)
+    assert int((want == 1).sum()) > 0 and int((want == 2).sum()) > 0
+    for r in range(R):
+        for h in range(H):
+            lo = sorted(i for i in range(M) if want[r, h, i] == 2)
+            got = [t for t in low[r, h].tolist() if t >= 0]
+            assert got == lo and all(t == -1 for t in low[r, h, len(lo):].tolist())
+    _, low4 = triton_tiers_pick(est.to(DEVICE), nt.to(DEVICE), te.to(DEVICE), tt.to(DEVICE),
+                                num_low_slots=4, **kw)
+    assert low4.shape == (R, H, 4) and torch.equal(low4.cpu(), low[..., :4].cpu())
+
+
+def test_two_tiers_on_the_triton_path():
+    """Two precision tiers as the CUDA backend runs them (Triton end to end: the sparq4
+    ranking, the pick, the exact tier's selection and decode, the low tier's decode) == an
+    independent float64 oracle: the loop ranking and pick, ``sparse_decode_ref`` over sinks,
+    window and the best tiles, ``lowbit_decode_ref`` over the next ones, merged by their
+    log-sum-exps; the bytes read count the low-bit tokens at their cost."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.keycopy import pack_blocks, top_channels
+    from prescore_backend.kernels.lowbit import LowBitCopy, lowbit_decode_ref
+    from prescore_backend.kernels.triton_select import tiers_pick_ref
+    from prescore_backend.kernels.triton_sparq4 import sparq4_tile_rank_ref
+    from prescore_backend.side_data import SideData
+    from prescore_backend.tiers import decode_two_tiers, low_token_cost, tier_budgets
+
+    Bt, lens, hkv, group = 128, [1100, 700], 2, 2
+    case = make_paged_case(lens, hkv, group, 64, Bt, seed=9, poison=None)
     nb = case.key_cache.shape[0]
     side = SideData.allocate(nb, hkv, Bt // T, block_size=Bt, key_copy_dim=64, low_bits=3)
     for r, n in enumerate(lens):
@@ -324,17 +416,46 @@ def test_two_tiers_on_the_triton_path():
     nt = (case.seq_lens.long() + T - 1) // T
     exact, total = tier_budgets(cfg, torch.tensor([16, 12]), nt, 64, Bt)
     bt = case.block_tables.long()
-    ref, ref_read, _ = decode_two_tiers(cfg, case.query, case.key_cache, case.value_cache, side,
-                                        bt, case.seq_lens, nt, exact, total, 0.125, impl="torch")
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     sd = SideData(dev(side.scores), None, None, None, kq=dev(side.kq), kz=dev(side.kz),
                   low=LowBitCopy(*(dev(t) for t in side.low.tensors())))
     kc, vc = (dev(t) for t in (case.key_cache, case.value_cache))
+    low_slots = int((total - exact).max())
     out, read, sel = decode_two_tiers(cfg, dev(case.query), kc, vc, sd, dev(bt),
                                       dev(case.seq_lens), dev(nt), dev(exact), dev(total), 0.125,
-                                      impl="triton")
-    torch.testing.assert_close(out.cpu(), ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(read.cpu(), ref_read)
+                                      impl="triton", num_slots=int(exact.max()),
+                                      low_slots=low_slots)
+    # the oracle
+    ch = top_channels(case.query, hkv, cfg.ranking_channels(64, Bt))
+    est = sparq4_tile_rank_ref(case.query, side.kq, side.kz, bt, ch, T)
+    forced = cfg.sink_tiles + cfg.window_tiles
+    marks = tiers_pick_ref(est, nt, exact - forced, total - forced, sink_tiles=cfg.sink_tiles,
+                           window_tiles=cfg.window_tiles)
+    M = est.shape[-1]
+    ex = torch.full((2, hkv, M), -1, dtype=torch.int32)
+    lo = torch.full((2, hkv, M), -1, dtype=torch.int32)
+    for r in range(2):
+        n = int(nt[r])
+        f = set(range(cfg.sink_tiles)) | set(range(n - cfg.window_tiles, n))
+        for h in range(hkv):
+            a = sorted(f | {i for i in range(M) if marks[r, h, i] == 1})
+            b = [i for i in range(M) if marks[r, h, i] == 2]
+            assert b, "no low-bit tile: the low tier is untested"
+            ex[r, h, :len(a)], lo[r, h, :len(b)] = torch.tensor(a), torch.tensor(b)
+    o1, l1 = sparse_decode_ref(case.query, case.key_cache, case.value_cache, case.block_tables,
+                               case.seq_lens, ex, T, 0.125)
+    o2, l2 = lowbit_decode_ref(case.query, side.low, bt, case.seq_lens, lo, T, 0.125)
+    m = torch.maximum(l1.double(), l2.double())
+    w1, w2 = torch.exp(l1.double() - m), torch.exp(l2.double() - m)
+    want = (o1.double() * w1[..., None] + o2.double() * w2[..., None]) / (w1 + w2)[..., None]
+    torch.testing.assert_close(out.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    c = low_token_cost(cfg, 64, Bt)
+    for r in range(2):
+        n = int(case.seq_lens[r])
+        for h in range(hkv):
+            toks = lambda ts: sum(min(T, n - t * T) for t in ts.tolist() if t >= 0)  # noqa: E731
+            assert float(read[r, h]) == pytest.approx(toks(ex[r, h]) + c * toks(lo[r, h]))
+    assert sel.tiles.shape[-1] == int(exact.max())
 
 
 @pytest.mark.parametrize("hkv,group,d,bs,nc", [(2, 1, 64, 16, 16), (2, 7, 64, 16, 8),

@@ -26,10 +26,10 @@ with shuffled blocks (B 16, vLLM's GPU default; T 16):
               4-bit key copy read through the block table) and, eagerly, the torch ops it
               replaced (gather and unpack the chosen channels of every block);
   * tiers:    (``--tiers BITS``) the two-tier step as the CUDA backend runs it
-              (``prescore_backend.tiers.decode_two_tiers``: the sparq4 ranking and the low-bit
-              part as torch ops, no Triton kernel for them yet; the Triton selection and sparse
-              decode for the exact tier), random key copy and BITS-bit K/V copy, the backend's
-              budget split; ``tiers_over_step`` its GPU time over ``step``'s.
+              (``prescore_backend.tiers.decode_two_tiers(impl="triton")``: the sparq4 ranking,
+              the tiers' pick, the exact tier's selection and sparse decode and the low-bit
+              decode, all Triton, no host sync), random key copy and BITS-bit K/V copy, the
+              backend's budget split; ``tiers_over_step`` its GPU time over ``step``'s.
 Several copies of the cache ("layers") are cycled so the working set exceeds the L2 cache.
 Each time is the median of ``--rounds`` rounds (methods in shuffled order per round) of
 ``--iters`` calls between CUDA events: replayed from a CUDA graph (GPU time, what a
@@ -265,10 +265,13 @@ def _tiers_fn(q, views, bt, seq_lens, num_tiles, budget, M, blocks, Hkv, D, B, T
                               kz=torch.rand(blocks, Hkv, 2, D, generator=g, device=DEVICE),
                               low=low))
     bt64 = bt.long()
+    # the step's slot counts, host-side as in the backend's plan
+    slots, low_slots = int(torch.minimum(exact, num_tiles).max()), int((total - exact).max())
 
     def fn(li: int):
         return decode_two_tiers(cfg, q, *views[li], sides[li], bt64, seq_lens, num_tiles, exact,
-                                total, scale)[0]
+                                total, scale, impl="triton", num_slots=slots,
+                                low_slots=low_slots)[0]
 
     return fn
 

@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", default="0.125,0.0625")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=128,
+                   help="KV block size of the paged cache (128: vLLM's CPU default; 16: its "
+                        "GPU default, where each block's key-copy scales weigh more)")
     p.add_argument("--prefix-codebook", type=int, default=0, metavar="C",
                    help="experiment: PQ codebooks of C centroids refitted on each context's "
                         "prefix keys (PQCache's per-request codebook; the backend uses the "
@@ -340,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         args.texts, args.ratios = "prose,code", "0.25"
         args.methods = "dense,streaming,prescore_leverage,sparq"
     torch.set_num_threads(args.threads)
+    if args.block_size % 16 or args.block_size < 16:
+        p.error("--block-size must be a multiple of 16")
+    import eval_core
+
+    eval_core.BLOCK_SIZE = args.block_size  # read at call time by the harness
     from prescore_backend.server.models import resolve_model
 
     model_path = Path(resolve_model(args.model))
@@ -373,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                 cell["read"] += res.read[(m, r)]
                 cell["total"] += res.total[(m, r)]
     summary = summarize(rows, texts, methods, ratios)
-    meta = {"model": args.model, "context": args.context, "windows": args.windows,
-            "new_tokens": args.new_tokens, "texts": texts, "sources": sources,
+    meta = {"model": args.model, "context": args.context, "block_size": args.block_size,
+            "windows": args.windows, "new_tokens": args.new_tokens, "texts": texts, "sources": sources,
             "methods": methods, "labels": {m: method(m).label for m in methods},
             "ratios": ratios, "machine": machine(), "git_commit": git_commit(),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),

@@ -176,6 +176,7 @@ class PrescorePlan:
     dec_upkeep: bool = True
     # two precision tiers: exact + low-bit tiles per (row, KV head), [Rs] int64; else None
     tier_budget: Tensor | None = None
+    max_low: int = 0  # the largest tier_budget - budget of the sparse rows (low-bit slots)
 
     def to(self, device: torch.device) -> "PrescorePlan":
         """The plan with every tensor a layer reads on ``device`` (once per step, in build)."""
@@ -340,6 +341,8 @@ class StepPlanner:
             max_cap=int(caps.max()) if num_sparse else 0,
             caps_uniform=bool((caps == caps.max()).all()) if num_sparse else True,
             tier_budget=tier_budget,
+            max_low=(int((tier_budget - sp_budget).clamp_min(0).max())
+                     if tier_budget is not None and num_sparse else 0),
             rank_channels=self.rank_channels,
         )
 

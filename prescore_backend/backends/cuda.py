@@ -241,10 +241,11 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
                        value_cache: Tensor, side: SideData, output: Tensor) -> None:
         cfg = self.rt.config
         q = query[plan.sparse_tok]  # [Rs, Hq, D]
-        if cfg.uses_low_tier:  # two precision tiers: torch ops around the Triton exact decode
+        if cfg.uses_low_tier:  # two precision tiers: the ranking, pick and both decodes in Triton
             out, read, sel = decode_two_tiers(
                 cfg, q, key_cache, value_cache, side, plan.sparse_bt64, plan.sparse_seq_lens,
-                plan.num_tiles, plan.budget, plan.tier_budget, self.scale)
+                plan.num_tiles, plan.budget, plan.tier_budget, self.scale, impl="triton",
+                num_slots=plan.max_budget, low_slots=plan.max_low)
             output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
             self.rt.stats.decode_counts.add_(torch.cat([read.sum().round().long().view(1),
                                                         sel.source_counts]))
