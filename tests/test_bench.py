@@ -241,8 +241,9 @@ def test_bench_triton_decode_smoke(tmp_path: Path) -> None:
     assert [(r["ctx"], r["batch"], r["keep"]) for r in rows] == [(256, 2, "1/8")]
     for r in rows:
         for k in ("dense_ms", "sdpa_ms", "sparse_ms", "select_ms", "step_ms", "select_torch_eager_ms",
-                  "rank_ms", "rank_torch_eager_ms", "tiers_eager_ms"):
+                  "rank_ms", "rank_torch_eager_ms", "tiers_eager_ms", "default_ms"):
             assert r[k] > 0, k
+        assert 0 < r["default_read_fraction"] <= 1 / 8 + 1e-9 and r["default_channels"] == 16
         assert r["max_abs_diff_dense_vs_sdpa"] < 2e-2  # bf16: our dense kernel == SDPA
         assert r["select_matches_ref"] is True
 
@@ -308,7 +309,7 @@ def test_gpu_check_script_names_what_exists(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     parts = [ln.split(": ", 1) for ln in proc.stdout.splitlines() if ln.startswith("== ")]
     assert [p[0] for p in parts] == ["== pytest_kernels", "== pytest_backend", "== triton_check",
-                                     "== triton_decode"]
+                                     "== triton_decode", "== triton_target"]
     for _, cmd in parts:
         paths = [w for w in cmd.split() if w.startswith(("tests/", "bench/"))]
         assert paths and all((REPO / p).exists() for p in paths), cmd

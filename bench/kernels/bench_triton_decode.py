@@ -25,6 +25,11 @@ with shuffled blocks (B 16, vLLM's GPU default; T 16):
   * rank:     the default sparq4 ranking's Triton kernel (``triton_sparq4_tile_rank``: the
               4-bit key copy read through the block table) and, eagerly, the torch ops it
               replaced (gather and unpack the chosen channels of every block);
+  * default:  the CUDA backend's default step of one layer (budget less the ranking's side
+              data, pre-scores gathered, sparq4 ranking in Triton and its top-cap pick, Triton
+              selection and sparse decode), its speedup over ``dense``, that speedup's share of
+              the bytes-read limit (dense bytes / the default's bytes, side data included), and
+              the peak bytes it allocates beyond the cache (CUDA) as a share of the layer's KV;
   * tiers:    (``--tiers BITS``) the two-tier step as the CUDA backend runs it
               (``prescore_backend.tiers.decode_two_tiers(impl="triton")``: the sparq4 ranking,
               the tiers' pick, the exact tier's selection and sparse decode and the low-bit
@@ -100,7 +105,8 @@ from prescore_backend.kernels.select import (  # noqa: E402
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PRESETS = {"smollm2": (3, 3, 64), "llama3-8b": (8, 4, 128)}  # Hkv, G, D
+PRESETS = {"smollm2": (3, 3, 64), "llama3-8b": (8, 4, 128),  # Hkv, G, D
+           "qwen2.5-0.5b": (2, 7, 64)}
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 SINK_TILES, WINDOW_TILES = 2, 10  # PrescoreConfig defaults at T=16 (32 and 160 tokens)
 
@@ -276,6 +282,54 @@ def _tiers_fn(q, views, bt, seq_lens, num_tiles, budget, M, blocks, Hkv, D, B, T
     return fn
 
 
+def _default_fn(keep, q, bt, num_tiles, copies, scores, run, blocks, Hkv, D, B, T):
+    """The CUDA backend's default step of one layer at keep 1/keep, as its ``_sparse_decode``
+    runs it: the budget less the ranking's side data, the pre-scores gathered, the sparq4
+    ranking (Triton) and its top-cap pick, the Triton selection, the sparse decode. -> (fn,
+    info: exact tiles per row S and the bytes read per KV byte, side data included)."""
+    from prescore_backend.config import PrescoreConfig
+    from prescore_backend.selection import (query_caps, ratio_budgets, scores_and_pick,
+                                            side_read_fraction)
+    from prescore_backend.side_data import SideData
+
+    cfg = PrescoreConfig(keep_ratio=1 / keep)
+    frac = side_read_fraction(cfg, D, block_size=B)
+    R = q.shape[0]
+    budget, ranks = ratio_budgets(cfg, num_tiles.cpu(), torch.full((R,), 1 / keep,
+                                  dtype=torch.float64), frac)
+    caps = torch.where(ranks, query_caps(cfg, budget), 0)
+    slots = int(torch.minimum(budget, num_tiles.cpu()).max())
+    max_cap = int(caps.max())
+    budget, caps = budget.to(DEVICE), caps.to(DEVICE)
+    sides = [SideData(sc.new_zeros(blocks, Hkv, B // T), None, None, None, kq=kq, kz=kz)
+             for sc, (kq, kz) in zip(scores, copies)]
+    bt64 = bt.long()
+
+    def fn(li: int):
+        sc, pick = scores_and_pick(cfg, q, sides[li], bt64, num_tiles, caps, impl="triton",
+                                   max_cap=max_cap, caps_uniform=True)
+        sel = select_tiles(sc, num_tiles, budget, sink_tiles=cfg.sink_tiles,
+                           window_tiles=cfg.window_tiles, lsh_match=pick, lsh_cap=max_cap,
+                           impl="triton", num_slots=slots)
+        return run(sel.tiles, li)
+
+    n = int(num_tiles.max()) * T
+    return fn, dict(S=slots, read=slots * T / n + (frac if bool(ranks.all()) else 0.0),
+                    channels=cfg.ranking_channels(D, B))
+
+
+def _peak_temp_bytes(fn) -> int | None:
+    """Bytes one call allocates beyond what was allocated before it (CUDA), else None."""
+    if DEVICE != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.dtype) -> list[dict]:
     Hkv, G, D = PRESETS[preset]
     Hq, B, T = Hkv * G, ARGS.block_size, ARGS.tile
@@ -330,7 +384,7 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
         "sdpa_ms": lambda li: torch.nn.functional.scaled_dot_product_attention(
             q4, *kv_contig[li], scale=scale, enable_gqa=True),
     }
-    picks = {}
+    picks, default_info = {}, {}
     for keep in keeps:
         budget = torch.full((batch,), max(1, M // keep), device=DEVICE)
         kw = dict(num_slots=max(1, M // keep), sink_tiles=SINK_TILES, window_tiles=WINDOW_TILES)
@@ -348,6 +402,8 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
                                 window_tiles=WINDOW_TILES, impl="torch")
 
         fns[f"sparse_ms/{keep}"] = lambda li, sel=sel: run(sel[li], li)
+        fns[f"default_ms/{keep}"], default_info[keep] = _default_fn(
+            keep, q, bt, num_tiles, copies, scores, run, blocks, Hkv, D, B, T)
         fns[f"select_ms/{keep}"] = select
         fns[f"select_static_ms/{keep}"] = select_static
         fns[f"step_ms/{keep}"] = lambda li, select=select: run(select(li).tiles, li)
@@ -416,6 +472,18 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
             t = row["tiers_ms"] if row["tiers_ms"] is not None else row["tiers_eager_ms"]
             row["tiers_over_step"] = t / (row["step_ms"] if row["tiers_ms"] is not None
                                           else row["step_eager_ms"])
+        info = default_info[keep]
+        row["default_ms"] = med[f"graph:default_ms/{keep}"]
+        row["default_eager_ms"] = med[f"default_ms/{keep}"]
+        row["default_S"], row["default_channels"] = info["S"], info["channels"]
+        # the default step (ranking + selection + decode) against the dense kernel, and the
+        # bytes-read limit of that ratio: dense reads 1, the default info["read"] of the KV
+        row["default_speedup_vs_dense"] = row["dense_ms"] / row["default_ms"]
+        row["default_read_fraction"] = info["read"]
+        row["default_of_read_limit"] = row["default_speedup_vs_dense"] * info["read"]
+        temp = _peak_temp_bytes(fns[f"default_ms/{keep}"])
+        row["default_temp_bytes"] = temp
+        row["default_temp_of_kv"] = None if temp is None else temp / layer_bytes
         row["kernel_speedup_vs_dense"] = row["dense_ms"] / row["sparse_ms"]
         row["step_speedup_vs_dense"] = row["dense_ms"] / row["step_ms"]
         row["step_speedup_vs_sdpa"] = row["sdpa_ms"] / row["step_ms"]
@@ -476,6 +544,14 @@ def main() -> int:
                               f"{r['step_speedup_vs_dense']:7.2f} {r['step_speedup_vs_sdpa']:7.2f}|"
                               f"{r['sparse_GBps']:7.0f}|{r['dense_eager_ms']:8.4f} "
                               f"{r['step_eager_ms']:8.4f} {r['select_torch_eager_ms']:9.4f}",
+                              flush=True)
+                        tmp = r["default_temp_of_kv"]
+                        print(f"{'':25}  default (rank+select+decode, {r['default_channels']} "
+                              f"channels): GPU {r['default_ms']:.4f} ms, "
+                              f"{r['default_speedup_vs_dense']:.2f}x dense, "
+                              f"{r['default_of_read_limit']:.0%} of the bytes-read limit "
+                              f"{1 / r['default_read_fraction']:.2f}x; temporaries "
+                              f"{'n/a' if tmp is None else f'{tmp:.2%}'} of the layer's KV",
                               flush=True)
                         if ARGS.tiers:
                             print(f"{'':25}  tiers: GPU {r['tiers_ms'] or float('nan'):.4f} ms, "

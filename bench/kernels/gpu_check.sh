@@ -6,7 +6,9 @@
 #    the oracles) on CUDA tensors - when vLLM with CUDA is installed, else said so in the log;
 # 3. the kernels' correctness sweep against a float64 oracle;
 # 4. the kernel benchmark (GPU times replayed from captured CUDA graphs of the selection and
-#    sparse decode of one step, and of the two-tier step; eager times beside them).
+#    sparse decode of one step, the default step with its ranking, and the two-tier step;
+#    eager times beside them; the default step's temporaries), then the target cell (32k,
+#    batch 16, keep 1/8, Llama-3-8B and Qwen2.5-0.5B shapes).
 # The package is imported from this checkout; where it is not installed, it is installed into
 # a scratch folder without dependencies (torch and triton must be there). Exit status: the
 # number of parts that failed. ``--list`` prints the parts' commands and runs nothing.
@@ -42,5 +44,8 @@ fi
 run triton_check "$PY" bench/kernels/bench_triton_decode.py --check --no-time --out "$OUT/triton_check.json"
 run triton_decode "$PY" bench/kernels/bench_triton_decode.py --contexts 4096,16384 --rounds 3 --tiers 3 \
     --out "$OUT/triton_decode.json"
+# the target cell: 32k tokens, batch 16, keep 1/8, Llama-3-8B and Qwen2.5-0.5B shapes
+run triton_target "$PY" bench/kernels/bench_triton_decode.py --presets llama3-8b,qwen2.5-0.5b \
+    --contexts 32768 --batches 16 --keeps 8 --rounds 3 --tiers 3 --out "$OUT/triton_target.json"
 echo "$failed part(s) failed; results in $OUT"
 exit "$failed"
