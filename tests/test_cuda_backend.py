@@ -328,24 +328,25 @@ def test_one_token_prompt_chunk_is_exact(engine):
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4"))],
                          ids=["sparq4"], indirect=True)
 def test_no_room_to_rank_reads_streamingllm_tiles(engine):
-    """keep 1/4 of 22 tiles (B 32, tile 16: the 24-channel ranking's side data is 7% of the
-    bytes): ceil(22 x (1/4 - 7%)) = 4 tiles would buy nothing beyond the sink tile and the
-    3-tile window, so the row skips the ranking (no side data read) and spends 1/4 of its
-    bytes on tiles, ceil(22 / 4) = 6: the sink and the 5 most recent tiles (StreamingLLM at
-    equal bytes, checked against the float64 oracle on those tiles); a 25-tile row in the same
-    batch ranks."""
+    """keep 1/4 of 22 tiles (B 32, tile 16: the 32-channel ranking's side data is 9.4% of the
+    bytes, 16 of codes and 8 of scales per token and KV head): ceil(22 x (1/4 - 9.4%)) = 4
+    tiles would buy nothing beyond the sink tile and the 3-tile window, so the row skips the
+    ranking (no side data read) and spends 1/4 of its bytes on tiles, ceil(22 / 4) = 6: the
+    sink and the 5 most recent tiles (StreamingLLM at equal bytes, checked against the float64
+    oracle on those tiles); a 30-tile row in the same batch ranks (ceil(30 x 15.6%) = 5)."""
     from prescore_backend.kernels import sparse_decode_ref
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
 
     e = engine
-    e.step([(0, 340, 340), (1, 399, 399)])
-    out, ref, md = e.step([(0, 1, 341), (1, 1, 400)])
+    e.step([(0, 340, 340), (1, 479, 479)])
+    out, ref, md = e.step([(0, 1, 341), (1, 1, 480)])
     plan = md.plan
-    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [22, 25]
+    assert e.builder.budget_side == pytest.approx(24 / 256)  # charged against a bf16 KV
+    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [22, 30]
     assert plan.budget[0] == 6 and plan.query_caps[0] == 0  # the ranking skipped
-    assert plan.query_caps[1] > 0  # the other row ranks
+    assert plan.budget[1] == 5 and plan.query_caps[1] > 0  # the other row ranks
     side_tokens = int(plan.layer_counts[3]) // e.kv_heads
-    assert side_tokens == round(400 * e.builder.side_fraction)  # row 1's side data only
+    assert side_tokens == round(480 * e.builder.side_fraction)  # row 1's side data only
     tiles = torch.full((1, e.kv_heads, 6), -1, dtype=torch.int32)
     tiles[0, :] = torch.tensor([0, 17, 18, 19, 20, 21], dtype=torch.int32)
     k, v = vllm_triton_kv_views(e.kv, D)
@@ -360,27 +361,27 @@ def test_no_room_to_rank_reads_streamingllm_tiles(engine):
 def test_streaming_request_reads_sinks_and_recent_tiles_at_its_bytes(engine):
     """A request that sends ``prescore_streaming`` (row 1, its worker-side controls) skips the
     ranking in a batch whose other row ranks: no side data read, all of keep 1/4's bytes on
-    tiles, ceil(25 / 4) = 7: the sink tile and the 6 most recent (the float64 oracle on those
+    tiles, ceil(30 / 4) = 8: the sink tile and the 7 most recent (the float64 oracle on those
     tiles), where the same row without the control reads fewer tiles plus side data."""
     from prescore_backend import requests as rq
     from prescore_backend.kernels import sparse_decode_ref
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
 
     e = engine
-    e.step([(0, 399, 399), (1, 399, 399)])
+    e.step([(0, 479, 479), (1, 479, 479)])
     rq.ROWS.rows[1] = rq.RequestControls(streaming=True)
     try:
-        out, ref, md = e.step([(0, 1, 400), (1, 1, 400)])
+        out, ref, md = e.step([(0, 1, 480), (1, 1, 480)])
     finally:
         rq.ROWS.clear()
     plan = md.plan
-    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [25, 25]
-    assert plan.budget[1] == 7 and plan.query_caps[1] == 0
-    assert plan.budget[0] < 7 and plan.query_caps[0] > 0  # the default row ranks
+    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [30, 30]
+    assert plan.budget[1] == 8 and plan.query_caps[1] == 0
+    assert plan.budget[0] < 8 and plan.query_caps[0] > 0  # the default row ranks
     side_tokens = int(plan.layer_counts[3]) // e.kv_heads
-    assert side_tokens == round(400 * e.builder.side_fraction)  # row 0's side data only
-    tiles = torch.full((1, e.kv_heads, 7), -1, dtype=torch.int32)
-    tiles[0, :] = torch.tensor([0, 19, 20, 21, 22, 23, 24], dtype=torch.int32)
+    assert side_tokens == round(480 * e.builder.side_fraction)  # row 0's side data only
+    tiles = torch.full((1, e.kv_heads, 8), -1, dtype=torch.int32)
+    tiles[0, :] = torch.tensor([0, 23, 24, 25, 26, 27, 28, 29], dtype=torch.int32)
     k, v = vllm_triton_kv_views(e.kv, D)
     want, _ = sparse_decode_ref(e.q[1:2], k, v, plan.sparse_block_table[1:2],
                                 plan.sparse_seq_lens[1:2], tiles, 16, D ** -0.5)
