@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_sparse_decode import MAX_SPLITS, _merge_splits_kernel, _num_sms, plan_splits
+from .triton_sparse_decode import MAX_SPLITS, _num_sms, merge_splits, plan_splits, split_outputs
 
 __all__ = ["triton_lowbit_decode"]
 
@@ -127,11 +127,11 @@ def triton_lowbit_decode(query: Tensor, kc: Tensor, kz: Tensor, vc: Tensor, vz: 
     R, Hq, D = query.shape
     NB, Hkv, _, bits, b8 = kc.shape
     B, T = 8 * b8, int(tile_size)
-    if (Hq % Hkv or D % 8 or D & (D - 1) or T & (T - 1) or B % T
+    if (Hq % Hkv or D < 16 or D & (D - 1) or T & (T - 1) or B % T
             or tuple(vc.shape) != (NB, Hkv, B, bits, D // 8)):
-        raise ValueError(f"triton_lowbit_decode: head dim {D} (a power of two), tile {T} (a power "
-                         f"of two dividing the block {B}), {Hq} query over {Hkv} KV heads, "
-                         f"vc {tuple(vc.shape)}")
+        raise ValueError(f"triton_lowbit_decode: head dim {D} (a power of two, at least 16), "
+                         f"tile {T} (a power of two dividing the block {B}), {Hq} query over "
+                         f"{Hkv} KV heads, vc {tuple(vc.shape)}")
     for name, x in (("kc", kc), ("kz", kz), ("vc", vc), ("vz", vz)):
         if not x.is_contiguous():
             raise ValueError(f"triton_lowbit_decode: {name} must be contiguous")
@@ -157,14 +157,7 @@ def triton_lowbit_decode(query: Tensor, kc: Tensor, kz: Tensor, vc: Tensor, vz: 
     seq_lens = seq_lens.to(torch.int32).contiguous()
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
-    if ns == 1:
-        po, pl = out, lse
-        po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
-        pl_strides = (lse.stride(0), lse.stride(1), 0)
-    else:
-        po = torch.empty(R, Hq, ns, D, dtype=torch.float32, device=dev)
-        pl = torch.empty(R, Hq, ns, dtype=torch.float32, device=dev)
-        po_strides, pl_strides = po.stride(), pl.stride()
+    po, pl, po_strides, pl_strides = split_outputs(out, lse, ns)
     _lowbit_decode_kernel[(R, Hkv, ns)](
         query, kc, kz, vc, vz, block_tables, seq_lens, tiles, po, pl,
         float(scale), S, per, block_tables.shape[1], Hkv,
@@ -173,9 +166,5 @@ def triton_lowbit_decode(query: Tensor, kc: Tensor, kz: Tensor, vc: Tensor, vz: 
         G=G, D=D, T=T, B=B, BITS=bits, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_T=block_t, TILES_PER_ITER=tpi, num_warps=4,
     )
-    if ns > 1:
-        _merge_splits_kernel[(R, Hq)](
-            po, pl, out, lse, ns, *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
-            D=D, BLOCK_S=max(2, triton.next_power_of_2(ns)), BLOCK_D=D, num_warps=1,
-        )
+    merge_splits(po, pl, out, lse)
     return out, lse

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .decode_inputs import check_decode_inputs
 
-__all__ = ["triton_sparse_decode", "plan_splits"]
+__all__ = ["triton_sparse_decode", "plan_splits", "split_outputs", "merge_splits"]
 
 
 @triton.jit(do_not_specialize=["S", "tiles_per_split", "max_blocks"])  # one compile per shape
@@ -228,14 +228,7 @@ def triton_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
               and query.dtype == key_cache.dtype)
     tiles = tiles if tiles.dtype == torch.int32 else tiles.to(torch.int32)
     seq_lens = seq_lens.to(torch.int32).contiguous()  # read with stride 1
-    if ns == 1:
-        po, pl = out, lse
-        po_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
-        pl_strides = (lse.stride(0), lse.stride(1), 0)
-    else:
-        po = torch.empty(R, Hq, ns, D, dtype=torch.float32, device=dev)  # partial outputs
-        pl = torch.empty(R, Hq, ns, dtype=torch.float32, device=dev)  # partial lse
-        po_strides, pl_strides = po.stride(), pl.stride()
+    po, pl, po_strides, pl_strides = split_outputs(out, lse, ns)
     _sparse_decode_kernel[(R, Hkv, ns)](
         query, key_cache, value_cache, block_tables, seq_lens, tiles, po, pl,
         float(scale), S, per, block_tables.shape[1],
@@ -244,9 +237,31 @@ def triton_sparse_decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, 
         G=G, D=D, T=tile_size, B=B, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,
         TILES_PER_ITER=tpi, NATIVE_DOT=native, num_warps=4,
     )
-    if ns > 1:
-        _merge_splits_kernel[(R, Hq)](
-            po, pl, out, lse, ns, *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
-            D=D, BLOCK_S=max(2, triton.next_power_of_2(ns)), BLOCK_D=block_d, num_warps=1,
-        )
+    merge_splits(po, pl, out, lse)
     return out, lse
+
+
+def split_outputs(out: Tensor, lse: Tensor, ns: int) -> tuple[Tensor, Tensor, tuple, tuple]:
+    """Where the programs of ``ns`` splits write: ``out`` ``[R, Hq, D]`` and ``lse`` ``[R, Hq]``
+    themselves with one split (split stride 0), else fp32 partials ``[R, Hq, ns, D]`` and
+    ``[R, Hq, ns]``; -> (partial out, partial lse, their 4 and 3 strides)."""
+    if ns == 1:
+        return (out, lse, (out.stride(0), out.stride(1), 0, out.stride(2)),
+                (lse.stride(0), lse.stride(1), 0))
+    R, Hq, D = out.shape
+    po = torch.empty(R, Hq, ns, D, dtype=torch.float32, device=out.device)
+    pl = torch.empty(R, Hq, ns, dtype=torch.float32, device=out.device)
+    return po, pl, po.stride(), pl.stride()
+
+
+def merge_splits(po: Tensor, pl: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Combine the splits of :func:`split_outputs` into ``out`` and ``lse`` by the
+    log-sum-exp rule (nothing to do with one split)."""
+    if po is out:
+        return
+    R, Hq, ns, D = po.shape
+    _merge_splits_kernel[(R, Hq)](
+        po, pl, out, lse, ns, *po.stride(), *pl.stride(), *out.stride(), *lse.stride(),
+        D=D, BLOCK_S=max(2, triton.next_power_of_2(ns)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=1,
+    )
