@@ -243,9 +243,10 @@ class PrescoreConfig:
         """Two precision tiers: a low-bit K/V copy beside the cache (kernels/lowbit.py)."""
         return self.low_tier_bits > 0
 
-    def ranking_channels(self, head_dim: int, block_size: int = 128) -> int:
+    def ranking_channels(self, head_dim: int) -> int:
         """Key channels per token the 'sparq' / 'sparq4' ranking reads (``query_channels``, or
-        with 0 the count that follows the budget: see the setting's doc)."""
+        with 0 the count that follows the budget: see the setting's doc); the same at every
+        KV block size."""
         if self.query_channels:
             return min(self.query_channels, head_dim)
         if (self.query_aware != "sparq4" or self.max_tokens > 0 or self.uses_low_tier

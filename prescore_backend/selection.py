@@ -83,11 +83,11 @@ def side_read_fraction(cfg: PrescoreConfig, head_dim: int, kv_bytes: int = 2,
     if cfg.uses_lsh:
         f += 8 * num_words(cfg.lsh_bits) / tile_kv
     if cfg.uses_keys:
-        f += cfg.ranking_channels(head_dim, block_size) / (2 * head_dim)
+        f += cfg.ranking_channels(head_dim) / (2 * head_dim)
     if cfg.uses_codes:
         f += cfg.pq_subspaces / (2 * head_dim * kv_bytes)
     if cfg.uses_key_copy:  # 4-bit codes of the ranking's channels, their blocks' scales
-        nc = cfg.ranking_channels(head_dim, block_size)
+        nc = cfg.ranking_channels(head_dim)
         per_token = nc / 2 + scale_bytes_per_token(nc, block_size)
         f += per_token / (2 * head_dim * kv_bytes)
     return f
@@ -220,9 +220,7 @@ class _PickInputs:
     @property
     def channels(self) -> int:
         """Key channels of the SparQ rankings (:meth:`PrescoreConfig.ranking_channels`)."""
-        kq = self.side.kq if self.side is not None else None
-        block = kq.shape[-1] * 2 if kq is not None else 128
-        return self.cfg.ranking_channels(self.q.shape[-1], block)
+        return self.cfg.ranking_channels(self.q.shape[-1])
 
     def slots(self) -> dict:
         c = self.cfg

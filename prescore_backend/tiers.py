@@ -58,7 +58,7 @@ def tier_budgets(cfg: PrescoreConfig, budget: Tensor, num_tiles: Tensor, head_di
 
 
 def _channels(cfg: PrescoreConfig, q: Tensor, side: SideData) -> int:
-    return cfg.ranking_channels(q.shape[-1], side.kq.shape[-1] * 2)
+    return cfg.ranking_channels(q.shape[-1])
 
 
 def _marks_torch(cfg: PrescoreConfig, q: Tensor, side: SideData, bt: Tensor, num_tiles: Tensor,

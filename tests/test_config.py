@@ -60,37 +60,47 @@ def test_invalid_values_name_the_setting(env, needle):
     assert needle in str(e.value)
 
 
-@pytest.mark.parametrize("changes,head_dim,block,want", [
-    ({}, 64, 128, 16),  # keep 1/8: 16 x (0.5 + 8/128) bytes = 28% of 32 bytes per token
-    ({"keep_ratio": 1 / 16}, 64, 128, 8),
-    ({"keep_ratio": 0.25}, 64, 128, 32),
-    ({"keep_ratio": 1 / 32}, 64, 128, 8),  # never fewer than 8
-    ({"keep_ratio": 1.0}, 64, 128, 8),
-    ({}, 128, 128, 32),  # the same share of a larger head
-    ({}, 64, 32, 16),  # smaller blocks: the same count, their scales charged to the budget
-    ({}, 64, 16, 16),  # (re-fit at block 16: docs/results/selection_channels_block16.md)
-    ({"keep_ratio": 1 / 16}, 64, 16, 8),
-    ({"keep_ratio": 0.25}, 128, 16, 64),
-    ({"query_channels": 12}, 64, 128, 12),  # an explicit count wins
-    ({"query_channels": 96}, 64, 128, 64),  # at most the head dim
-    ({"max_tokens": 2048}, 64, 128, 8),  # no ratio to follow
-    ({"query_aware": "sparq"}, 64, 128, 8),
-    ({"low_tier_bits": 3}, 64, 128, 8),  # the two tiers as evaluated
+@pytest.mark.parametrize("changes,head_dim,want", [
+    ({}, 64, 16),  # keep 1/8: 16 x (0.5 + 8/128) bytes = 28% of 32 bytes per token
+    ({"keep_ratio": 1 / 16}, 64, 8),
+    ({"keep_ratio": 0.25}, 64, 32),
+    ({"keep_ratio": 1 / 32}, 64, 8),  # never fewer than 8
+    ({"keep_ratio": 1.0}, 64, 8),
+    ({}, 128, 32),  # the same share of a larger head
+    ({"keep_ratio": 0.25}, 128, 64),
+    ({"query_channels": 12}, 64, 12),  # an explicit count wins
+    ({"query_channels": 96}, 64, 64),  # at most the head dim
+    ({"max_tokens": 2048}, 64, 8),  # no ratio to follow
+    ({"query_aware": "sparq"}, 64, 8),
+    ({"low_tier_bits": 3}, 64, 8),  # the two tiers as evaluated
 ])
-def test_ranking_channels_follow_the_budget(changes, head_dim, block, want):
+def test_ranking_channels_follow_the_budget(changes, head_dim, want):
     from prescore_backend.config import AUTO_CHANNEL_SHARE
     from prescore_backend.keycopy import scale_bytes_per_token
 
     cfg = PrescoreConfig(**changes)
-    nc = cfg.ranking_channels(head_dim, block)
+    nc = cfg.ranking_channels(head_dim)
     assert nc == want
     if (not changes or list(changes) == ["keep_ratio"]) and cfg.keep_ratio < 1:
-        # the rule: the most multiples of 8 whose bytes at block 128 stay within the share of
-        # the budget, at every block size
+        # the rule: the most multiples of 8 whose bytes at block 128 (where the share was
+        # fitted) stay within the share of the budget
         budget = cfg.keep_ratio * 2 * head_dim * 2
         cost = lambda c: c / 2 + scale_bytes_per_token(c, 128)  # noqa: E731
         assert nc == 8 or cost(nc) <= AUTO_CHANNEL_SHARE * budget
         assert nc + 8 > head_dim or cost(nc + 8) > AUTO_CHANNEL_SHARE * budget
+
+
+@pytest.mark.parametrize("block,side_bytes", [(128, 8 + 1), (32, 8 + 4), (16, 8 + 8)])
+def test_the_channels_scales_are_charged_at_the_cache_s_block_size(block, side_bytes):
+    """The same 16 channels at keep 1/8 whatever the block size (re-fit at block 16:
+    docs/results/selection_channels_block16.md), their per-block scales charged to the
+    step's bytes at the cache's block size: 8 bytes of codes per token and KV head, and
+    16 x 8 / block of scales, against a bf16 token's 256."""
+    from prescore_backend.selection import side_read_fraction
+
+    cfg = PrescoreConfig()
+    assert cfg.ranking_channels(64) == 16
+    assert side_read_fraction(cfg, 64, block_size=block) == pytest.approx(side_bytes / 256)
 
 
 def test_small_tiles_with_other_rankings_are_accepted():

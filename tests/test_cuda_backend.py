@@ -469,7 +469,7 @@ def test_two_tiers_through_the_cuda_backend(engine):
                                   plan.tier_budget, D ** -0.5, impl="torch")
     n, forced = int(plan.num_tiles[0]), cfg.sink_tiles + cfg.window_tiles
     ranks = _sparq4_ranks_loop(e.q[:1], side.kq, side.kz, plan.sparse_bt64, plan.num_tiles,
-                               cfg.ranking_channels(D, B), cfg.tile_size, cfg.sink_tiles,
+                               cfg.ranking_channels(D), cfg.tile_size, cfg.sink_tiles,
                                cfg.window_tiles)[0]
     n_exact, n_total = int(plan.budget[0]) - forced, int(plan.tier_budget[0]) - forced
     assert 0 <= n_exact < n_total, (plan.budget, plan.tier_budget, n)  # low-bit tiles read

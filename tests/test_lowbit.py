@@ -224,7 +224,7 @@ def test_two_tiers_pick_in_ranking_order_and_decode_as_rederived(impl: str) -> N
     exact_b, total_b = tier_budgets(cfg, budget, num_tiles, 64)
     sel, low = select_two_tiers(cfg, case.query, side, bt, num_tiles, exact_b, total_b,
                                 impl=impl)
-    est = sparq4_tile_rank(case.query, side.kq, side.kz, bt, cfg.ranking_channels(64, B), T)
+    est = sparq4_tile_rank(case.query, side.kq, side.kz, bt, cfg.ranking_channels(64), T)
     both = select_tiles(est, num_tiles, total_b, sink_tiles=2, window_tiles=10)
     for r in range(2):
         for h in range(3):

@@ -426,7 +426,7 @@ def test_two_tiers_on_the_triton_path():
                                       impl="triton", num_slots=int(exact.max()),
                                       low_slots=low_slots)
     # the oracle
-    ch = top_channels(case.query, hkv, cfg.ranking_channels(64, Bt))
+    ch = top_channels(case.query, hkv, cfg.ranking_channels(64))
     est = sparq4_tile_rank_ref(case.query, side.kq, side.kz, bt, ch, T)
     forced = cfg.sink_tiles + cfg.window_tiles
     marks = tiers_pick_ref(est, nt, exact - forced, total - forced, sink_tiles=cfg.sink_tiles,

@@ -315,7 +315,7 @@ def _default_fn(keep, q, bt, num_tiles, copies, scores, run, blocks, Hkv, D, B, 
 
     n = int(num_tiles.max()) * T
     return fn, dict(S=slots, read=slots * T / n + (frac if bool(ranks.all()) else 0.0),
-                    channels=cfg.ranking_channels(D, B))
+                    channels=cfg.ranking_channels(D))
 
 
 def _peak_temp_bytes(fn) -> int | None:
@@ -372,7 +372,7 @@ def time_cell(preset: str, ctx: int, batch: int, keeps: list[int], dtype: torch.
     from prescore_backend.keycopy import pack_blocks, sparq4_tile_rank, top_channels
     from prescore_backend.kernels.triton_sparq4 import triton_sparq4_tile_rank
 
-    nc = PrescoreConfig().ranking_channels(D, B)
+    nc = PrescoreConfig().ranking_channels(D)
     copies = [pack_blocks(c[:, 0].permute(0, 2, 1, 3).float()) for c in caches]
     chans = top_channels(q, Hkv, nc)
     bt64 = bt.long()

@@ -367,7 +367,7 @@ class PrescoreMethod(EvalMethod):
         d = rows.q.shape[-1]
         by_nc: dict[int, list[int]] = {}
         for i, r in enumerate(rows.ratios):  # rows whose keep ratio reads other channels
-            by_nc.setdefault(self.cfg_at(r).ranking_channels(d, BLOCK_SIZE), []).append(i)
+            by_nc.setdefault(self.cfg_at(r).ranking_channels(d), []).append(i)
         if len(by_nc) == 1:
             return self._choose(env, rows, self.cfg_at(rows.ratios[0]))
         parts = []
@@ -570,7 +570,7 @@ class CompensatedMethod(WrappedMethod):
         cnt = w.sum(2).clamp_min(1.0)
         kmean = (k * w).sum(2) / cnt  # [R, Hkv, D]
         kvar = ((k - kmean.unsqueeze(2)) ** 2 * w).sum(2) / cnt
-        nc = self.cfg.ranking_channels(rows.q.shape[-1], BLOCK_SIZE)
+        nc = self.cfg.ranking_channels(rows.q.shape[-1])
         ch = top_channels(rows.q, hkv, nc)  # [R, Hkv, r]
         on = torch.zeros(R, hkv, D).scatter_(-1, ch, 1.0)  # [R, Hkv, D]
         qg = rows.q.float().view(R, hkv, g, D) * env.scale

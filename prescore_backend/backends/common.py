@@ -212,7 +212,7 @@ class StepPlanner:
         # evaluation counts it, the same tiles on every host)
         self.side_fraction = side_read_fraction(self.config, head_dim, kv_bytes, block_size)
         self.budget_side = side_read_fraction(self.config, head_dim, CHARGE_KV_BYTES, block_size)
-        self.rank_channels = self.config.ranking_channels(head_dim, block_size)
+        self.rank_channels = self.config.ranking_channels(head_dim)
         if block_size % self.config.tile_size:
             raise ValueError(
                 f"prescore tile_size={self.config.tile_size} must divide the KV block size "
