@@ -15,9 +15,11 @@ TUNING_METHODS ?= dense,prescore_leverage,quest,prescore_leverage@query_cap_rati
 
 help:
 	@echo "make serve   set up, prepare the embedded model, serve on $(HOST):$(PORT)"
-	@echo "make test    set up, prepare the embedded model, run the test suite"
+	@echo "make test    set up, prepare both embedded models and the kvpress venv, run the test suite"
 	@echo "make setup   only create $(VENV) and install the package (idempotent)"
+	@echo "make cpu-kernels  only build the C++ CPU kernels for this host (cached)"
 	@echo "make model   only prepare the embedded model and build the CPU kernels (idempotent)"
+	@echo "make kvpress-venv  kvpress's own venv for the kvpress baselines (idempotent)"
 	@echo "make model-long  prepare the 32k long-context model, Qwen2.5-Coder-0.5B (~480 MB download, 2.5 GB)"
 	@echo "make serve-long  serve the long-context model on $(HOST):$(PORT)"
 	@echo "make results-longctx  long-context task accuracy at 8k-32k through the server -> docs/results/longctx_qwen.*"
@@ -28,6 +30,8 @@ help:
 	@echo "make gpu-check        on a GPU machine: Triton kernel + CUDA backend tests, kernel benchmark -> bench/out/gpu_check/"
 	@echo "make results-tile32   quality with 32-token tiles -> docs/results/tuning_tile32.json (~9 min)"
 	@echo "make results-expensive  clustering scorers at 8k -> docs/results/expensive.json (~25 min)"
+	@echo "make results-tuning   configuration variants (TUNING_METHODS) -> docs/results/tuning.json"
+	@echo "make clean   remove $(VENV) and the build outputs"
 
 setup: $(STAMP)
 

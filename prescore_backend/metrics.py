@@ -64,7 +64,7 @@ def get_metrics() -> Metrics:
             "because the context is shorter than min_seq_len or the budget covers it."),
         selected_tiles=Counter(
             "prescore_selected_tiles", "Tiles selected, by source: sink, window, query (the "
-            "query-aware part: LSH and/or Quest bounds), prescore.",
+            "query-aware ranking), prescore.",
             ["source"]),
         scoring_seconds=Histogram(
             "prescore_scoring_seconds", "Time spent pre-scoring keys in one engine step "

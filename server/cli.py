@@ -211,7 +211,8 @@ def _export_prescore_flags(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["-h"], ["--help"]):
+    helping = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+    if helping:  # help needs no prepared model
         serve_argv = list(argv)
     else:
         try:
@@ -219,7 +220,6 @@ def main(argv: list[str] | None = None) -> None:
         except ModelPrepError as e:
             print(f"prescore-serve: error: {e}", file=sys.stderr)
             sys.exit(2)
-    helping = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
     if _is_cpu() and not helping and not _has_flag(argv, "--dtype"):
         dtype, why = cpu_default_dtype()
         print(f"prescore-serve: dtype {dtype or 'auto (vLLM: bf16 for fp32 and bf16 models)'}: "

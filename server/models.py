@@ -116,7 +116,8 @@ def resolve_model(name_or_path: str) -> str:
         if not is_prepared(name_or_path):
             raise ModelPrepError(
                 f"model {name_or_path!r} is not prepared; run "
-                f"`prescore-models prepare {name_or_path}` (or `make setup-model`)"
+                f"`prescore-models prepare {name_or_path}` (in a checkout: `make "
+                f"{'model-long' if name_or_path == 'qwen2.5-coder-0.5b' else 'model'}`)"
             )
         return str(model_dir(name_or_path))
     return name_or_path

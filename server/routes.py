@@ -35,10 +35,13 @@ class PrescoreStatsResponse(BaseModel):
     decode_context_tokens: float = Field(
         description="Context tokens of sparse-decoded rows, summed over (row, layer, KV head).")
     decode_read_tokens: float = Field(description="Tokens the sparse decode read, same units.")
-    keep_ratio: float | None = Field(description="read / context; null before any sparse step.")
+    keep_ratio: float | None = Field(
+        description="(read + side) / context: the share of the KV bytes the sparse decode read, "
+        "what the keep_ratio setting budgets; null before any sparse step.")
     decode_side_tokens: float = Field(
-        description="Side data the selection read (Quest bounds, SparQ channels, pre-scores), "
-        "in KV-token equivalents, same units.")
+        description="Side data the selection read (the 4-bit key copy's channels and scales, "
+        "Quest bounds, SparQ channels, PQ codes, pre-scores, LSH bits), in KV-token "
+        "equivalents, same units.")
     sparse_decode_rows: float = Field(description="Decode rows (per layer) served sparsely.")
     dense_fallback_rows: float = Field(description="Decode rows (per layer) served exactly.")
     selected_tiles: dict[str, float] = Field(description="Tiles selected, by source.")
@@ -68,10 +71,11 @@ def collect_stats() -> PrescoreStatsResponse:
                 values[s.name] = values.get(s.name, 0.0) + s.value
     ctx = values.get("prescore_decode_context_tokens_total", 0.0)
     read = values.get("prescore_decode_read_tokens_total", 0.0)
+    side = values.get("prescore_decode_side_tokens_total", 0.0)
     return PrescoreStatsResponse(
         decode_context_tokens=ctx, decode_read_tokens=read,
-        keep_ratio=read / ctx if ctx else None,
-        decode_side_tokens=values.get("prescore_decode_side_tokens_total", 0.0),
+        keep_ratio=(read + side) / ctx if ctx else None,
+        decode_side_tokens=side,
         sparse_decode_rows=values.get("prescore_sparse_decode_rows_total", 0.0),
         dense_fallback_rows=values.get("prescore_dense_fallback_rows_total", 0.0),
         selected_tiles=tiles,

@@ -126,8 +126,15 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     assert row["speedup"] == pytest.approx(100 / 70, abs=1e-3)
     assert row["share_of_attainable_gain"] == pytest.approx(30 / 45, abs=1e-3)
     assert row["attention_share"] == pytest.approx(30 / 45, abs=1e-3)  # same model time here
-    tiles, side = bench_ledger.read_fraction(8000, "float32")
-    assert 0.1 < tiles < 0.2 and 0 < side < 0.05
+    # planned as the backend plans: the side data inside keep 1/8's bytes (charged against a
+    # bf16 KV on every host; an fp32 cache reads the same codes, half the fraction)
+    tiles, side = bench_ledger.read_fraction(32000, "bfloat16")
+    assert 0 < side < 0.05 and tiles + side == pytest.approx(0.125, abs=16 / 32001 + 1e-9)
+    assert bench_ledger.read_fraction(32000, "float32") == (tiles, side / 2)
+    # no room to rank beyond sinks and window (2048 tokens): no side data read, the bytes
+    # go to tiles (StreamingLLM's selection)
+    tiles, side = bench_ledger.read_fraction(2048, "bfloat16")
+    assert side == 0.0 and tiles == pytest.approx(17 * 16 / 2049)
     md = bench_ledger.markdown([row], SimpleNamespace(decode_tokens=4), "--cells 8000x8")
     assert "test host" in md and "| 8000 | 8 | 100.0 (60.0) | 70.0 (30.0) | 1.43x" in md
     # over rounds: each part its median, and the per-round shares in the table
@@ -159,6 +166,39 @@ def test_bench_ledger_amdahl_limit_and_table() -> None:
     assert rows[0]["ttft_s"] == dict(cpu_attn=12.0, prescore=11.0)
     md = bench_ledger.markdown(rows, SimpleNamespace(decode_tokens=4, rounds=3), "--rounds 3")
     assert md.count("| 16000 | 12.0 | 11.0 | 0.92x |") == 1
+
+
+def test_bench_ledger_recompute_derives_the_limit_again(tmp_path: Path) -> None:
+    """``--recompute DIR``: a stored run's read fraction, limits and shares derived again
+    under the current planning, its measured ledgers, title and command kept."""
+    sys.path.insert(0, str(REPO / "bench" / "serving"))
+    import bench_ledger
+
+    led = lambda step, att: {"ledger_ms_per_step": {  # noqa: E731
+        "step": step, "attention": att, "model outside attention": step - att, "decode_steps": 4},
+        "dtype": "bfloat16", "host": "test host", "model": "qwen2.5-coder-0.5b"}
+    row = bench_ledger.rounds_row(32000, 4, [led(190.0, 130.0), led(180.0, 120.0)],
+                                  [led(110.0, 40.0), led(100.0, 35.0)], read=0.25)  # wrong read
+    (tmp_path / "ledger.json").write_text(json.dumps({"rows": [row], "cmd": "32000x4"}))
+    (tmp_path / "ledger.md").write_text("# Decode step ledger (2026-12-06)\n\nCommand: `python "
+                                        "bench/serving/bench_ledger.py --cells 32000x4 --rounds 2`.\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESCORE_")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "serving" / "bench_ledger.py"),
+                           "--recompute", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (new,) = json.loads((tmp_path / "ledger.json").read_text())["rows"]
+    read = sum(bench_ledger.read_fraction(32000, "bfloat16"))
+    assert new["read_fraction"] == round(read, 4) and abs(read - 0.125) < 1e-3
+    assert new["cpu_attn"] == row["cpu_attn"] and new["prescore"] == row["prescore"]
+    assert new["round_ledgers"] == row["round_ledgers"]
+    assert new["amdahl_limit_ms"] == pytest.approx(185.0 - 125.0 * (1 - read), abs=0.01)
+    gain = [190.0 - 130.0 * (1 - read), 180.0 - 120.0 * (1 - read)]
+    assert new["round_shares"] == [round((c - p_) / (c - g), 3) for c, p_, g in
+                                   zip((190.0, 180.0), (110.0, 100.0), gain)]
+    md = (tmp_path / "ledger.md").read_text()
+    assert md.startswith("# Decode step ledger (2026-12-06)") and "--cells 32000x4 --rounds 2" in md
+    assert "derived again" in md and f"| {read:.3f} |" in md and "| 0.250 |" not in md
 
 
 def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:

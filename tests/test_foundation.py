@@ -164,10 +164,19 @@ def test_prescore_serve_rejects_invalid_setting_naming_the_flag(model_path):
     assert "--prescore-keep-ratio" in proc.stderr and "must be in (0, 1]" in proc.stderr
 
 
-def test_prescore_serve_help_documents_prescore_flags():
+def test_prescore_serve_help_documents_prescore_flags(tmp_path):
+    # on a fresh install: no model prepared yet (an empty cache)
     proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli", "--help=prescore"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PRESCORE_CACHE=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr
     for flag in ("--prescore-method", "--prescore-keep-ratio", "--prescore-tile-size",
                  "--prescore-lsh-bits", "--prescore-min-seq-len"):
         assert flag in proc.stdout
+    # serving an unprepared model stops at once, naming the command that prepares it
+    for name, target in (("smollm2-135m", "make model`"), ("qwen2.5-coder-0.5b", "make model-long`")):
+        proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli", name],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PRESCORE_CACHE=str(tmp_path)))
+        assert proc.returncode == 2 and f"prescore-models prepare {name}" in proc.stderr
+        assert target in proc.stderr, proc.stderr

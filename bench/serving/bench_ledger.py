@@ -37,19 +37,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def read_fraction(context: int, dtype: str) -> tuple[float, float]:
+def read_fraction(context: int, dtype: str, head_dim: int = 64,
+                  block_size: int = 128) -> tuple[float, float]:
     """(tile fraction, side-data fraction) of the KV bytes a PRESCORE decode step reads at
-    ``context`` tokens under the ``PRESCORE_*`` settings of this process (the backend counts
-    the side data on top of the tile budget)."""
+    ``context`` tokens under the ``PRESCORE_*`` settings of this process, planned as the
+    backend plans it: the side data is taken out of keep_ratio's bytes (charged against a bf16
+    KV, ``ratio_budgets``), and a row with no room to rank reads no side data. The side
+    fraction is in the run's cache dtype (an fp32 cache halves it). ``head_dim`` 64: both
+    embedded models."""
     from prescore_backend.config import PrescoreConfig
-    from prescore_backend.selection import config_budget, floor_budget, side_read_fraction
+    from prescore_backend.selection import (CHARGE_KV_BYTES, config_budget, floor_budget,
+                                            ratio_budgets, side_read_fraction)
     import torch
 
     cfg = PrescoreConfig.from_env()
-    n = -(-(context + 1) // cfg.tile_size)
-    tiles = int(floor_budget(cfg, config_budget(cfg, torch.tensor([n])))[0])
-    return min(tiles * cfg.tile_size, context + 1) / (context + 1), float(
-        side_read_fraction(cfg, 64, kv_bytes=2 if dtype == "bfloat16" else 4, block_size=128))
+    n = torch.tensor([-(-(context + 1) // cfg.tile_size)])
+    charge = side_read_fraction(cfg, head_dim, CHARGE_KV_BYTES, block_size)
+    if cfg.max_tokens > 0:
+        budget, ranks = config_budget(cfg, n), torch.tensor([True])
+    else:
+        budget, ranks = ratio_budgets(cfg, n, torch.tensor([cfg.keep_ratio], dtype=torch.float64),
+                                      charge)
+    tiles = int(floor_budget(cfg, budget)[0])
+    side = side_read_fraction(cfg, head_dim, 2 if dtype == "bfloat16" else 4, block_size)
+    return (min(tiles * cfg.tile_size, context + 1) / (context + 1),
+            float(side) if bool(ranks[0]) else 0.0)
 
 
 def combine(runs: list[dict]) -> dict:
@@ -130,6 +142,42 @@ def rounds_row(ctx: int, batch: int, cpu_runs: list[dict], pre_runs: list[dict],
     return row
 
 
+def recompute(d: Path) -> tuple[list[dict], str]:
+    """A stored run (``DIR/ledger.json`` and the command in ``DIR/ledger.md``) with its read
+    fraction, Amdahl limits and shares derived again under this process's ``PRESCORE_*``
+    settings (those of the run: its ``keep_ratio`` when stored), its measured ledgers as they
+    were: for a run whose limit was derived with a wrong byte count. -> (rows, command)."""
+    import re
+
+    from prescore_backend.config import PrescoreConfig
+
+    data = json.loads((d / "ledger.json").read_text())
+    m = re.search(r"Command: `python bench/serving/bench_ledger.py ([^`]*)`",
+                  (d / "ledger.md").read_text())
+    keep = PrescoreConfig.from_env().keep_ratio
+    rows = []
+    for r in data["rows"]:
+        if r.get("keep_ratio") not in (None, keep):
+            raise SystemExit(f"{d}: the run's keep_ratio is {r['keep_ratio']}: set "
+                             f"PRESCORE_KEEP_RATIO={r['keep_ratio']}")
+        read = sum(read_fraction(r["context"], r["dtype"]))
+        ttft = r.get("ttft_s") or {}
+        meta = {k: r[k] for k in ("dtype", "host", "model", "threads", "shared_prefix") if k in r}
+        runs = [(dict(ledger_ms_per_step=c["cpu_attn"]), dict(meta, ledger_ms_per_step=c["prescore"]))
+                for c in r.get("round_ledgers", [])]
+        row = cell_row(r["context"], r["batch"],
+                       dict(ledger_ms_per_step=r["cpu_attn"], ttft_s=ttft.get("cpu_attn")),
+                       dict(meta, ledger_ms_per_step=r["prescore"], ttft_s=ttft.get("prescore")),
+                       read)
+        if runs:
+            row["round_shares"] = [cell_row(r["context"], r["batch"], c, p_, read)
+                                   ["share_of_attainable_gain"] for c, p_ in runs]
+            row["round_ledgers"] = r["round_ledgers"]
+        row["keep_ratio"] = keep
+        rows.append(row)
+    return rows, (m.group(1) if m else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +194,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="one engine per context and backend for all its batch sizes, the rows "
                         "sharing a prefix prefilled once (what makes 16k-32k cells affordable)")
     p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--recompute", default=None, metavar="DIR",
+                   help="derive a stored run's read fraction, limits and shares again (its "
+                        "ledgers as measured) and rewrite DIR/ledger.{json,md}; no engine runs")
     a = p.parse_args(argv)
+    if a.recompute:
+        d = Path(a.recompute)
+        rows, args = recompute(d)
+        a.decode_tokens = int(rows[0]["cpu_attn"]["decode_steps"])
+        a.rounds = max(len(rows[0].get("round_ledgers", [])), 1)
+        cmd = json.loads((d / "ledger.json").read_text()).get("cmd")
+        title = (d / "ledger.md").read_text().splitlines()[0]
+        md = markdown(rows, a, args, title=title, note=(
+            f"Read fraction, Amdahl limits and shares derived again on "
+            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d} from the measured ledgers (`python "
+            f"bench/serving/bench_ledger.py --recompute {d}`), with the side data inside "
+            "keep_ratio's bytes as the backend plans it."))
+        (d / "ledger.json").write_text(json.dumps(dict(rows=rows, cmd=cmd), indent=1) + "\n")
+        (d / "ledger.md").write_text(md + "\n")
+        print(md)
+        return 0
     cells = [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",") if c]
     rows = []
     for i, (ctx, batches) in enumerate(engine_groups(cells, a.shared_prefix)):
@@ -175,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown(rows: list[dict], a, args: str) -> str:
+def markdown(rows: list[dict], a, args: str, title: str | None = None,
+             note: str | None = None) -> str:
     keep = os.environ.get("PRESCORE_KEEP_RATIO", "the default")
-    lines = [f"# Decode step ledger: PRESCORE vs CPU_ATTN "
+    lines = [title or f"# Decode step ledger: PRESCORE vs CPU_ATTN "
              f"({dt.datetime.now(dt.timezone.utc):%Y-%m-%d})", "",
              f"Host: {rows[0]['host']}; {rows[0]['dtype']}; {rows[0].get('model', 'smollm2-135m')}, "
              f"{rows[0].get('threads', 1)} thread(s) per engine, eager"
@@ -185,6 +253,7 @@ def markdown(rows: list[dict], a, args: str) -> str:
              f"; {a.decode_tokens} decode steps per cell; {getattr(a, 'rounds', 1)} round(s) "
              f"per cell (each part: its median over the rounds); keep ratio: {keep}. Command: "
              f"`python bench/serving/bench_ledger.py {args}`.", "",
+             *([note, ""] if note else []),
              "Amdahl limit = CPU_ATTN's step with its attention scaled to the bytes PRESCORE "
              "reads (tiles + side data); share = (CPU_ATTN - PRESCORE) / (CPU_ATTN - limit); "
              "attention share = the same with attention times only (CPU_ATTN's attention - "
