@@ -100,7 +100,8 @@ class PrescoreConfig:
         "prescore_keep_ratio reads the same channels (their bytes taken from its budget)."))
     pq_subspaces: int = field(default=4, metadata=_doc(
         "Subspaces of query_aware='pq': each cached key gets this many one-byte codes per KV "
-        "head (256 centroids per subspace); must divide the head dim."))
+        "head (256 centroids per subspace); 2 x pq_subspaces must divide the head dim (each "
+        "subspace holds whole rotary pairs; `prescore-models calibrate` refuses others)."))
     pq_codebook: str = field(default="", metadata=_doc(
         "Codebook file of query_aware='pq' (written by `prescore-models calibrate MODEL`). "
         "Empty: prescore_pq<pq_subspaces>.pt in the model's directory, and if the model has "
@@ -116,8 +117,9 @@ class PrescoreConfig:
         "Bits of the angular LSH (HyperAttention); 2^bits buckets."))
     residual_tiles: int = field(default=0, metadata=_doc(
         "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
-        "#unselected/#sampled and merged by log-sum-exp. 0 = off (the paper's choice with "
-        "pre-scoring)."))
+        "#unselected/#sampled and merged by log-sum-exp, read within the budget (the "
+        "selection gets this many tiles fewer, never fewer than sinks + window). 0 = off (the "
+        "paper's choice with pre-scoring)."))
     low_tier_bits: int = field(default=0, metadata=_doc(
         "Two precision tiers (0 = off; 2..8 = on): a copy of K and V at this many bits is "
         "kept beside the cache (KIVI's layout: K per block and channel, V per token; written "
@@ -176,7 +178,7 @@ class PrescoreConfig:
         if self.query_channels < 0 or self.query_channels % 2:
             raise bad("query_channels", "must be 0 (follow the budget) or an even number >= 2")
         if self.pq_subspaces < 1 or self.pq_subspaces > 64:
-            raise bad("pq_subspaces", "must be in [1, 64] (and divide the head dim)")
+            raise bad("pq_subspaces", "must be in [1, 64] (and 2 x pq_subspaces divide the head dim)")
         if not 1 <= self.lsh_bits <= 10:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:
@@ -365,7 +367,8 @@ def reference_markdown() -> str:
     out += ["", "Per request only: `prescore_dense` (`true`: exact attention for this request); "
             "`prescore_streaming` (`true`: StreamingLLM's selection, the sinks and the most "
             "recent tiles, at the request's bytes: the recency baseline beside the ranking; "
-            "only where `query_cap_ratio` is 1 and `low_tier_bits` 0, else HTTP 400).",
+            "only where `query_cap_ratio` is 1, `low_tier_bits` 0 and `query_aware` one of "
+            "`sparq4`, `sparq`, `quest`, `pq`, else HTTP 400).",
             "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "
             "are read only when `query_cap_ratio` < 1 or the ranking is `none` / `lsh`.", "",
             "## Details", ""]

@@ -60,8 +60,9 @@ def get_metrics() -> Metrics:
         sparse_rows=Counter(
             "prescore_sparse_decode_rows", "Decode rows (per layer) served by the sparse path."),
         dense_rows=Counter(
-            "prescore_dense_fallback_rows", "Decode rows (per layer) served by exact attention "
-            "because the context is shorter than min_seq_len or the budget covers it."),
+            "prescore_dense_fallback_rows", "Decode rows (per layer) served by exact attention: "
+            "the context is shorter than min_seq_len, the budget covers it, or the request "
+            "asked for prescore_dense."),
         selected_tiles=Counter(
             "prescore_selected_tiles", "Tiles selected, by source: sink, window, query (the "
             "query-aware ranking), prescore.",

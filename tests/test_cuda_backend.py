@@ -439,6 +439,33 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
     assert int(e.rt.stats.counts.abs().sum()) == 0  # flushed by the step's last layer
 
 
+@pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_KEEP_RATIO="0.5",
+                                                    PRESCORE_RESIDUAL_TILES="2"))],
+                         ids=["quest-residual2"], indirect=True)
+def test_residual_tiles_are_read_within_the_budget_and_counted(engine):
+    """HyperAttention's residual sample (``residual_tiles=2``) is read within keep_ratio's
+    bytes: the plan's tile budget is 2 below the one without it, and the tokens-read counter
+    counts the sampled tiles beside the selected ones."""
+    from prescore_backend.metrics import get_metrics
+    from prescore_backend.selection import floor_budget, ratio_budgets
+
+    e = engine
+    cfg = e.rt.config
+    e.step([(0, 450, 450)], ref=False)
+    m = get_metrics()
+    before = m.read_tokens._value.get()
+    out, _, md = e.step([(0, 1, 451)], ref=False)
+    plan = md.plan
+    assert plan.num_sparse == 1 and int(plan.num_tiles[0]) == 29
+    full, _ = ratio_budgets(cfg, plan.num_tiles, torch.tensor([0.5], dtype=torch.float64),
+                            e.builder.budget_side)
+    assert int(plan.budget[0]) == int(floor_budget(cfg, full)[0]) - 2 > 4  # beyond sinks + window
+    assert torch.isfinite(out).all()
+    # per KV head: the budget's tiles (the last one holds 451 % 16 = 3 tokens) + 2 full ones
+    want = e.kv_heads * ((int(plan.budget[0]) + 2) * 16 - (16 - 451 % 16))
+    assert m.read_tokens._value.get() - before == want
+
+
 @pytest.mark.parametrize("engine", [(4, 2, _sparse_env(PRESCORE_QUERY_AWARE="sparq4",
                                                     PRESCORE_LOW_TIER_BITS="3"))],
                          ids=["tiers"], indirect=True)

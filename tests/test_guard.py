@@ -1,4 +1,5 @@
-"""Unit tests of prescore-serve's request guard and CPU rank binding (no engine)."""
+"""Unit tests of prescore-serve's request guard, CPU rank binding and /v1/prescore/config (no
+engine)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,34 @@ def test_build_argv_adds_the_guard(monkeypatch, tmp_path):
     monkeypatch.setenv("PRESCORE_CACHE", str(tmp_path))
     argv = cli.build_argv(["/some/model"])
     assert argv[argv.index("--middleware") + 1] == cli.GUARD
+
+
+def test_config_route_reports_what_the_workers_run(monkeypatch, tmp_path):
+    """``/v1/prescore/config`` applies the workers' start-time choice: ``query_aware="pq"``
+    on a model without PQ codebooks ranks with ``quest`` (as the workers log and
+    ``prescore_config_info`` says), with them ``pq``; the model comes from the server's args."""
+    import asyncio
+
+    import torch
+    from fastapi import FastAPI
+
+    from prescore_backend.pq import PQCodebooks, fit_codebook
+    from prescore_backend.server.routes import PrescoreEndpoints
+
+    monkeypatch.setenv("PRESCORE_QUERY_AWARE", "pq")
+    monkeypatch.setenv("PRESCORE_PQ_SUBSPACES", "4")
+    app = FastAPI()
+    plugin = PrescoreEndpoints()
+    plugin.attach_router(app)
+    client = TestClient(app)
+    for has_books, want in ((False, "quest"), (True, "pq")):
+        model = tmp_path / ("with" if has_books else "without")
+        model.mkdir()
+        if has_books:  # as `prescore-models calibrate` writes them beside the model
+            book = fit_codebook(torch.randn(2, 256, 64), 4, seed=0)
+            PQCodebooks(book.centroids[None], book.weights[None], book.dims, {}).save(
+                model / "prescore_pq4.pt")
+        asyncio.run(plugin.init_state(None, app.state, SimpleNamespace(model=str(model))))
+        r = client.get("/v1/prescore/config")
+        assert r.status_code == 200, r.text
+        assert r.json()["settings"]["query_aware"] == want, (has_books, r.json()["settings"])

@@ -142,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = requests.get(url + "/v1/prescore/config", timeout=30).json()["settings"]
         rows = run(client, "smollm2-135m", args.lengths, args.depths, args.trials)
     finally:
+        log = srv.log() if srv is not None else ""
         if srv is not None:
             srv.stop()
+    # the started server's dtype from its log (prescore-serve picks the host's); a server
+    # given by --url: unknown here
+    dtype = next((line.split("dtype=")[1].split(",")[0] for line in log.splitlines()
+                  if "dtype=" in line and "Initializing" in line), "the server's dtype")
     meta = {"machine": f"{platform.machine()} CPU, {len(__import__('os').sched_getaffinity(0))}"
                        " cores, no GPU",
-            "model": "SmolLM2-135M-Instruct (embedded), vLLM CPU, bf16",
+            "model": f"SmolLM2-135M-Instruct (embedded), vLLM CPU, {dtype}",
             "settings": {k: settings[k] for k in ("method", "keep_ratio", "query_aware",
                                                   "query_channels", "query_cap_ratio",
                                                   "min_seq_len", "tile_size", "low_tier_bits",

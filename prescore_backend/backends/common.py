@@ -38,6 +38,7 @@ from prescore_backend.side_data import (
     run_score_jobs,
 )
 from prescore_backend.kernels.lsh import AngularLSH
+from prescore_backend.kernels.select import tokens_read
 from prescore_backend.metrics import PrescoreStats, get_metrics
 from prescore_backend.pq import LayerCodebook, PQCodebooks, resolve_codebooks
 from prescore_backend.requests import ROWS
@@ -100,6 +101,16 @@ def _scorer(method: str) -> Scorer:
 def job_scorer(method: str | None) -> Scorer:
     """The scorer of a side-data job: the request's own, or the configured one."""
     return runtime().scorer if method is None else _scorer(method)
+
+
+def read_tokens(tiles: Tensor, residual: Tensor | None, seq_lens: Tensor,
+                tile_size: int) -> Tensor:
+    """KV tokens a sparse decode read, ``[1]`` int64: the selected tiles ``[Rs, Hkv, S]`` and
+    HyperAttention's residual sample ``[Rs, Hkv, m]`` (-1 pad; None without one)."""
+    n = tokens_read(tiles, seq_lens, tile_size).sum()
+    if residual is not None:
+        n = n + tokens_read(residual, seq_lens, tile_size).sum()
+    return n.view(1)
 
 
 def lsh_for(head_dim: int) -> AngularLSH:
@@ -294,6 +305,9 @@ class StepPlanner:
 
         sp_budget, sp_ranks = budget[sparse_rows], ranks[sparse_rows]
         sp_lens, sp_tiles = seq_lens[sparse_rows], num_tiles[sparse_rows]
+        if cfg.residual_tiles > 0:  # HyperAttention's residual sample, read within the budget
+            forced = cfg.sink_tiles + cfg.window_tiles
+            sp_budget = (sp_budget - cfg.residual_tiles).clamp_min(forced)
         # the selection's own reads, in KV tokens (rows whose budget covers the context have
         # nothing to choose, and rows that skip the ranking read none: not charged)
         side_tokens = (sp_lens[(sp_budget < sp_tiles) & sp_ranks].double()

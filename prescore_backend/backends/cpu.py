@@ -69,6 +69,7 @@ from prescore_backend.backends.common import (
     SideDataUpkeep,
     StepPlanner,
     lsh_for,
+    read_tokens,
     logger,
     refuse_unsupported,
     runtime,
@@ -79,7 +80,6 @@ from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.dispatch import cpu_kernels_available
 from prescore_backend.kernels.layouts import VLLM_CPU_ISA_VIEWS
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.kernels.select import tokens_read
 from prescore_backend.kernels.select_decode import select_and_decode_into
 
 __all__ = ["PrescoreCPUBackend", "PrescoreCPUImpl", "PrescoreCPUMetadataBuilder",
@@ -294,7 +294,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
                                kv_layout=kv_layout)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
         stats.decode_counts.add_(torch.cat([
-            tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
+            read_tokens(sel.tiles, res_tiles, plan.sparse_seq_lens, cfg.tile_size),
             sel.source_counts]))
 
 

@@ -61,6 +61,7 @@ from prescore_backend.backends.common import (
     SideDataUpkeep,
     StepPlanner,
     lsh_for,
+    read_tokens,
     logger,
     refuse_unsupported,
     runtime,
@@ -70,7 +71,7 @@ from prescore_backend.selection import scores_and_pick
 from prescore_backend.tiers import decode_two_tiers
 from prescore_backend.kernels.layouts import vllm_triton_kv_views
 from prescore_backend.kernels.sparse_decode import sparse_decode
-from prescore_backend.kernels.select import residual_sample, select_tiles, tokens_read
+from prescore_backend.kernels.select import residual_sample, select_tiles
 
 __all__ = ["PrescoreCUDABackend", "PrescoreCUDAImpl", "PrescoreCUDAMetadata",
            "PrescoreCUDAMetadataBuilder"]
@@ -268,7 +269,7 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
                                impl="triton", residual_tiles=res_tiles, residual_weight=res_w)
         output.index_copy_(0, plan.sparse_tok, out.to(output.dtype))
         self.rt.stats.decode_counts.add_(torch.cat([
-            tokens_read(sel.tiles, plan.sparse_seq_lens, cfg.tile_size).sum().view(1),
+            read_tokens(sel.tiles, res_tiles, plan.sparse_seq_lens, cfg.tile_size),
             sel.source_counts]))
 
 
