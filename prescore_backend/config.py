@@ -118,8 +118,9 @@ class PrescoreConfig:
     residual_tiles: int = field(default=0, metadata=_doc(
         "HyperAttention residual: tiles sampled uniformly among the unselected ones, weighted "
         "#unselected/#sampled and merged by log-sum-exp, read within the budget (the "
-        "selection gets this many tiles fewer, never fewer than sinks + window). 0 = off (the "
-        "paper's choice with pre-scoring)."))
+        "selection gets this many tiles fewer; a row whose budget cannot hold them beside "
+        "sinks and window reads no residual). 0 = off (the paper's choice with "
+        "pre-scoring)."))
     low_tier_bits: int = field(default=0, metadata=_doc(
         "Two precision tiers (0 = off; 2..8 = on): a copy of K and V at this many bits is "
         "kept beside the cache (KIVI's layout: K per block and channel, V per token; written "

@@ -50,7 +50,8 @@ def get_metrics() -> Metrics:
             "prescore_decode_context_tokens", "Context tokens of sparse-decoded rows, summed "
             "over (row, layer, KV head)."),
         read_tokens=Counter(
-            "prescore_decode_read_tokens", "Tokens the sparse decode read (selected tiles), "
+            "prescore_decode_read_tokens", "Tokens the sparse decode read (selected tiles and "
+            "HyperAttention's residual sample), "
             "summed over (row, layer, KV head)."),
         side_tokens=Counter(
             "prescore_decode_side_tokens", "Side data the query-aware selection read (the 4-bit "

@@ -11,7 +11,6 @@ there. Both routes live under ``/v1``, so vLLM's ``--api-key`` protects them.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -39,7 +38,7 @@ class PrescoreStatsResponse(BaseModel):
     keep_ratio: float | None = Field(
         description="(read + side) / context: the share of the KV bytes the sparse decode read "
         "(the side data in the cache's dtype: keep_ratio charges it against a bf16 KV, so on a "
-        "float32 cache this is a little below the setting); null before any sparse step.")
+        "float32 cache its share halves, e.g. ~0.11 at keep 1/8); null before any sparse step.")
     decode_side_tokens: float = Field(
         description="Side data the selection read (the 4-bit key copy's channels and scales, "
         "Quest bounds, SparQ channels, PQ codes, pre-scores, LSH bits), in KV-token "
@@ -90,18 +89,13 @@ def served_config(model: str | None) -> PrescoreConfig:
     """The settings the workers run with: the environment's, with the start-time choices the
     workers make applied (``query_aware="pq"`` without the model's codebooks ranks with
     ``quest``: :func:`prescore_backend.pq.resolve_codebooks`)."""
+    from prescore_backend.pq import resolve_codebooks
+
     try:
         cfg = PrescoreConfig.from_env()
     except ConfigError as e:  # the server would not have started; be explicit anyway
         raise ValueError(str(e)) from e
-    return _resolved(cfg, model)
-
-
-@functools.lru_cache(maxsize=8)
-def _resolved(cfg: PrescoreConfig, model: str | None) -> PrescoreConfig:
-    from prescore_backend.pq import resolve_codebooks
-
-    try:  # loads the codebooks once per (settings, model), as each worker does at start
+    try:
         return resolve_codebooks(cfg, model)[1]
     except ValueError:  # a missing codebook file stops the workers' start: not reached
         return cfg
@@ -113,9 +107,10 @@ def build_router() -> APIRouter:
     @router.get("/config", response_model=PrescoreConfigResponse,
                 summary="Active prescore settings")
     async def get_config(request: Request) -> PrescoreConfigResponse:
-        return PrescoreConfigResponse(
-            settings=served_config(getattr(request.app.state, "prescore_model", None)).to_dict(),
-            docs=field_docs())
+        state = request.app.state
+        cfg = getattr(state, "prescore_config", None) or served_config(
+            getattr(state, "prescore_model", None))
+        return PrescoreConfigResponse(settings=cfg.to_dict(), docs=field_docs())
 
     @router.get("/stats", response_model=PrescoreStatsResponse,
                 summary="prescore counters since start (no request content)")
@@ -135,6 +130,6 @@ class PrescoreEndpoints:
         app.include_router(build_router())
 
     async def init_state(self, engine_client, state, args) -> None:
-        # the model directory: /v1/prescore/config resolves the settings against it, as the
-        # workers do at start
+        # the settings resolved against the model once, at start, as the workers resolve them
         state.prescore_model = getattr(args, "model", None) or getattr(args, "model_tag", None)
+        state.prescore_config = served_config(state.prescore_model)

@@ -431,7 +431,7 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
     last = e.bt[0, 250 // B]
     before = get_metrics().sparse_rows._value.get()
     for s in range(251, 257):  # fills block 7 (tokens 224..255) at seq_len 256
-        out, ref, md = e.step([(0, 1, s)])
+        out, _, md = e.step([(0, 1, s)], ref=False)
         assert md.plan.num_sparse == 1
         assert torch.isfinite(out).all()
     assert torch.isfinite(e.impl.side.scores[last]).all()
@@ -444,25 +444,30 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
                          ids=["quest-residual2"], indirect=True)
 def test_residual_tiles_are_read_within_the_budget_and_counted(engine):
     """HyperAttention's residual sample (``residual_tiles=2``) is read within keep_ratio's
-    bytes: the plan's tile budget is 2 below the one without it, and the tokens-read counter
-    counts the sampled tiles beside the selected ones."""
+    bytes: a row's tile budget is 2 below the one without it and the tokens-read counter
+    counts the sampled tiles beside the selected ones; a row whose budget cannot hold them
+    beside sinks and window (4 tiles) keeps its budget and reads no residual."""
     from prescore_backend.metrics import get_metrics
     from prescore_backend.selection import floor_budget, ratio_budgets
 
     e = engine
     cfg = e.rt.config
-    e.step([(0, 450, 450)], ref=False)
+    e.step([(0, 450, 450), (1, 170, 170)], ref=False)
     m = get_metrics()
     before = m.read_tokens._value.get()
-    out, _, md = e.step([(0, 1, 451)], ref=False)
+    out, _, md = e.step([(0, 1, 451), (1, 1, 171)], ref=False)
     plan = md.plan
-    assert plan.num_sparse == 1 and int(plan.num_tiles[0]) == 29
-    full, _ = ratio_budgets(cfg, plan.num_tiles, torch.tensor([0.5], dtype=torch.float64),
+    assert plan.num_sparse == 2 and plan.num_tiles.tolist() == [29, 11]
+    full, _ = ratio_budgets(cfg, plan.num_tiles, torch.tensor([0.5, 0.5], dtype=torch.float64),
                             e.builder.budget_side)
-    assert int(plan.budget[0]) == int(floor_budget(cfg, full)[0]) - 2 > 4  # beyond sinks + window
+    full = floor_budget(cfg, full).tolist()
+    assert full[1] - 2 < 4 <= full[0] - 2  # row 1 has no room for the residual
+    assert plan.residual_rows.tolist() == [True, False]
+    assert plan.budget.tolist() == [full[0] - 2, full[1]]
     assert torch.isfinite(out).all()
-    # per KV head: the budget's tiles (the last one holds 451 % 16 = 3 tokens) + 2 full ones
-    want = e.kv_heads * ((int(plan.budget[0]) + 2) * 16 - (16 - 451 % 16))
+    # per KV head: row 0 the budget's tiles (the last holds 451 % 16 = 3 tokens) + 2 full
+    # residual tiles; row 1 its budget's tiles (the last holds 171 % 16 = 11 tokens)
+    want = e.kv_heads * ((full[0] - 2 + 2) * 16 - (16 - 3) + full[1] * 16 - (16 - 11))
     assert m.read_tokens._value.get() - before == want
 
 

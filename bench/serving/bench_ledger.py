@@ -144,9 +144,9 @@ def rounds_row(ctx: int, batch: int, cpu_runs: list[dict], pre_runs: list[dict],
 
 def recompute(d: Path) -> tuple[list[dict], str]:
     """A stored run (``DIR/ledger.json`` and the command in ``DIR/ledger.md``) with its read
-    fraction, Amdahl limits and shares derived again under this process's ``PRESCORE_*``
-    settings (those of the run: its ``keep_ratio`` when stored), its measured ledgers as they
-    were: for a run whose limit was derived with a wrong byte count. -> (rows, command)."""
+    fraction, Amdahl limits and shares derived again from its measured ledgers, planned under
+    this process's ``PRESCORE_*`` settings and today's defaults (sinks, window, channels): they
+    must be the run's (its ``keep_ratio`` is checked when stored). -> (rows, command)."""
     import re
 
     from prescore_backend.config import PrescoreConfig

@@ -103,6 +103,17 @@ def job_scorer(method: str | None) -> Scorer:
     return runtime().scorer if method is None else _scorer(method)
 
 
+def residual_within_budget(plan: "PrescorePlan", tiles: Tensor | None,
+                           weight: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """HyperAttention's residual sample ``[Rs, Hkv, m]`` and weight ``[Rs, Hkv]`` kept only on
+    the rows whose budget holds it (``plan.residual_rows``): elsewhere no tile (-1), weight 0."""
+    if tiles is None or plan.residual_rows is None:
+        return tiles, weight
+    keep = plan.residual_rows.to(tiles.device)
+    return (torch.where(keep.view(-1, 1, 1), tiles, -1),
+            torch.where(keep.view(-1, 1), weight, 0.0))
+
+
 def read_tokens(tiles: Tensor, residual: Tensor | None, seq_lens: Tensor,
                 tile_size: int) -> Tensor:
     """KV tokens a sparse decode read, ``[1]`` int64: the selected tiles ``[Rs, Hkv, S]`` and
@@ -188,6 +199,9 @@ class PrescorePlan:
     # two precision tiers: exact + low-bit tiles per (row, KV head), [Rs] int64; else None
     tier_budget: Tensor | None = None
     max_low: int = 0  # the largest tier_budget - budget of the sparse rows (low-bit slots)
+    # residual_tiles > 0: the sparse rows whose budget holds the residual sample beside sinks
+    # and window ([Rs] bool; the others read none), else None
+    residual_rows: Tensor | None = None
 
     def to(self, device: torch.device) -> "PrescorePlan":
         """The plan with every tensor a layer reads on ``device`` (once per step, in build)."""
@@ -305,9 +319,10 @@ class StepPlanner:
 
         sp_budget, sp_ranks = budget[sparse_rows], ranks[sparse_rows]
         sp_lens, sp_tiles = seq_lens[sparse_rows], num_tiles[sparse_rows]
+        residual_rows = None
         if cfg.residual_tiles > 0:  # HyperAttention's residual sample, read within the budget
-            forced = cfg.sink_tiles + cfg.window_tiles
-            sp_budget = (sp_budget - cfg.residual_tiles).clamp_min(forced)
+            residual_rows = sp_budget - cfg.residual_tiles >= cfg.sink_tiles + cfg.window_tiles
+            sp_budget = torch.where(residual_rows, sp_budget - cfg.residual_tiles, sp_budget)
         # the selection's own reads, in KV tokens (rows whose budget covers the context have
         # nothing to choose, and rows that skip the ranking read none: not charged)
         side_tokens = (sp_lens[(sp_budget < sp_tiles) & sp_ranks].double()
@@ -357,6 +372,7 @@ class StepPlanner:
             tier_budget=tier_budget,
             max_low=(int((tier_budget - sp_budget).clamp_min(0).max())
                      if tier_budget is not None and num_sparse else 0),
+            residual_rows=residual_rows,
             rank_channels=self.rank_channels,
         )
 

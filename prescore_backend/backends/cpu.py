@@ -70,6 +70,7 @@ from prescore_backend.backends.common import (
     StepPlanner,
     lsh_for,
     read_tokens,
+    residual_within_budget,
     logger,
     refuse_unsupported,
     runtime,
@@ -287,6 +288,7 @@ class PrescoreCPUImpl(SideDataUpkeep, CPUAttentionBackendImpl):
         sel, res_tiles, res_w = select_decode_tiles(
             cfg, q, side, bt, plan.num_tiles, plan.budget, plan.query_caps, lsh=lsh,
             generator=self.rt.generator, key_cache=key_cache, kv_layout=kv_layout)
+        res_tiles, res_w = residual_within_budget(plan, res_tiles, res_w)
         stats.selection_s += time.perf_counter() - t0
         out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
                                plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,

@@ -62,6 +62,7 @@ from prescore_backend.backends.common import (
     StepPlanner,
     lsh_for,
     read_tokens,
+    residual_within_budget,
     logger,
     refuse_unsupported,
     runtime,
@@ -262,8 +263,8 @@ class PrescoreCUDAImpl(SideDataUpkeep, TritonAttentionImpl):
                            num_slots=plan.max_budget)
         res_tiles = res_w = None
         if cfg.residual_tiles > 0:  # HyperAttention's residual sample
-            res_tiles, res_w = residual_sample(sel.tiles, plan.num_tiles, cfg.residual_tiles,
-                                               generator=self.rt.generator)
+            res_tiles, res_w = residual_within_budget(plan, *residual_sample(
+                sel.tiles, plan.num_tiles, cfg.residual_tiles, generator=self.rt.generator))
         out, _ = sparse_decode(q, key_cache, value_cache, plan.sparse_block_table,
                                plan.sparse_seq_lens, sel.tiles, cfg.tile_size, self.scale,
                                impl="triton", residual_tiles=res_tiles, residual_weight=res_w)
