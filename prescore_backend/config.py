@@ -179,7 +179,8 @@ class PrescoreConfig:
         if self.query_channels < 0 or self.query_channels % 2:
             raise bad("query_channels", "must be 0 (follow the budget) or an even number >= 2")
         if self.pq_subspaces < 1 or self.pq_subspaces > 64:
-            raise bad("pq_subspaces", "must be in [1, 64] (and 2 x pq_subspaces divide the head dim)")
+            raise bad("pq_subspaces",
+                      "must be in [1, 64] (and 2 x pq_subspaces divide the head dim)")
         if not 1 <= self.lsh_bits <= 10:
             raise bad("lsh_bits", "must be in [1, 10]")
         if self.residual_tiles < 0:

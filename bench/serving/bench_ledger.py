@@ -163,8 +163,8 @@ def recompute(d: Path) -> tuple[list[dict], str]:
         read = sum(read_fraction(r["context"], r["dtype"]))
         ttft = r.get("ttft_s") or {}
         meta = {k: r[k] for k in ("dtype", "host", "model", "threads", "shared_prefix") if k in r}
-        runs = [(dict(ledger_ms_per_step=c["cpu_attn"]), dict(meta, ledger_ms_per_step=c["prescore"]))
-                for c in r.get("round_ledgers", [])]
+        runs = [(dict(ledger_ms_per_step=c["cpu_attn"]),
+                 dict(meta, ledger_ms_per_step=c["prescore"])) for c in r.get("round_ledgers", [])]
         row = cell_row(r["context"], r["batch"],
                        dict(ledger_ms_per_step=r["cpu_attn"], ttft_s=ttft.get("cpu_attn")),
                        dict(meta, ledger_ms_per_step=r["prescore"], ttft_s=ttft.get("prescore")),
