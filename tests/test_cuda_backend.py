@@ -162,7 +162,7 @@ class Engine:
              ref: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, object]:
         """One step: KV written by vLLM's kernel, then prescore's forward and vLLM's on the same
         cache. Returns (prescore output, vLLM output) ``[N, Hq, D]`` and the metadata; with
-        ``ref=False`` (a step that only fills the cache) vLLM's forward is skipped: None."""
+        ``ref=False`` vLLM's forward is skipped: None."""
         from vllm.config import set_current_vllm_config
 
         cm = self.common(rows, prefilling)
@@ -180,6 +180,17 @@ class Engine:
                 self.ref.forward(self.layer, q, k, v, self.kv, md, want)
         self.q = q
         return out, want, md
+
+    def fill(self, rows: list[tuple[int, int, int]]) -> object:
+        """A prefill step whose outputs the test discards: the K/V write, the plan and the side
+        data as in :meth:`step`, but the exact attention of its rows (vLLM's Triton kernel,
+        most of an interpreted step) is not computed. Returns the metadata."""
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TritonAttentionImpl, "forward",
+                       lambda self, layer, q, k, v, kv, md, output, *a, **kw: output)
+            return self.step(rows, ref=False)[2]
 
 
 @pytest.fixture
@@ -264,7 +275,7 @@ def test_sparse_decode_matches_the_oracles(engine):
 
     e = engine
     assert e.rt.config.query_aware == os.environ["PRESCORE_QUERY_AWARE"]
-    e.step([(0, 450, 450), (1, 40, 40)], ref=False)
+    e.fill([(0, 450, 450), (1, 40, 40)])
     side = e.impl.side
     blocks = e.bt[0, :450 // B]
     assert torch.isfinite(side.scores[blocks]).all()  # full blocks scored at prefill
@@ -314,7 +325,7 @@ def test_one_token_prompt_chunk_is_exact(engine):
     per-token side data and its block's scoring from the row's job, like any prefill chunk;
     the same row as a generated token is a sparse decode row."""
     e = engine
-    e.step([(0, 288, 288), (1, 288, 288)], ref=False)
+    e.fill([(0, 288, 288), (1, 288, 288)])
     # row 0: the prompt's 289th token alone (289 = 1 mod B); row 1: a generated token
     out, ref, md = e.step([(0, 1, 289), (1, 1, 289)], prefilling=[True, False])
     plan = md.plan
@@ -341,7 +352,7 @@ def test_no_room_to_rank_reads_streamingllm_tiles(engine):
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
 
     e = engine
-    e.step([(0, 340, 340), (1, 479, 479)], ref=False)
+    e.fill([(0, 340, 340), (1, 479, 479)])
     out, ref, md = e.step([(0, 1, 341), (1, 1, 480)])
     plan = md.plan
     assert e.builder.budget_side == pytest.approx(24 / 256)  # charged against a bf16 KV
@@ -371,7 +382,7 @@ def test_streaming_request_reads_sinks_and_recent_tiles_at_its_bytes(engine):
     from prescore_backend.kernels.layouts import vllm_triton_kv_views
 
     e = engine
-    e.step([(0, 479, 479), (1, 479, 479)], ref=False)
+    e.fill([(0, 479, 479), (1, 479, 479)])
     rq.ROWS.rows[1] = rq.RequestControls(streaming=True)
     try:
         out, ref, md = e.step([(0, 1, 480), (1, 1, 480)])
@@ -427,7 +438,7 @@ def test_decode_tokens_keep_side_data_and_fill_blocks(engine):
     from prescore_backend.metrics import get_metrics
 
     e = engine
-    e.step([(0, 250, 250)], ref=False)
+    e.fill([(0, 250, 250)])
     last = e.bt[0, 250 // B]
     before = get_metrics().sparse_rows._value.get()
     for s in range(251, 257):  # fills block 7 (tokens 224..255) at seq_len 256
@@ -452,7 +463,7 @@ def test_residual_tiles_are_read_within_the_budget_and_counted(engine):
 
     e = engine
     cfg = e.rt.config
-    e.step([(0, 450, 450), (1, 170, 170)], ref=False)
+    e.fill([(0, 450, 450), (1, 170, 170)])
     m = get_metrics()
     before = m.read_tokens._value.get()
     out, _, md = e.step([(0, 1, 451), (1, 1, 171)], ref=False)
@@ -487,7 +498,7 @@ def test_two_tiers_through_the_cuda_backend(engine):
     from prescore_backend.tiers import decode_two_tiers
 
     e = engine
-    e.step([(0, 300, 300), (1, 40, 40)], ref=False)
+    e.fill([(0, 300, 300), (1, 40, 40)])
     side = e.impl.side
     blocks = e.bt[0, :300 // B]
     assert side.low is not None
@@ -618,7 +629,7 @@ def test_plan_skips_padded_slots_and_follows_a_new_cache(engine):
     from vllm.config import set_current_vllm_config
 
     e = engine
-    e.step([(0, 150, 150), (1, 40, 40)], ref=False)
+    e.fill([(0, 150, 150), (1, 40, 40)])
     cm = e.common([(0, 1, 151), (1, 1, 41)])
     cm.slot_mapping[1] = -1  # the second row's token is padding
     with set_current_vllm_config(e.vc):
@@ -629,7 +640,7 @@ def test_plan_skips_padded_slots_and_follows_a_new_cache(engine):
     side = e.impl.side
     assert side.scores.shape[0] == 128
     e.kv = torch.zeros(200, B, e.kv_heads, 2 * D, device=e.dev).permute(0, 2, 1, 3)
-    e.step([(2, 40, 40)], ref=False)
+    e.fill([(2, 40, 40)])
     assert e.impl.side is not side and e.impl.side.scores.shape[0] == 200
 
 
@@ -642,7 +653,7 @@ def test_decode_upkeep_runs_when_it_changes_something(engine):
     -inf until its block is scored; with Quest's per-token bounds it runs every step."""
     e = engine
     quest = e.impl.rt.config.uses_bounds
-    e.step([(0, 150, 150)], ref=False)
+    e.fill([(0, 150, 150)])
     blk, tile = int(e.bt[0, 160 // B]), (160 % B) // 16
     e.impl.side.scores[blk, :, tile] = 1.0  # stale: what a reset must clear
     for seq_len, begins in ((151, False), (158, False), (161, True)):  # token at seq_len - 1
