@@ -70,10 +70,11 @@ def first_logprobs(srv: Server) -> dict[str, tuple[float, list[int]]]:
     return out
 
 
-def complete(srv: Server, prompt, max_tokens: int = GEN_TOKENS) -> list[dict]:
+def complete(srv: Server, prompt, max_tokens: int = GEN_TOKENS,
+             xargs: dict | None = None) -> list[dict]:
     r = requests.post(srv.url + "/v1/completions", json={
         "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "return_token_ids": True,
+        "return_token_ids": True, **({"vllm_xargs": xargs} if xargs else {}),
     }, timeout=600)
     assert r.status_code == 200, r.text
     return sorted(r.json()["choices"], key=lambda c: c["index"])
@@ -149,25 +150,35 @@ def controls_mapping(srv: Server) -> dict:
     return {"own": own, "other": other, "together": together}
 
 
-def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False,
-              with_one_token_chunks: bool = False, with_mapping: bool = False) -> dict:
-    res = {"one_token_chunks": first_logprobs(srv)} if with_one_token_chunks else {}
-    if with_mapping:
-        res["mapping"] = controls_mapping(srv)
-    res |= {"short": [token_ids(c) for c in complete(srv, SHORT)],
-           "chunked": token_ids(complete(srv, LONG_CHUNKED)[0]),
-           "mixed": [token_ids(c) for c in complete(srv, MIXED)]}
+def core_suite(srv: Server, xargs: dict | None = None) -> dict:
+    """Short prompts, a chunked prefill, a mixed batch and a ~4k-token prompt; the metrics
+    moved by the last one."""
+    res = {"short": [token_ids(c) for c in complete(srv, SHORT, xargs=xargs)],
+           "chunked": token_ids(complete(srv, LONG_CHUNKED, xargs=xargs)[0]),
+           "mixed": [token_ids(c) for c in complete(srv, MIXED, xargs=xargs)]}
     before = scrape(srv)
-    choice = complete(srv, LONG_4K, max_tokens=48)[0]
+    choice = complete(srv, LONG_4K, max_tokens=48, xargs=xargs)[0]
     res["long4k"] = token_ids(choice)
     res["long4k_text"] = choice["text"]
     res["metrics_delta"] = {k: v - before.get(k, 0.0) for k, v in scrape(srv).items()}
+    return res
+
+
+def run_suite(srv: Server, *, with_prefix: bool = False, with_long_set: bool = False,
+              with_one_token_chunks: bool = False, with_mapping: bool = False,
+              with_keep_all: bool = False) -> dict:
+    res = {"one_token_chunks": first_logprobs(srv)} if with_one_token_chunks else {}
+    if with_mapping:
+        res["mapping"] = controls_mapping(srv)
+    res |= core_suite(srv)
     if with_long_set:  # one batch of the three long prompts
         res["long_set"] = complete(srv, LONG_SET, max_tokens=48)
     if with_prefix:
         # Each alone first (the second one hits the prefix cache), then both together.
         res["prefix_alone"] = [token_ids(complete(srv, p)[0]) for p in PREFIX_PAIR]
         res["prefix_together"] = [token_ids(c) for c in complete(srv, PREFIX_PAIR)]
+    if with_keep_all:  # the same prompts again, each asking for keep 1 (prompts cached)
+        res["keep_all"] = core_suite(srv, {"prescore_keep_ratio": 1.0})
     return res
 
 
@@ -188,19 +199,15 @@ def reference(model_path):
 
 
 @pytest.fixture(scope="module")
-def keep_all(model_path, reference):
-    # Every long decode row goes through the sparse kernel, selecting every tile. The
-    # query-aware part is HyperAttention's LSH (the default, sparq4, runs in sparse8): with
-    # the fused C++ call it is computed inside that call (lsh_in_place).
-    return serve_and_run({"PRESCORE_KEEP_RATIO": "1.0", TESTING_EXACT_VIA_SPARSE_ENV: "1",
-                          "PRESCORE_MIN_SEQ_LEN": "256", "PRESCORE_QUERY_AWARE": "lsh"})
-
-
-@pytest.fixture(scope="module")
-def sparse8(model_path, keep_all):
-    return serve_and_run({"PRESCORE_KEEP_RATIO": "0.125", "PRESCORE_MIN_SEQ_LEN": "1024"},
+def sparse8(model_path, reference):
+    """The default ranking at keep 1/8. The validation switch routes a budget that covers
+    its context through the sparse kernel instead of the dense fallback (no row at keep 1/8
+    has one): ``keep_all`` is the core prompts again with ``prescore_keep_ratio`` 1 per
+    request, every tile of the long rows selected and read by the fused C++ call."""
+    return serve_and_run({"PRESCORE_KEEP_RATIO": "0.125", "PRESCORE_MIN_SEQ_LEN": "1024",
+                          TESTING_EXACT_VIA_SPARSE_ENV: "1"},
                          with_prefix=True, with_long_set=True, with_one_token_chunks=True,
-                         with_mapping=True)
+                         with_mapping=True, with_keep_all=True)
 
 
 @pytest.fixture(scope="module")
@@ -247,20 +254,23 @@ def preempted(model_path, sparse8):
         srv.stop()
 
 
-def test_prescore_backend_is_used(keep_all, sparse8, reference):
-    assert "Using PRESCORE attention backend" in keep_all["log"]
+def test_prescore_backend_is_used(sparse8, reference):
     assert "Using PRESCORE attention backend" in sparse8["log"]
     assert "Using PRESCORE attention backend" not in reference["log"]
 
 
-def test_keep_all_budget_is_token_identical_to_cpu_attn(keep_all, reference):
+def test_keep_all_budget_is_token_identical_to_cpu_attn(sparse8, reference):
+    """Requests at keep 1 (per request) on the keep-1/8 server: rows past min_seq_len (the
+    chunked prompt, the mixed batch's longest, the ~4k-token prompt) go through the sparse
+    kernel selecting every tile, and their greedy tokens are CPU_ATTN's."""
+    keep_all = sparse8["keep_all"]
     for key in ("short", "chunked", "mixed", "long4k"):
         assert keep_all[key] == reference[key], key
     # The sparse kernel really served those rows (not vLLM's kernel).
     d = keep_all["metrics_delta"]
     assert d.get("prescore_sparse_decode_rows_total", 0) > 0
     assert d["prescore_decode_read_tokens_total"] == d["prescore_decode_context_tokens_total"]
-    assert d.get('prescore_selected_tiles_total{source="query"}', 0) > 0  # LSH picks made
+    assert d.get('prescore_selected_tiles_total{source="query"}', 0) > 0  # ranked picks made
 
 
 def test_keep_one_eighth_reads_one_eighth(sparse8, reference):
