@@ -69,8 +69,11 @@ results-longctx: model-long
 		--keep-ratios 0.25 0.125 0.0625 --streaming-ratios 0.25 0.125 0.0625 \
 		--out docs/results/longctx_qwen.json
 
+# Two pytest workers, each on its own share of the cores (tests/conftest.py), taking whole
+# modules (their servers are module fixtures), the engine-bound ones first.
+TEST_WORKERS ?= 2
 test: model model-long kvpress-venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # kvpress's own venv (it pins an older transformers): the kvpress baselines of `make results`
 # and their smoke test. Idempotent (~2 min the first time).

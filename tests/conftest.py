@@ -26,6 +26,34 @@ STARTUP_TIMEOUT_S = float(os.environ.get("PRESCORE_TEST_STARTUP_TIMEOUT", "300")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def _own_a_share_of_the_cores() -> None:
+    """Under pytest-xdist (``make test`` runs two workers, one test module at a time each)
+    every worker keeps an equal share of the allowed cores. Its servers, benchmarks and
+    interpreter runs inherit the affinity, and vLLM binds its OpenMP threads within it, so two
+    engines never share a core: most of a serial run leaves one core idle (engine starts,
+    imports and the Triton interpreter are single-threaded)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus, i = sorted(os.sched_getaffinity(0)), int(worker[2:])
+    share = cpus[i * len(cpus) // count:(i + 1) * len(cpus) // count] or [cpus[i % len(cpus)]]
+    os.sched_setaffinity(0, share)
+    if "torch" in sys.modules:  # its thread pool may already be sized for every core
+        sys.modules["torch"].set_num_threads(len(share))
+
+
+_own_a_share_of_the_cores()
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Modules that start engines (a test marked ``e2e``) run first, in file order, then the
+    rest: with two workers taking whole modules, the short ones fill in at the end instead of
+    one long engine module running alone."""
+    engine_modules = {item.module for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.module not in engine_modules)  # stable
+
+
 def doc_text(n_chars: int, topic: str = "specialnames", offset: int = 0) -> str:
     """Real English text shipped with CPython (the Python reference's topic pages)."""
     from pydoc_data.topics import topics

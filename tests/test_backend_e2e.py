@@ -17,6 +17,8 @@ import requests
 from conftest import Server, doc_text
 from prescore_backend.config import TESTING_EXACT_VIA_SPARSE_ENV
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "smollm2-135m"
 # 1024-token steps: prompts over 1024 tokens are prefilled in several chunks.
 COMMON = ["--dtype", "float32", "--max-model-len", "8192", "--max-num-seqs", "8",

@@ -71,6 +71,7 @@ def test_bench_sparse_decode_amx_layout_smoke(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--dtype bfloat16" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_bench_breakdown_smoke(tmp_path: Path, model_path) -> None:
     """The engine-internal breakdown runs on a real PRESCORE engine and sees every phase: the
     prefill's scoring jobs inside its attention, and one side-data update and one fused
@@ -229,6 +230,7 @@ def test_bench_vllm_decode_orders_engines_a_b_b_a_and_reports_ranges() -> None:
     assert cell["CPU_ATTN"]["speedup_vs_cpu_attn"] == pytest.approx(1.0)
 
 
+@pytest.mark.e2e
 def test_bench_vllm_decode_runs_real_engines(tmp_path: Path, model_path) -> None:
     """One round of the end-to-end benchmark with real engines (the order and the statistics
     over rounds are checked above): prefills in chunks, decodes from the prefix cache, and

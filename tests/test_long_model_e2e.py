@@ -21,6 +21,8 @@ from conftest import REPO, Server, doc_text
 sys.path.insert(0, str(REPO / "bench" / "serving"))
 from longctx_tasks import chat_messages, make_context  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 MODEL = "qwen2.5-coder-0.5b"
 # Next-token logprobs of vLLM (float32) and of prescore_backend.llama_ref (float32 torch) on the
 # same prompt: both exact, different kernels and summation orders.

@@ -8,6 +8,8 @@ import requests
 
 from conftest import Server, doc_text
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def server(model_path):
