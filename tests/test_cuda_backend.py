@@ -583,9 +583,9 @@ def engine_runs(request, tmp_path_factory):
     """The engine tests' four runs, started with the module: each is one interpreter-bound
     process (about one core), so they run two at a time beside the in-process tests above
     instead of after them. Tests take their results by name (futures)."""
-    mine = [i for i in request.session.items if i.module is request.module]
-    if ON_GPU or _PRE_IMPORTED or not any("engine_runs" in i.fixturenames and
-                                          i.name.startswith("test_engine") for i in mine):
+    selected = any(i.module is request.module and i.name.startswith("test_engine")
+                   for i in request.session.items)
+    if ON_GPU or _PRE_IMPORTED or not selected:
         yield {}
         return
     d = tmp_path_factory.mktemp("engines")
