@@ -154,6 +154,11 @@ class PrescoreConfig:
             return ConfigError(f"invalid prescore setting {name}={getattr(self, name)!r} "
                                f"({env_name(name)} / {flag_name(name)}): {why}")
 
+        for f in fields(self):  # sizes beyond any context overflow the plan's int64 tensors
+            v, hi = getattr(self, f.name), (SEED_MAX if f.name == "seed" else INT_MAX)
+            if str(f.type) == "int" and (isinstance(v, bool) or not isinstance(v, int)
+                                         or not -hi - 1 <= v <= hi):
+                raise bad(f.name, f"must be an integer of at most {hi}")
         if self.method not in available_scorers():
             raise bad("method", f"unknown scorer; valid: {', '.join(available_scorers())}")
         if not (0.0 < self.keep_ratio <= 1.0) or math.isnan(self.keep_ratio):
@@ -316,6 +321,12 @@ def flag_name(field_name: str) -> str:
     return "--prescore-" + field_name.replace("_", "-")
 
 
+#: The largest value of an integer setting (token counts far beyond any context), and of the
+#: seed (what ``torch.Generator.manual_seed`` takes, from ``-SEED_MAX - 1``).
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+
+
 def _parse(name: str, type_name: Any, raw: str) -> Any:
     t = str(type_name)
     try:
@@ -332,7 +343,8 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
             return float(raw)
         return raw.strip()
     except ValueError:
-        raise ConfigError(f"invalid prescore setting {env_name(name)}={raw!r}: expected {t}") from None
+        raise ConfigError(f"invalid prescore setting {name}={raw!r} ({env_name(name)} / "
+                          f"{flag_name(name)}): expected {t}") from None
 
 
 def field_docs() -> dict[str, str]:
@@ -371,8 +383,16 @@ def reference_markdown() -> str:
             "recent tiles, at the request's bytes: the recency baseline beside the ranking; "
             "only where `query_cap_ratio` is 1, `low_tier_bits` 0 and `query_aware` one of "
             "`sparq4`, `sparq`, `quest`, `pq`, else HTTP 400).",
+            "Contradicting pairs get HTTP 400 rather than one of them ignored: "
+            "`prescore_keep_ratio` with `prescore_max_tokens`, and `prescore_dense` with either "
+            "or with `prescore_streaming`. So do misspelt keys (`prescore-keep-ratio`, "
+            "capitals). `prescore-serve` checks the raw JSON body, so a streaming request's bad "
+            "control is a 400 too and a JSON `true` is no number; plain `vllm serve` checks at "
+            "admission (a stream then carries the error inside its 200 response; add "
+            "`--middleware prescore_backend.server.middleware.RequestGuard` for the 400).",
             "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "
-            "are read only when `query_cap_ratio` < 1 or the ranking is `none` / `lsh`.", "",
+            "are read only when `query_cap_ratio` < 1 or the ranking is `none`, `lsh` or "
+            "`lsh_quest`.", "",
             "## Details", ""]
     for name, doc in docs.items():
         out += [f"### `{name}`", "", doc, ""]

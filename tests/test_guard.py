@@ -59,6 +59,48 @@ def test_body_limit_announced_and_streamed():
     assert c.post("/v1/x", content=(b"x" * 300 for _ in range(3))).json() == {"len": 900}
 
 
+def test_body_limit_holds_for_json_requests():
+    """JSON POSTs are read whole for the controls check: the limit still applies."""
+    c = _client(limit=1000)
+    head = {"content-type": "application/json"}
+    assert c.post("/v1/x", content=b" " * 990 + b"{}", headers=head).json() == {"len": 992}
+    r = c.post("/v1/x", content=(b" " * 300 for _ in range(4)), headers=head)
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("xargs,needle", [
+    ({"prescore_keep_ratio": True}, "prescore_keep_ratio must be a number"),  # JSON true != 1
+    ({"prescore_max_tokens": True}, "prescore_max_tokens must be an integer"),
+    ({"prescore_max_tokens": 2**64 - 1}, "prescore_max_tokens must be an integer in [1, "),
+    ({"prescore_keep_ratio": 0.5, "prescore_max_tokens": 64}, "contradict"),
+    ({"prescore_dense": True, "prescore_streaming": True}, "contradict"),
+    ({"prescore-keep-ratio": 0.25}, "did you mean 'prescore_keep_ratio'"),
+    ({"PRESCORE_KEEP_RATIO": 0.25}, "unknown prescore control"),
+    ({"prescore_keep_ratio": 2}, "(0, 1]"),
+])
+def test_controls_refused_before_the_app_reads_the_body(xargs, needle):
+    """Bad controls get the OpenAI-schema 400 from the raw JSON body, streaming or not, and
+    the app never runs; good ones (and bodies that are not JSON objects) pass unchanged."""
+    c = _client()
+    for stream in (False, True):
+        r = c.post("/v1/x", json={"prompt": "hi", "stream": stream, "vllm_xargs": xargs})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert needle in err["message"] and err["type"] == "BadRequestError", err
+
+
+def test_valid_controls_and_other_bodies_reach_the_app():
+    c = _client()
+    for body in ({"prompt": "hi", "vllm_xargs": {"prescore_keep_ratio": 0.25,
+                                                  "prescore_streaming": True}},
+                 {"prompt": "hi", "vllm_xargs": {"prescore_dense": 1, "other_arg": 3}},
+                 {"prompt": "hi", "vllm_xargs": "not a dict"}, [1, 2]):
+        r = c.post("/v1/x", json=body)
+        assert r.status_code == 200 and r.json()["len"] > 0, (body, r.text)
+    r = c.post("/v1/x", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.json() == {"len": 9}  # vLLM answers malformed JSON itself
+
+
 @pytest.mark.parametrize("argv,cpus,nodes,want", [
     ([], [0, 1], 1, None),                                          # one rank: vLLM's default
     (["--tensor-parallel-size", "2"], [0, 1, 2, 3], 1, "0,1|2,3"),

@@ -16,6 +16,13 @@ def test_parse_controls():
     assert c == rq.RequestControls(keep_ratio=0.25, method="kmeans", dense=False)
     assert rq.parse_controls({"prescore_max_tokens": 512}).max_tokens == 512
     assert rq.parse_controls({"prescore_streaming": True}).streaming
+    assert rq.parse_controls({"prescore_max_tokens": 2**31 - 1}).max_tokens == 2**31 - 1
+    # the pairs that do not contradict: a ratio or a token count with StreamingLLM, dense
+    # with its own scorer for the blocks it fills, a control set to false beside any other
+    assert rq.parse_controls({"prescore_max_tokens": 64, "prescore_streaming": True})
+    assert rq.parse_controls({"prescore_dense": True, "prescore_method": "kmeans"}).dense
+    assert rq.parse_controls({"prescore_dense": False, "prescore_keep_ratio": 0.5})
+    assert rq.parse_controls({"prescore_streaming": False, "prescore_dense": True}).dense
 
 
 def test_streaming_is_refused_where_the_tiles_are_ranked_by_their_prescores(monkeypatch):
@@ -48,6 +55,18 @@ def test_streaming_is_refused_where_the_tiles_are_ranked_by_their_prescores(monk
     ({"prescore_dense": "yes"}, "prescore_dense"),
     ({"prescore_streaming": "yes"}, "prescore_streaming must be true or false"),
     ({"prescore_budget": 3}, "unknown prescore control 'prescore_budget'"),
+    # beyond int64 tiles at small tiles (the plan's budgets are int64 tensors)
+    ({"prescore_max_tokens": 2**64 - 1}, "prescore_max_tokens must be an integer in [1, "),
+    ({"prescore_max_tokens": 2**31}, "prescore_max_tokens"),
+    # misspelt keys are refused, not ignored
+    ({"prescore-keep-ratio": 0.25}, "did you mean 'prescore_keep_ratio'"),
+    ({"Prescore_Dense": True}, "unknown prescore control 'Prescore_Dense'"),
+    # contradicting pairs are refused, not one of them silently dropped
+    ({"prescore_keep_ratio": 0.5, "prescore_max_tokens": 64},
+     "prescore_keep_ratio and prescore_max_tokens contradict"),
+    ({"prescore_dense": True, "prescore_keep_ratio": 0.5}, "prescore_dense and prescore_keep"),
+    ({"prescore_dense": True, "prescore_max_tokens": 64}, "prescore_dense and prescore_max"),
+    ({"prescore_dense": True, "prescore_streaming": True}, "prescore_dense and prescore_stre"),
 ])
 def test_invalid_controls_are_refused(args, needle):
     with pytest.raises(ValueError) as e:

@@ -219,6 +219,31 @@ def test_invalid_controls_get_400_and_server_keeps_serving(server, xargs, needle
     assert ok.status_code == 200
 
 
+def test_bad_controls_on_streams_and_json_booleans_get_400(server):
+    """prescore-serve's guard reads the raw body: a stream's bad control is a 400 (vLLM
+    alone answers 200 and puts the error inside the stream), a JSON true is not a ratio of 1
+    (vLLM's request model alone reads it as 1), contradicting controls are refused; the chat
+    route too. Good controls still stream."""
+    url = server.url + "/v1/completions"
+    for xargs, needle in (({"prescore_keep_ratio": 5}, "prescore_keep_ratio"),
+                          ({"prescore_keep_ratio": True}, "prescore_keep_ratio"),
+                          ({"prescore_dense": True, "prescore_keep_ratio": 0.5}, "contradict")):
+        for stream in (True, False):
+            _assert_openai_error(requests.post(url, json={
+                "model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2, "stream": stream,
+                "vllm_xargs": xargs}, timeout=60), 400, needle)
+    _assert_openai_error(requests.post(server.url + "/v1/chat/completions", json={
+        "model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2, "stream": True, "vllm_xargs": {"prescore-keep-ratio": 0.5}},
+        timeout=60), 400, "did you mean 'prescore_keep_ratio'")
+    r = requests.post(url, json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 2,
+                                 "stream": True, "vllm_xargs": {"prescore_keep_ratio": 0.5}},
+                      timeout=60, stream=True)
+    events = [line for line in r.iter_lines() if line.startswith(b"data: ")]
+    assert r.status_code == 200 and events[-1] == b"data: [DONE]"
+    assert not any(b'"error"' in e for e in events), events
+
+
 def test_bad_input_gets_4xx_and_server_keeps_serving(server):
     url = server.url + "/v1/completions"
     r = requests.post(url, data="{not json", headers={"content-type": "application/json"},
