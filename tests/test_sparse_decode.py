@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -234,6 +237,30 @@ def test_setup_step_builds_the_cpu_kernels_and_never_fails(capsys, monkeypatch):
     monkeypatch.setattr(cpu_ext, "extension", no_compiler)
     assert cpu_ext.main() == 0
     assert "not built (RuntimeError: no c++ compiler)" in capsys.readouterr().out
+
+
+def test_the_environment_s_own_ninja_is_found_without_activation(monkeypatch, tmp_path):
+    """torch's loader runs `ninja` from PATH; an environment used without activation (make's
+    `.venv/bin/...` calls) has its ninja beside its interpreter, not on PATH."""
+    import shutil
+
+    from prescore_backend.kernels import cpu_ext
+
+    bindir, elsewhere = tmp_path / "venv" / "bin", tmp_path / "usr-bin"
+    bindir.mkdir(parents=True)
+    elsewhere.mkdir()
+    (bindir / "ninja").write_text("#!/bin/sh\n")
+    (bindir / "ninja").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert shutil.which("ninja") is None
+    cpu_ext.ninja_on_path()
+    assert shutil.which("ninja") == str(bindir / "ninja")
+    monkeypatch.setenv("PATH", str(elsewhere))  # a ninja on PATH already: PATH left as it is
+    (elsewhere / "ninja").write_text("#!/bin/sh\n")
+    (elsewhere / "ninja").chmod(0o755)
+    cpu_ext.ninja_on_path()
+    assert os.environ["PATH"] == str(elsewhere)
 
 
 def test_unknown_impl():
