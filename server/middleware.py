@@ -201,7 +201,10 @@ class RequestGuard:
 
 
 def _is_json(scope) -> bool:
+    """Whether the app will read the body as JSON: FastAPI's rule (no content type, or a
+    ``json`` / ``+json`` subtype)."""
     for name, raw in scope.get("headers", ()):
         if name == b"content-type":
-            return raw.split(b";")[0].strip().lower() == b"application/json"
-    return False
+            subtype = raw.split(b";")[0].strip().lower().rpartition(b"/")[2]
+            return subtype == b"json" or subtype.endswith(b"+json")
+    return True

@@ -101,6 +101,20 @@ def test_valid_controls_and_other_bodies_reach_the_app():
     assert r.json() == {"len": 9}  # vLLM answers malformed JSON itself
 
 
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8",
+                                          "application/vnd.api+json"])
+def test_controls_checked_wherever_the_app_reads_json(content_type):
+    """FastAPI reads a body as JSON without a content type too, and for any json subtype."""
+    import json
+
+    body = json.dumps({"prompt": "hi", "vllm_xargs": {"prescore_keep_ratio": 3}}).encode()
+    head = {} if content_type is None else {"content-type": content_type}
+    r = _client().post("/v1/x", content=body, headers=head)
+    assert r.status_code == 400 and "prescore_keep_ratio" in r.json()["error"]["message"]
+    r = _client().post("/v1/x", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 200  # not read as JSON by the app: passed through
+
+
 @pytest.mark.parametrize("argv,cpus,nodes,want", [
     ([], [0, 1], 1, None),                                          # one rank: vLLM's default
     (["--tensor-parallel-size", "2"], [0, 1, 2, 3], 1, "0,1|2,3"),
