@@ -54,9 +54,11 @@ def controls_error(body: bytes) -> str | None:
     JSON, no ``vllm_xargs`` dict: vLLM answers those itself; or valid controls)."""
     from prescore_backend.requests import parse_controls
 
+    if b"vllm_xargs" not in body:  # most requests: no second parse of the body
+        return None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
     if not isinstance(xargs, dict):

@@ -99,6 +99,8 @@ def test_valid_controls_and_other_bodies_reach_the_app():
         assert r.status_code == 200 and r.json()["len"] > 0, (body, r.text)
     r = c.post("/v1/x", content=b"{not json", headers={"content-type": "application/json"})
     assert r.json() == {"len": 9}  # vLLM answers malformed JSON itself
+    deep = b'{"vllm_xargs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert c.post("/v1/x", content=deep).json() == {"len": len(deep)}  # no 500 from the guard
 
 
 @pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8",
