@@ -156,9 +156,14 @@ class PrescoreConfig:
 
         for f in fields(self):  # sizes beyond any context overflow the plan's int64 tensors
             v, hi = getattr(self, f.name), (SEED_MAX if f.name == "seed" else INT_MAX)
-            if str(f.type) == "int" and (isinstance(v, bool) or not isinstance(v, int)
-                                         or not -hi - 1 <= v <= hi):
+            if str(f.type) != "int":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(f.name, "must be an integer")
+            if v > hi:  # lower bounds: each field's own check below
                 raise bad(f.name, f"must be an integer of at most {hi}")
+        if self.seed < -SEED_MAX - 1:
+            raise bad("seed", f"must be at least {-SEED_MAX - 1}")
         if self.method not in available_scorers():
             raise bad("method", f"unknown scorer; valid: {', '.join(available_scorers())}")
         if not (0.0 < self.keep_ratio <= 1.0) or math.isnan(self.keep_ratio):
@@ -386,8 +391,8 @@ def reference_markdown() -> str:
             "Contradicting pairs get HTTP 400 rather than one of them ignored: "
             "`prescore_keep_ratio` with `prescore_max_tokens`, and `prescore_dense` with either "
             "or with `prescore_streaming`. So do misspelt keys (`prescore-keep-ratio`, "
-            "capitals). `prescore-serve` checks the raw JSON body, so a streaming request's bad "
-            "control is a 400 too and a JSON `true` is no number; plain `vllm serve` checks at "
+            "capitals). `prescore-serve` checks a request body's top-level `vllm_xargs` as sent "
+            "(completions, chat, responses), so a streaming request's bad control is a 400 too and a JSON `true` is no number; plain `vllm serve` checks at "
             "admission (a stream then carries the error inside its 200 response; add "
             "`--middleware prescore_backend.server.middleware.RequestGuard` for the 400).",
             "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "

@@ -38,7 +38,6 @@ processor never changes logits.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +56,8 @@ class RequestControls:
 
 
 def _keep_ratio(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 < v <= 1:
+    # NaN fails the range test; an int too large for a float compares fine (no isnan on it)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
         raise ValueError(f"prescore_keep_ratio must be a number in (0, 1], got {v!r}")
     return float(v)
 

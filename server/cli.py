@@ -200,7 +200,7 @@ def _export_prescore_flags(args) -> None:
         value = getattr(args, f"prescore_{f.name}", None)
         if hasattr(args, f"prescore_{f.name}"):
             delattr(args, f"prescore_{f.name}")
-        if value is not None and not str(value).strip():
+        if value is not None and not str(value).strip() and f.default != "":
             # exported as "", it would read as unset: the default, silently, whatever the
             # environment said
             print(f"prescore-serve: error: {flag_name(f.name)} needs a value", file=sys.stderr)

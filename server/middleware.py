@@ -54,7 +54,9 @@ def controls_error(body: bytes) -> str | None:
     JSON, no ``vllm_xargs`` dict: vLLM answers those itself; or valid controls)."""
     from prescore_backend.requests import parse_controls
 
-    if b"vllm_xargs" not in body:  # most requests: no second parse of the body
+    # Most requests: no second parse. Only a plain key can be absent from the bytes (an
+    # escaped one, or a UTF-16/32 body, which json.loads also reads, is parsed).
+    if b"vllm_xargs" not in body and b"\\u" not in body and b"\x00" not in body:
         return None
     try:
         payload = json.loads(body)
@@ -65,7 +67,7 @@ def controls_error(body: bytes) -> str | None:
         return None
     try:
         parse_controls(xargs)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         return str(e)
     return None
 

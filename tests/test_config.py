@@ -48,6 +48,8 @@ def test_validation_switch_is_not_a_setting():
     ({"PRESCORE_SINK_TOKENS": str(16 * 10**20)}, "PRESCORE_SINK_TOKENS"),
     ({"PRESCORE_WINDOW_TOKENS": str(2**40)}, "must be an integer of at most 2147483647"),
     ({"PRESCORE_RESIDUAL_TILES": str(2**31)}, "PRESCORE_RESIDUAL_TILES"),
+    ({"PRESCORE_MAX_TOKENS": str(-10**12)}, "must be >= 0"),  # each field's own lower bound
+    ({"PRESCORE_SEED": str(-2**64)}, "PRESCORE_SEED / --prescore-seed): must be at least"),
     ({"PRESCORE_TILE_SIZE": "24"}, "PRESCORE_TILE_SIZE"),
     ({"PRESCORE_WINDOW_TOKENS": "40"}, "PRESCORE_WINDOW_TOKENS"),
     ({"PRESCORE_WINDOW_TOKENS": "16"}, "at least 2 tiles"),

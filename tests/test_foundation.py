@@ -178,6 +178,17 @@ def test_prescore_flags_are_checked_before_export(monkeypatch, capsys, value, ne
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_empty_flag_keeps_its_meaning_where_empty_is_the_default(monkeypatch):
+    """--prescore-pq-codebook= (empty: the codebook beside the model) overrides the variable."""
+    from argparse import Namespace
+
+    monkeypatch.setenv("PRESCORE_PQ_CODEBOOK", "/elsewhere/book.pt")
+    cli._export_prescore_flags(Namespace(prescore_pq_codebook=""))
+    import os
+
+    assert os.environ["PRESCORE_PQ_CODEBOOK"] == ""
+
+
 def test_prescore_serve_help_documents_prescore_flags(tmp_path):
     # on a fresh install: no model prepared yet (an empty cache)
     proc = subprocess.run([sys.executable, "-m", "prescore_backend.server.cli", "--help=prescore"],

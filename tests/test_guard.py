@@ -99,6 +99,14 @@ def test_valid_controls_and_other_bodies_reach_the_app():
         assert r.status_code == 200 and r.json()["len"] > 0, (body, r.text)
     r = c.post("/v1/x", content=b"{not json", headers={"content-type": "application/json"})
     assert r.json() == {"len": 9}  # vLLM answers malformed JSON itself
+    # the key escaped, or the body in UTF-16: json.loads reads both, so the guard does too
+    escaped = b'{"prompt": "hi", "vllm\\u005fxargs": {"prescore_keep_ratio": 3}}'
+    assert c.post("/v1/x", content=escaped).status_code == 400
+    utf16 = '{"vllm_xargs": {"prescore_keep_ratio": true}}'.encode("utf-16")
+    assert c.post("/v1/x", content=utf16).status_code == 400
+    huge = b'{"vllm_xargs": {"prescore_keep_ratio": 1' + b"0" * 400 + b"}}"
+    r = c.post("/v1/x", content=huge)
+    assert r.status_code == 400 and "prescore_keep_ratio" in r.json()["error"]["message"]
     deep = b'{"vllm_xargs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert c.post("/v1/x", content=deep).json() == {"len": len(deep)}  # no 500 from the guard
 

@@ -50,6 +50,7 @@ def test_streaming_is_refused_where_the_tiles_are_ranked_by_their_prescores(monk
     ({"prescore_keep_ratio": 1.5}, "prescore_keep_ratio"),
     ({"prescore_keep_ratio": "0.5"}, "prescore_keep_ratio"),
     ({"prescore_keep_ratio": float("nan")}, "prescore_keep_ratio"),
+    ({"prescore_keep_ratio": 10**400}, "prescore_keep_ratio must be a number in (0, 1]"),
     ({"prescore_max_tokens": -3}, "prescore_max_tokens"),
     ({"prescore_method": "magic"}, "prescore_method must be one of"),
     ({"prescore_dense": "yes"}, "prescore_dense"),
