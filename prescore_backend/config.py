@@ -392,8 +392,9 @@ def reference_markdown() -> str:
             "`prescore_keep_ratio` with `prescore_max_tokens`, and `prescore_dense` with either "
             "or with `prescore_streaming`. So do misspelt keys (`prescore-keep-ratio`, "
             "capitals). `prescore-serve` checks a request body's top-level `vllm_xargs` as sent "
-            "(completions, chat, responses), so a streaming request's bad control is a 400 too and a JSON `true` is no number; plain `vllm serve` checks at "
-            "admission (a stream then carries the error inside its 200 response; add "
+            "(completions, chat, responses), so a streaming request's bad control is a 400 too "
+            "and a JSON `true` is no number; plain `vllm serve` checks at admission (a stream "
+            "then carries the error inside its 200 response; add "
             "`--middleware prescore_backend.server.middleware.RequestGuard` for the 400).",
             "With the defaults, `prescore_method` changes nothing: the pre-scores it computes "
             "are read only when `query_cap_ratio` < 1 or the ranking is `none`, `lsh` or "
